@@ -1,0 +1,5 @@
+"""Networks: the ADM-family U-Net that runs on the patched grid."""
+
+from pdm.nn.unet import UNet
+
+__all__ = ["UNet"]
