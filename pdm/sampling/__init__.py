@@ -1,0 +1,21 @@
+"""Sampling: DPM-Solver(++), DDIM, DDPM, adaptive step skipping, guidance and expert routing.
+
+Samplers see only a ``model_fn(x, t, **model_kwargs)`` and a schedule, never a network class.
+"""
+
+from pdm.sampling.guidance import classifier_free_guidance, dynamic_threshold, expert_router
+from pdm.sampling.sampler import METHODS, SOLVERS, SampleResult, sample
+from pdm.sampling.skipping import AdaptiveSkip
+from pdm.sampling.solvers import singlestep_orders
+
+__all__ = [
+    "AdaptiveSkip",
+    "METHODS",
+    "SOLVERS",
+    "SampleResult",
+    "classifier_free_guidance",
+    "dynamic_threshold",
+    "expert_router",
+    "sample",
+    "singlestep_orders",
+]

@@ -1,0 +1,149 @@
+"""Adaptive step skipping: exactness at threshold 0, the pattern at the limit, per-sample
+independence, network rows, NFE accounting, and the official batch-shared decisions."""
+
+import pytest
+import torch
+
+from pdm.sampling import AdaptiveSkip, sample
+from pdm.sampling.mixture import GaussianMixture
+from pdm.sampling.solvers import Coefficients, first_order_update
+from pdm.schedule import VPSchedule
+
+S = VPSchedule.linear()
+GM = GaussianMixture.random(components=4, shape=(3, 4, 4), std=0.3)
+NOISE = torch.randn(6, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+
+class CountingModel:
+    """Wraps a model_fn and records how many rows it was given."""
+
+    def __init__(self, fn):
+        self.fn, self.rows, self.calls = fn, 0, 0
+
+    def __call__(self, x, t, **kw):
+        self.rows += x.shape[0]
+        self.calls += 1
+        return self.fn(x, t, **kw)
+
+
+@pytest.mark.parametrize("solver, order", [("ddim", 1), ("dpmsolver++", 2), ("dpmsolver", 3)])
+def test_threshold_zero_never_skips_and_reproduces_plain_sampling(solver, order):
+    plain = sample(GM.model_fn(S), NOISE, S, steps=30, solver=solver, order=order)
+    skipped = sample(GM.model_fn(S), NOISE, S, steps=30, solver=solver, order=order, skip=AdaptiveSkip(threshold=0.0))
+    assert torch.equal(plain.x, skipped.x)
+    assert skipped.evaluated.all() and skipped.nfe == 30
+
+
+@pytest.mark.parametrize("warmup, max_skips", [(4, 4), (5, 2), (3, 1)])
+def test_huge_threshold_skips_at_the_maximum_rate(warmup, max_skips):
+    steps = 30
+    res = sample(GM.model_fn(S), NOISE, S, steps=steps, skip=AdaptiveSkip(threshold=1e9, max_skips=max_skips, warmup=warmup))
+    expected = [True] * warmup
+    while len(expected) < steps:
+        expected += [False] * max_skips + [True]
+    expected = torch.tensor(expected[:steps])
+    assert torch.equal(res.evaluated, expected[:, None].expand(steps, 6))
+    assert res.nfe == float(expected.sum())
+
+
+def test_per_sample_decisions_do_not_depend_on_the_batch():
+    skip = AdaptiveSkip(threshold=0.05, max_skips=3)
+    batch = sample(GM.model_fn(S), NOISE, S, steps=40, solver="dpmsolver++", skip=skip)
+    assert 0 < (~batch.evaluated).sum() < batch.evaluated.numel()  # some skips, not all
+    assert len({tuple(c.tolist()) for c in batch.evaluated.T}) > 1  # samples took different paths
+    for b in range(NOISE.shape[0]):
+        alone = sample(GM.model_fn(S), NOISE[b : b + 1], S, steps=40, solver="dpmsolver++", skip=skip)
+        assert torch.equal(alone.evaluated[:, 0], batch.evaluated[:, b])
+        assert torch.allclose(alone.x[0], batch.x[b], atol=1e-12)
+
+
+@pytest.mark.parametrize("method, order", [("multistep", 2), ("singlestep", 3)])
+def test_network_sees_only_the_evaluated_samples_and_nfe_counts_them(method, order):
+    model = CountingModel(GM.model_fn(S))
+    res = sample(model, NOISE, S, steps=30, solver="dpmsolver++", order=order, method=method,
+                 skip=AdaptiveSkip(threshold=0.05, max_skips=3))
+    assert model.rows == int(res.nfe_per_sample.sum())
+    assert res.nfe == pytest.approx(res.nfe_per_sample.double().mean().item())
+    assert res.nfe < 30
+    if method == "multistep":
+        assert torch.equal(res.nfe_per_sample, res.evaluated.sum(0))
+
+
+def test_skipped_step_reuses_the_last_raw_output_converted_at_the_current_point():
+    # DDIM with every step after warm-up skipped once: step 5 must use the eps of step 4
+    steps = 6
+    grid = S.timesteps(steps)
+    res = sample(GM.model_fn(S), NOISE, S, steps=steps, solver="ddim", skip=AdaptiveSkip(threshold=1e9, max_skips=1))
+    assert res.evaluated[:, 0].tolist() == [True, True, True, True, False, True]
+    x = NOISE
+    fn = GM.model_fn(S)
+    for i in range(steps):
+        c_s, c_t = Coefficients(S, grid[i]), Coefficients(S, grid[i + 1])
+        if i != 4:
+            eps = fn(x, grid[i].expand(6))
+        x0 = (x - c_s.sigma * eps) / c_s.alpha  # converted at the current (x, t)
+        x = first_order_update(x, c_s, c_t, x0, data=True)
+    assert torch.allclose(res.x, x, atol=1e-12)
+
+
+def _official_batch_shared(noise, steps, threshold, max_skips):
+    """An independent loop of the official criterion: DDIM, one d_k for the whole batch."""
+    grid = S.timesteps(steps)
+    fn = GM.model_fn(S)
+    x, prev, diffs, streak, skip_next, flags, eps = noise, noise, [], 0, False, [], None
+    for i in range(steps):
+        c_s, c_t = Coefficients(S, grid[i]), Coefficients(S, grid[i + 1])
+        if not skip_next:
+            eps = fn(x, grid[i].expand(x.shape[0]))
+            streak = 0
+        else:
+            streak += 1
+        flags.append(not skip_next)
+        x = c_t.alpha * (x - c_s.sigma * eps) / c_s.alpha + c_t.sigma * eps
+        diffs.append((x - prev).abs().mean().item())
+        prev = x
+        k = i + 1
+        skip_next = False
+        if k >= 4:
+            third = abs(diffs[-1] - 2 * diffs[-2] + diffs[-3])
+            skip_next = third <= 2 * threshold * diffs[-2] and streak < max_skips
+    return x, flags
+
+
+def test_batch_shared_mode_makes_the_official_decisions():
+    ref_x, ref_flags = _official_batch_shared(NOISE, 40, 0.05, 3)
+    res = sample(GM.model_fn(S), NOISE, S, steps=40, solver="ddim",
+                 skip=AdaptiveSkip(threshold=0.05, max_skips=3, per_sample=False))
+    assert not all(ref_flags)
+    assert res.evaluated[:, 0].tolist() == ref_flags
+    assert bool((res.evaluated == res.evaluated[:, :1]).all())  # one path for the batch
+    assert torch.allclose(res.x, ref_x, atol=1e-12)
+
+
+def test_state_lives_in_one_call():
+    skip = AdaptiveSkip(threshold=0.05)
+    a = sample(GM.model_fn(S), NOISE, S, steps=25, skip=skip)
+    b = sample(GM.model_fn(S), NOISE, S, steps=25, skip=skip)
+    assert torch.equal(a.x, b.x) and torch.equal(a.evaluated, b.evaluated)
+
+
+def test_per_sample_kwargs_are_sliced_with_the_evaluated_rows():
+    seen = []
+
+    def fn(x, t, y):
+        assert y.shape[0] == x.shape[0]
+        seen.append(y.clone())
+        return GM.model_fn(S)(x, t) + 0.0 * y.reshape(-1, 1, 1, 1)
+
+    y = torch.arange(6)
+    sample(fn, NOISE, S, steps=30, model_kwargs={"y": y}, skip=AdaptiveSkip(threshold=0.05, max_skips=3))
+    assert any(len(s) < 6 for s in seen)
+
+
+def test_bad_settings_are_rejected():
+    with pytest.raises(ValueError, match="warmup"):
+        AdaptiveSkip(warmup=2)
+    with pytest.raises(ValueError, match="threshold"):
+        AdaptiveSkip(threshold=-1)
+    with pytest.raises(ValueError, match="adaptive"):
+        sample(GM.model_fn(S), NOISE, S, method="adaptive", skip=AdaptiveSkip())
