@@ -38,12 +38,12 @@ def interp_linear(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
 
 def linear_betas(beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000) -> Tensor:
     """DDPM's linear betas (Ho et al. 2020), in float64."""
-    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64, device="cpu")
 
 
 def cosine_betas(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
     """iDDPM's cosine betas (Nichol & Dhariwal 2021, eq. 17), clipped at ``max_beta``."""
-    n = torch.arange(num_timesteps + 1, dtype=torch.float64)
+    n = torch.arange(num_timesteps + 1, dtype=torch.float64, device="cpu")
     alpha_bar = torch.cos((n / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2
     betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
     return betas.clamp(max=max_beta)
@@ -58,7 +58,7 @@ class VPSchedule:
     """
 
     def __init__(self, betas: Tensor, name: str = "custom") -> None:
-        betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
+        betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu").flatten()  # tables live on the CPU
         if betas.numel() < 2:
             raise ValueError("a VP schedule needs at least 2 betas")
         if not bool(((betas > 0) & (betas < 1)).all()):
@@ -69,7 +69,7 @@ class VPSchedule:
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         # Knots of the continuous-time view: t_n = (n + 1) / N, log alpha_n = 0.5 log(abar_n).
         n = self.num_timesteps
-        self.t_array = torch.arange(1, n + 1, dtype=torch.float64) / n
+        self.t_array = torch.arange(1, n + 1, dtype=torch.float64, device="cpu") / n
         self.log_alpha_array = 0.5 * torch.log(self.alphas_cumprod)
 
     # construction ------------------------------------------------------------------------

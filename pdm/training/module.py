@@ -1,0 +1,201 @@
+"""The LightningModule that trains a PDM (or one of its experts)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from pdm.nn import UNet
+from pdm.objectives import TARGETS, WEIGHTINGS, weighted_x0_loss
+from pdm.schedule import VPSchedule
+
+NUM_LOSS_BUCKETS = 4
+
+
+def build_schedule(name: str, beta_start: float, beta_end: float, num_timesteps: int) -> VPSchedule:
+    """The schedule named in a config: ``linear`` (DDPM/PDM) or ``cosine`` (iDDPM)."""
+    if name == "linear":
+        return VPSchedule.linear(beta_start, beta_end, num_timesteps)
+    if name == "cosine":
+        return VPSchedule.cosine(num_timesteps)
+    raise ValueError(f"unknown schedule {name!r}; choose linear or cosine")
+
+
+class PDMModule(L.LightningModule):
+    """Denoising training of a patched U-Net.
+
+    Each step draws discrete steps n uniformly over ``time_range`` (the whole schedule, or an
+    expert's share), noises x0 to x_t with t = (n + 1) / N, predicts ``target`` and minimises
+    w(SNR) * |x0_pred - x0|^2 (PDM: sqrt-SNR on x0). Every argument is a plain value, so the
+    checkpoint's hyper-parameters load with ``weights_only=True``.
+
+    Args:
+        in_channels, image_size, patch_size, model_channels, channel_mult, num_res_blocks,
+            attention_resolutions, num_classes, dropout: the :class:`pdm.nn.UNet`.
+        schedule, beta_start, beta_end, num_timesteps: the VP schedule.
+        target: what the network predicts, ``x0`` (PDM), ``eps`` or ``v``.
+        weighting: loss weight of the x0 error (see :func:`pdm.objectives.loss_weight`).
+        min_snr_gamma: gamma of the ``min_snr`` weighting.
+        time_range: inclusive range of discrete steps this model owns, e.g. (396, 999) for the
+            high-noise expert; None for all.
+        label_dropout: probability of replacing a label by the null label (for CFG).
+        optimizer: ``adam`` or ``adamw``; lr, betas, weight_decay as in torch.
+        warmup_steps: linear learning-rate warm-up; constant afterwards (PDM uses no decay).
+        init_from: a checkpoint whose EMA weights initialise this network (the low-noise
+            expert starts from the high-noise expert).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        image_size: int = 32,
+        patch_size: int = 2,
+        model_channels: int = 128,
+        channel_mult: Sequence[float] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        attention_resolutions: Sequence[int] = (16, 8),
+        num_classes: int | None = None,
+        dropout: float = 0.0,
+        schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        num_timesteps: int = 1000,
+        target: str = "x0",
+        weighting: str = "sqrt_snr",
+        min_snr_gamma: float = 5.0,
+        time_range: tuple[int, int] | None = None,
+        label_dropout: float = 0.1,
+        optimizer: str = "adam",
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 5000,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        if optimizer not in ("adam", "adamw"):
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose adam or adamw")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        lo, hi = (0, num_timesteps - 1) if time_range is None else (int(time_range[0]), int(time_range[1]))
+        if not 0 <= lo <= hi <= num_timesteps - 1:
+            raise ValueError(f"time_range {time_range} must satisfy 0 <= start <= end <= {num_timesteps - 1}")
+        self.save_hyperparameters(ignore=["init_from"])
+        self.time_range = (lo, hi)
+        self.schedule = build_schedule(schedule, beta_start, beta_end, num_timesteps)
+        self.net = UNet(
+            in_channels=in_channels, image_size=image_size, patch_size=patch_size, model_channels=model_channels,
+            channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
+            attention_resolutions=tuple(attention_resolutions), num_classes=num_classes, dropout=dropout,
+        )
+        # (1 - beta) products as a buffer so they follow the module's device
+        self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod.float(), persistent=False)
+        self._last_batch_time: float | None = None
+        if init_from is not None:
+            self.load_network_from(init_from)
+
+    # network -----------------------------------------------------------------------------
+    def forward(self, x: Tensor, t_label: Tensor, y: Tensor | None = None) -> Tensor:
+        """The raw network output (of kind ``target``) at discrete labels ``t_label``."""
+        return self.net(x, t_label, y)
+
+    def model_fn(self):
+        """A ``model_fn(x, t, y=None)`` in continuous time for :func:`pdm.sampling.sample`."""
+
+        def fn(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+            label = self.schedule.label(t.double()).to(x.device, torch.float32)
+            return self.net(x.to(self.dtype), label, y).to(x.dtype)
+
+        return fn
+
+    def load_network_from(self, path: str) -> None:
+        """Initialise the network from the (EMA) weights of another checkpoint of the same architecture."""
+        from pdm.checkpoints import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+        missing, unexpected = self.net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path} holds a different architecture (missing {len(missing)}, unexpected "
+                             f"{len(unexpected)} tensors); init_from needs a checkpoint of the same network config")
+
+    # training --------------------------------------------------------------------------------
+    def noised_batch(self, x0: Tensor, generator: torch.Generator | None = None):
+        """Draw n, eps and x_t for a batch; returns (x_t, labels, eps, alpha, sigma)."""
+        lo, hi = self.time_range
+        n = torch.randint(lo, hi + 1, (x0.shape[0],), device=x0.device, generator=generator)
+        abar = self.alphas_cumprod[n]
+        alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        x_t = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
+        return x_t, n, eps, alpha, sigma
+
+    def drop_labels(self, y: Tensor | None) -> Tensor | None:
+        """Replace a ``label_dropout`` fraction of labels by the null label (index num_classes)."""
+        if y is None or self.hparams.num_classes is None:
+            return None
+        drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
+        return torch.where(drop, torch.full_like(y, self.hparams.num_classes), y)
+
+    def loss_per_sample(self, x0: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(per-sample weighted losses, their discrete steps) for a clean batch."""
+        x_t, n, eps, alpha, sigma = self.noised_batch(x0)
+        pred = self.net(x_t, n.float(), y)
+        loss = weighted_x0_loss(pred.float(), x0.float(), eps.float(), alpha, sigma, target=self.hparams.target,
+                                weighting=self.hparams.weighting, gamma=self.hparams.min_snr_gamma)
+        return loss, n
+
+    def _split(self, batch) -> tuple[Tensor, Tensor | None]:
+        if isinstance(batch, (list, tuple)):
+            x0, y = batch[0], batch[1] if len(batch) > 1 else None
+        else:
+            x0, y = batch, None
+        if self.hparams.num_classes is None:
+            y = None
+        return x0, y
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        x0, y = self._split(batch)
+        losses, n = self.loss_per_sample(x0, self.drop_labels(y))
+        if not torch.isfinite(losses).all():
+            raise FloatingPointError(
+                f"non-finite loss at global step {self.global_step}, batch {batch_idx}; lower the learning rate or "
+                "use bf16-mixed rather than 16-mixed precision. The last checkpoint on disk is intact."
+            )
+        loss = losses.mean()
+        self.log("train/loss", loss, prog_bar=True)
+        buckets = (n * NUM_LOSS_BUCKETS // self.hparams.num_timesteps).clamp(max=NUM_LOSS_BUCKETS - 1)
+        for b in range(NUM_LOSS_BUCKETS):
+            sel = buckets == b
+            if sel.any():
+                self.log(f"train/loss_t{b}", losses[sel].mean())
+        now = time.perf_counter()
+        if self._last_batch_time is not None:
+            self.log("train/images_per_second", x0.shape[0] / max(now - self._last_batch_time, 1e-9))
+        self._last_batch_time = now
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x0, y = self._split(batch)
+        g = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)  # same noise every validation
+        x_t, n, eps, alpha, sigma = self.noised_batch(x0, generator=g)
+        pred = self.net(x_t, n.float(), y)
+        loss = weighted_x0_loss(pred.float(), x0.float(), eps.float(), alpha, sigma, target=self.hparams.target,
+                                weighting=self.hparams.weighting, gamma=self.hparams.min_snr_gamma)
+        self.log("val/loss", loss.mean(), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self):
+        cls = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.Adam
+        opt = cls(self.net.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                  weight_decay=self.hparams.weight_decay)
+        warmup = max(1, self.hparams.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

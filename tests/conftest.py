@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny trained checkpoints (a few optimiser steps on the embedded digits)."""
+
+import os
+
+import lightning as L
+import pytest
+
+from pdm.data import DigitsDataModule
+from pdm.training import EMA, PDMModule
+
+TINY_NET = dict(in_channels=1, image_size=16, patch_size=4, model_channels=32, channel_mult=(1,), num_res_blocks=1,
+                attention_resolutions=(), warmup_steps=1)
+
+
+def train_tiny(root: str, steps: int = 3, **kwargs) -> str:
+    """Train a tiny model for a few steps and return the path of its last checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(0)
+    ckpt_dir = os.path.join(root, "checkpoints")
+    trainer = L.Trainer(max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
+                        callbacks=[EMA(decay=0.9), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)])
+    trainer.fit(PDMModule(**{**TINY_NET, **kwargs}), datamodule=DigitsDataModule(image_size=16, batch_size=16,
+                                                                               val_fraction=0.0))
+    return os.path.join(ckpt_dir, "last.ckpt")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory):
+    """Checkpoints: a class-conditional model, an unconditional one, and a high/low-noise expert pair."""
+    root = tmp_path_factory.mktemp("ckpts")
+    return {
+        "cond": train_tiny(str(root / "cond"), num_classes=10, lr=1e-3),
+        "uncond": train_tiny(str(root / "uncond"), lr=1e-3),
+        "high": train_tiny(str(root / "high"), num_classes=10, time_range=(396, 999)),
+        "low": train_tiny(str(root / "low"), num_classes=10, time_range=(0, 395)),
+        "low_gap": train_tiny(str(root / "low_gap"), num_classes=10, time_range=(0, 300)),
+    }

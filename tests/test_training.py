@@ -1,0 +1,175 @@
+"""The training module: loss decrease per target, weighting, expert time range, label dropout,
+EMA arithmetic, resume, and every config."""
+
+import glob
+import os
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch.optim.swa_utils import AveragedModel
+
+from pdm.data import DigitsDataModule
+from pdm.objectives import weighted_x0_loss
+from pdm.training import EMA, PDMModule, ema_decay
+
+TINY = dict(in_channels=1, image_size=16, patch_size=4, model_channels=32, channel_mult=(1,), num_res_blocks=1,
+            attention_resolutions=(), warmup_steps=1)
+
+
+@pytest.mark.parametrize("target", ["x0", "eps", "v"])
+def test_training_steps_lower_the_loss_on_a_fixed_batch(target):
+    torch.manual_seed(0)
+    m = PDMModule(target=target, lr=2e-3, **TINY)
+    x0 = torch.rand(16, 1, 16, 16) * 2 - 1
+    opt = torch.optim.Adam(m.parameters(), lr=2e-3)
+
+    def fixed_loss():
+        torch.manual_seed(123)  # the same t and noise every time
+        return m.loss_per_sample(x0, None)[0].mean()
+
+    before = fixed_loss().item()
+    for _ in range(30):
+        opt.zero_grad()
+        fixed_loss().backward()
+        opt.step()
+    assert fixed_loss().item() < 0.7 * before
+
+
+@pytest.mark.parametrize("weighting", ["sqrt_snr", "snr", "min_snr", "p2"])
+def test_module_loss_is_the_objectives_weighting(weighting):
+    m = PDMModule(weighting=weighting, target="eps", **TINY)
+    x0 = torch.rand(8, 1, 16, 16)
+    torch.manual_seed(5)
+    got, n = m.loss_per_sample(x0, None)
+    torch.manual_seed(5)
+    x_t, n2, eps, alpha, sigma = m.noised_batch(x0)
+    ref = weighted_x0_loss(m.net(x_t, n2.float()), x0, eps, alpha, sigma, target="eps", weighting=weighting)
+    assert torch.equal(n, n2)
+    assert torch.allclose(got, ref, rtol=1e-6)
+    # alpha, sigma are those of the discrete step n of the linear schedule
+    abar = m.schedule.alphas_cumprod[n2].float()
+    assert torch.allclose(alpha**2, abar, rtol=1e-5)
+
+
+@pytest.mark.parametrize("time_range", [(396, 999), (0, 395)])
+def test_expert_draws_only_its_own_steps(time_range):
+    m = PDMModule(time_range=time_range, **TINY)
+    torch.manual_seed(0)
+    _, n, _, alpha, sigma = m.noised_batch(torch.zeros(20000, 1, 1, 1))
+    assert n.min().item() == time_range[0] and n.max().item() == time_range[1]
+    snr = (alpha / sigma) ** 2
+    if time_range[0] == 396:
+        assert bool((snr < 0.25).all())
+    else:
+        assert bool((snr >= 0.25).all())
+
+
+def test_bad_time_range_is_rejected():
+    with pytest.raises(ValueError, match="time_range"):
+        PDMModule(time_range=(500, 1200), **TINY)
+
+
+def test_label_dropout_rate_and_null_label():
+    m = PDMModule(num_classes=10, label_dropout=0.1, **TINY)
+    torch.manual_seed(0)
+    y = torch.randint(0, 10, (200000,))
+    dropped = m.drop_labels(y)
+    rate = (dropped == 10).float().mean().item()
+    assert rate == pytest.approx(0.1, abs=0.003)
+    kept = dropped != 10
+    assert torch.equal(dropped[kept], y[kept])
+
+
+def test_ema_update_arithmetic_with_decay_warmup():
+    cb = EMA(decay=0.5, warmup=True)
+    net = torch.nn.Linear(1, 1, bias=False)
+    avg = AveragedModel(net, **cb._kwargs)
+    values = [1.0, 3.0, 7.0, 15.0]
+    expected, ema = [], None
+    for i, v in enumerate(values):
+        with torch.no_grad():
+            net.weight.fill_(v)
+        avg.update_parameters(net)
+        if ema is None:
+            ema = v  # first update copies
+        else:
+            d = min(0.5, i / (9 + i))  # (1 + n) / (10 + n) with n = i - 1 earlier averaged updates
+            ema = d * ema + (1 - d) * v
+        expected.append(ema)
+        assert avg.module.weight.item() == pytest.approx(ema, rel=1e-6)
+    assert ema_decay(0.9999, 0).item() == pytest.approx(0.1)
+    assert ema_decay(0.9999, 10**7).item() == pytest.approx(0.9999)
+
+
+def _trainer(root, max_steps):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return L.Trainer(max_steps=max_steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
+                     callbacks=[EMA(decay=0.9), ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), save_last=True,
+                                                                every_n_train_steps=2)])
+
+
+def test_resume_continues_step_count_and_restores_ema(tmp_path):
+    L.seed_everything(0)
+    data = DigitsDataModule(image_size=16, batch_size=16, val_fraction=0.0)
+    t1 = _trainer(str(tmp_path), 4)
+    t1.fit(PDMModule(**TINY), datamodule=data)
+    last = os.path.join(tmp_path, "ckpt", "last.ckpt")
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 4
+    ema_saved = saved["state_dict"]["net.out_conv.weight"]
+    raw_saved = saved["current_model_state"]["net.out_conv.weight"]
+    assert not torch.equal(ema_saved, raw_saved)  # EMA and raw weights both kept
+
+    t2 = _trainer(str(tmp_path), 6)
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            ema_cb = next(c for c in trainer.callbacks if isinstance(c, EMA))
+            seen["step"] = trainer.global_step
+            seen["ema"] = ema_cb.ema_module.net.out_conv.weight.detach().clone()
+            seen["raw"] = pl_module.net.out_conv.weight.detach().clone()
+
+    t2.callbacks.append(Probe())
+    t2.fit(PDMModule(**TINY), datamodule=DigitsDataModule(image_size=16, batch_size=16, val_fraction=0.0), ckpt_path=last)
+    assert seen["step"] == 4 and t2.global_step == 6
+    assert torch.equal(seen["ema"], ema_saved) and torch.equal(seen["raw"], raw_saved)
+
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+OFFICIAL = {"lsun_church_p2": 123e6, "lsun_church_p4": 121e6, "lsun_church_p8": 121e6,
+            "imagenet256_high_noise": 202e6, "imagenet256_low_noise": 202e6, "ffhq1024_p4": 163e6}
+
+
+def test_there_are_configs_for_every_documented_setting():
+    names = {os.path.basename(c)[:-5] for c in CONFIGS}
+    assert {"digits", "cifar10_p1", "cifar10_p2", "cifar10_p4", "cifar10_p8"} | set(OFFICIAL) <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
+def test_every_config_builds_its_model(path):
+    cfg = yaml.safe_load(open(path))
+    kwargs = {k: v for k, v in cfg["model"].items() if k != "init_from"}
+    with torch.device("meta"):
+        m = PDMModule(**kwargs)
+    count = sum(p.numel() for p in m.net.parameters())
+    name = os.path.basename(path)[:-5]
+    if name in OFFICIAL:
+        assert abs(count / OFFICIAL[name] - 1) < 0.03
+    if name.startswith("cifar10"):
+        assert 34e6 < count < 41e6  # matched budgets across P = 1, 2, 4, 8 (34.9-40.3M)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
+def test_every_config_loads_with_print_config(path, capsys):
+    from lightning.pytorch.cli import LightningCLI
+
+    with pytest.raises(SystemExit) as exit_info:
+        LightningCLI(PDMModule, subclass_mode_data=True, args=["fit", "--config", path, "--print_config"], run=True)
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["patch_size"] == yaml.safe_load(open(path))["model"]["patch_size"]
