@@ -147,3 +147,34 @@ def test_bad_settings_are_rejected():
         AdaptiveSkip(threshold=-1)
     with pytest.raises(ValueError, match="adaptive"):
         sample(GM.model_fn(S), NOISE, S, method="adaptive", skip=AdaptiveSkip())
+
+
+def test_fixed_skip_path_is_replayed_exactly():
+    from pdm.sampling import SkipPath
+
+    path = (True, True, False, True, False, False, True, True)
+    res = sample(GM.model_fn(S), NOISE, S, steps=8, skip=SkipPath(path))
+    assert res.evaluated[:, 0].tolist() == list(path)
+    assert res.nfe == sum(path)
+    with pytest.raises(ValueError, match="first step"):
+        SkipPath((False, True))
+
+
+def test_greedy_path_adds_the_least_harmful_skip_each_round():
+    from pdm.sampling import SkipPath, greedy_skip_path
+
+    steps = 10
+    kw = dict(solver="dpmsolver++", order=2)
+    hist = greedy_skip_path(GM.model_fn(S), NOISE, S, budget=3, steps=steps, **kw)
+    full = sample(GM.model_fn(S), NOISE, S, steps=steps, **kw).x
+    rms = lambda x: float((x - full).pow(2).mean().sqrt())  # noqa: E731
+    assert [sum(not e for e in p.evaluate) for p, _ in hist] == [1, 2, 3]
+    # round 1 is the best single skip: check against an exhaustive search
+    singles = []
+    for i in range(1, steps):
+        ev = [True] * steps
+        ev[i] = False
+        singles.append(rms(sample(GM.model_fn(S), NOISE, S, steps=steps, skip=SkipPath(tuple(ev)), **kw).x))
+    assert hist[0][1] == pytest.approx(min(singles))
+    for path, err in hist:
+        assert rms(sample(GM.model_fn(S), NOISE, S, steps=steps, skip=path, **kw).x) == pytest.approx(err)

@@ -3,9 +3,10 @@
 Samplers see only a ``model_fn(x, t, **model_kwargs)`` and a schedule, never a network class.
 """
 
+from pdm.sampling.greedy import greedy_skip_path
 from pdm.sampling.guidance import classifier_free_guidance, dynamic_threshold, expert_router
 from pdm.sampling.sampler import METHODS, SOLVERS, SampleResult, sample
-from pdm.sampling.skipping import AdaptiveSkip
+from pdm.sampling.skipping import AdaptiveSkip, SkipPath
 from pdm.sampling.solvers import singlestep_orders
 
 __all__ = [
@@ -13,9 +14,11 @@ __all__ = [
     "METHODS",
     "SOLVERS",
     "SampleResult",
+    "SkipPath",
     "classifier_free_guidance",
     "dynamic_threshold",
     "expert_router",
+    "greedy_skip_path",
     "sample",
     "singlestep_orders",
 ]

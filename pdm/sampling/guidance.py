@@ -44,13 +44,15 @@ def classifier_free_guidance(model_fn: ModelFn, scale: float, null_label: int) -
     return guided
 
 
-def expert_router(high_noise: ModelFn, low_noise: ModelFn, schedule: VPSchedule, snr_split: float = 0.25) -> ModelFn:
+def expert_router(high_noise: ModelFn, low_noise: ModelFn, schedule: VPSchedule, snr_split: float = 0.25,
+                  split_label: int | None = None) -> ModelFn:
     """Send each sample to the expert owning its time: SNR < snr_split -> the high-noise expert.
 
     With the linear schedule and snr_split = 0.25 the high-noise expert owns the discrete steps
-    396..999 and the low-noise expert 0..395 (PDM's ImageNet-256 split).
+    396..999 and the low-noise expert 0..395 (PDM's ImageNet-256 split). ``split_label`` (the
+    first step of the high-noise expert) overrides the SNR rule.
     """
-    split_label = float(schedule.index_where_snr_below(snr_split))
+    split_label = float(schedule.index_where_snr_below(snr_split) if split_label is None else split_label)
 
     def routed(x: Tensor, t: Tensor, **kwargs: Tensor) -> Tensor:
         # Route on the label rounded as the network sees it, so the split is exactly at 396.

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from pdm.objectives import TARGETS, to_eps, to_x0
 from pdm.sampling.guidance import dynamic_threshold
-from pdm.sampling.skipping import AdaptiveSkip, SkipController
+from pdm.sampling.skipping import AdaptiveSkip, SkipController, SkipPath
 from pdm.sampling.solvers import (
     Coefficients,
     canonical_solver_type,
@@ -130,7 +130,7 @@ def sample(
     t_start: float | None = None,
     t_end: float | None = None,
     timesteps: Tensor | None = None,
-    skip: AdaptiveSkip | None = None,
+    skip: AdaptiveSkip | SkipPath | None = None,
     solver_type: str = "dpmsolver",
     thresholding: bool = False,
     threshold_ratio: float = 0.995,
@@ -156,7 +156,7 @@ def sample(
         prediction: what the model returns, ``eps``, ``x0`` or ``v``.
         lower_order_final: lower the order of the last steps when steps < 10 (official rule).
         denoise_to_zero: finish with x = x0(x, t_end), one more evaluation (diffusers' sigma=0 end).
-        skip: :class:`AdaptiveSkip` settings, or None to evaluate every step.
+        skip: :class:`AdaptiveSkip` settings, a fixed :class:`SkipPath`, or None to evaluate every step.
         solver_type: ``dpmsolver`` (midpoint) or ``taylor`` (heun) for second-order corrections.
         thresholding: dynamic thresholding of x0 at ``threshold_ratio``, floor ``threshold_max``.
         model_kwargs: per-sample tensors (e.g. class labels ``y``) passed to the model;

@@ -45,10 +45,25 @@ class AdaptiveSkip:
             raise ValueError(f"skip warmup must be at least 3 steps (the test needs three differences), got {self.warmup}")
 
 
+@dataclass(frozen=True)
+class SkipPath:
+    """A fixed skip path: ``evaluate[i]`` says whether step i + 1 calls the network.
+
+    Used to replay a path found offline (e.g. the greedy optimal path of
+    :func:`pdm.sampling.greedy.greedy_skip_path`); the same path applies to every sample.
+    """
+
+    evaluate: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        if not self.evaluate or not self.evaluate[0]:
+            raise ValueError("a skip path must evaluate the first step (there is no earlier output to reuse)")
+
+
 class SkipController:
     """The state of one sampling run: latents seen so far and the skip streak of each sample."""
 
-    def __init__(self, config: AdaptiveSkip | None, batch: int, device: torch.device) -> None:
+    def __init__(self, config: AdaptiveSkip | SkipPath | None, batch: int, device: torch.device) -> None:
         self.config = config
         self.batch = batch
         self.device = device
@@ -71,6 +86,11 @@ class SkipController:
         self.steps_seen += 1
         cfg = self.config
         self.streak = torch.where(evaluated, torch.zeros_like(self.streak), self.streak + 1)
+        if isinstance(cfg, SkipPath):
+            k = self.steps_seen
+            flag = cfg.evaluate[k] if k < len(cfg.evaluate) else True
+            self.next_mask = torch.full((self.batch,), bool(flag), dtype=torch.bool, device=self.device)
+            return
         if cfg is None or cfg.threshold == 0:
             self.prev = x
             return
