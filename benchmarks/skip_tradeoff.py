@@ -100,13 +100,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--greedy-budget", type=int, default=30, help="skips for the greedy path on the mixture")
-    p.add_argument("--digits-greedy-budget", type=int, default=12, help="greedy skips on the digits model (costly on CPU)")
+    p.add_argument("--digits-greedy-budget", type=int, default=20, help="greedy skips on the digits model (costly on CPU)")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     models = [(mixture_model(), args.greedy_budget)]
     ckpt = find_digits_checkpoint(args.ckpt)
     if ckpt:
-        models.append((digits_model(ckpt, num=16), args.digits_greedy_budget))
+        models.append((digits_model(ckpt, num=8), args.digits_greedy_budget))
     else:
         print("no digits checkpoint found: run `python train.py fit --config configs/digits.yaml` first", file=sys.stderr)
     results = []

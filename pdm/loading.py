@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
 import torch
 
-from pdm.checkpoints import load_checkpoint
+from pdm.checkpoints import load_checkpoint, load_net_state
 from pdm.sampling import classifier_free_guidance, expert_router
 from pdm.training.module import PDMModule
 
@@ -32,16 +33,15 @@ def load_module(path: str, device: str | torch.device = "cpu") -> PDMModule:
     hp = dict(ckpt.get("hyper_parameters") or {})
     if not hp:
         raise ValueError(f"{path!r} has no hyper_parameters; it was not written by pdm's train.py")
-    hp.pop("init_from", None)
+    # LightningCLI adds its own keys (_class_path, _instantiator); keep the module's arguments
+    accepted = set(inspect.signature(PDMModule.__init__).parameters) - {"self", "init_from"}
+    hp = {k: v for k, v in hp.items() if k in accepted}
     try:
         module = PDMModule(**hp)
     except TypeError as e:
         raise ValueError(f"{path!r} was written for another architecture or version: {e}") from None
-    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    missing, unexpected = module.net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path!r} does not match its own config (missing {len(missing)}, unexpected "
-                         f"{len(unexpected)} tensors); it belongs to another architecture")
+    # Lightning's WeightAveraging stores the EMA weights as state_dict; exports hold only those
+    load_net_state(module.net, ckpt["state_dict"], path)
     return module.to(device).eval()
 
 

@@ -173,3 +173,40 @@ def test_every_config_loads_with_print_config(path, capsys):
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["patch_size"] == yaml.safe_load(open(path))["model"]["patch_size"]
+
+
+def test_resume_mid_epoch_continues_the_same_data_order(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class Recording(PDMModule):
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch[1].tolist())
+            return super().training_step(batch, batch_idx)
+
+    def run(root, steps, ckpt_path=None):
+        L.seed_everything(0)
+        m = Recording(**TINY)
+        m.seen = []
+        t = L.Trainer(max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
+                      callbacks=[ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), save_last=True, every_n_train_steps=1)])
+        t.fit(m, datamodule=DigitsDataModule(image_size=16, batch_size=400, val_fraction=0.0), ckpt_path=ckpt_path)
+        return m.seen
+
+    # 1797 images in batches of 400: 4 batches per epoch; stop at step 6 = mid-epoch 1
+    full = run(str(tmp_path / "full"), 9)
+    first = run(str(tmp_path / "cut"), 6)
+    rest = run(str(tmp_path / "cut"), 9, ckpt_path=str(tmp_path / "cut" / "ckpt" / "last.ckpt"))
+    assert first + rest == full
+    assert full[0] != full[4]  # epochs are shuffled differently
+
+
+def test_low_noise_expert_starts_from_the_high_noise_ema_weights(tiny_ckpts):
+    from conftest import TINY_NET
+
+    saved = torch.load(tiny_ckpts["high"], weights_only=True)["state_dict"]
+    low = PDMModule(**{**TINY_NET, "num_classes": 10, "time_range": (0, 395)}, init_from=tiny_ckpts["high"])
+    for k, v in low.net.state_dict().items():
+        assert torch.equal(v, saved["net." + k])
+    with pytest.raises(ValueError, match="different architecture"):
+        PDMModule(**{**TINY_NET, "model_channels": 64}, init_from=tiny_ckpts["high"])

@@ -8,15 +8,50 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset, random_split
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, random_split
 
 from pdm.data.transforms import ImageTransform
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle that is a function of (seed, epoch), and can resume part-way through an epoch.
+
+    Lightning calls ``set_epoch`` before each epoch. ``resume(epoch, n)`` drops the first n
+    indices of that epoch once, so a run resumed mid-epoch continues where it stopped.
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def resume(self, epoch: int, samples_done: int) -> None:
+        self._resume = (epoch, samples_done)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        if self._resume is not None and self._resume[0] == self.epoch:
+            order = order[self._resume[1]:]
+            self._resume = None
+        return iter(order)
+
+    def __len__(self) -> int:
+        return self.size
+
+
 class _Base(L.LightningDataModule):
-    """Shared loader settings: batch size, workers, a seeded train/val split."""
+    """Shared loader settings: batch size, workers, a seeded train/val split.
+
+    The training order is a function of (seed, epoch); the number of batches consumed in the
+    current epoch is saved in every checkpoint, so a single-process run resumed mid-epoch sees
+    exactly the batches the uninterrupted run would have seen. (Under DDP, Lightning shards
+    with its distributed sampler, seeded per epoch, and a resumed epoch starts over.)
+    """
 
     def __init__(self, batch_size: int, num_workers: int, val_fraction: float, seed: int) -> None:
         super().__init__()
@@ -35,10 +70,24 @@ class _Base(L.LightningDataModule):
         self.train_set, self.val_set = random_split(full, [len(full) - n_val, n_val], generator=g)
 
     def train_dataloader(self) -> DataLoader:
-        # a seeded generator makes the shuffling order a function of (seed, epoch)
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, generator=g, persistent_workers=self.num_workers > 0)
+        sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        resume = getattr(self, "_resume_state", None)
+        if resume:
+            sampler.resume(resume["epoch"], resume["batches_done"] * self.batch_size)
+        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def state_dict(self) -> dict:
+        """Where training stands in the data: the epoch and the batches of it already trained on."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches_done": int(done) % max(1, trainer.num_training_batches)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Remember the position to resume from (applied when the train loader is built)."""
+        self._resume_state = state_dict or None
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
@@ -141,13 +190,15 @@ class _HFImages(Dataset):
 
 
 class HFDataModule(_Base):
-    """A Hugging Face ``datasets`` image dataset, by hub name (from the local cache) or by a
-    path saved with ``save_to_disk`` (e.g. CIFAR-10 ``uoft-cs/cifar10``, ImageNet-1k, LSUN Church)."""
+    """A Hugging Face ``datasets`` image dataset saved with ``save_to_disk`` (e.g. CIFAR-10 from
+    ``uoft-cs/cifar10``, ImageNet-1k, LSUN Church). With ``allow_download`` a hub name is loaded
+    through ``datasets.load_dataset`` (from its cache, or downloaded where there is internet)."""
 
     def __init__(self, name: str, split: str = "train", image_key: str = "img", label_key: str | None = None,
                  image_size: int = 32, channels: int = 3, random_flip: bool = True, batch_size: int = 128,
-                 num_workers: int = 4, val_fraction: float = 0.0, seed: int = 0) -> None:
+                 num_workers: int = 4, val_fraction: float = 0.0, seed: int = 0, allow_download: bool = False) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
+        self.allow_download = allow_download
         self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
         self.image_size, self.channels, self.random_flip = image_size, channels, random_flip
 
@@ -156,6 +207,12 @@ class HFDataModule(_Base):
             return
         import datasets
 
+        if not os.path.isdir(self.name) and not self.allow_download:
+            raise ValueError(
+                f"dataset folder {self.name!r} does not exist. On a machine with internet run "
+                f"`datasets.load_dataset(HUB_NAME).save_to_disk({self.name!r})` (CIFAR-10: uoft-cs/cifar10) and copy "
+                "the folder here, or set data.init_args.allow_download: true to use the Hugging Face hub"
+            )
         try:
             if os.path.isdir(self.name):
                 ds = datasets.load_from_disk(self.name)

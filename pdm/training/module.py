@@ -118,14 +118,9 @@ class PDMModule(L.LightningModule):
 
     def load_network_from(self, path: str) -> None:
         """Initialise the network from the (EMA) weights of another checkpoint of the same architecture."""
-        from pdm.checkpoints import load_checkpoint
+        from pdm.checkpoints import load_checkpoint, load_net_state
 
-        ckpt = load_checkpoint(path)
-        state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        missing, unexpected = self.net.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path} holds a different architecture (missing {len(missing)}, unexpected "
-                             f"{len(unexpected)} tensors); init_from needs a checkpoint of the same network config")
+        load_net_state(self.net, load_checkpoint(path)["state_dict"], path)
 
     # training --------------------------------------------------------------------------------
     def noised_batch(self, x0: Tensor, generator: torch.Generator | None = None):
