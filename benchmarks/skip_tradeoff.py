@@ -100,13 +100,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--greedy-budget", type=int, default=30, help="skips for the greedy path on the mixture")
-    p.add_argument("--digits-greedy-budget", type=int, default=20, help="greedy skips on the digits model (costly on CPU)")
+    p.add_argument("--digits-greedy-budget", type=int, default=15, help="greedy skips on the digits model (costly on CPU)")
+    p.add_argument("--digits-seeds", type=int, default=4, help="seeds (images) per digits run; the greedy search dominates")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     models = [(mixture_model(), args.greedy_budget)]
     ckpt = find_digits_checkpoint(args.ckpt)
     if ckpt:
-        models.append((digits_model(ckpt, num=8), args.digits_greedy_budget))
+        models.append((digits_model(ckpt, num=args.digits_seeds), args.digits_greedy_budget))
     else:
         print("no digits checkpoint found: run `python train.py fit --config configs/digits.yaml` first", file=sys.stderr)
     results = []
@@ -114,6 +115,7 @@ def main() -> None:
         for solver_name in SOLVERS:
             print(f"running {model[3]} / {solver_name} ...", file=sys.stderr, flush=True)
             results.append(run(model, solver_name, budget))
+            write_json(Path(args.out) / "skip_tradeoff.json", {"machine": machine(), "results": results, "partial": True})
     out = Path(args.out)
     write_json(out / "skip_tradeoff.json", {"machine": machine(), "results": results})
     plot(results, out / "skip_tradeoff.png")

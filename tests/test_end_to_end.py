@@ -21,6 +21,7 @@ def test_train_resume_and_sample_through_the_clis(tmp_path):
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), "fit", "--config", cfg, *SMALL,
                "--trainer.max_steps", str(max_steps), "--trainer.default_root_dir", root,
                "--trainer.logger.init_args.save_dir", root,
+               "--trainer.callbacks.num_samples=100",  # the config's last callback: the end-of-run digits FD
                "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                f"--trainer.callbacks.dirpath={root}/checkpoints", "--trainer.callbacks.save_last=true",
                "--trainer.callbacks.every_n_train_steps=2",
@@ -30,6 +31,8 @@ def test_train_resume_and_sample_through_the_clis(tmp_path):
 
     train(4)
     last = os.path.join(root, "checkpoints", "last.ckpt")
+    fd = json.loads(open(os.path.join(root, "lightning_logs", "version_0", "digits_fd.json")).read())
+    assert fd["num_samples"] == 100 and fd["fd8x8"] > fd["real_vs_real_fd8x8"] > 0  # 4 steps: far from the data
     assert torch.load(last, weights_only=True)["global_step"] == 4
     train(6, "--ckpt_path", last)
     assert torch.load(last, weights_only=True)["global_step"] == 6

@@ -12,6 +12,41 @@ from pdm.sampling import sample
 from pdm.training.ema import EMA
 
 
+def ema_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The module holding the EMA weights if an :class:`EMA` callback runs, else ``pl_module``."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, EMA) and cb.ema_module is not None:
+            return cb.ema_module
+    return pl_module
+
+
+@torch.no_grad()
+def sample_images(module: L.LightningModule, num: int, steps: int = 20, solver: str = "dpmsolver++", order: int = 2,
+                  guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 250) -> torch.Tensor:
+    """Sample ``num`` images in [-1, 1] from a PDMModule (labels cycle through the classes)."""
+    from pdm.sampling import classifier_free_guidance
+
+    hp = module.hparams
+    was_training = module.training
+    module.eval()
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(num, hp.in_channels, hp.image_size, hp.image_size, generator=g)
+    fn = module.model_fn()
+    if hp.num_classes is not None and guidance_scale != 1.0:
+        fn = classifier_free_guidance(fn, guidance_scale, hp.num_classes)
+    out = []
+    for i in range(0, num, batch_size):
+        x = noise[i : i + batch_size].to(module.device)
+        kwargs = {}
+        if hp.num_classes is not None:
+            kwargs["y"] = torch.arange(i, i + x.shape[0], device=x.device) % hp.num_classes
+        res = sample(fn, x, module.schedule, steps=steps, solver=solver, order=order, prediction=hp.target,
+                     model_kwargs=kwargs)
+        out.append(res.x.cpu())
+    module.train(was_training)
+    return torch.cat(out)
+
+
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimiser steps (and at the end), sample a grid with the EMA weights.
 
@@ -24,35 +59,14 @@ class SampleGrid(L.Callback):
         self.every_n_steps, self.num_samples, self.steps = every_n_steps, num_samples, steps
         self.solver, self.order, self.guidance_scale, self.seed, self.scale = solver, order, guidance_scale, seed, scale
 
-    def _ema_module(self, trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
-        for cb in trainer.callbacks:
-            if isinstance(cb, EMA) and cb.ema_module is not None:
-                return cb.ema_module
-        return pl_module
-
     @torch.no_grad()
     def make(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> Path | None:
         """Sample and save one grid; returns its path (rank 0 only)."""
         if not trainer.is_global_zero:
             return None
-        from pdm.sampling import classifier_free_guidance
-
-        module = self._ema_module(trainer, pl_module)
-        was_training = module.training
-        module.eval()
-        hp = pl_module.hparams
-        g = torch.Generator().manual_seed(self.seed)
-        noise = torch.randn(self.num_samples, hp.in_channels, hp.image_size, hp.image_size, generator=g)
-        noise = noise.to(pl_module.device)
-        fn, kwargs = module.model_fn(), {}
-        if hp.num_classes is not None:
-            kwargs["y"] = torch.arange(self.num_samples, device=noise.device) % hp.num_classes
-            if self.guidance_scale != 1.0:
-                fn = classifier_free_guidance(fn, self.guidance_scale, hp.num_classes)
-        res = sample(fn, noise, pl_module.schedule, steps=self.steps, solver=self.solver, order=self.order,
-                     prediction=hp.target, model_kwargs=kwargs)
-        module.train(was_training)
-        images = to_uint8(res.x)
+        x = sample_images(ema_module(trainer, pl_module), self.num_samples, self.steps, self.solver, self.order,
+                          self.guidance_scale, self.seed)
+        images = to_uint8(x)
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         path = out_dir / f"{tag}.png"
         save_grid(images, path, scale=self.scale)

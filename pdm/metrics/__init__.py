@@ -1,0 +1,30 @@
+"""Metrics: FID (torchmetrics Inception-v3) with stored reference statistics, an offline digits
+FD, paired PSNR/SSIM/LPIPS, and the per-step cost of a network."""
+
+from pdm.metrics.cost import measure_step_cost
+from pdm.metrics.features import DigitsFeatures, digits_fd_metric, digits_reference_images
+from pdm.metrics.fid import (
+    DEFAULT_NUM_SAMPLES,
+    FeatureStats,
+    compute_stats,
+    fid_against,
+    inception_weights_path,
+    load_images,
+    make_fid,
+)
+from pdm.metrics.quality import paired_quality
+
+__all__ = [
+    "DEFAULT_NUM_SAMPLES",
+    "DigitsFeatures",
+    "FeatureStats",
+    "compute_stats",
+    "digits_fd_metric",
+    "digits_reference_images",
+    "fid_against",
+    "inception_weights_path",
+    "load_images",
+    "make_fid",
+    "measure_step_cost",
+    "paired_quality",
+]

@@ -1,0 +1,82 @@
+"""Evaluation commands.
+
+    python -m pdm.metrics ref-stats --images DATA --out ref.npz [--feature inception|digits]
+    python -m pdm.metrics fid --images samples.npz --ref ref.npz [--feature inception|digits]
+    python -m pdm.metrics digits-fd --images samples.npz
+    python -m pdm.metrics paired --images samples.npz --ref full_steps.npz [--lpips]
+
+DATA is a samples.npz (arr_0, uint8 NHWC), an image folder, or ``digits`` (the embedded set).
+Reported FIDs should use 50,000 samples against the training set's statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+
+def _images(spec: str) -> np.ndarray:
+    from pdm.metrics import digits_reference_images, load_images
+
+    return digits_reference_images().numpy() if spec == "digits" else load_images(spec)
+
+
+def _metric(feature: str, weights: str | None):
+    from pdm.metrics import digits_fd_metric, make_fid
+
+    return digits_fd_metric() if feature == "digits" else make_fid(inception_weights=weights)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run one evaluation command and print its result as JSON."""
+    p = argparse.ArgumentParser(prog="python -m pdm.metrics", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("ref-stats", "fid", "digits-fd", "paired"):
+        s = sub.add_parser(name)
+        s.add_argument("--images", required=True)
+        if name in ("fid", "paired"):
+            s.add_argument("--ref", required=True)
+        if name == "ref-stats":
+            s.add_argument("--out", required=True)
+        if name in ("ref-stats", "fid"):
+            s.add_argument("--feature", choices=["inception", "digits"], default="inception")
+            s.add_argument("--inception-weights", default=None)
+        if name == "paired":
+            s.add_argument("--lpips", action="store_true")
+    args = p.parse_args(argv)
+    from pdm.metrics import FeatureStats, compute_stats, fid_against, paired_quality
+    from pdm.metrics.callbacks import digits_fd_baseline
+
+    try:
+        if args.command == "ref-stats":
+            stats = compute_stats(_metric(args.feature, args.inception_weights), _images(args.images))
+            stats.save(args.out)
+            result = {"out": args.out, "n": stats.n, "dims": int(stats.mu.shape[0])}
+        elif args.command == "fid":
+            images = _images(args.images)
+            value = fid_against(_metric(args.feature, args.inception_weights), FeatureStats.load(args.ref), images)
+            result = {"fid": value, "num_images": len(images), "feature": args.feature}
+            if len(images) < 50_000 and args.feature == "inception":
+                result["note"] = "fewer than 50,000 images: FID is biased upward; report 50k-sample numbers"
+        elif args.command == "digits-fd":
+            from pdm.metrics import digits_fd_metric
+
+            images = _images(args.images)
+            stats, baseline = digits_fd_baseline(len(images))
+            result = {"fd8x8": fid_against(digits_fd_metric(), stats, images), "real_vs_real_fd8x8": baseline,
+                      "num_images": len(images)}
+        else:
+            result = paired_quality(_images(args.images), _images(args.ref), lpips=args.lpips)
+    except ValueError as e:
+        print(f"python -m pdm.metrics: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""An offline feature space for the embedded digits: their native 8x8 grey levels.
+
+The UCI digits are 8x8 images with 17 grey levels; our 32x32 versions are bilinear upsamplings.
+Average-pooling back to 8x8 gives a 64-dimensional feature that needs no downloaded network.
+The Fréchet distance on it ("FD-8x8") is a pixel-space statistic: it tells how well the
+sampled images match the first two moments of the real digits, not perceptual quality.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class DigitsFeatures(nn.Module):
+    """uint8 (N, C, H, W) -> (N, 64): grey levels average-pooled to 8x8, scaled to [0, 1]."""
+
+    def __init__(self, size: int = 8) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float() / 255.0
+        if x.shape[1] == 3:
+            x = x.mean(dim=1, keepdim=True)
+        return F.adaptive_avg_pool2d(x, self.size).flatten(1).double()
+
+
+def digits_fd_metric():
+    """A torchmetrics FID metric on :class:`DigitsFeatures` for 1x32x32 images."""
+    from pdm.metrics.fid import make_fid
+
+    return make_fid(feature=DigitsFeatures(), input_img_size=(1, 32, 32))
+
+
+def digits_reference_images(image_size: int = 32) -> torch.Tensor:
+    """All 1,797 digits as uint8 NHWC, the reference set of the digits FD."""
+    from pdm.data import load_digits_tensor
+
+    x, _ = load_digits_tensor(image_size)
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

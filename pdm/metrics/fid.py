@@ -1,0 +1,146 @@
+"""Fréchet distances through torchmetrics, with reference statistics stored once as .npz.
+
+``FrechetInceptionDistance`` (torchmetrics, Inception-v3 from torch-fidelity) extracts the
+features and computes the distance. Reference statistics (mu, sigma, n) of a dataset are
+computed once, saved with :func:`save_stats` and loaded back into the metric's real-feature
+state, so every later evaluation only passes the generated images through the network.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+DEFAULT_NUM_SAMPLES = 50_000  # the documented default for reported FIDs
+
+
+def inception_weights_path(path: str | None = None) -> str:
+    """The local Inception-v3 weights file: ``path``, $PDM_INCEPTION_WEIGHTS, or the torch hub cache.
+
+    Nothing is downloaded; a missing file is a ValueError that says what to fetch and where.
+    """
+    candidates = [path, os.environ.get("PDM_INCEPTION_WEIGHTS"),
+                  os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)]
+    for c in candidates:
+        if c and os.path.isfile(c):
+            return c
+    where = path or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
+    raise ValueError(
+        f"Inception-v3 weights not found at {where}. Download {INCEPTION_URL} on a machine with internet and "
+        f"put it there (or pass --inception-weights PATH / set PDM_INCEPTION_WEIGHTS)"
+    )
+
+
+def make_fid(feature: nn.Module | None = None, inception_weights: str | None = None,
+             input_img_size: tuple[int, int, int] = (3, 299, 299)):
+    """A torchmetrics FID metric: Inception-v3 pool features (2048) by default, or any module
+    mapping uint8 images (N, C, H, W) to features (N, D)."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if feature is None:
+        return FrechetInceptionDistance(feature=2048, reset_real_features=False,
+                                        feature_extractor_weights_path=inception_weights_path(inception_weights))
+    return FrechetInceptionDistance(feature=feature, reset_real_features=False, input_img_size=input_img_size)
+
+
+@dataclass
+class FeatureStats:
+    """Mean, covariance and count of a set of features (ADM / torch-fidelity keep mu, sigma)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to .npz atomically."""
+        from pdm.images import atomic_write
+
+        atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), mu=self.mu, sigma=self.sigma, n=np.int64(self.n)))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "FeatureStats":
+        """Read statistics written by :meth:`save` (or any .npz with mu and sigma)."""
+        if not Path(path).is_file():
+            raise ValueError(f"reference statistics {path} not found; compute them with `python -m pdm.metrics ref-stats`")
+        with np.load(path, allow_pickle=False) as z:
+            if "mu" not in z or "sigma" not in z:
+                raise ValueError(f"{path} holds no mu/sigma arrays; it is not a statistics file")
+            return cls(z["mu"].astype(np.float64), z["sigma"].astype(np.float64), int(z["n"]) if "n" in z else 0)
+
+
+def real_stats(metric) -> FeatureStats:
+    """The real-image statistics accumulated in a torchmetrics FID metric."""
+    n = int(metric.real_features_num_samples)
+    if n < 2:
+        raise ValueError("need at least 2 reference images to estimate a covariance")
+    s = metric.real_features_sum.double()
+    mu = s / n
+    sigma = (metric.real_features_cov_sum.double() - n * torch.outer(mu, mu)) / (n - 1)
+    return FeatureStats(mu.cpu().numpy(), sigma.cpu().numpy(), n)
+
+
+def load_real_stats(metric, stats: FeatureStats) -> None:
+    """Put stored reference statistics into a torchmetrics FID metric's real-feature state."""
+    mu = torch.as_tensor(stats.mu, dtype=torch.float64)
+    sigma = torch.as_tensor(stats.sigma, dtype=torch.float64)
+    if mu.numel() != metric.real_features_sum.numel():
+        raise ValueError(f"reference statistics have {mu.numel()} features, the metric {metric.real_features_sum.numel()}; "
+                         "they come from another feature extractor")
+    n = max(stats.n, 2)
+    metric.real_features_sum = (n * mu).to(metric.real_features_sum)
+    metric.real_features_cov_sum = ((n - 1) * sigma + n * torch.outer(mu, mu)).to(metric.real_features_cov_sum)
+    metric.real_features_num_samples = torch.tensor(n, device=metric.real_features_sum.device)
+
+
+def batches(images: np.ndarray, batch_size: int = 250) -> Iterable[Tensor]:
+    """uint8 NHWC array -> uint8 NCHW tensors."""
+    for i in range(0, len(images), batch_size):
+        yield torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2)
+
+
+def compute_stats(metric, images: np.ndarray, batch_size: int = 250) -> FeatureStats:
+    """Reference statistics of uint8 NHWC images."""
+    metric.reset()
+    metric.reset_real_features = True
+    metric.reset()
+    metric.reset_real_features = False
+    for b in batches(images, batch_size):
+        metric.update(b, real=True)
+    return real_stats(metric)
+
+
+def fid_against(metric, stats: FeatureStats, images: np.ndarray, batch_size: int = 250) -> float:
+    """The Fréchet distance of uint8 NHWC images to stored reference statistics."""
+    load_real_stats(metric, stats)
+    metric.fake_features_sum.zero_()
+    metric.fake_features_cov_sum.zero_()
+    metric.fake_features_num_samples.zero_()
+    for b in batches(images, batch_size):
+        metric.update(b, real=False)
+    return float(metric.compute())
+
+
+def load_images(path: str | os.PathLike) -> np.ndarray:
+    """uint8 NHWC images from a ``samples.npz`` (arr_0) or a folder of image files."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            return z["arr_0"]
+    if path.is_dir():
+        from PIL import Image
+
+        from pdm.data.datamodules import IMAGE_SUFFIXES
+
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"{path} holds no images")
+        return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    raise ValueError(f"{path} is neither a samples.npz nor a folder of images")

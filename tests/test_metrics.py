@@ -1,0 +1,129 @@
+"""Metrics: Fréchet distances, stored statistics, the offline digits feature space, Inception
+weights offline, paired quality, step cost."""
+
+import numpy as np
+import pytest
+import torch
+
+from pdm.metrics import (
+    DigitsFeatures,
+    FeatureStats,
+    compute_stats,
+    digits_fd_metric,
+    digits_reference_images,
+    fid_against,
+    inception_weights_path,
+    measure_step_cost,
+    paired_quality,
+)
+from pdm.metrics.callbacks import digits_fd_baseline
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_reference_images().numpy()
+
+
+def _noisy(images, scale, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.clip(images.astype(np.float64) + rng.normal(0, scale, images.shape), 0, 255).astype(np.uint8)
+
+
+def test_fd_of_a_set_against_itself_is_zero_and_grows_with_noise(digits):
+    metric = digits_fd_metric()
+    stats = compute_stats(metric, digits)
+    values = [fid_against(metric, stats, _noisy(digits, s)) if s else fid_against(metric, stats, digits)
+              for s in (0, 10, 30, 80)]
+    assert abs(values[0]) < 1e-6
+    assert values[0] < values[1] < values[2] < values[3]
+
+
+def test_fd_matches_the_closed_form_for_gaussians():
+    # features are the identity on 4 "pixels": FD = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^1/2)
+    from scipy import linalg
+
+    class Identity(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1).double()
+
+    from pdm.metrics import make_fid
+
+    metric = make_fid(feature=Identity(), input_img_size=(1, 2, 2))
+    rng = np.random.default_rng(0)
+    a = rng.integers(60, 200, (4000, 2, 2, 1)).astype(np.uint8)
+    b = np.clip(a.astype(int) * 0.7 + rng.integers(0, 40, a.shape), 0, 255).astype(np.uint8)
+    fa, fb = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    m1, m2, s1, s2 = fa.mean(0), fb.mean(0), np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
+    ref = ((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert fid_against(metric, compute_stats(metric, a), b) == pytest.approx(ref, rel=1e-4)
+
+
+def test_reference_statistics_round_trip_through_npz(digits, tmp_path):
+    metric = digits_fd_metric()
+    stats = compute_stats(metric, digits)
+    stats.save(tmp_path / "ref.npz")
+    back = FeatureStats.load(tmp_path / "ref.npz")
+    assert back.n == 1797 and np.array_equal(back.mu, stats.mu) and np.array_equal(back.sigma, stats.sigma)
+    noisy = _noisy(digits, 20)
+    assert fid_against(digits_fd_metric(), back, noisy) == pytest.approx(fid_against(metric, stats, noisy), rel=1e-9)
+
+
+def test_digits_feature_space_separates_real_digits_from_noise(digits):
+    stats, baseline = digits_fd_baseline(500)
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (500, 32, 32, 1)).astype(np.uint8)
+    blank = np.zeros((500, 32, 32, 1), dtype=np.uint8)
+    metric = digits_fd_metric()
+    assert baseline < 0.5
+    assert fid_against(metric, stats, noise) > 20 * baseline
+    assert fid_against(metric, stats, blank) > 20 * baseline
+    assert DigitsFeatures()(torch.zeros(2, 1, 32, 32, dtype=torch.uint8)).shape == (2, 64)
+
+
+def test_missing_inception_weights_name_the_file_to_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.delenv("PDM_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(ValueError, match="weights-inception-2015-12-05-6726825d.pth") as e:
+        inception_weights_path()
+    assert "github.com/toshas/torch-fidelity" in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_metrics_cli_exit_code_2_when_weights_missing(tmp_path, monkeypatch):
+    from pdm.metrics.__main__ import main
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.delenv("PDM_INCEPTION_WEIGHTS", raising=False)
+    with pytest.raises(SystemExit) as e:
+        main(["ref-stats", "--images", "digits", "--out", str(tmp_path / "r.npz")])
+    assert e.value.code == 2
+
+
+def test_metrics_cli_digits_commands(tmp_path, digits):
+    from pdm.metrics.__main__ import main
+
+    np.savez(tmp_path / "samples.npz", arr_0=digits[:300])
+    main(["ref-stats", "--images", "digits", "--feature", "digits", "--out", str(tmp_path / "ref.npz")])
+    fid = main(["fid", "--images", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--feature", "digits"])
+    fd = main(["digits-fd", "--images", str(tmp_path / "samples.npz")])
+    assert fid["fid"] == pytest.approx(fd["fd8x8"], rel=1e-9)
+    assert fd["fd8x8"] < 1.0 and fd["real_vs_real_fd8x8"] < 1.0
+
+
+def test_paired_quality_is_infinite_psnr_on_identity_and_falls_with_noise(digits):
+    same = paired_quality(digits[:20], digits[:20])
+    assert same["psnr"] > 100 and same["ssim"] == pytest.approx(1.0)
+    a, b = paired_quality(_noisy(digits[:20], 5), digits[:20]), paired_quality(_noisy(digits[:20], 30), digits[:20])
+    assert a["psnr"] > b["psnr"] and a["ssim"] > b["ssim"]
+    mse = ((_noisy(digits[:20], 5).astype(float) - digits[:20]) / 255) ** 2
+    assert a["psnr"] == pytest.approx(float(np.mean(10 * np.log10(1 / mse.reshape(20, -1).mean(1)))), rel=1e-4)
+
+
+def test_step_cost_reports_latency_and_memory_that_scale_with_the_grid():
+    from pdm.nn import UNet
+
+    small = measure_step_cost(UNet(image_size=32, patch_size=4, model_channels=32, channel_mult=(1,),
+                                   attention_resolutions=()), batch=2, image_size=32, iters=2)
+    large = measure_step_cost(UNet(image_size=32, patch_size=1, model_channels=32, channel_mult=(1,),
+                                   attention_resolutions=()), batch=2, image_size=32, iters=2)
+    assert small["images_per_second"] > 0 and small["peak_cuda_bytes"] is None
+    assert large["activation_bytes"] > 8 * small["activation_bytes"]  # 16x the grid cells
