@@ -78,6 +78,14 @@ def main(argv: list[str] | None = None) -> dict:
         _fail("--num-samples, --batch-size and --shard-size must be positive")
     if args.order not in (1, 2, 3):
         _fail(f"--order must be 1, 2 or 3, got {args.order}")
+    from pdm.sampling.sampler import _validate
+
+    try:  # solver settings are checked before anything is loaded or written
+        _validate(args.solver, args.method, args.order, args.steps, args.skip_type, "eps")
+        if args.skip_threshold is not None and args.method == "adaptive":
+            raise ValueError("--skip-threshold cannot be combined with --method adaptive; use multistep or singlestep")
+    except ValueError as e:
+        _fail(str(e))
     out = Path(args.out)
     try:
         (out / "shards").mkdir(parents=True, exist_ok=True)

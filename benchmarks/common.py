@@ -64,3 +64,11 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def save_results(out_dir: str | Path, name: str, results: list, plot) -> None:
+    """Write ``<name>.json`` and ``<name>.png`` under ``out_dir`` and print the machine line."""
+    out = Path(out_dir)
+    write_json(out / f"{name}.json", {"machine": machine(), "results": results})
+    plot(results, out / f"{name}.png")
+    print(f"machine: {machine()}\n")

@@ -101,7 +101,7 @@ def main() -> None:
     p.add_argument("--patch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--max-time", type=float, default=150.0, help="training seconds per run (equal-time budget)")
     p.add_argument("--max-steps", type=int, default=None, help="train this many steps instead (equal-step budget)")
-    p.add_argument("--num-samples", type=int, default=500)
+    p.add_argument("--num-samples", type=int, default=200, help="samples per P for the quality score (P=1 is slow on CPU)")
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++(2M) steps for every model")
     p.add_argument("--ref-stats", default=None, help="reference statistics .npz for FID (non-digits data)")
     p.add_argument("--inception-weights", default=None)

@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import HERE, digits_model, find_digits_checkpoint, machine, markdown_table, mixture_model, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    HERE, digits_model, find_digits_checkpoint, machine, markdown_table, mixture_model, save_results, write_json,
+)
 from pdm.sampling import AdaptiveSkip, greedy_skip_path, sample  # noqa: E402
 
 STEPS = 50
@@ -116,10 +118,7 @@ def main() -> None:
             print(f"running {model[3]} / {solver_name} ...", file=sys.stderr, flush=True)
             results.append(run(model, solver_name, budget))
             write_json(Path(args.out) / "skip_tradeoff.json", {"machine": machine(), "results": results, "partial": True})
-    out = Path(args.out)
-    write_json(out / "skip_tradeoff.json", {"machine": machine(), "results": results})
-    plot(results, out / "skip_tradeoff.png")
-    print(f"machine: {machine()}\n")
+    save_results(args.out, "skip_tradeoff", results, plot)
     for r in results:
         print(f"### {r['model']}, {r['solver']}, 50 steps: adaptive skipping vs equal-NFE alternatives (PSNR dB)\n")
         print(markdown_table(["threshold", "NFE", "PSNR", "SSIM", "fewer steps PSNR", "greedy path PSNR"], at_equal_nfe(r)))

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import HERE, digits_model, find_digits_checkpoint, machine, markdown_table, mixture_model, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    HERE, digits_model, find_digits_checkpoint, markdown_table, mixture_model, save_results,
+)
 from pdm.sampling import sample  # noqa: E402
 
 NFES = (5, 10, 15, 20, 25)
@@ -83,10 +85,7 @@ def main() -> None:
     else:
         print("no digits checkpoint found: run `python train.py fit --config configs/digits.yaml` first", file=sys.stderr)
     results = [run(m, args.skip_type) for m in models]
-    out = Path(args.out)
-    write_json(out / "solver_accuracy.json", {"machine": machine(), "results": results})
-    plot(results, out / "solver_accuracy.png")
-    print(f"machine: {machine()}\n")
+    save_results(args.out, "solver_accuracy", results, plot)
     for r in results:
         print(f"### {r['model']} ({r['skip_type']} grid), RMS error vs 999-NFE reference\n")
         rows = [[label] + [f"{e:.2e}" for _, e in pts] for label, pts in r["curves"].items() if "adaptive" not in label]

@@ -54,7 +54,9 @@ def test_image_folder_with_classes_and_unreadable_files_skipped(tmp_path):
     dm = ImageFolderDataModule(str(tmp_path), image_size=16, class_conditional=True, batch_size=2, num_workers=0)
     dm.setup("fit")
     assert dm.classes == ["cats", "dogs"]
-    items = [dm.train_set[i] for i in range(len(dm.train_set))]
+    with pytest.warns(UserWarning, match="skipped unreadable image .*broken.png \\(1 so far"):
+        items = [dm.train_set[i] for i in range(len(dm.train_set))]
+    assert dm.train_set.skipped == 1
     assert all(x.shape == (3, 16, 16) for x, _ in items)
     labels = [y for _, y in items]
     # 6 files; the broken one (last in sorted order) is replaced by the next readable image

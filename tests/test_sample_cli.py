@@ -84,13 +84,20 @@ def test_adaptive_skipping_flags_report_the_evaluated_mask(tiny_ckpts, tmp_path)
         (["--ckpt", "@high"], "partner"),
         (["--ckpt", "@high", "--ckpt", "@low_gap"], "do not meet"),
         (["--ckpt", "@notckpt"], "not a readable PyTorch checkpoint"),
+        (["--ckpt", "@cond", "--method", "singlestep_fixed", "--order", "3", "--steps", "2"], "needs at least 3 steps"),
+        (["--ckpt", "@cond", "--order", "4"], "--order must be 1, 2 or 3"),
+        (["--ckpt", "@cond", "--out", "@file/sub"], "cannot write to output folder"),
     ],
 )
 def test_bad_input_exits_2_with_a_one_line_message(tiny_ckpts, tmp_path, extra, message):
     junk = tmp_path / "junk.ckpt"
     junk.write_text("hello")
-    paths = {**tiny_ckpts, "notckpt": str(junk)}
+    paths = {**tiny_ckpts, "notckpt": str(junk), "file/sub": str(junk / "sub")}
     args = [paths[a[1:]] if a.startswith("@") else a for a in extra]
-    res = run_cli(*args, "--out", tmp_path / "o", "--num-samples", "1", "--steps", "2")
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "o")]
+    if "--steps" not in args:
+        args += ["--steps", "2"]
+    res = run_cli(*args, "--num-samples", "1")
     assert res.returncode == 2
     assert message in res.stderr and "Traceback" not in res.stderr

@@ -178,3 +178,39 @@ def test_greedy_path_adds_the_least_harmful_skip_each_round():
     assert hist[0][1] == pytest.approx(min(singles))
     for path, err in hist:
         assert rms(sample(GM.model_fn(S), NOISE, S, steps=steps, skip=path, **kw).x) == pytest.approx(err)
+
+
+def test_skipping_with_guidance_reuses_both_halves_and_calls_only_evaluated_rows():
+    from pdm.sampling import classifier_free_guidance
+
+    rows = []
+
+    def net(x, t, y):
+        rows.append(x.shape[0])
+        return GM.model_fn(S)(x, t) * (1 + 0.01 * y.to(x.dtype).reshape(-1, 1, 1, 1))
+
+    guided = classifier_free_guidance(net, scale=1.5, null_label=10)
+    y = torch.arange(6)
+    res = sample(guided, NOISE, S, steps=30, model_kwargs={"y": y}, skip=AdaptiveSkip(threshold=0.05, max_skips=3))
+    assert sum(rows) == 2 * int(res.nfe_per_sample.sum())  # both halves, only for evaluated samples
+    plain = sample(guided, NOISE, S, steps=30, model_kwargs={"y": y})
+    assert res.nfe < plain.nfe == 30
+
+
+def test_skipping_with_expert_routing_calls_each_expert_on_its_own_evaluated_rows():
+    from pdm.sampling import expert_router
+
+    calls = {"high": 0, "low": 0}
+
+    def expert(name):
+        def fn(x, t):
+            labels = S.label(t)
+            assert bool((labels >= 395.5).all()) if name == "high" else bool((labels < 395.5).all())
+            calls[name] += x.shape[0]
+            return GM.model_fn(S)(x, t)
+        return fn
+
+    res = sample(expert_router(expert("high"), expert("low"), S), NOISE, S, steps=40,
+                 skip=AdaptiveSkip(threshold=0.05, max_skips=3))
+    assert calls["high"] > 0 and calls["low"] > 0
+    assert calls["high"] + calls["low"] == int(res.nfe_per_sample.sum())

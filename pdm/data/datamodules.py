@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -126,6 +127,7 @@ class DigitsDataModule(_Base):
 class _Files(Dataset):
     def __init__(self, files: list[Path], labels: list[int] | None, transform: ImageTransform, skip_unreadable: bool) -> None:
         self.files, self.labels, self.transform, self.skip_unreadable = files, labels, transform, skip_unreadable
+        self.skipped = 0  # unreadable files met so far (per worker process)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -139,6 +141,8 @@ class _Files(Dataset):
         except (UnidentifiedImageError, OSError) as e:
             if not self.skip_unreadable:
                 raise ValueError(f"cannot read image {self.files[i]}: {e}; delete it or set skip_unreadable: true") from None
+            self.skipped += 1
+            warnings.warn(f"skipped unreadable image {self.files[i]} ({self.skipped} so far in this worker)", stacklevel=2)
             return self[(i + 1) % len(self)]
         return (x, self.labels[i]) if self.labels is not None else (x, -1)
 

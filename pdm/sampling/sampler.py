@@ -97,6 +97,7 @@ class _Evaluator:
 
 
 def _validate(solver: str, method: str, order: int, steps: int, skip_type: str, prediction: str) -> None:
+    """Raise a ValueError naming the fix for any unusable combination of sampler settings."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
     if method not in METHODS:
