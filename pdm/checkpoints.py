@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from pdm.images import default_file_mode
+
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a Lightning checkpoint with ``weights_only=True``; refuse anything else with a clear message."""
@@ -64,6 +66,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, default_file_mode())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

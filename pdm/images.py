@@ -30,6 +30,13 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> n
     return grid
 
 
+def default_file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give: 0o666 minus the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
     path = Path(path)
@@ -38,6 +45,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600 files; outputs should be readable as usual
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -64,6 +64,9 @@ def test_checkpoint_write_that_dies_leaves_the_previous_file_intact(tmp_path, mo
     monkeypatch.undo()
     assert load_checkpoint(path)["global_step"] == 1
     assert os.listdir(tmp_path) == ["last.ckpt"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_non_finite_loss_stops_with_step_and_batch_and_keeps_last_checkpoint(tmp_path):
