@@ -81,8 +81,9 @@ def export_safetensors(ckpt_path: str, out_path: str) -> str:
 
     ckpt = load_checkpoint(ckpt_path)
     tensors = {k: v.contiguous() for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    config = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
-    config.pop("init_from", None)
+    from pdm.training.module import PDMModule
+
+    config = PDMModule.config_from(dict(ckpt.get("hyper_parameters") or {}))
     metadata = {"pdm_config": json.dumps(config), "format": "pdm-ema-v1", "global_step": str(ckpt.get("global_step", ""))}
     atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return out_path

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import os
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +21,6 @@ class LoadedModel:
     in_channels: int
     image_size: int
     num_classes: int | None
-    modules: list
     config: dict
 
 
@@ -33,9 +30,7 @@ def load_module(path: str, device: str | torch.device = "cpu") -> PDMModule:
     hp = dict(ckpt.get("hyper_parameters") or {})
     if not hp:
         raise ValueError(f"{path!r} has no hyper_parameters; it was not written by pdm's train.py")
-    # LightningCLI adds its own keys (_class_path, _instantiator); keep the module's arguments
-    accepted = set(inspect.signature(PDMModule.__init__).parameters) - {"self", "init_from"}
-    hp = {k: v for k, v in hp.items() if k in accepted}
+    hp = PDMModule.config_from(hp)
     try:
         module = PDMModule(**hp)
     except TypeError as e:
@@ -49,9 +44,6 @@ def load_for_sampling(paths: list[str], guidance_scale: float = 1.0, device: str
     """One checkpoint, or two expert checkpoints (high- and low-noise, in any order)."""
     if not 1 <= len(paths) <= 2:
         raise ValueError("pass one --ckpt, or two for a high-noise / low-noise expert pair")
-    for p in paths:
-        if not os.path.isfile(p):
-            raise ValueError(f"checkpoint {p!r} does not exist; pass the path of a .ckpt written by train.py")
     modules = [load_module(p, device) for p in paths]
     first = modules[0]
     hp = first.hparams
@@ -74,5 +66,4 @@ def load_for_sampling(paths: list[str], guidance_scale: float = 1.0, device: str
             raise ValueError("guidance needs a class-conditional model; this one is unconditional "
                              "(drop --guidance-scale)")
         fn = classifier_free_guidance(fn, guidance_scale, hp.num_classes)
-    return LoadedModel(fn, first.schedule, hp.target, hp.in_channels, hp.image_size, hp.num_classes, modules,
-                       dict(hp))
+    return LoadedModel(fn, first.schedule, hp.target, hp.in_channels, hp.image_size, hp.num_classes, dict(hp))

@@ -87,7 +87,7 @@ def test_ema_update_arithmetic_with_decay_warmup():
     net = torch.nn.Linear(1, 1, bias=False)
     avg = AveragedModel(net, **cb._kwargs)
     values = [1.0, 3.0, 7.0, 15.0]
-    expected, ema = [], None
+    ema = None
     for i, v in enumerate(values):
         with torch.no_grad():
             net.weight.fill_(v)
@@ -97,7 +97,6 @@ def test_ema_update_arithmetic_with_decay_warmup():
         else:
             d = min(0.5, i / (9 + i))  # (1 + n) / (10 + n) with n = i - 1 earlier averaged updates
             ema = d * ema + (1 - d) * v
-        expected.append(ema)
         assert avg.module.weight.item() == pytest.approx(ema, rel=1e-6)
     assert ema_decay(0.9999, 0).item() == pytest.approx(0.1)
     assert ema_decay(0.9999, 10**7).item() == pytest.approx(0.9999)

@@ -8,7 +8,7 @@ noise's dtype; the model's output is cast to it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -45,17 +45,14 @@ class SampleResult:
     evaluated: Tensor
     nfe_per_sample: Tensor
     timesteps: Tensor
-    extras: dict = field(default_factory=dict)
 
 
 class _Evaluator:
     """Calls the network for the samples that need it and converts outputs at (x, t)."""
 
-    def __init__(self, model_fn: Callable[..., Tensor], schedule: VPSchedule, prediction: str, batch: int,
-                 model_kwargs: dict[str, Tensor], thresholding: bool, threshold_ratio: float,
-                 threshold_max: float, device: torch.device) -> None:
+    def __init__(self, model_fn: Callable[..., Tensor], prediction: str, batch: int, model_kwargs: dict[str, Tensor],
+                 thresholding: bool, threshold_ratio: float, threshold_max: float, device: torch.device) -> None:
         self.model_fn = model_fn
-        self.schedule = schedule
         self.prediction = prediction
         self.model_kwargs = model_kwargs
         self.thresholding = thresholding
@@ -91,8 +88,7 @@ class _Evaluator:
 
     def noise(self, x: Tensor, c: Coefficients, mask: Tensor | None = None) -> Tensor:
         if self.thresholding:
-            x0 = self.data(x, c, mask)
-            return (x - c.alpha * x0) / c.sigma
+            return to_eps(self.data(x, c, mask), x, c.alpha, c.sigma, "x0")
         return to_eps(self.raw(x, c, mask), x, c.alpha, c.sigma, self.prediction)
 
 
@@ -183,8 +179,7 @@ def sample(
     for k, v in kwargs.items():
         if v.shape[0] != batch:
             raise ValueError(f"model_kwargs[{k!r}] has {v.shape[0]} rows for a batch of {batch}")
-    ev = _Evaluator(model_fn, schedule, prediction, batch, kwargs, thresholding, threshold_ratio,
-                    threshold_max, device)
+    ev = _Evaluator(model_fn, prediction, batch, kwargs, thresholding, threshold_ratio, threshold_max, device)
     ctrl = SkipController(skip, batch, device)
     data = solver in ("ddim", "ddpm", "dpmsolver++")
     model_at = ev.data if data else ev.noise

@@ -94,8 +94,9 @@ class SkipController:
         if cfg is None or cfg.threshold == 0:
             self.prev = x
             return
-        diff = (x - self.prev).abs().flatten(1).mean(dim=1).to(torch.float64)
-        if not cfg.per_sample:
+        if cfg.per_sample:
+            diff = (x - self.prev).abs().flatten(1).mean(dim=1).to(torch.float64)
+        else:
             diff = (x - self.prev).abs().mean().to(torch.float64).expand(self.batch)
         self.diffs.append(diff)
         self.prev = x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Sequence
 
@@ -102,6 +103,13 @@ class PDMModule(L.LightningModule):
         if init_from is not None:
             self.load_network_from(init_from)
 
+    @classmethod
+    def config_from(cls, hparams: dict) -> dict:
+        """The constructor arguments found in a checkpoint's hyper-parameters (LightningCLI adds
+        keys of its own, such as _class_path; init_from only matters when training starts)."""
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "init_from"}
+        return {k: v for k, v in hparams.items() if k in accepted}
+
     # network -----------------------------------------------------------------------------
     def forward(self, x: Tensor, t_label: Tensor, y: Tensor | None = None) -> Tensor:
         """The raw network output (of kind ``target``) at discrete labels ``t_label``."""
@@ -140,9 +148,10 @@ class PDMModule(L.LightningModule):
         drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
         return torch.where(drop, torch.full_like(y, self.hparams.num_classes), y)
 
-    def loss_per_sample(self, x0: Tensor, y: Tensor | None) -> tuple[Tensor, Tensor]:
+    def loss_per_sample(self, x0: Tensor, y: Tensor | None,
+                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """(per-sample weighted losses, their discrete steps) for a clean batch."""
-        x_t, n, eps, alpha, sigma = self.noised_batch(x0)
+        x_t, n, eps, alpha, sigma = self.noised_batch(x0, generator)
         pred = self.net(x_t, n.float(), y)
         loss = weighted_x0_loss(pred.float(), x0.float(), eps.float(), alpha, sigma, target=self.hparams.target,
                                 weighting=self.hparams.weighting, gamma=self.hparams.min_snr_gamma)
@@ -167,24 +176,28 @@ class PDMModule(L.LightningModule):
             )
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True)
-        buckets = (n * NUM_LOSS_BUCKETS // self.hparams.num_timesteps).clamp(max=NUM_LOSS_BUCKETS - 1)
-        for b in range(NUM_LOSS_BUCKETS):
-            sel = buckets == b
-            if sel.any():
-                self.log(f"train/loss_t{b}", losses[sel].mean())
+        if self._is_logging_step():  # per-step values are only recorded on logging steps; skip the syncs otherwise
+            buckets = (n * NUM_LOSS_BUCKETS // self.hparams.num_timesteps).clamp(max=NUM_LOSS_BUCKETS - 1)
+            for b in range(NUM_LOSS_BUCKETS):
+                sel = buckets == b
+                if sel.any():
+                    self.log(f"train/loss_t{b}", losses[sel].mean())
         now = time.perf_counter()
         if self._last_batch_time is not None:
             self.log("train/images_per_second", x0.shape[0] / max(now - self._last_batch_time, 1e-9))
         self._last_batch_time = now
         return loss
 
+    def _is_logging_step(self) -> bool:
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        return (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
+
     def validation_step(self, batch, batch_idx: int) -> None:
         x0, y = self._split(batch)
         g = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)  # same noise every validation
-        x_t, n, eps, alpha, sigma = self.noised_batch(x0, generator=g)
-        pred = self.net(x_t, n.float(), y)
-        loss = weighted_x0_loss(pred.float(), x0.float(), eps.float(), alpha, sigma, target=self.hparams.target,
-                                weighting=self.hparams.weighting, gamma=self.hparams.min_snr_gamma)
+        loss, _ = self.loss_per_sample(x0, y, generator=g)
         self.log("val/loss", loss.mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
