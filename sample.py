@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--order", type=int, default=2)
     p.add_argument("--method", default="multistep", choices=METHODS)
     p.add_argument("--skip-type", default="time_uniform", choices=SKIP_TYPES)
-    p.add_argument("--solver-type", default="dpmsolver", choices=["dpmsolver", "taylor", "midpoint", "heun"])
+    p.add_argument("--solver-type", default=None, choices=["dpmsolver", "taylor", "midpoint", "heun", "bh1", "bh2"])
     p.add_argument("--denoise-to-zero", action="store_true")
     p.add_argument("--thresholding", action="store_true", help="dynamic thresholding of x0 (0.995, max 1)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (PDM: 1.5)")
@@ -76,12 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.num_samples < 1 or args.batch_size < 1 or args.shard_size < 1:
         _fail("--num-samples, --batch-size and --shard-size must be positive")
-    if args.order not in (1, 2, 3):
-        _fail(f"--order must be 1, 2 or 3, got {args.order}")
-    from pdm.sampling.sampler import _validate
+    from pdm.sampling import check_settings
 
     try:  # solver settings are checked before anything is loaded or written
-        _validate(args.solver, args.method, args.order, args.steps, args.skip_type, "eps")
+        check_settings(args.solver, args.method, args.order, args.steps, args.skip_type, "eps", args.solver_type)
         if args.skip_threshold is not None and args.method == "adaptive":
             raise ValueError("--skip-threshold cannot be combined with --method adaptive; use multistep or singlestep")
     except ValueError as e:
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         skip = None
         if args.skip_threshold is not None:
-            skip = AdaptiveSkip(args.skip_threshold, args.max_skips, args.skip_warmup, per_sample=not args.skip_shared)
+            skip = AdaptiveSkip.official(args.skip_threshold, args.max_skips, args.skip_warmup, per_sample=not args.skip_shared)
         loaded = load_for_sampling(args.ckpt, args.guidance_scale, args.device)
     except ValueError as e:
         _fail(str(e))

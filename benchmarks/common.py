@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pdm.sampling.mixture import GaussianMixture
+from pdm.testing import GaussianMixture
 from pdm.schedule import VPSchedule
 
 HERE = Path(__file__).resolve().parent

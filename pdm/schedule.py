@@ -13,13 +13,15 @@ lambda(t) = log(alpha / sigma) = log_snr(t) / 2.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-SkipType = Literal["time_uniform", "logSNR", "time_quadratic"]
-SKIP_TYPES: tuple[str, ...] = ("time_uniform", "logSNR", "time_quadratic")
+SkipType = Literal["time_uniform", "logSNR", "time_quadratic", "edm"]
+SKIP_TYPES: tuple[str, ...] = get_args(SkipType)
+ScheduleName = Literal["linear", "cosine"]
+EDM_RHO = 7.0  # Karras et al. 2022, eq. 5: the polynomial grid in sigma that EDM and iPNDM use
 
 
 def interp_linear(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
@@ -123,10 +125,6 @@ class VPSchedule:
         """log SNR(t) = 2 lambda(t)."""
         return 2.0 * self.lambda_(t)
 
-    def snr(self, t: Tensor) -> Tensor:
-        """SNR(t) = alpha^2 / sigma^2."""
-        return torch.exp(self.log_snr(t))
-
     def t_of_lambda(self, lam: Tensor) -> Tensor:
         """The inverse of :meth:`lambda_`: the time whose half-log-SNR is ``lam``."""
         lam = _as_float(lam)
@@ -169,7 +167,9 @@ class VPSchedule:
         """The decreasing grid of ``steps + 1`` times from ``t_start`` (default t_max) to ``t_end``.
 
         ``time_uniform`` spaces t evenly, ``logSNR`` spaces lambda evenly and
-        ``time_quadratic`` spaces sqrt(t) evenly (as in the official DPM-Solver).
+        ``time_quadratic`` spaces sqrt(t) evenly (as in the official DPM-Solver); ``edm`` spaces
+        sigma_edm^(1/rho) evenly, with sigma_edm = sigma / alpha = exp(-lambda) and rho = 7
+        (Karras et al. 2022, eq. 5), then maps each sigma back to t.
         """
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
@@ -187,10 +187,28 @@ class VPSchedule:
         if skip_type == "time_quadratic":
             grid = torch.linspace(math.sqrt(t_T), math.sqrt(t_0), steps + 1, dtype=torch.float64)
             return (grid**2).to(dtype=dtype, device=device)
+        if skip_type == "edm":
+            ends = torch.tensor([t_T, t_0], dtype=torch.float64)
+            s_max, s_min = torch.exp(-self.lambda_(ends)).tolist()
+            ramp = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+            sig = (s_max ** (1 / EDM_RHO) + ramp * (s_min ** (1 / EDM_RHO) - s_max ** (1 / EDM_RHO))) ** EDM_RHO
+            grid = self.t_of_lambda(-torch.log(sig))
+            grid[0], grid[-1] = t_T, t_0  # exact ends, whatever the inverse's rounding
+            return grid.to(dtype=dtype, device=device)
         raise ValueError(f"unknown skip_type {skip_type!r}; choose one of {', '.join(SKIP_TYPES)}")
 
     def __repr__(self) -> str:
         return f"VPSchedule(name={self.name!r}, num_timesteps={self.num_timesteps})"
+
+
+def build_schedule(name: ScheduleName = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
+                   num_timesteps: int = 1000) -> VPSchedule:
+    """The schedule a config names: ``linear`` (DDPM/PDM, from beta_start to beta_end) or ``cosine`` (iDDPM)."""
+    if name == "linear":
+        return VPSchedule.linear(beta_start, beta_end, num_timesteps)
+    if name == "cosine":
+        return VPSchedule.cosine(num_timesteps)
+    raise ValueError(f"unknown schedule {name!r}; choose linear or cosine")
 
 
 def _as_float(t: Tensor | float) -> Tensor:

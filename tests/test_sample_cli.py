@@ -85,7 +85,7 @@ def test_adaptive_skipping_flags_report_the_evaluated_mask(tiny_ckpts, tmp_path)
         (["--ckpt", "@high", "--ckpt", "@low_gap"], "do not meet"),
         (["--ckpt", "@notckpt"], "not a readable PyTorch checkpoint"),
         (["--ckpt", "@cond", "--method", "singlestep_fixed", "--order", "3", "--steps", "2"], "needs at least 3 steps"),
-        (["--ckpt", "@cond", "--order", "4"], "--order must be 1, 2 or 3"),
+        (["--ckpt", "@cond", "--order", "4"], "order must be 1, 2 or 3 for dpmsolver++"),
         (["--ckpt", "@cond", "--out", "@file/sub"], "cannot write to output folder"),
     ],
 )

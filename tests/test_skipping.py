@@ -1,12 +1,16 @@
 """Adaptive step skipping: exactness at threshold 0, the pattern at the limit, per-sample
-independence, network rows, NFE accounting, and the official batch-shared decisions."""
+independence, network rows, NFE accounting, and the official batch-shared decisions.
+
+``AdaptiveSkip.official`` is the published method (latent criterion, reuse of the last
+output); the plain ``AdaptiveSkip`` defaults (error criterion, forecast) are tested in
+test_skip_forecast.py."""
 
 import pytest
 import torch
 
 from pdm.sampling import AdaptiveSkip, sample
-from pdm.sampling.mixture import GaussianMixture
-from pdm.sampling.solvers import Coefficients, first_order_update
+from pdm.testing import GaussianMixture
+from pdm.sampling.solvers import TimePoint, first_order_update
 from pdm.schedule import VPSchedule
 
 S = VPSchedule.linear()
@@ -34,10 +38,11 @@ def test_threshold_zero_never_skips_and_reproduces_plain_sampling(solver, order)
     assert skipped.evaluated.all() and skipped.nfe == 30
 
 
-@pytest.mark.parametrize("warmup, max_skips", [(4, 4), (5, 2), (3, 1)])
+@pytest.mark.parametrize("warmup, max_skips", [(4, 4), (5, 2), (6, 1)])
 def test_huge_threshold_skips_at_the_maximum_rate(warmup, max_skips):
     steps = 30
-    res = sample(GM.model_fn(S), NOISE, S, steps=steps, skip=AdaptiveSkip(threshold=1e9, max_skips=max_skips, warmup=warmup))
+    res = sample(GM.model_fn(S), NOISE, S, steps=steps,
+                 skip=AdaptiveSkip.official(threshold=1e9, max_skips=max_skips, warmup=warmup))
     expected = [True] * warmup
     while len(expected) < steps:
         expected += [False] * max_skips + [True]
@@ -47,7 +52,7 @@ def test_huge_threshold_skips_at_the_maximum_rate(warmup, max_skips):
 
 
 def test_per_sample_decisions_do_not_depend_on_the_batch():
-    skip = AdaptiveSkip(threshold=0.05, max_skips=3)
+    skip = AdaptiveSkip.official(threshold=0.05, max_skips=3)
     batch = sample(GM.model_fn(S), NOISE, S, steps=40, solver="dpmsolver++", skip=skip)
     assert 0 < (~batch.evaluated).sum() < batch.evaluated.numel()  # some skips, not all
     assert len({tuple(c.tolist()) for c in batch.evaluated.T}) > 1  # samples took different paths
@@ -61,7 +66,7 @@ def test_per_sample_decisions_do_not_depend_on_the_batch():
 def test_network_sees_only_the_evaluated_samples_and_nfe_counts_them(method, order):
     model = CountingModel(GM.model_fn(S))
     res = sample(model, NOISE, S, steps=30, solver="dpmsolver++", order=order, method=method,
-                 skip=AdaptiveSkip(threshold=0.05, max_skips=3))
+                 skip=AdaptiveSkip.official(threshold=0.05, max_skips=3))
     assert model.rows == int(res.nfe_per_sample.sum())
     assert res.nfe == pytest.approx(res.nfe_per_sample.double().mean().item())
     assert res.nfe < 30
@@ -73,12 +78,12 @@ def test_skipped_step_reuses_the_last_raw_output_converted_at_the_current_point(
     # DDIM with every step after warm-up skipped once: step 5 must use the eps of step 4
     steps = 6
     grid = S.timesteps(steps)
-    res = sample(GM.model_fn(S), NOISE, S, steps=steps, solver="ddim", skip=AdaptiveSkip(threshold=1e9, max_skips=1))
+    res = sample(GM.model_fn(S), NOISE, S, steps=steps, solver="ddim", skip=AdaptiveSkip.official(threshold=1e9, max_skips=1))
     assert res.evaluated[:, 0].tolist() == [True, True, True, True, False, True]
     x = NOISE
     fn = GM.model_fn(S)
     for i in range(steps):
-        c_s, c_t = Coefficients(S, grid[i]), Coefficients(S, grid[i + 1])
+        c_s, c_t = TimePoint.at(S, grid[i]), TimePoint.at(S, grid[i + 1])
         if i != 4:
             eps = fn(x, grid[i].expand(6))
         x0 = (x - c_s.sigma * eps) / c_s.alpha  # converted at the current (x, t)
@@ -92,7 +97,7 @@ def _official_batch_shared(noise, steps, threshold, max_skips):
     fn = GM.model_fn(S)
     x, prev, diffs, streak, skip_next, flags, eps = noise, noise, [], 0, False, [], None
     for i in range(steps):
-        c_s, c_t = Coefficients(S, grid[i]), Coefficients(S, grid[i + 1])
+        c_s, c_t = TimePoint.at(S, grid[i]), TimePoint.at(S, grid[i + 1])
         if not skip_next:
             eps = fn(x, grid[i].expand(x.shape[0]))
             streak = 0
@@ -113,7 +118,7 @@ def _official_batch_shared(noise, steps, threshold, max_skips):
 def test_batch_shared_mode_makes_the_official_decisions():
     ref_x, ref_flags = _official_batch_shared(NOISE, 40, 0.05, 3)
     res = sample(GM.model_fn(S), NOISE, S, steps=40, solver="ddim",
-                 skip=AdaptiveSkip(threshold=0.05, max_skips=3, per_sample=False))
+                 skip=AdaptiveSkip.official(threshold=0.05, max_skips=3, per_sample=False))
     assert not all(ref_flags)
     assert res.evaluated[:, 0].tolist() == ref_flags
     assert bool((res.evaluated == res.evaluated[:, :1]).all())  # one path for the batch
@@ -121,7 +126,7 @@ def test_batch_shared_mode_makes_the_official_decisions():
 
 
 def test_state_lives_in_one_call():
-    skip = AdaptiveSkip(threshold=0.05)
+    skip = AdaptiveSkip.official(threshold=0.05)
     a = sample(GM.model_fn(S), NOISE, S, steps=25, skip=skip)
     b = sample(GM.model_fn(S), NOISE, S, steps=25, skip=skip)
     assert torch.equal(a.x, b.x) and torch.equal(a.evaluated, b.evaluated)
@@ -136,13 +141,17 @@ def test_per_sample_kwargs_are_sliced_with_the_evaluated_rows():
         return GM.model_fn(S)(x, t) + 0.0 * y.reshape(-1, 1, 1, 1)
 
     y = torch.arange(6)
-    sample(fn, NOISE, S, steps=30, model_kwargs={"y": y}, skip=AdaptiveSkip(threshold=0.05, max_skips=3))
+    sample(fn, NOISE, S, steps=30, model_kwargs={"y": y}, skip=AdaptiveSkip.official(threshold=0.05, max_skips=3))
     assert any(len(s) < 6 for s in seen)
 
 
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="warmup"):
         AdaptiveSkip(warmup=2)
+    with pytest.raises(ValueError, match="warmup"):  # with 3, the latent test would read the initial noise
+        AdaptiveSkip.official(warmup=3)
+    with pytest.raises(ValueError, match="threshold"):
+        AdaptiveSkip(threshold=float("nan"))
     with pytest.raises(ValueError, match="threshold"):
         AdaptiveSkip(threshold=-1)
     with pytest.raises(ValueError, match="adaptive"):
@@ -191,7 +200,7 @@ def test_skipping_with_guidance_reuses_both_halves_and_calls_only_evaluated_rows
 
     guided = classifier_free_guidance(net, scale=1.5, null_label=10)
     y = torch.arange(6)
-    res = sample(guided, NOISE, S, steps=30, model_kwargs={"y": y}, skip=AdaptiveSkip(threshold=0.05, max_skips=3))
+    res = sample(guided, NOISE, S, steps=30, model_kwargs={"y": y}, skip=AdaptiveSkip.official(threshold=0.05, max_skips=3))
     assert sum(rows) == 2 * int(res.nfe_per_sample.sum())  # both halves, only for evaluated samples
     plain = sample(guided, NOISE, S, steps=30, model_kwargs={"y": y})
     assert res.nfe < plain.nfe == 30
@@ -211,6 +220,6 @@ def test_skipping_with_expert_routing_calls_each_expert_on_its_own_evaluated_row
         return fn
 
     res = sample(expert_router(expert("high"), expert("low"), S), NOISE, S, steps=40,
-                 skip=AdaptiveSkip(threshold=0.05, max_skips=3))
+                 skip=AdaptiveSkip.official(threshold=0.05, max_skips=3))
     assert calls["high"] > 0 and calls["low"] > 0
     assert calls["high"] + calls["low"] == int(res.nfe_per_sample.sum())

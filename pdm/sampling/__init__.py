@@ -1,11 +1,11 @@
-"""Sampling: DPM-Solver(++), DDIM, DDPM, adaptive step skipping, guidance and expert routing.
+"""Sampling: DPM-Solver(++), UniPC, iPNDM, DDIM, DDPM; step skipping; guidance and expert routing.
 
 Samplers see only a ``model_fn(x, t, **model_kwargs)`` and a schedule, never a network class.
 """
 
-from pdm.sampling.greedy import greedy_skip_path
+from pdm.sampling.calibration import greedy_skip_path
 from pdm.sampling.guidance import classifier_free_guidance, dynamic_threshold, expert_router
-from pdm.sampling.sampler import METHODS, SOLVERS, SampleResult, sample
+from pdm.sampling.sampler import METHODS, SOLVERS, SampleResult, check_settings, sample
 from pdm.sampling.skipping import AdaptiveSkip, SkipPath
 from pdm.sampling.solvers import singlestep_orders
 
@@ -15,6 +15,7 @@ __all__ = [
     "SOLVERS",
     "SampleResult",
     "SkipPath",
+    "check_settings",
     "classifier_free_guidance",
     "dynamic_threshold",
     "expert_router",

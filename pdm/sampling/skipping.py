@@ -1,110 +1,268 @@
-"""Adaptive step skipping (AdaptiveDiffusion, Ye et al. 2024, arXiv 2410.09873).
+"""Step skipping: run the solver's full grid but call the network at only some of its points.
 
-After each solver step k the sampler hands the new latents x_k to the controller. With
-d_k = mean |x_k - x_{k-1}|, the third-order difference of the latents,
-|d_k - 2 d_{k-1} + d_{k-2}|, measures how fast the trajectory bends. If it is at most
-2 * threshold * d_{k-1}, step k+1 may reuse the last network output instead of calling
-the network. Steps 1..warmup always evaluate, and after ``max_skips`` consecutive skips the
-next step evaluates.
+Two questions per step: *whether* to call the network (the criterion, or a fixed path) and,
+if not, *what to use instead* (the fill).
 
-Per-sample mode (the default) applies the test to each sample's own latents, so a sample's
-path does not depend on its batch; batch-shared mode averages d_k over the whole batch and
-reproduces the official decisions exactly.
+Fill:
+- ``reuse`` (AdaptiveDiffusion, Ye et al. 2024, arXiv 2410.09873): the last raw network output,
+  converted at the current (x_t, t).
+- ``forecast``: extrapolate the sample's recent *evaluated* outputs, in the form the solver
+  consumes (x0 or eps), over lambda with the Lagrange polynomial of the order the history
+  allows: the idea behind Adams-Bashforth caching, TaylorSeer and SADA. It is exact when the
+  outputs are polynomials in lambda of that order.
+
+Criteria:
+- ``latent`` (the official AdaptiveDiffusion test): with d_k = mean |x_k - x_{k-1}| for the
+  latents x_k after k steps, step k+1 may skip when |d_k - 2 d_{k-1} + d_{k-2}| <= 2 delta d_{k-1}.
+  Batch-shared mode averages d_k over the batch and makes the official decisions.
+- ``error`` (ours): estimate the skip's own error. The forecasts of orders p and p-1 of the
+  coming output disagree by about the error of the lower one; through the next step that
+  output enters x with weight |alpha_t (e^-h - 1)| (data form) or |sigma_t (e^h - 1)| (noise
+  form). The skip is taken where that error, in DPM-Solver's mixed tolerance
+  max(atol, rtol |x|) with (atol, rtol) = threshold * (0.0078, 0.05), has RMS at most 1.
+Both criteria never skip during the warm-up and never more than ``max_skips`` steps in a row.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
+Fill = Literal["forecast", "reuse"]
+Criterion = Literal["error", "latent"]
+FILLS: tuple[str, ...] = get_args(Fill)
+CRITERIA: tuple[str, ...] = get_args(Criterion)
+TOLERANCE = (0.0078, 0.05)  # DPM-Solver's adaptive (atol, rtol) for data in [-1, 1], scaled by the threshold
+
+
+def _check_fill(fill: str, forecast_order: int) -> None:
+    if fill not in FILLS:
+        raise ValueError(f"unknown fill {fill!r}; choose one of {', '.join(FILLS)}")
+    if not 0 <= forecast_order <= 3:
+        raise ValueError(f"forecast_order must be 0..3, got {forecast_order}")
+
 
 @dataclass(frozen=True)
 class AdaptiveSkip:
-    """Settings of adaptive step skipping.
+    """Adaptive step skipping; the defaults are the recommended configuration.
 
     Args:
-        threshold: delta of the criterion; 0 never skips. 0.01 for SD-style models.
+        threshold: how much error a skip may cost: 0 never skips, larger skips more. For the
+            ``error`` criterion it scales DPM-Solver's tolerances; for ``latent`` it is the
+            official delta (0.01 for SD-1.5 / SDXL).
         max_skips: C_max, the most consecutive skips before the network must run again.
-        warmup: the first ``warmup`` steps always call the network (at least 3).
+        warmup: the first ``warmup`` steps always call the network (at least 4: the latent
+            test needs three differences of latents that come after the initial noise).
         per_sample: decide per sample (True) or once for the whole batch (official).
+        criterion: ``error`` (the skip's estimated error) or ``latent`` (the official test).
+        fill: ``forecast`` (extrapolate recent outputs over lambda) or ``reuse`` (official).
+        forecast_order: the highest polynomial order of the forecast (lower while history is short).
     """
 
-    threshold: float = 0.01
-    max_skips: int = 4
+    threshold: float = 1.0
+    max_skips: int = 2
     warmup: int = 4
     per_sample: bool = True
+    criterion: Criterion = "error"
+    fill: Fill = "forecast"
+    forecast_order: int = 2
 
     def __post_init__(self) -> None:
-        if self.threshold < 0:
-            raise ValueError(f"skip threshold must be >= 0, got {self.threshold}")
+        if not (math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"skip threshold must be a finite number >= 0, got {self.threshold}")
         if self.max_skips < 0:
             raise ValueError(f"max_skips must be >= 0, got {self.max_skips}")
-        if self.warmup < 3:
-            raise ValueError(f"skip warmup must be at least 3 steps (the test needs three differences), got {self.warmup}")
+        if self.warmup < 4:
+            raise ValueError(f"skip warmup must be at least 4 steps (the criteria need three steps after the initial "
+                             f"noise), got {self.warmup}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown skip criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        _check_fill(self.fill, self.forecast_order)
+        if self.criterion == "error" and not 1 <= self.forecast_order < self.warmup:
+            raise ValueError(f"the error criterion compares forecasts of orders p and p-1: forecast_order must be "
+                             f"1..{self.warmup - 1}, got {self.forecast_order}")
+
+    @classmethod
+    def official(cls, threshold: float = 0.01, max_skips: int = 4, warmup: int = 4,
+                 per_sample: bool = True) -> AdaptiveSkip:
+        """AdaptiveDiffusion as published: the latent criterion and reuse of the last output.
+        With ``per_sample=False`` it makes the official (batch-shared) decisions exactly."""
+        return cls(threshold, max_skips, warmup, per_sample, criterion="latent", fill="reuse", forecast_order=0)
 
 
 @dataclass(frozen=True)
 class SkipPath:
     """A fixed skip path: ``evaluate[i]`` says whether step i + 1 calls the network.
 
-    Used to replay a path found offline (e.g. the greedy optimal path of
-    :func:`pdm.sampling.greedy.greedy_skip_path`); the same path applies to every sample.
+    A calibrated path (:func:`pdm.sampling.calibrate_skip_path`) is a learned time schedule:
+    the kept evaluations are the points of the fine grid where the network runs. ``settings``
+    records the sampler settings of the grid it belongs to, so a saved path replays as found.
     """
 
     evaluate: tuple[bool, ...]
+    fill: Fill = "forecast"
+    forecast_order: int = 2
+    settings: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not self.evaluate or not self.evaluate[0]:
             raise ValueError("a skip path must evaluate the first step (there is no earlier output to reuse)")
+        object.__setattr__(self, "evaluate", tuple(bool(e) for e in self.evaluate))
+        _check_fill(self.fill, self.forecast_order)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations of one replay (not counting ``denoise_to_zero``)."""
+        return sum(self.evaluate)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the path and its settings as JSON (atomically)."""
+        from pdm.atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SkipPath:
+        """Read a path written by :meth:`save`; a malformed file is a ValueError naming it."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            return cls(evaluate=tuple(data["evaluate"]), fill=data.get("fill", "forecast"),
+                       forecast_order=int(data.get("forecast_order", 2)), settings=dict(data.get("settings") or {}))
+        except FileNotFoundError:
+            raise ValueError(f"skip path {os.fspath(path)!r} does not exist") from None
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{os.fspath(path)!r} is not a skip path written by SkipPath.save: {e}") from None
+
+
+def lagrange_extrapolate(lams: Tensor, values: Tensor, lam: Tensor) -> Tensor:
+    """Evaluate at ``lam`` the polynomial through (lams[j], values[j]) for each sample.
+
+    lams: (n, B) nodes; values: (n, B, ...) outputs; lam: scalar or (B,). Returns (B, ...).
+    """
+    n = lams.shape[0]
+    lam = torch.as_tensor(lam, dtype=lams.dtype, device=lams.device).expand(lams.shape[1])
+    out = torch.zeros_like(values[0])
+    for j in range(n):
+        w = torch.ones_like(lam)
+        for m in range(n):
+            if m != j:
+                w = w * (lam - lams[m]) / (lams[j] - lams[m])
+        out = out + w.reshape(-1, *([1] * (values.ndim - 2))).to(values.dtype) * values[j]
+    return out
+
+
+class OutputHistory:
+    """The last ``size`` evaluated outputs of every sample, with the lambda each was taken at."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: Tensor | None = None  # (size, B, ...), newest last
+        self.lams: Tensor | None = None  # (size, B)
+        self.count: Tensor | None = None  # (B,) evaluated outputs seen so far
+
+    def push(self, rows: Tensor, values: Tensor, lam: Tensor) -> None:
+        """Record the evaluated outputs ``values`` (len(rows), ...) of the samples ``rows`` at ``lam``."""
+        if self.values is None:
+            raise RuntimeError("call start(batch_like) before push")
+        self.values[:, rows] = torch.cat([self.values[1:, rows], values[None]])
+        self.lams[:, rows] = torch.cat([self.lams[1:, rows], lam.to(self.lams.dtype).expand(1, rows.numel())])
+        self.count[rows] += 1
+
+    def start(self, like: Tensor) -> None:
+        """Allocate storage for a batch shaped like ``like``."""
+        self.values = like.new_zeros((self.size, *like.shape))
+        self.lams = torch.zeros(self.size, like.shape[0], dtype=torch.float64, device=like.device)
+        self.count = torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
+
+    def forecast(self, lam: Tensor, order: int, rows: Tensor) -> Tensor:
+        """Extrapolate each of ``rows`` to ``lam`` with order min(order, its evaluated outputs - 1)."""
+        out = self.values[-1, rows].clone()
+        eff = (self.count[rows] - 1).clamp(max=order, min=0)
+        for p in range(1, order + 1):
+            sel = torch.nonzero(eff == p).flatten()
+            if sel.numel():
+                r = rows[sel]
+                out[sel] = lagrange_extrapolate(self.lams[-p - 1:, r], self.values[-p - 1:, r], lam)
+        return out
 
 
 class SkipController:
-    """The state of one sampling run: latents seen so far and the skip streak of each sample."""
+    """The skip state of one sampling run: decides which samples call the network next."""
 
-    def __init__(self, config: AdaptiveSkip | SkipPath | None, batch: int, device: torch.device) -> None:
-        self.config = config
-        self.batch = batch
-        self.device = device
-        self.prev: Tensor | None = None  # x_{k-1}
-        self.diffs: list[Tensor] = []  # d_1..d_k, each (B,)
+    def __init__(self, config: AdaptiveSkip | SkipPath | None, batch: int, device: torch.device,
+                 history: OutputHistory | None) -> None:
+        self.config, self.batch, self.device, self.history = config, batch, device, history
+        self.latents: list[Tensor] = []  # x_{k-1}, x_k for the latent differences
+        self.diffs: list[Tensor] = []  # the last three d_k, each (B,)
         self.streak = torch.zeros(batch, dtype=torch.long, device=device)
-        self.next_mask = torch.ones(batch, dtype=torch.bool, device=device)
+        self.next_mask: Tensor | None = None
         self.steps_seen = 0
 
-    def start(self, x0: Tensor) -> None:
-        """Record the initial noise x_0 (only its difference to x_1 is ever used)."""
-        self.prev = x0
-
-    def mask(self) -> Tensor:
-        """Which samples must call the network for the coming step."""
+    def mask(self) -> Tensor | None:
+        """Which samples must call the network for the coming evaluation (None: all of them)."""
         return self.next_mask
 
-    def observe(self, x: Tensor, evaluated: Tensor) -> None:
-        """Take the latents after a step and decide which samples evaluate the next one."""
+    def observe(self, x: Tensor, evaluated: Tensor, lam_next: Tensor | None = None,
+                weight_next: Tensor | None = None) -> None:
+        """Take the latents after a step and decide which samples evaluate the next one.
+
+        ``lam_next`` is the lambda of the coming evaluation and ``weight_next`` the weight its
+        output gets in the next update (both used by the error criterion).
+        """
         self.steps_seen += 1
         cfg = self.config
         self.streak = torch.where(evaluated, torch.zeros_like(self.streak), self.streak + 1)
+        if cfg is None:
+            return
         if isinstance(cfg, SkipPath):
             k = self.steps_seen
             flag = cfg.evaluate[k] if k < len(cfg.evaluate) else True
             self.next_mask = torch.full((self.batch,), bool(flag), dtype=torch.bool, device=self.device)
             return
-        if cfg is None or cfg.threshold == 0:
-            self.prev = x
+        if cfg.threshold == 0:
             return
-        if cfg.per_sample:
-            diff = (x - self.prev).abs().flatten(1).mean(dim=1).to(torch.float64)
+        if cfg.criterion == "latent":
+            may_skip = self._latent_test(x, cfg)
         else:
-            diff = (x - self.prev).abs().mean().to(torch.float64).expand(self.batch)
-        self.diffs.append(diff)
-        self.prev = x
-        self.diffs = self.diffs[-3:]
-        if self.steps_seen < cfg.warmup:
-            self.next_mask = torch.ones(self.batch, dtype=torch.bool, device=self.device)
+            may_skip = self._error_test(x, cfg, lam_next, weight_next)
+        if may_skip is None or self.steps_seen < cfg.warmup:
+            self.next_mask = None
             return
+        self.next_mask = ~(may_skip & (self.streak < cfg.max_skips))
+
+    def _latent_test(self, x: Tensor, cfg: AdaptiveSkip) -> Tensor | None:
+        # d_k needs x_{k-1}; the initial noise x_0 is never used, so d_2 is the first difference
+        self.latents = (self.latents + [x])[-2:]
+        if len(self.latents) < 2:
+            return None
+        delta = (self.latents[1] - self.latents[0]).abs()
+        d_k = delta.flatten(1).mean(dim=1) if cfg.per_sample else delta.mean().expand(self.batch)
+        self.diffs = (self.diffs + [d_k.to(torch.float64)])[-3:]
+        if len(self.diffs) < 3:
+            return None
         d_k, d_km1, d_km2 = self.diffs[-1], self.diffs[-2], self.diffs[-3]
-        smooth = (d_k - 2.0 * d_km1 + d_km2).abs() <= 2.0 * cfg.threshold * d_km1
-        may_skip = smooth & (self.streak < cfg.max_skips)
-        self.next_mask = ~may_skip
+        return (d_k - 2.0 * d_km1 + d_km2).abs() <= 2.0 * cfg.threshold * d_km1
+
+    def _error_test(self, x: Tensor, cfg: AdaptiveSkip, lam_next: Tensor | None,
+                    weight_next: Tensor | None) -> Tensor | None:
+        hist = self.history
+        if lam_next is None or hist is None or hist.count is None or bool((hist.count < 2).any()):
+            return None
+        rows = torch.arange(self.batch, device=self.device)
+        order = cfg.forecast_order
+        high = hist.forecast(lam_next, order, rows)
+        low = hist.forecast(lam_next, order - 1, rows)
+        atol, rtol = (cfg.threshold * c for c in TOLERANCE)
+        tol = torch.clamp(rtol * x.abs(), min=atol)
+        err = (weight_next.abs() * (high - low)) / tol
+        rms = err.flatten(1).pow(2).mean(dim=1).sqrt()
+        if not cfg.per_sample:
+            rms = rms.max().expand(self.batch)
+        return rms <= 1.0

@@ -1,187 +1,152 @@
-"""DPM-Solver and DPM-Solver++ update rules (Lu et al. 2022, arXiv 2206.00927 and 2211.01095).
+"""Update rules of the training-free solvers: one step of x from time s to time t < s.
 
-Each function advances x from time s to time t (t < s) given model outputs already
-converted to the solver's parameterisation: data predictions x0 for DPM-Solver++
-(``data=True``) and noise predictions eps for DPM-Solver (``data=False``). Notation:
-lambda = log alpha - log sigma, h = lambda_t - lambda_s > 0. The multistep formulas are the
-multistep DPM-Solver(++) of 2211.01095 Sec. 4 / App. B; the singlestep ones are Algorithms
-1-2 of 2206.00927 and their data-prediction counterparts. ``solver_type`` chooses how the
-first-order difference enters the second-order step: ``"dpmsolver"`` (diffusers' midpoint)
-or ``"taylor"`` (diffusers' heun).
+The maths of every solver lives here; the loops that drive them are in
+:mod:`pdm.sampling.methods`. Notation (Lu et al. 2022, arXiv 2206.00927 and 2211.01095):
+x_t = alpha_t x0 + sigma_t eps, lambda = log(alpha / sigma), h = lambda_t - lambda_s > 0.
+
+Model outputs reach an update already converted to the solver's form: data predictions x0
+for the *data form* (DPM-Solver++, DDIM, UniPC, DDPM) and noise predictions eps for the
+*noise form* (DPM-Solver, iPNDM). Both forms integrate the linear part of the ODE exactly
+(an exponential integrator); :class:`ExpStep` holds the coefficients of one step so the
+formulas below read the same in either form:
+
+    data form:  x_t = (sigma_t/sigma_s) x_s - alpha_t (e^-h - 1) x0_s + ...
+    noise form: x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h  - 1) eps_s + ...
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from pdm.schedule import VPSchedule
 
-SOLVER_TYPES = ("dpmsolver", "taylor")
-_ALIASES = {"midpoint": "dpmsolver", "heun": "taylor", "dpmsolver": "dpmsolver", "taylor": "taylor"}
+
+@dataclass(frozen=True)
+class TimePoint:
+    """The marginal coefficients of one time t: alpha, sigma, log alpha and lambda."""
+
+    t: Tensor
+    alpha: Tensor
+    sigma: Tensor
+    log_alpha: Tensor
+    lambda_: Tensor
+
+    @classmethod
+    def at(cls, schedule: VPSchedule, t: Tensor) -> TimePoint:
+        """The coefficients of the scalar time ``t`` (a 0-d tensor) in ``t``'s dtype."""
+        log_alpha = schedule.log_alpha(t)
+        return cls(t=t, alpha=torch.exp(log_alpha), sigma=schedule.sigma(t), log_alpha=log_alpha,
+                   lambda_=schedule.lambda_(t))
 
 
-def canonical_solver_type(name: str) -> str:
-    """Map diffusers' names (midpoint, heun) onto the official ones (dpmsolver, taylor)."""
-    if name not in _ALIASES:
-        raise ValueError(f"unknown solver_type {name!r}; choose dpmsolver (midpoint) or taylor (heun)")
-    return _ALIASES[name]
+class ExpStep:
+    """Exponential-integrator coefficients of one step s -> t in the data or the noise form.
+
+    ``first_order(x, m0)`` is DDIM / DPM-Solver-1. ``phi_1, phi_2, phi_3`` are the official
+    code's h-scaled phi functions (phi_2 = phi_1/h + 1 and phi_3 = phi_2/h - 1/2 in the data
+    form, phi_2 = phi_1/h - 1 in the noise form). ``sign`` is the sign the first difference
+    D1 carries through phi_2: + in the data form, - in the noise form (2211.01095, App. B).
+    ``hh`` is the signed step UniPC writes its coefficients in (-h data, +h noise).
+    """
+
+    def __init__(self, s: TimePoint, t: TimePoint, data: bool) -> None:
+        self.h = h = t.lambda_ - s.lambda_
+        if data:
+            self.ratio, self.scale, self.hh, self.sign = t.sigma / s.sigma, t.alpha, -h, 1.0
+            self.phi_1 = torch.expm1(-h)
+            self.phi_2 = self.phi_1 / h + 1.0
+        else:
+            self.ratio, self.scale, self.hh, self.sign = torch.exp(t.log_alpha - s.log_alpha), t.sigma, h, -1.0
+            self.phi_1 = torch.expm1(h)
+            self.phi_2 = self.phi_1 / h - 1.0
+        self.phi_3 = self.phi_2 / h - 0.5
+
+    def first_order(self, x: Tensor, m0: Tensor) -> Tensor:
+        """The linear part solved exactly with the model output held at m0 (DDIM)."""
+        return self.ratio * x - self.scale * self.phi_1 * m0
 
 
-class Coefficients:
-    """alpha, sigma, log alpha and lambda of one scalar time, in a given dtype."""
+# --- DPM-Solver(++) -------------------------------------------------------------------------------
 
-    def __init__(self, schedule: VPSchedule, t: Tensor) -> None:
-        self.t = t
-        self.log_alpha = schedule.log_alpha(t)
-        self.alpha = torch.exp(self.log_alpha)
-        self.sigma = schedule.sigma(t)
-        self.lambda_ = schedule.lambda_(t)
+def first_order_update(x: Tensor, s: TimePoint, t: TimePoint, m_s: Tensor, data: bool) -> Tensor:
+    """DDIM / DPM-Solver-1 from s to t with the output m_s at s."""
+    return ExpStep(s, t, data).first_order(x, m_s)
 
 
-def first_order_update(x: Tensor, s: Coefficients, t: Coefficients, m_s: Tensor, data: bool) -> Tensor:
-    """DDIM / DPM-Solver-1: the exact solution of the linear part with a constant model output."""
-    h = t.lambda_ - s.lambda_
-    if data:
-        return (t.sigma / s.sigma) * x - t.alpha * torch.expm1(-h) * m_s
-    return torch.exp(t.log_alpha - s.log_alpha) * x - t.sigma * torch.expm1(h) * m_s
-
-
-def multistep_second_update(
-    x: Tensor, prev: Sequence[Coefficients], t: Coefficients, m: Sequence[Tensor], data: bool, solver_type: str
-) -> Tensor:
-    """Multistep DPM-Solver(++)-2M from the last two outputs m[-1] (at prev[-1]) and m[-2]."""
-    s0, s1 = prev[-1], prev[-2]
-    m0, m1 = m[-1], m[-2]
-    h = t.lambda_ - s0.lambda_
-    r0 = (s0.lambda_ - s1.lambda_) / h
+def multistep_second_update(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor],
+                            data: bool, solver_type: str) -> Tensor:
+    """Multistep DPM-Solver(++)-2M from the last two outputs (at points[-1] and points[-2])."""
+    s0, s1 = points[-1], points[-2]
+    m0, m1 = outputs[-1], outputs[-2]
+    step = ExpStep(s0, t, data)
+    r0 = (s0.lambda_ - s1.lambda_) / step.h
     d1 = (m0 - m1) / r0
-    if data:
-        phi_1 = torch.expm1(-h)
-        x_t = (t.sigma / s0.sigma) * x - t.alpha * phi_1 * m0
-        if solver_type == "dpmsolver":
-            return x_t - 0.5 * t.alpha * phi_1 * d1
-        return x_t + t.alpha * (phi_1 / h + 1.0) * d1
-    phi_1 = torch.expm1(h)
-    x_t = torch.exp(t.log_alpha - s0.log_alpha) * x - t.sigma * phi_1 * m0
     if solver_type == "dpmsolver":
-        return x_t - 0.5 * t.sigma * phi_1 * d1
-    return x_t - t.sigma * (phi_1 / h - 1.0) * d1
+        return step.first_order(x, m0) - 0.5 * step.scale * step.phi_1 * d1
+    return step.first_order(x, m0) + step.sign * step.scale * step.phi_2 * d1
 
 
-def multistep_third_update(
-    x: Tensor, prev: Sequence[Coefficients], t: Coefficients, m: Sequence[Tensor], data: bool
-) -> Tensor:
+def multistep_third_update(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor],
+                           data: bool) -> Tensor:
     """Multistep DPM-Solver(++)-3M from the last three outputs."""
-    s0, s1, s2 = prev[-1], prev[-2], prev[-3]
-    m0, m1, m2 = m[-1], m[-2], m[-3]
-    h = t.lambda_ - s0.lambda_
-    r0 = (s0.lambda_ - s1.lambda_) / h
-    r1 = (s1.lambda_ - s2.lambda_) / h
-    d1_0 = (m0 - m1) / r0
-    d1_1 = (m1 - m2) / r1
+    s0, s1, s2 = points[-1], points[-2], points[-3]
+    m0, m1, m2 = outputs[-1], outputs[-2], outputs[-3]
+    step = ExpStep(s0, t, data)
+    r0 = (s0.lambda_ - s1.lambda_) / step.h
+    r1 = (s1.lambda_ - s2.lambda_) / step.h
+    d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
     d2 = (d1_0 - d1_1) / (r0 + r1)
-    if data:
-        phi_1 = torch.expm1(-h)
-        phi_2 = phi_1 / h + 1.0
-        phi_3 = phi_2 / h - 0.5
-        return (t.sigma / s0.sigma) * x - t.alpha * phi_1 * m0 + t.alpha * phi_2 * d1 - t.alpha * phi_3 * d2
-    phi_1 = torch.expm1(h)
-    phi_2 = phi_1 / h - 1.0
-    phi_3 = phi_2 / h - 0.5
-    return torch.exp(t.log_alpha - s0.log_alpha) * x - t.sigma * phi_1 * m0 - t.sigma * phi_2 * d1 - t.sigma * phi_3 * d2
+    return step.first_order(x, m0) + step.sign * step.scale * step.phi_2 * d1 - step.scale * step.phi_3 * d2
 
 
-ModelAt = Callable[[Tensor, Coefficients], Tensor]
+ModelAt = Callable[[Tensor, TimePoint], Tensor]
 
 
-def singlestep_update(
-    x: Tensor,
-    s: Coefficients,
-    t: Coefficients,
-    order: int,
-    model_at: ModelAt,
-    schedule: VPSchedule,
-    data: bool,
-    solver_type: str,
-    reuse: Sequence[Tensor] = (),
-    return_intermediate: bool = False,
-    r1: float | None = None,
-) -> Tensor | tuple[Tensor, list[Tensor]]:
-    """One singlestep DPM-Solver(++) step of order 1, 2 (r1 = 1/2) or 3 (r1 = 1/3, r2 = 2/3).
+def singlestep_second_update(x: Tensor, s: TimePoint, s1: TimePoint, t: TimePoint, m_s: Tensor, model_at: ModelAt,
+                             data: bool, solver_type: str) -> tuple[Tensor, list[Tensor]]:
+    """Singlestep DPM-Solver(++)-2 (2206.00927 Alg. 1): one extra evaluation at s1 in (s, t).
 
-    ``model_at(x, coeffs)`` evaluates the model in the solver's parameterisation. ``reuse``
-    holds outputs already known at s (and at the first intermediate point), which the
-    adaptive solver passes from its lower-order try; ``r1`` moves the intermediate point of
-    a second-order step. With ``return_intermediate`` the outputs are returned too.
+    Returns x_t and the outputs [m_s, m_s1].
     """
-    m_s = reuse[0] if len(reuse) > 0 else model_at(x, s)
-    outputs = [m_s]
-    h = t.lambda_ - s.lambda_
-
-    def point(r: float) -> Coefficients:
-        return Coefficients(schedule, schedule.t_of_lambda(s.lambda_ + r * h))
-
-    def lin(c: Coefficients, phi: Tensor) -> Tensor:
-        # the first-order part of the update from s to the point c, with phi = expm1(-+r h)
-        if data:
-            return (c.sigma / s.sigma) * x - c.alpha * phi * m_s
-        return torch.exp(c.log_alpha - s.log_alpha) * x - c.sigma * phi * m_s
-
-    sign = -1.0 if data else 1.0
-    if order == 1:
-        x_t = first_order_update(x, s, t, m_s, data)
-    elif order == 2:
-        r1 = 0.5 if r1 is None else r1
-        s1 = point(r1)
-        x_s1 = lin(s1, torch.expm1(sign * r1 * h))
-        m_s1 = model_at(x_s1, s1)
-        outputs.append(m_s1)
-        phi_1 = torch.expm1(sign * h)
-        scale = t.alpha if data else t.sigma
-        if solver_type == "dpmsolver":
-            x_t = lin(t, phi_1) - (0.5 / r1) * scale * phi_1 * (m_s1 - m_s)
-        elif data:
-            x_t = lin(t, phi_1) + (1.0 / r1) * t.alpha * (phi_1 / h + 1.0) * (m_s1 - m_s)
-        else:
-            x_t = lin(t, phi_1) - (1.0 / r1) * t.sigma * (phi_1 / h - 1.0) * (m_s1 - m_s)
-    elif order == 3:
-        r1, r2 = 1.0 / 3.0, 2.0 / 3.0
-        s1, s2 = point(r1), point(r2)
-        if len(reuse) > 1:
-            m_s1 = reuse[1]
-        else:
-            m_s1 = model_at(lin(s1, torch.expm1(sign * r1 * h)), s1)
-        phi_12 = torch.expm1(sign * r2 * h)
-        phi_1 = torch.expm1(sign * h)
-        if data:
-            phi_22 = phi_12 / (r2 * h) + 1.0
-            phi_2 = phi_1 / h + 1.0
-            phi_3 = phi_2 / h - 0.5
-            x_s2 = lin(s2, phi_12) + (r2 / r1) * s2.alpha * phi_22 * (m_s1 - m_s)
-        else:
-            phi_22 = phi_12 / (r2 * h) - 1.0
-            phi_2 = phi_1 / h - 1.0
-            phi_3 = phi_2 / h - 0.5
-            x_s2 = lin(s2, phi_12) - (r2 / r1) * s2.sigma * phi_22 * (m_s1 - m_s)
-        m_s2 = model_at(x_s2, s2)
-        outputs += [m_s1, m_s2]
-        d1_0 = (m_s1 - m_s) / r1
-        d1_1 = (m_s2 - m_s) / r2
-        sgn = 1.0 if data else -1.0
-        scale = t.alpha if data else t.sigma
-        if solver_type == "dpmsolver":
-            x_t = lin(t, phi_1) + sgn * (1.0 / r2) * scale * phi_2 * (m_s2 - m_s)
-        else:
-            d1 = (r2 * d1_0 - r1 * d1_1) / (r2 - r1)
-            d2 = 2.0 * (d1_1 - d1_0) / (r2 - r1)
-            x_t = lin(t, phi_1) + sgn * scale * phi_2 * d1 - scale * phi_3 * d2
+    step = ExpStep(s, t, data)
+    r1 = (s1.lambda_ - s.lambda_) / step.h
+    m_s1 = model_at(ExpStep(s, s1, data).first_order(x, m_s), s1)
+    if solver_type == "dpmsolver":
+        x_t = step.first_order(x, m_s) - (0.5 / r1) * step.scale * step.phi_1 * (m_s1 - m_s)
     else:
-        raise ValueError(f"order must be 1, 2 or 3, got {order}")
-    return (x_t, outputs) if return_intermediate else x_t
+        x_t = step.first_order(x, m_s) + step.sign * (1.0 / r1) * step.scale * step.phi_2 * (m_s1 - m_s)
+    return x_t, [m_s, m_s1]
+
+
+def singlestep_third_update(x: Tensor, s: TimePoint, s1: TimePoint, s2: TimePoint, t: TimePoint, m_s: Tensor,
+                            model_at: ModelAt, data: bool, solver_type: str,
+                            m_s1: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+    """Singlestep DPM-Solver(++)-3 (2206.00927 Alg. 2): evaluations at s1 and s2 in (s, t).
+
+    ``m_s1`` may be given when it is already known (the adaptive solver's lower-order try).
+    Returns x_t and the outputs [m_s, m_s1, m_s2].
+    """
+    step = ExpStep(s, t, data)
+    r1 = (s1.lambda_ - s.lambda_) / step.h
+    r2 = (s2.lambda_ - s.lambda_) / step.h
+    if m_s1 is None:
+        m_s1 = model_at(ExpStep(s, s1, data).first_order(x, m_s), s1)
+    to_s2 = ExpStep(s, s2, data)
+    x_s2 = to_s2.first_order(x, m_s) + to_s2.sign * (r2 / r1) * to_s2.scale * to_s2.phi_2 * (m_s1 - m_s)
+    m_s2 = model_at(x_s2, s2)
+    if solver_type == "dpmsolver":
+        x_t = step.first_order(x, m_s) + step.sign * (1.0 / r2) * step.scale * step.phi_2 * (m_s2 - m_s)
+    else:
+        d1_0, d1_1 = (m_s1 - m_s) / r1, (m_s2 - m_s) / r2
+        d1 = (r2 * d1_0 - r1 * d1_1) / (r2 - r1)
+        d2 = 2.0 * (d1_1 - d1_0) / (r2 - r1)
+        x_t = step.first_order(x, m_s) + step.sign * step.scale * step.phi_2 * d1 - step.scale * step.phi_3 * d2
+    return x_t, [m_s, m_s1, m_s2]
 
 
 def singlestep_orders(steps: int, order: int) -> list[int]:
@@ -200,3 +165,203 @@ def singlestep_orders(steps: int, order: int) -> list[int]:
     if order == 2:
         return [2] * (steps // 2) + ([1] if steps % 2 else [])
     return [1] * steps
+
+
+# --- UniPC (Zhao et al. 2023, arXiv 2302.04867), data form ---------------------------------------
+
+def _unipc_system(rks: Tensor, step: ExpStep, variant: str) -> tuple[Tensor, Tensor, Tensor]:
+    """R (powers of the ratios r_k), b and B(h) of UniPC's order conditions (Alg. 1-3 of the paper).
+
+    With hh the signed step, b_i = i! * h phi_{i+1}(hh) / B(h), where the phi's follow the
+    recursion h phi_{k+1} = h phi_k / hh - 1/k!. B(h) = hh (bh1) or e^hh - 1 (bh2).
+    """
+    hh = step.hh
+    b_h = hh if variant == "bh1" else torch.expm1(hh)
+    h_phi_k = torch.expm1(hh) / hh - 1.0
+    rows, b, factorial = [], [], 1
+    for i in range(1, rks.numel() + 1):
+        rows.append(rks ** (i - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    return torch.stack(rows), torch.stack(b), b_h
+
+
+def _unipc_differences(points: Sequence[TimePoint], outputs: Sequence[Tensor], order: int,
+                       h: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Ratios r_k = (lambda_{s_k} - lambda_{s_0}) / h and differences D_k = (m_k - m_0) / r_k of the history."""
+    s0, m0 = points[-1], outputs[-1]
+    rks, diffs = [], []
+    for k in range(1, order):
+        rk = (points[-1 - k].lambda_ - s0.lambda_) / h
+        rks.append(rk)
+        diffs.append((outputs[-1 - k] - m0) / rk)
+    return rks, diffs
+
+
+def unipc_predict(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor], order: int,
+                  variant: str) -> Tensor:
+    """The predictor UniP-p (order p) from points[-1] to t, from the last p data predictions."""
+    step = ExpStep(points[-1], t, data=True)
+    rks, diffs = _unipc_differences(points, outputs, order, step.h)
+    x_t = step.first_order(x, outputs[-1])
+    if not diffs:
+        return x_t
+    one = torch.ones_like(step.h)
+    r, b, b_h = _unipc_system(torch.stack(rks + [one]), step, variant)
+    rhos = one.new_tensor([0.5]) if order == 2 else torch.linalg.solve(r[:-1, :-1], b[:-1])
+    return x_t - step.scale * b_h * sum(rho * d for rho, d in zip(rhos, diffs))
+
+
+def unipc_correct(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor], m_t: Tensor,
+                  order: int, variant: str) -> Tensor:
+    """The corrector UniC-p: redo the step from points[-1] (state ``x``) to t using m_t, the
+    output at the predicted point, too. It raises the order by one and costs no evaluation,
+    since m_t is the output the next predictor needs anyway."""
+    step = ExpStep(points[-1], t, data=True)
+    rks, diffs = _unipc_differences(points, outputs, order, step.h)
+    one = torch.ones_like(step.h)
+    r, b, b_h = _unipc_system(torch.stack(rks + [one]), step, variant)
+    rhos = one.new_tensor([0.5]) if order == 1 else torch.linalg.solve(r, b)
+    correction = sum(rho * d for rho, d in zip(rhos[:-1], diffs)) + rhos[-1] * (m_t - outputs[-1])
+    return step.first_order(x, outputs[-1]) - step.scale * b_h * correction
+
+
+# --- iPNDM (Zhang & Chen 2022, DEIS; Liu et al. 2022, PNDM) ------------------------------------------
+
+# Adams-Bashforth weights for equal steps, newest output first.
+IPNDM_COEFFICIENTS: dict[int, tuple[float, ...]] = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+def ipndm_update(x: Tensor, s: TimePoint, t: TimePoint, eps_history: Sequence[Tensor], order: int) -> Tensor:
+    """One iPNDM step of the ODE dx̄/dσ̄ = eps in x̄ = x/alpha and σ̄ = sigma/alpha (DDIM eq. 14).
+
+    The increment is an Adams-Bashforth combination of the last ``order`` noise predictions
+    (newest last in ``eps_history``) with the equal-step weights, as iPNDM uses them on any grid.
+    """
+    eps = sum(c * e for c, e in zip(IPNDM_COEFFICIENTS[order], reversed(eps_history[-order:])))
+    x_bar = x / s.alpha + (t.sigma / t.alpha - s.sigma / s.alpha) * eps
+    return t.alpha * x_bar
+
+
+# --- DDPM ancestral sampling (Ho et al. 2020) ---------------------------------------------------------
+
+def ddpm_update(x: Tensor, s: TimePoint, t: TimePoint, x0: Tensor, generator: torch.Generator | None,
+                add_noise: bool = True) -> Tensor:
+    """One ancestral step from s to t < s: a draw from q(x_t | x_s, x0) with the predicted x0.
+
+    With alpha_{s|t} = alpha_s / alpha_t and sigma2_{s|t} = sigma_s^2 - alpha_{s|t}^2 sigma_t^2,
+    the posterior has mean (alpha_{s|t} sigma_t^2 x_s + alpha_t sigma2_{s|t} x0) / sigma_s^2 and
+    variance sigma2_{s|t} sigma_t^2 / sigma_s^2 (Ho et al. 2020, eq. 7). The last step returns
+    the mean, as DDPM's final step does.
+    """
+    alpha_st = s.alpha / t.alpha
+    var_st = s.sigma**2 - alpha_st**2 * t.sigma**2
+    mean = (alpha_st * t.sigma**2 * x + t.alpha * var_st * x0) / s.sigma**2
+    if not add_noise:
+        return mean
+    var = (var_st * t.sigma**2 / s.sigma**2).clamp(min=0)
+    z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return mean + var.sqrt() * z
+
+
+# --- the multistep solvers as objects the multistep loop drives -------------------------------------
+
+class MultistepSolver:
+    """A multistep solver: which update to take at step i, and whether it corrects (UniC).
+
+    Subclasses set ``data`` (the form of the outputs they consume) and implement ``predict``.
+    ``order_at(i, steps)`` warms up as 1, 2, ..., ``order`` and, with ``lower_order_final``,
+    lowers the order of the last steps as the solver's official code does.
+    """
+
+    data: bool = True
+    corrects: bool = False
+
+    def __init__(self, order: int, lower_order_final: bool) -> None:
+        self.order, self.lower_order_final = order, lower_order_final
+
+    def order_at(self, i: int, steps: int) -> int:
+        """The order of step i (1-based) of ``steps``."""
+        order = min(self.order, i)
+        if self.lower_order_final and steps < 10:  # the official DPM-Solver rule
+            order = min(order, steps + 1 - i)
+        return order
+
+    def predict(self, x: Tensor, points: Sequence[TimePoint], outputs: Sequence[Tensor], t: TimePoint,
+                order: int, last: bool) -> Tensor:
+        raise NotImplementedError
+
+    def correct(self, x: Tensor, points: Sequence[TimePoint], outputs: Sequence[Tensor], t: TimePoint,
+                m_t: Tensor, order: int) -> Tensor:
+        raise NotImplementedError
+
+
+class DPMSolverMultistep(MultistepSolver):
+    """Multistep DPM-Solver++ (data form) or DPM-Solver (noise form), orders 1-3; DDIM at order 1."""
+
+    def __init__(self, order: int, lower_order_final: bool, data: bool, solver_type: str) -> None:
+        super().__init__(order, lower_order_final)
+        self.data, self.solver_type = data, solver_type
+
+    def predict(self, x, points, outputs, t, order, last):
+        if order == 1:
+            return first_order_update(x, points[-1], t, outputs[-1], self.data)
+        if order == 2:
+            return multistep_second_update(x, points, t, outputs, self.data, self.solver_type)
+        return multistep_third_update(x, points, t, outputs, self.data)
+
+
+class UniPCMultistep(MultistepSolver):
+    """UniPC: the predictor UniP-p, then the corrector UniC-p once the next output is known."""
+
+    corrects = True
+
+    def __init__(self, order: int, lower_order_final: bool, variant: str) -> None:
+        super().__init__(order, lower_order_final)
+        self.variant = variant
+
+    def order_at(self, i: int, steps: int) -> int:
+        order = min(self.order, i)
+        if self.lower_order_final:  # the official UniPC lowers the final orders at any step count
+            order = min(order, steps + 1 - i)
+        return order
+
+    def predict(self, x, points, outputs, t, order, last):
+        return unipc_predict(x, points, t, outputs, order, self.variant)
+
+    def correct(self, x, points, outputs, t, m_t, order):
+        return unipc_correct(x, points, t, outputs, m_t, order, self.variant)
+
+
+class IPNDM(MultistepSolver):
+    """iPNDM of order 1-4 on the noise predictions; like the reference (diff-sampler), it keeps
+    its full order to the end, so ``lower_order_final`` does not apply."""
+
+    data = False
+
+    def order_at(self, i: int, steps: int) -> int:
+        return min(self.order, i)
+
+    def predict(self, x, points, outputs, t, order, last):
+        return ipndm_update(x, points[-1], t, outputs, order)
+
+
+class DDPMAncestral(MultistepSolver):
+    """DDPM's ancestral sampler on the given grid (first order, stochastic).
+
+    The final step of the chain adds no noise (DDPM Alg. 2, z = 0 at the end): the last grid
+    step, or, when the run ends with ``denoise_to_zero``, that noise-free jump to x0.
+    """
+
+    def __init__(self, generator: torch.Generator | None, denoise_to_zero: bool = False) -> None:
+        super().__init__(1, False)
+        self.generator, self.denoise_to_zero = generator, denoise_to_zero
+
+    def predict(self, x, points, outputs, t, order, last):
+        return ddpm_update(x, points[-1], t, outputs[-1], self.generator, add_noise=self.denoise_to_zero or not last)

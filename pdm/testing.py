@@ -1,4 +1,6 @@
-"""An exact diffusion model no one trained: a Gaussian mixture and its closed-form noise predictor.
+"""Test and benchmark fixtures: an exact diffusion model no one trained.
+
+A Gaussian mixture and its closed-form noise predictor.
 
 If x0 ~ sum_k w_k N(mu_k, s_k^2 I), then x_t = alpha x0 + sigma eps is distributed as
 sum_k w_k N(alpha mu_k, (alpha^2 s_k^2 + sigma^2) I), whose score is known exactly; the
@@ -8,9 +10,12 @@ checked for convergence order and skipping for its error without any trained net
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
+from pdm.objectives import convert
 from pdm.schedule import VPSchedule
 
 
@@ -56,9 +61,8 @@ class GaussianMixture:
         score = -(resp[:, :, None] * diff / var[:, :, None]).sum(1)  # (B, D)
         return (-s * score).reshape(x.shape).to(dtype)
 
-    def model_fn(self, schedule: VPSchedule, prediction: str = "eps"):
+    def model_fn(self, schedule: VPSchedule, prediction: str = "eps") -> Callable[..., Tensor]:
         """A ``model_fn(x, t)`` for :func:`pdm.sampling.sample` predicting eps, x0 or v exactly."""
-        from pdm.objectives import convert
 
         def fn(x: Tensor, t: Tensor, **_: Tensor) -> Tensor:
             alpha, sigma = schedule.alpha(t.to(torch.float64)), schedule.sigma(t.to(torch.float64))

@@ -1,0 +1,129 @@
+"""The three ways to drive a solver along a time grid, one function each.
+
+- :func:`multistep`: one evaluation per step, earlier outputs reused (DPM-Solver++ 2211.01095
+  Alg. 2, UniPC 2302.04867 Alg. 3 with its corrector, iPNDM, DDIM, DDPM).
+- :func:`singlestep`: 1-3 evaluations inside each step (DPM-Solver 2206.00927 Alg. 1-2,
+  "DPM-Solver-fast" when the orders are mixed).
+- :func:`adaptive_step_size`: DPM-Solver-12/23 with step-size control (2206.00927 Sec. 4.2).
+
+Each returns the final x and one row per step telling which samples called the network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from pdm.sampling.evaluator import ModelEvaluator
+from pdm.sampling.skipping import SkipController
+from pdm.sampling.solvers import (
+    ExpStep,
+    MultistepSolver,
+    TimePoint,
+    first_order_update,
+    singlestep_second_update,
+    singlestep_third_update,
+)
+from pdm.schedule import VPSchedule
+
+Progress = Callable[[], None]
+
+
+def multistep(x: Tensor, points: Sequence[TimePoint], solver: MultistepSolver, evaluate: ModelEvaluator,
+              skip: SkipController, progress: Progress) -> tuple[Tensor, list[Tensor]]:
+    """Step i goes from points[i-1] to points[i] with the outputs at points[i-1], points[i-2], ...
+
+    The output at the new point is evaluated (or filled, if skipped) right after the step,
+    and a correcting solver (UniPC) then redoes the step with it at no extra cost.
+    """
+    steps = len(points) - 1
+    history = solver.order  # past points each update needs
+    evaluate.begin_step()
+    outputs = [evaluate(x, points[0], skip.mask())]
+    rows: list[Tensor] = []
+    for i in range(1, steps + 1):
+        order = solver.order_at(i, steps)
+        past = points[max(0, i - history):i]
+        x_new = solver.predict(x, past, outputs, points[i], order, last=i == steps)
+        rows.append(evaluate.end_step())
+        progress()
+        if i == steps:
+            return x_new, rows
+        after = ExpStep(points[i], points[i + 1], solver.data)
+        skip.observe(x_new, rows[-1], points[i].lambda_, after.scale * after.phi_1)
+        evaluate.begin_step()
+        m_new = evaluate(x_new, points[i], skip.mask())
+        if solver.corrects:
+            x_new = solver.correct(x, past, outputs, points[i], m_new, order)
+        x = x_new
+        outputs = (outputs + [m_new])[-history:]
+    return x, rows
+
+
+def singlestep(x: Tensor, outer: Sequence[TimePoint], inner: Sequence[Sequence[TimePoint]], orders: Sequence[int],
+               evaluate: ModelEvaluator, skip: SkipController, solver_type: str,
+               progress: Progress) -> tuple[Tensor, list[Tensor]]:
+    """Step k goes from outer[k] to outer[k+1] with orders[k] evaluations at inner[k] (its
+    intermediate points). A skipped step fills every evaluation inside it."""
+    data = evaluate.data
+    rows: list[Tensor] = []
+    for k, order in enumerate(orders):
+        s, t = outer[k], outer[k + 1]
+        model_at = partial(evaluate, mask=skip.mask())
+        evaluate.begin_step()
+        m_s = model_at(x, s)
+        if order == 1:
+            x = first_order_update(x, s, t, m_s, data)
+        elif order == 2:
+            x, _ = singlestep_second_update(x, s, inner[k][0], t, m_s, model_at, data, solver_type)
+        else:
+            x, _ = singlestep_third_update(x, s, inner[k][0], inner[k][1], t, m_s, model_at, data, solver_type)
+        rows.append(evaluate.end_step())
+        progress()
+        if k + 1 < len(orders):
+            after = ExpStep(t, outer[k + 2], data)
+            skip.observe(x, rows[-1], t.lambda_, after.scale * after.phi_1)
+    return x, rows
+
+
+def adaptive_step_size(x: Tensor, t_start: Tensor, t_end: Tensor, order: int, schedule: VPSchedule,
+                       evaluate: ModelEvaluator, solver_type: str, atol: float, rtol: float,
+                       h_init: float) -> tuple[Tensor, list[Tensor], Tensor]:
+    """DPM-Solver-12 (order 2) or -23 (order 3) with step-size control in lambda.
+
+    A lower- and a higher-order try share their evaluations; the scaled difference
+    E = RMS((x_high - x_low) / max(atol, rtol max(|x_low|, |x_prev|))) accepts the step when
+    E <= 1, and the next step is theta h E^(-1/order) (theta = 0.9). Rejected tries count as
+    evaluations. Returns x, one all-True row per accepted step, and the accepted times.
+    """
+    theta, t_err = 0.9, 1e-5
+    data = evaluate.data
+    s = TimePoint.at(schedule, t_start)
+    lam_end = schedule.lambda_(t_end)
+    h = torch.full_like(s.lambda_, h_init)
+    x_prev, used = x, [t_start.clone()]
+
+    def point(lam: Tensor) -> TimePoint:
+        return TimePoint.at(schedule, schedule.t_of_lambda(lam))
+
+    while float((s.t - t_end).abs()) > t_err:
+        t = point(s.lambda_ + h)
+        m_s = evaluate(x, s)
+        if order == 2:  # DPM-Solver-1 against DPM-Solver-2 at r1 = 1/2
+            x_low = first_order_update(x, s, t, m_s, data)
+            x_high, _ = singlestep_second_update(x, s, point(s.lambda_ + 0.5 * h), t, m_s, evaluate, data, solver_type)
+        else:  # DPM-Solver-2 at r1 = 1/3 against DPM-Solver-3 at (1/3, 2/3), sharing m_s1
+            s1, s2 = point(s.lambda_ + h / 3.0), point(s.lambda_ + 2.0 * h / 3.0)
+            x_low, (_, m_s1) = singlestep_second_update(x, s, s1, t, m_s, evaluate, data, solver_type)
+            x_high, _ = singlestep_third_update(x, s, s1, s2, t, m_s, evaluate, data, solver_type, m_s1=m_s1)
+        delta = torch.clamp(rtol * torch.maximum(x_low.abs(), x_prev.abs()), min=atol)
+        err = ((x_high - x_low) / delta).flatten(1).pow(2).mean(dim=1).sqrt().max()
+        if bool(err <= 1.0):
+            x, s, x_prev = x_high, t, x_low
+            used.append(t.t.clone())
+        h = torch.minimum(theta * h * err.clamp(min=1e-12) ** (-1.0 / order), lam_end - s.lambda_)
+    rows = [torch.ones(x.shape[0], dtype=torch.bool, device=x.device)] * (len(used) - 1)
+    return x, rows, torch.stack(used)
