@@ -70,8 +70,9 @@ def _fail(message: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Sample, write the outputs and return the stats."""
     args = parse_args(argv)
-    from pdm.images import atomic_write, save_grid, to_uint8
-    from pdm.loading import load_for_sampling
+    from pdm.atomic import atomic_write
+    from pdm.checkpoints import load_for_sampling
+    from pdm.images import save_grid, to_uint8
     from pdm.sampling import sample
 
     if args.num_samples < 1 or args.batch_size < 1 or args.shard_size < 1:

@@ -41,7 +41,7 @@ def find_digits_checkpoint(explicit: str | None = None) -> str | None:
 
 def digits_model(ckpt: str, num: int = 32):
     """(model_fn, schedule, noise, name, prediction, kwargs) for a trained digits checkpoint."""
-    from pdm.loading import load_for_sampling
+    from pdm.checkpoints import load_for_sampling
 
     loaded = load_for_sampling([ckpt])
     g = torch.Generator().manual_seed(0)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import HERE, machine, markdown_table, write_json  # noqa: E402
 from pdm.images import save_grid, to_uint8  # noqa: E402
 from pdm.metrics import FeatureStats, digits_fd_metric, fid_against, make_fid, measure_step_cost  # noqa: E402
-from pdm.metrics.callbacks import digits_fd_baseline  # noqa: E402
+from pdm.metrics import digits_fd_baseline  # noqa: E402
 from pdm.training import EMA, PDMModule  # noqa: E402
 from pdm.training.callbacks import sample_images  # noqa: E402
 

@@ -46,22 +46,23 @@ def positional_encoding_2d(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """The fixed 2-D sinusoidal encoding, shape (channels, height, width).
+    """PDM's fixed 2-D sinusoidal encoding, shape (channels, height, width).
 
-    The first half of the channels encodes the column (x), the second half the row (y);
-    each half is [sin(pos * f_i), cos(pos * f_i)] with f_i = max_period^(-i / (channels/4)),
-    the transformer encoding applied per axis. PDM adds it after the first convolution so the
-    network knows where each patch sits.
+    The first half of the channels encodes the column x, the second half the row y; channel i
+    of a half holds sin(pos * f_i * 64 / n) with f_i = max_period^(-i / (channels/2 - 1)) and n
+    the side along that axis. The factor 64 / n ("higher resolutions need longer wavelengths")
+    and the sine-only form follow the official PDM code. PDM adds it right after the first
+    convolution so the network knows where each patch sits.
     """
-    if channels % 4:
-        raise ValueError(f"the 2-D positional encoding needs channels divisible by 4, got {channels}")
-    quarter = channels // 4
-    freqs = max_period ** (-torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+    if channels % 2 or channels < 4:
+        raise ValueError(f"the 2-D positional encoding needs an even number of channels >= 4, got {channels}")
+    half = channels // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=device) / (half - 1))
 
-    def axis(n: int) -> Tensor:  # (n, channels/2)
-        angles = torch.arange(n, dtype=torch.float64, device=device)[:, None] * freqs[None, :]
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
+    def axis(n: int) -> Tensor:  # (half, n)
+        pos = torch.arange(n, dtype=torch.float64, device=device)
+        return torch.sin(freqs[:, None] * pos[None, :] * (64.0 / n))
 
-    enc_x = axis(width).T[:, None, :].expand(-1, height, -1)  # varies along columns
-    enc_y = axis(height).T[:, :, None].expand(-1, -1, width)  # varies along rows
+    enc_x = axis(width)[:, None, :].expand(-1, height, -1)  # varies along columns
+    enc_y = axis(height)[:, :, None].expand(-1, -1, width)  # varies along rows
     return torch.cat([enc_x, enc_y], dim=0).to(dtype)

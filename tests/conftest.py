@@ -6,10 +6,18 @@ import lightning as L
 import pytest
 
 from pdm.data import DigitsDataModule
+from pdm.nn import UNet
 from pdm.training import EMA, PDMModule
 
 TINY_NET = dict(in_channels=1, image_size=16, patch_size=4, model_channels=32, channel_mult=(1,), num_res_blocks=1,
-                attention_resolutions=(), warmup_steps=1)
+                attention_resolutions=())
+NET_KEYS = set(TINY_NET) | {"num_classes", "dropout"}
+
+
+def tiny_module(cls=PDMModule, **kwargs) -> PDMModule:
+    """A tiny PDMModule (16x16 digits, P = 4); network and module arguments may be mixed."""
+    net = {k: kwargs.pop(k) for k in list(kwargs) if k in NET_KEYS}
+    return cls(net=UNet(**{**TINY_NET, **net}), **{"warmup_steps": 1, **kwargs})
 
 
 def train_tiny(root: str, steps: int = 3, **kwargs) -> str:
@@ -21,7 +29,7 @@ def train_tiny(root: str, steps: int = 3, **kwargs) -> str:
     trainer = L.Trainer(max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
                         callbacks=[EMA(decay=0.9), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)])
-    trainer.fit(PDMModule(**{**TINY_NET, **kwargs}), datamodule=DigitsDataModule(image_size=16, batch_size=16,
+    trainer.fit(tiny_module(**kwargs), datamodule=DigitsDataModule(image_size=16, batch_size=16,
                                                                                val_fraction=0.0))
     return os.path.join(ckpt_dir, "last.ckpt")
 

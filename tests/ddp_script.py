@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pdm.data import load_digits_tensor  # noqa: E402
+from pdm.nn import UNet  # noqa: E402
 from pdm.training import EMA, PDMModule  # noqa: E402
 
 
@@ -46,6 +47,6 @@ if __name__ == "__main__":
     trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=OUT,
                         callbacks=[EMA(decay=0.9), ModelCheckpoint(dirpath=os.path.join(OUT, "ckpt"), save_last=True)])
-    model = Recording(in_channels=1, image_size=16, patch_size=4, model_channels=32, channel_mult=(1,),
-                      num_res_blocks=1, attention_resolutions=(), warmup_steps=1)
+    model = Recording(net=UNet(in_channels=1, image_size=16, patch_size=4, model_channels=32, channel_mult=(1,),
+                               num_res_blocks=1, attention_resolutions=()), warmup_steps=1)
     trainer.fit(model, datamodule=Data())

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--model.model_channels", "16", "--model.channel_mult", "[1]", "--model.attention_resolutions", "[]",
+SMALL = ["--model.net.init_args.model_channels", "16", "--model.net.init_args.channel_mult", "[1]",
+         "--model.net.init_args.attention_resolutions", "[]",
          "--data.init_args.batch_size", "16", "--trainer.log_every_n_steps", "1", "--trainer.check_val_every_n_epoch", "1"]
 
 
@@ -20,11 +21,7 @@ def test_train_resume_and_sample_through_the_clis(tmp_path):
     def train(max_steps, *extra):
         cmd = [sys.executable, os.path.join(ROOT, "train.py"), "fit", "--config", cfg, *SMALL,
                "--trainer.max_steps", str(max_steps), "--trainer.default_root_dir", root,
-               "--trainer.logger.init_args.save_dir", root,
                "--trainer.callbacks.num_samples=100",  # the config's last callback: the end-of-run digits FD
-               "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-               f"--trainer.callbacks.dirpath={root}/checkpoints", "--trainer.callbacks.save_last=true",
-               "--trainer.callbacks.every_n_train_steps=2",
                "--trainer.enable_progress_bar", "false", *extra]
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]

@@ -16,7 +16,7 @@ from pdm.metrics import (
     measure_step_cost,
     paired_quality,
 )
-from pdm.metrics.callbacks import digits_fd_baseline
+from pdm.metrics import digits_fd_baseline
 
 
 @pytest.fixture(scope="module")

@@ -51,12 +51,12 @@ def test_positional_encoding_halves_encode_x_then_y():
     x_half, y_half = pe[:8], pe[8:]
     assert torch.equal(x_half, x_half[:, :1, :].expand_as(x_half))  # constant down a column
     assert torch.equal(y_half, y_half[:, :, :1].expand_as(y_half))  # constant along a row
-    # frequency i = 10000^(-i/4): sin then cos of column index times it
-    col = 3
-    for i in range(4):
-        f = 10000 ** (-i / 4)
-        assert pe[i, 0, col].item() == pytest.approx(math.sin(col * f), abs=1e-12)
-        assert pe[4 + i, 0, col].item() == pytest.approx(math.cos(col * f), abs=1e-12)
+    # PDM's encoding: channel i of a half is sin(pos * f_i * 64 / n), f_i = 10000^(-i/7), n the axis length
+    col, row = 3, 2
+    for i in range(8):
+        f = 10000 ** (-i / 7)
+        assert pe[i, 0, col].item() == pytest.approx(math.sin(col * f * 64 / 7), abs=1e-12)
+        assert pe[8 + i, row, 0].item() == pytest.approx(math.sin(row * f * 64 / 5), abs=1e-12)
 
 
 def test_positional_encoding_positions_are_distinct():

@@ -55,7 +55,8 @@ def test_checkpoint_write_that_dies_leaves_the_previous_file_intact(tmp_path, mo
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
 
     def dying_save(obj, f, *a, **k):
-        f.write(b"partial bytes")
+        with open(f, "wb") as fh:  # the atomic writer hands torch.save a temporary path
+            fh.write(b"partial bytes")
         raise KeyboardInterrupt("killed mid-write")
 
     monkeypatch.setattr(torch, "save", dying_save)
@@ -86,8 +87,9 @@ def test_non_finite_loss_stops_with_step_and_batch_and_keeps_last_checkpoint(tmp
                         limit_val_batches=0, accelerator="cpu", default_root_dir=str(tmp_path),
                         plugins=[AtomicCheckpointIO()],
                         callbacks=[ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, every_n_train_steps=1)])
-    model = Exploding(in_channels=1, image_size=16, patch_size=4, model_channels=16, channel_mult=(1,),
-                      num_res_blocks=1, attention_resolutions=(), warmup_steps=1)
+    from conftest import tiny_module
+
+    model = tiny_module(Exploding, model_channels=16)
     with pytest.raises(FloatingPointError, match=r"global step 3, batch 3"):
         trainer.fit(model, datamodule=DigitsDataModule(image_size=16, batch_size=16, val_fraction=0.0))
     last = load_checkpoint(ckpt_dir / "last.ckpt")
@@ -95,23 +97,24 @@ def test_non_finite_loss_stops_with_step_and_batch_and_keeps_last_checkpoint(tmp
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
-TRAIN_ARGS = ["--model.model_channels", "16", "--model.channel_mult", "[1]", "--model.attention_resolutions", "[]",
+TRAIN_ARGS = ["--model.net.init_args.model_channels", "16", "--model.net.init_args.channel_mult", "[1]",
+              "--model.net.init_args.attention_resolutions", "[]",
               "--data.init_args.batch_size", "8", "--trainer.enable_progress_bar", "false",
               "--trainer.check_val_every_n_epoch", "1000", "--trainer.logger", "false",
-              "--trainer.callbacks", "[]", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+              "--trainer.callbacks", "[]", "--trainer.callbacks+=pdm.training.RunCheckpoint",
               "--trainer.callbacks.save_last=true", "--trainer.callbacks.every_n_train_steps=1",
               "--trainer.callbacks.save_top_k=-1"]
 
 
 def _train_cmd(root, max_steps, *extra):
     return [sys.executable, os.path.join(ROOT, "train.py"), "fit", "--config", os.path.join(ROOT, "configs", "digits.yaml"),
-            *TRAIN_ARGS, f"--trainer.callbacks.dirpath={root}/ckpt", "--trainer.default_root_dir", str(root),
+            *TRAIN_ARGS, "--trainer.default_root_dir", str(root),
             "--trainer.max_steps", str(max_steps), *extra]
 
 
 @pytest.mark.slow
 def test_training_killed_repeatedly_resumes_and_every_checkpoint_loads(tmp_path):
-    last = tmp_path / "ckpt" / "last.ckpt"
+    last = tmp_path / "checkpoints" / "last.ckpt"
     steps_seen = []
     for kill_after in (0.0, 0.3, 0.05):  # right after a save starts, a little later, almost at once
         extra = ["--ckpt_path", str(last)] if last.exists() else []
@@ -124,9 +127,9 @@ def test_training_killed_repeatedly_resumes_and_every_checkpoint_loads(tmp_path)
         time.sleep(kill_after)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        for f in os.listdir(tmp_path / "ckpt"):
+        for f in os.listdir(tmp_path / "checkpoints"):
             if f.endswith(".ckpt"):
-                load_checkpoint(tmp_path / "ckpt" / f)  # every checkpoint on disk loads
+                load_checkpoint(tmp_path / "checkpoints" / f)  # every checkpoint on disk loads
         steps_seen.append(load_checkpoint(last)["global_step"])
     assert steps_seen[0] >= 1 and steps_seen[1] > steps_seen[0] and steps_seen[2] > steps_seen[1]
     target = steps_seen[-1] + 2
@@ -139,8 +142,8 @@ def test_training_killed_repeatedly_resumes_and_every_checkpoint_loads(tmp_path)
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--model.patch_size", "5"], "not divisible by patch_size=5"),
-        (["--model.target", "score"], "unknown target"),
+        (["--model.net.init_args.patch_size", "5"], "not divisible by patch_size=5"),
+        (["--model.target", "score"], "model.target"),
         (["--data.class_path", "pdm.data.ImageFolderDataModule", "--data.init_args.root", "/no/such/folder"],
          "does not exist"),
     ],

@@ -1,5 +1,9 @@
-"""The PDM U-Net: shapes for P = 1/2/4/8, rejections, conditioning, official parameter counts."""
+"""The PDM U-Net: shapes for P = 1/2/4/8, rejections, conditioning, the official network's
+parameter counts, its layout facts, and the converter of official weights."""
 
+import math
+
+import official_layout
 import pytest
 import torch
 
@@ -92,9 +96,12 @@ def test_class_conditioning_uses_labels_and_a_null_row():
         UNet(patch_size=2, **SMALL)(x, t, torch.tensor([1, 1]))
 
 
-def test_time_embedding_width_is_pdm_choice():
+def test_time_embedding_mlp_is_pdm_choice():
     net = UNet(image_size=32, patch_size=2, model_channels=32, channel_mult=(1, 2, 4), attention_resolutions=())
-    assert net.time_embed_dim == 128  # model_channels * channel_mult[-1], not 4 * model_channels
+    # model_channels -> 4 model_channels -> model_channels * channel_mult[-1], ending in SiLU
+    assert [m.out_features for m in net.time_embed if isinstance(m, torch.nn.Linear)] == [128, 128]
+    assert net.time_embed[0].in_features == 32 and isinstance(net.time_embed[-1], torch.nn.SiLU)
+    assert net.time_embed_dim == 128
 
 
 def test_dropout_is_active_in_training_only():
@@ -107,19 +114,126 @@ def test_dropout_is_active_in_training_only():
     assert not torch.equal(net(x, t), net(x, t))
 
 
+# (config, parameters of the official UNetModel without its learned-variance head, with it).
+# The counts were taken by building the official PatchDiffusion-Pytorch network side by side;
+# with the head they round to the published 123 / 121 / 121 / 202 / 163 M.
 OFFICIAL = {
-    "lsun_church_p2": (dict(image_size=256, patch_size=2, model_channels=128, channel_mult=(1, 2, 2, 4, 4), num_res_blocks=2), 123e6),
-    "lsun_church_p4": (dict(image_size=256, patch_size=4, model_channels=256, channel_mult=(1, 1, 2, 2), num_res_blocks=2), 121e6),
-    "lsun_church_p8": (dict(image_size=256, patch_size=8, model_channels=256, channel_mult=(1, 1.5, 2), num_res_blocks=3), 121e6),
-    "imagenet256_expert": (dict(image_size=256, patch_size=4, model_channels=256, channel_mult=(1, 2, 2, 2), num_res_blocks=3, num_classes=1000), 202e6),
-    "ffhq1024_p4": (dict(image_size=1024, patch_size=4, model_channels=128, channel_mult=(1, 2, 2, 4, 4, 4), num_res_blocks=2), 163e6),
+    "lsun_church_p2": (dict(image_size=256, patch_size=2, model_channels=128, channel_mult=(1, 2, 2, 4, 4), num_res_blocks=2),
+                       122_475_916, 122_916_120),
+    "lsun_church_p4": (dict(image_size=256, patch_size=4, model_channels=256, channel_mult=(1, 1, 2, 2), num_res_blocks=2),
+                       119_863_344, 121_416_544),
+    "lsun_church_p8": (dict(image_size=256, patch_size=8, model_channels=256, channel_mult=(1, 1.5, 2), num_res_blocks=3),
+                       119_126_464, 121_011_584),
+    "imagenet256_expert": (dict(image_size=256, patch_size=4, model_channels=256, channel_mult=(1, 2, 2, 2), num_res_blocks=3,
+                                num_classes=1000), 200_595_504, 202_148_704),
+    "ffhq1024_p4": (dict(image_size=1024, patch_size=4, model_channels=128, channel_mult=(1, 2, 2, 4, 4, 4), num_res_blocks=2),
+                    162_163_632, 162_645_344),
 }
 
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
-def test_official_configurations_match_published_parameter_counts(name):
-    cfg, published = OFFICIAL[name]
+def test_official_configurations_have_the_official_parameter_count(name):
+    cfg, without_head, with_head = OFFICIAL[name]
     with torch.device("meta"):  # counts only; no memory, no init time
         net = UNet(in_channels=3, attention_resolutions=(16, 8), **cfg)
-    count = sum(p.numel() for p in net.parameters())
-    assert abs(count / published - 1) < 0.03, f"{name}: {count / 1e6:.1f}M vs {published / 1e6:.0f}M"
+    assert sum(p.numel() for p in net.parameters()) == without_head
+    official = official_layout.official_shapes(3, cfg["patch_size"], cfg["model_channels"], cfg["channel_mult"],
+                                               cfg["num_res_blocks"], _attention_ds(cfg), cfg.get("num_classes"))
+    assert sum(math.prod(s) for s in official.values()) == with_head  # the layout description agrees
+
+
+def _attention_ds(cfg, resolutions=(16, 8)):
+    grid = cfg["image_size"] // cfg["patch_size"]
+    return {grid // r for r in resolutions}
+
+
+CONVERT_CASES = {
+    "lsun_p4": dict(image_size=256, patch_size=4, model_channels=64, channel_mult=(1, 1, 2, 2), num_res_blocks=2),
+    "fractional_conditional": dict(image_size=64, patch_size=2, model_channels=128, channel_mult=(1, 1.5, 2),
+                                   num_res_blocks=3, num_classes=7),
+    "resblock_updown": dict(image_size=64, patch_size=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=2,
+                            resblock_updown=True, num_classes=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVERT_CASES))
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_converter_maps_every_official_key_exactly_once_and_loads_strictly(name, learn_sigma):
+    from pdm.nn import convert_official_state_dict
+
+    cfg = CONVERT_CASES[name]
+    official = official_layout.official_state_dict(
+        in_channels=3, patch_size=cfg["patch_size"], model_channels=cfg["model_channels"],
+        channel_mult=cfg["channel_mult"], num_res_blocks=cfg["num_res_blocks"], attention_ds=_attention_ds(cfg),
+        num_classes=cfg.get("num_classes"), learn_sigma=learn_sigma, resblock_updown=cfg.get("resblock_updown", False))
+    converted = convert_official_state_dict(official)
+    kept = {k: v for k, v in official.items() if not k.startswith("variance_output")}
+    assert len(converted) == len(kept)
+    assert sorted(v.data_ptr() for v in converted.values()) == sorted(v.data_ptr() for v in kept.values())  # each once
+    net = UNet(in_channels=3, attention_resolutions=(16, 8), **cfg)
+    net.load_state_dict(converted, strict=True)
+    assert torch.equal(net.input_conv.weight, official["input_blocks.0.0.weight"])
+    assert torch.equal(net.middle[1].qkv.weight[..., 0], official["middle_block.1.qkv.weight"])
+
+
+def test_converter_names_an_unknown_key():
+    from pdm.nn import convert_official_state_dict
+
+    with pytest.raises(ValueError, match="not a key of the official"):
+        convert_official_state_dict({"encoder.weight": torch.zeros(1)})
+
+
+def test_stride_two_downsampling_pads_like_tensorflow_same():
+    # 4x4 input, 3x3 stride-2 kernel of ones: TF "SAME" pads one row/column at the bottom/right
+    # only, so output (i, j) sums input rows 2i..2i+2 and columns 2j..2j+2 (the last ones missing)
+    from pdm.nn.layers import Downsample
+
+    down = Downsample(1, 1)
+    with torch.no_grad():
+        down.op.weight.fill_(1.0)
+        down.op.bias.zero_()
+    x = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
+    expected = torch.tensor([[0 + 1 + 2 + 4 + 5 + 6 + 8 + 9 + 10, 2 + 3 + 6 + 7 + 10 + 11],
+                             [8 + 9 + 10 + 12 + 13 + 14, 10 + 11 + 14 + 15]], dtype=torch.float32)
+    assert torch.equal(down(x)[0, 0], expected)
+
+
+def test_downsampling_and_upsampling_change_the_width_to_the_next_level():
+    net = UNet(image_size=32, patch_size=2, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=())
+    down = [b.resample for b in net.down if b.resample is not None]
+    up = [b.resample for b in net.up if b.resample is not None]
+    assert [(d.op.in_channels, d.op.out_channels) for d in down] == [(32, 64)]
+    assert [(u.conv.in_channels, u.conv.out_channels) for u in up] == [(64, 32)]
+    assert [b.res.in_conv.in_channels for b in net.up] == [128, 128, 64, 64]  # 2 w_level everywhere
+
+
+def test_time_embedding_is_sin_then_cos_with_frequencies_over_half_minus_one():
+    from pdm.nn.layers import timestep_embedding
+
+    t = torch.tensor([0.0, 7.0, 500.0])
+    emb = timestep_embedding(t, 8)  # half = 4, frequencies 10000^(-i/3)
+    freqs = torch.tensor([10000.0 ** (-i / 3) for i in range(4)])
+    expected = torch.cat([torch.sin(t[:, None] * freqs), torch.cos(t[:, None] * freqs)], dim=1)
+    assert torch.allclose(emb, expected, atol=1e-5)
+
+
+def test_positional_encoding_is_sine_only_with_pdm_frequency_scaling():
+    from pdm.patching import positional_encoding_2d
+
+    pe = positional_encoding_2d(8, 4, 4)  # half = 4, f_i = 10000^(-i/3), positions scaled by 64/4
+    f = torch.tensor([10000.0 ** (-i / 3) for i in range(4)], dtype=torch.float64)
+    pos = torch.arange(4, dtype=torch.float64)
+    x_part = torch.sin(f[:, None] * pos[None] * 16.0)  # (4 channels, 4 columns)
+    assert torch.allclose(pe[:4], x_part[:, None, :].expand(4, 4, 4).float(), atol=1e-6)  # first half: columns
+    assert torch.allclose(pe[4:], x_part[:, :, None].expand(4, 4, 4).float(), atol=1e-6)  # second half: rows
+
+
+def test_residual_block_normalises_without_affine_and_starts_as_identity():
+    from pdm.nn.layers import ResBlock
+
+    block = ResBlock(32, 32, emb_channels=16)
+    assert block.out_norm.weight is None and block.out_norm.eps == 1e-3
+    assert torch.count_nonzero(block.emb_proj.weight) == 0 and torch.count_nonzero(block.out_conv.weight) == 0
+    x = torch.randn(2, 32, 8, 8)
+    assert torch.equal(block(x, torch.randn(2, 16)), x)

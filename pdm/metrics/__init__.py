@@ -2,7 +2,7 @@
 FD, paired PSNR/SSIM/LPIPS, and the per-step cost of a network."""
 
 from pdm.metrics.cost import measure_step_cost
-from pdm.metrics.features import DigitsFeatures, digits_fd_metric, digits_reference_images
+from pdm.metrics.digits import DigitsFeatures, digits_fd_baseline, digits_fd_metric, digits_reference_images
 from pdm.metrics.fid import (
     DEFAULT_NUM_SAMPLES,
     FeatureStats,
@@ -19,6 +19,7 @@ __all__ = [
     "DigitsFeatures",
     "FeatureStats",
     "compute_stats",
+    "digits_fd_baseline",
     "digits_fd_metric",
     "digits_reference_images",
     "fid_against",

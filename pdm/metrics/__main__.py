@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
             s.add_argument("--lpips", action="store_true")
     args = p.parse_args(argv)
     from pdm.metrics import FeatureStats, compute_stats, fid_against, paired_quality
-    from pdm.metrics.callbacks import digits_fd_baseline
+    from pdm.metrics import digits_fd_baseline
 
     try:
         if args.command == "ref-stats":

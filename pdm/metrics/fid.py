@@ -61,7 +61,7 @@ class FeatureStats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to .npz atomically."""
-        from pdm.images import atomic_write
+        from pdm.atomic import atomic_write
 
         atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), mu=self.mu, sigma=self.sigma, n=np.int64(self.n)))
 

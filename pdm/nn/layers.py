@@ -1,4 +1,14 @@
-"""Building blocks of the ADM-family U-Net (Dhariwal & Nichol 2021) used by PDM."""
+"""Building blocks of the PDM U-Net: the ADM family (Dhariwal & Nichol 2021) as PDM's code has it.
+
+Where PDM's network departs from ADM (Luhman & Luhman 2022, the official PyTorch code):
+- the sinusoidal time embedding puts sin before cos and spaces its frequencies over half-1;
+- residual blocks take the time embedding as it leaves the embedding MLP (which ends with a
+  SiLU) through a zero-initialised linear layer, and normalise before the scale-shift with
+  a GroupNorm without affine parameters and eps = 1e-3;
+- class conditioning gates each residual branch by sigmoid(Linear(class_emb) + 2);
+- the down- and up-sampling convolutions change the channel count to the next level's width,
+  the stride-2 one with TensorFlow's "SAME" padding (bottom/right only for even sizes).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +16,31 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
+
+GROUPS = 32
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of (possibly fractional) time labels: (B,) -> (B, dim)."""
+    """Sinusoidal embedding of (possibly fractional) time labels, (B,) -> (B, dim): [sin | cos]
+    with frequencies max_period^(-i / (dim/2 - 1)), i = 0 .. dim/2 - 1 (the DDPM TF convention)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / max(half - 1, 1))
     args = t.float()[:, None] * freqs[None, :]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups (fewer when the width is small), as in ADM."""
-    groups = math.gcd(32, channels)
-    return nn.GroupNorm(groups, channels)
+def group_norm(channels: int, affine: bool = True, eps: float = 1e-5) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (fewer when the width is not a multiple of 32), as in ADM."""
+    return nn.GroupNorm(math.gcd(GROUPS, channels), channels, eps=eps, affine=affine)
+
+
+def silu_(x: Tensor) -> Tensor:
+    """SiLU, in place when autograd is not recording (x is then a fresh normalised tensor no one else holds)."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
 def zero_init(module: nn.Module) -> nn.Module:
@@ -34,46 +50,53 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-class Downsample(nn.Module):
-    """Halve the resolution: a stride-2 3x3 convolution, or average pooling."""
+def tf_same_pad(x: Tensor, kernel: int = 3, stride: int = 2) -> Tensor:
+    """Pad like TensorFlow's "SAME": total padding max((ceil(n/s) - 1) s + k - n, 0) per side
+    pair, the odd one at the end (so for even sizes a 3x3 stride-2 conv pads bottom/right only)."""
+    pads = []
+    for n in (x.shape[-1], x.shape[-2]):
+        total = max((math.ceil(n / stride) - 1) * stride + kernel - n, 0)
+        pads += [total // 2, total - total // 2]
+    return F.pad(x, pads)
 
-    def __init__(self, channels: int, use_conv: bool = True) -> None:
+
+class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 3x3 convolution to ``out_channels`` (TF "SAME"
+    padding), or average pooling when ``use_conv`` is False."""
+
+    def __init__(self, channels: int, out_channels: int | None = None, use_conv: bool = True) -> None:
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
+        out_channels = out_channels or channels
+        if not use_conv and out_channels != channels:
+            raise ValueError("average-pool downsampling cannot change the channel count")
+        self.op = nn.Conv2d(channels, out_channels, 3, stride=2) if use_conv else nn.AvgPool2d(2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.op(x)
+        return self.op(tf_same_pad(x) if isinstance(self.op, nn.Conv2d) else x)
 
 
 class Upsample(nn.Module):
-    """Double the resolution: nearest-neighbour, then an optional 3x3 convolution."""
+    """Double the resolution: nearest-neighbour, then an optional 3x3 convolution to ``out_channels``."""
 
-    def __init__(self, channels: int, use_conv: bool = True) -> None:
+    def __init__(self, channels: int, out_channels: int | None = None, use_conv: bool = True) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else nn.Identity()
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1) if use_conv else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x if self.conv is None else self.conv(x)
 
 
 class ResBlock(nn.Module):
-    """ADM residual block with scale-shift norm, optional up/down-sampling and class gating.
+    """Residual block with scale-shift conditioning on time, optional resampling and class gating.
 
-    The time embedding sets a per-channel scale and shift of the second GroupNorm. PDM's
-    class conditioning multiplies the residual branch by sigmoid(Linear(class_emb) + 2),
-    which starts near 0.88 so an untrained gate barely changes the block.
+    h = conv(SiLU(GN(x))); h = GN'(h) * (1 + scale) + shift with (scale, shift) = Linear(emb);
+    h = conv(dropout(SiLU(h))) * sigmoid(Linear(class_emb) + 2); out = skip(x) + h. GN' has no
+    affine parameters (eps 1e-3); the gate starts near 0.88 so an untrained gate barely acts.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        emb_channels: int,
-        dropout: float = 0.0,
-        class_channels: int | None = None,
-        up: bool = False,
-        down: bool = False,
-    ) -> None:
+    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
+                 class_channels: int | None = None, up: bool = False, down: bool = False) -> None:
         super().__init__()
         self.in_norm = group_norm(in_channels)
         self.in_conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
@@ -84,29 +107,29 @@ class ResBlock(nn.Module):
             self.resample = Downsample(in_channels, use_conv=False)
         else:
             self.resample = nn.Identity()
-        self.emb_proj = nn.Linear(emb_channels, 2 * out_channels)
-        self.out_norm = group_norm(out_channels)
+        self.emb_proj = zero_init(nn.Linear(emb_channels, 2 * out_channels))
+        self.out_norm = group_norm(out_channels, affine=False, eps=1e-3)
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.gate = nn.Linear(class_channels, out_channels) if class_channels else None
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor, class_emb: Tensor | None = None) -> Tensor:
-        h = F.silu(self.in_norm(x))
-        h = self.in_conv(self.resample(h))
+        h = self.in_conv(self.resample(silu_(self.in_norm(x))))
         x = self.resample(x)
-        scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.out_norm(h) * (1 + scale) + shift
-        h = self.out_conv(self.dropout(F.silu(h)))
+        scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+        h = torch.addcmul(shift, self.out_norm(h), 1.0 + scale)
+        h = self.out_conv(self.dropout(silu_(h)))
         if self.gate is not None and class_emb is not None:
             h = h * torch.sigmoid(self.gate(class_emb) + 2.0)[:, :, None, None]
         return self.skip(x) + h
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the spatial positions (PyTorch SDPA).
+    """Multi-head self-attention over the spatial positions, through PyTorch's SDPA.
 
-    Heads are ``head_channels`` wide (64 in ADM/PDM); a layer narrower than that gets one head.
+    Heads are ``head_channels`` wide (64 in PDM); a layer narrower than that gets one head.
+    The 1x1 projection emits q, k, v each as (heads, head_channels) channel blocks.
     """
 
     def __init__(self, channels: int, head_channels: int = 64) -> None:
@@ -119,8 +142,10 @@ class AttentionBlock(nn.Module):
         self.proj = zero_init(nn.Conv2d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        height, width = x.shape[-2:]
-        qkv = rearrange(self.qkv(self.norm(x)), "b (k n d) h w -> k b n (h w) d", k=3, n=self.num_heads)
-        h = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        h = rearrange(h, "b n (h w) d -> b (n d) h w", h=height, w=width)
+        b, c, height, width = x.shape
+        # (B, H, W, 3C) is a free view of a channels-last activation: positions x (q|k|v, head, d)
+        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(b, height * width, 3, self.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, d)
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = h.permute(0, 2, 1, 3).reshape(b, height, width, c).permute(0, 3, 1, 2)
         return x + self.proj(h)

@@ -1,7 +1,7 @@
 """Training: the LightningModule, EMA and callbacks."""
 
-from pdm.training.callbacks import SampleGrid
+from pdm.training.callbacks import DigitsFD, RunCheckpoint, SampleGrid, ema_module, sample_images
 from pdm.training.ema import EMA, ema_decay
-from pdm.training.module import PDMModule, build_schedule
+from pdm.training.module import PDMModule
 
-__all__ = ["EMA", "PDMModule", "SampleGrid", "build_schedule", "ema_decay"]
+__all__ = ["DigitsFD", "EMA", "PDMModule", "RunCheckpoint", "SampleGrid", "ema_decay", "ema_module", "sample_images"]

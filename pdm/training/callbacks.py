@@ -1,14 +1,19 @@
-"""Training callbacks: EMA sample grids written as PNG and sent to the logger."""
+"""Training callbacks: EMA sample grids (PNG + logger) and the end-of-run digits FD."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
 
-from pdm.images import save_grid, to_uint8
-from pdm.sampling import sample
+from pdm.atomic import atomic_write_text
+from pdm.images import grid_image, save_grid, to_uint8
+from pdm.sampling import classifier_free_guidance, sample
 from pdm.training.ema import EMA
 
 
@@ -22,57 +27,113 @@ def ema_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningM
 
 @torch.no_grad()
 def sample_images(module: L.LightningModule, num: int, steps: int = 20, solver: str = "dpmsolver++", order: int = 2,
-                  guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 250) -> torch.Tensor:
-    """Sample ``num`` images in [-1, 1] from a PDMModule (labels cycle through the classes)."""
-    from pdm.sampling import classifier_free_guidance
+                  guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 250, skip_type: str = "time_uniform",
+                  start_images: Tensor | None = None) -> tuple[Tensor, str]:
+    """Sample ``num`` images in [-1, 1] from a PDMModule (labels cycle through the classes).
 
-    hp = module.hparams
+    A model that owns the whole schedule samples from noise. An expert samples only inside its
+    own time range: the high-noise expert integrates from t = 1 down to its lowest step and
+    shows its x0 prediction there; the low-noise expert starts from ``start_images`` (real
+    images) noised to its highest step. Returns the images and a tag saying which was done.
+    """
+    net, schedule = module.net, module.schedule
+    lo, hi = module.time_range
+    n_steps = schedule.num_timesteps
+    kw: dict = dict(steps=steps, solver=solver, order=order, prediction=module.hparams.target, skip_type=skip_type)
+    tag = "samples"
+    if lo > 0:  # the high-noise expert
+        kw.update(t_end=float(schedule.t_of_label(torch.tensor(float(lo)))), denoise_to_zero=True)
+        tag = f"x0_at_step{lo}"
+    elif hi < n_steps - 1:  # the low-noise expert
+        if start_images is None:
+            raise ValueError("the low-noise expert's grid starts from real images; none were given")
+        kw.update(t_start=float(schedule.t_of_label(torch.tensor(float(hi)))))
+        tag = f"from_data_noised_to_step{hi}"
     was_training = module.training
     module.eval()
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(num, hp.in_channels, hp.image_size, hp.image_size, generator=g)
+    noise = torch.randn(num, net.in_channels, net.image_size, net.image_size, generator=g)
+    if start_images is not None and hi < n_steps - 1:
+        t = torch.tensor(kw["t_start"], dtype=torch.float64)
+        reps = start_images[torch.arange(num) % len(start_images)].cpu().float()
+        noise = schedule.alpha(t).float() * reps + schedule.sigma(t).float() * noise
     fn = module.model_fn()
-    if hp.num_classes is not None and guidance_scale != 1.0:
-        fn = classifier_free_guidance(fn, guidance_scale, hp.num_classes)
+    if net.num_classes is not None and guidance_scale != 1.0:
+        fn = classifier_free_guidance(fn, guidance_scale, net.num_classes)
     out = []
     for i in range(0, num, batch_size):
         x = noise[i : i + batch_size].to(module.device)
         kwargs = {}
-        if hp.num_classes is not None:
-            kwargs["y"] = torch.arange(i, i + x.shape[0], device=x.device) % hp.num_classes
-        res = sample(fn, x, module.schedule, steps=steps, solver=solver, order=order, prediction=hp.target,
-                     model_kwargs=kwargs)
-        out.append(res.x.cpu())
+        if net.num_classes is not None:
+            kwargs["y"] = torch.arange(i, i + x.shape[0], device=x.device) % net.num_classes
+        out.append(sample(fn, x, schedule, model_kwargs=kwargs, **kw).x.cpu())
     module.train(was_training)
-    return torch.cat(out)
+    return torch.cat(out), tag
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, saving into the run's own folder: ``<default_root_dir>/checkpoints``
+    unless ``dirpath`` is given. So two runs with two ``default_root_dir``s never share a folder,
+    and ``--ckpt_path last`` means the latest checkpoint of this run. With ``save_last``, the
+    final state is always in ``last.ckpt`` when training ends, whatever the saving interval."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _pin_folder(self, trainer: L.Trainer) -> None:
+        if self.dirpath is None:
+            self.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._pin_folder(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        self._pin_folder(trainer)
+        return super()._find_last_checkpoints(trainer)
+
+    def folder(self, trainer: L.Trainer) -> str:
+        """Where this run's checkpoints go."""
+        self._pin_folder(trainer)
+        return str(self.dirpath)
 
 
 class SampleGrid(L.Callback):
     """Every ``every_n_steps`` optimiser steps (and at the end), sample a grid with the EMA weights.
 
     Samples use a fixed seed, so successive grids show the same noise as training goes on.
-    Class-conditional models cycle through the labels. Grids land in ``<log_dir>/samples/``.
+    Class-conditional models cycle through the labels. Grids land in ``<log_dir>/samples/``;
+    an expert's grid name says what it shows (see :func:`sample_images`).
     """
 
     def __init__(self, every_n_steps: int = 1000, num_samples: int = 64, steps: int = 20, solver: str = "dpmsolver++",
-                 order: int = 2, guidance_scale: float = 1.0, seed: int = 0, scale: int = 2) -> None:
+                 order: int = 2, guidance_scale: float = 1.0, seed: int = 0, scale: int = 2,
+                 skip_type: str = "time_uniform") -> None:
         self.every_n_steps, self.num_samples, self.steps = every_n_steps, num_samples, steps
         self.solver, self.order, self.guidance_scale, self.seed, self.scale = solver, order, guidance_scale, seed, scale
+        self.skip_type = skip_type
+        self.start_images: Tensor | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.start_images is None:  # a few real images, for an expert that cannot start from noise
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            self.start_images = x[: self.num_samples].detach().cpu().clone()
 
     @torch.no_grad()
     def make(self, trainer: L.Trainer, pl_module: L.LightningModule, tag: str) -> Path | None:
         """Sample and save one grid; returns its path (rank 0 only)."""
         if not trainer.is_global_zero:
             return None
-        x = sample_images(ema_module(trainer, pl_module), self.num_samples, self.steps, self.solver, self.order,
-                          self.guidance_scale, self.seed)
+        x, kind = sample_images(ema_module(trainer, pl_module), self.num_samples, self.steps, self.solver, self.order,
+                                self.guidance_scale, self.seed, skip_type=self.skip_type, start_images=self.start_images)
         images = to_uint8(x)
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
-        path = out_dir / f"{tag}.png"
+        name = tag if kind == "samples" else f"{tag}_{kind}"
+        path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"{name}.png"
         save_grid(images, path, scale=self.scale)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
-            experiment.add_image("samples", _grid_chw(images), trainer.global_step)
+            experiment.add_image(f"samples/{kind}", grid_image(images).transpose(2, 0, 1), trainer.global_step)
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -84,7 +145,30 @@ class SampleGrid(L.Callback):
         self.make(trainer, pl_module, "final")
 
 
-def _grid_chw(images):
-    from pdm.images import make_grid
+class DigitsFD(L.Callback):
+    """At the end of training, sample ``num_samples`` images with the EMA weights and print their
+    FD-8x8 to the real digits, next to the FD of as many real digits (the floor). Written to
+    ``<log_dir>/digits_fd.json`` and logged as ``fd8x8``."""
 
-    return make_grid(images).transpose(2, 0, 1)
+    def __init__(self, num_samples: int = 500, steps: int = 20, guidance_scale: float = 1.0, seed: int = 1,
+                 solver: str = "dpmsolver++", order: int = 2, skip_type: str = "time_uniform") -> None:
+        self.num_samples, self.steps, self.guidance_scale, self.seed = num_samples, steps, guidance_scale, seed
+        self.solver, self.order, self.skip_type = solver, order, skip_type
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from pdm.metrics import digits_fd_baseline, digits_fd_metric, fid_against
+
+        if not trainer.is_global_zero:
+            return
+        x, _ = sample_images(ema_module(trainer, pl_module), self.num_samples, self.steps, self.solver, self.order,
+                             self.guidance_scale, self.seed, skip_type=self.skip_type)
+        stats, baseline = digits_fd_baseline(self.num_samples)
+        fd = fid_against(digits_fd_metric(), stats, to_uint8(x))
+        result = {"fd8x8": fd, "real_vs_real_fd8x8": baseline, "num_samples": self.num_samples, "steps": self.steps,
+                  "solver": self.solver, "guidance_scale": self.guidance_scale, "global_step": trainer.global_step}
+        print(f"digits FD-8x8 of {self.num_samples} EMA samples: {fd:.3f} "
+              f"(real-vs-real with {self.num_samples} real digits: {baseline:.3f})")
+        atomic_write_text(Path(trainer.log_dir or trainer.default_root_dir) / "digits_fd.json", json.dumps(result, indent=1))
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"fd8x8": fd, "fd8x8_real_baseline": baseline}, step=trainer.global_step)
+

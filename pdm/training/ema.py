@@ -34,11 +34,12 @@ class EMA(WeightAveraging):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
 
-        def avg_fn(averaged: Tensor, current: Tensor, num_averaged: Tensor) -> Tensor:
-            d = ema_decay(decay, num_averaged - 1, warmup).to(averaged.dtype) if warmup else decay
-            return averaged + (current - averaged) * (1.0 - d)
+        def multi_avg_fn(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+            # one fused multi-tensor lerp per update instead of a Python loop over the parameters
+            d = float(ema_decay(decay, int(num_averaged) - 1, warmup))
+            torch._foreach_lerp_(averaged, current, 1.0 - d)
 
-        super().__init__(avg_fn=avg_fn, use_buffers=True)
+        super().__init__(multi_avg_fn=multi_avg_fn, use_buffers=True)
         self.decay = decay
         self.warmup = warmup
         self.update_every_n_steps = update_every_n_steps

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
+from typing import Literal
 
 import lightning as L
 import torch
 from torch import Tensor
 
+from pdm.checkpoints import load_checkpoint, load_net_state, network_model_fn
 from pdm.nn import UNet
-from pdm.objectives import TARGETS, WEIGHTINGS, weighted_x0_loss
-from pdm.schedule import VPSchedule
+from pdm.objectives import TARGETS, WEIGHTINGS, Target, weighted_x0_loss
+from pdm.schedule import ScheduleName, build_schedule
 
 NUM_LOSS_BUCKETS = 4
-
-
-def build_schedule(name: str, beta_start: float, beta_end: float, num_timesteps: int) -> VPSchedule:
-    """The schedule named in a config: ``linear`` (DDPM/PDM) or ``cosine`` (iDDPM)."""
-    if name == "linear":
-        return VPSchedule.linear(beta_start, beta_end, num_timesteps)
-    if name == "cosine":
-        return VPSchedule.cosine(num_timesteps)
-    raise ValueError(f"unknown schedule {name!r}; choose linear or cosine")
+Weighting = Literal["sqrt_snr", "snr", "snr_plus_one", "truncated_snr", "min_snr", "p2", "constant"]
 
 
 class PDMModule(L.LightningModule):
@@ -31,12 +24,11 @@ class PDMModule(L.LightningModule):
 
     Each step draws discrete steps n uniformly over ``time_range`` (the whole schedule, or an
     expert's share), noises x0 to x_t with t = (n + 1) / N, predicts ``target`` and minimises
-    w(SNR) * |x0_pred - x0|^2 (PDM: sqrt-SNR on x0). Every argument is a plain value, so the
-    checkpoint's hyper-parameters load with ``weights_only=True``.
+    w(SNR) * |x0_pred - x0|^2 (PDM: sqrt-SNR on x0). The network's config is stored in the
+    checkpoint as plain values (``hparams.net``), so checkpoints load with ``weights_only=True``.
 
     Args:
-        in_channels, image_size, patch_size, model_channels, channel_mult, num_res_blocks,
-            attention_resolutions, num_classes, dropout: the :class:`pdm.nn.UNet`.
+        net: the :class:`pdm.nn.UNet` (a config's ``model.net`` with class_path / init_args).
         schedule, beta_start, beta_end, num_timesteps: the VP schedule.
         target: what the network predicts, ``x0`` (PDM), ``eps`` or ``v``.
         weighting: loss weight of the x0 error (see :func:`pdm.objectives.loss_weight`).
@@ -52,25 +44,17 @@ class PDMModule(L.LightningModule):
 
     def __init__(
         self,
-        in_channels: int = 3,
-        image_size: int = 32,
-        patch_size: int = 2,
-        model_channels: int = 128,
-        channel_mult: Sequence[float] = (1, 2, 2),
-        num_res_blocks: int = 2,
-        attention_resolutions: Sequence[int] = (16, 8),
-        num_classes: int | None = None,
-        dropout: float = 0.0,
-        schedule: str = "linear",
+        net: UNet,
+        schedule: ScheduleName = "linear",
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         num_timesteps: int = 1000,
-        target: str = "x0",
-        weighting: str = "sqrt_snr",
+        target: Target = "x0",
+        weighting: Weighting = "sqrt_snr",
         min_snr_gamma: float = 5.0,
         time_range: tuple[int, int] | None = None,
         label_dropout: float = 0.1,
-        optimizer: str = "adam",
+        optimizer: Literal["adam", "adamw"] = "adam",
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
@@ -78,59 +62,45 @@ class PDMModule(L.LightningModule):
         init_from: str | None = None,
     ) -> None:
         super().__init__()
-        if target not in TARGETS:
-            raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
-        if optimizer not in ("adam", "adamw"):
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose adam or adamw")
-        if not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        _check_arguments(target, weighting, optimizer, label_dropout, lr, warmup_steps)
         lo, hi = (0, num_timesteps - 1) if time_range is None else (int(time_range[0]), int(time_range[1]))
         if not 0 <= lo <= hi <= num_timesteps - 1:
             raise ValueError(f"time_range {time_range} must satisfy 0 <= start <= end <= {num_timesteps - 1}")
-        self.save_hyperparameters(ignore=["init_from"])
+        self.save_hyperparameters(ignore=["net", "init_from"])
+        self.hparams["net"] = {"class_path": "pdm.nn.UNet", "init_args": dict(net.config)}
         self.time_range = (lo, hi)
         self.schedule = build_schedule(schedule, beta_start, beta_end, num_timesteps)
-        self.net = UNet(
-            in_channels=in_channels, image_size=image_size, patch_size=patch_size, model_channels=model_channels,
-            channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
-            attention_resolutions=tuple(attention_resolutions), num_classes=num_classes, dropout=dropout,
-        )
+        self.net = net
         # (1 - beta) products as a buffer so they follow the module's device
         self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod.float(), persistent=False)
         self._last_batch_time: float | None = None
         if init_from is not None:
-            self.load_network_from(init_from)
-
-    @classmethod
-    def config_from(cls, hparams: dict) -> dict:
-        """The constructor arguments found in a checkpoint's hyper-parameters (LightningCLI adds
-        keys of its own, such as _class_path; init_from only matters when training starts)."""
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "init_from"}
-        return {k: v for k, v in hparams.items() if k in accepted}
+            load_net_state(self.net, load_checkpoint(init_from)["state_dict"], init_from)
 
     # network -----------------------------------------------------------------------------
     def forward(self, x: Tensor, t_label: Tensor, y: Tensor | None = None) -> Tensor:
         """The raw network output (of kind ``target``) at discrete labels ``t_label``."""
         return self.net(x, t_label, y)
 
-    def model_fn(self):
+    def model_fn(self) -> Callable[..., Tensor]:
         """A ``model_fn(x, t, y=None)`` in continuous time for :func:`pdm.sampling.sample`."""
-
-        def fn(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-            label = self.schedule.label(t.double()).to(x.device, torch.float32)
-            return self.net(x.to(self.dtype), label, y).to(x.dtype)
-
-        return fn
-
-    def load_network_from(self, path: str) -> None:
-        """Initialise the network from the (EMA) weights of another checkpoint of the same architecture."""
-        from pdm.checkpoints import load_checkpoint, load_net_state
-
-        load_net_state(self.net, load_checkpoint(path)["state_dict"], path)
+        return network_model_fn(self.net, self.schedule)
 
     # training --------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Check the data against the network before the first step (a mismatch would train garbage)."""
+        data = getattr(self.trainer, "datamodule", None)
+        net = self.net
+        for attr, want in (("image_size", net.image_size), ("channels", net.in_channels)):
+            have = getattr(data, attr, None)
+            if have is not None and have != want:
+                raise ValueError(f"the data has {attr}={have} but the network was built for {attr}={want}; "
+                                 f"set model.net.init_args.{'in_channels' if attr == 'channels' else attr}: {have}")
+        classes = getattr(data, "num_classes", None)
+        if classes is not None and net.num_classes is not None and classes != net.num_classes:
+            raise ValueError(f"the data has {classes} classes but the network {net.num_classes}; "
+                             f"set model.net.init_args.num_classes: {classes}")
+
     def noised_batch(self, x0: Tensor, generator: torch.Generator | None = None):
         """Draw n, eps and x_t for a batch; returns (x_t, labels, eps, alpha, sigma)."""
         lo, hi = self.time_range
@@ -143,10 +113,10 @@ class PDMModule(L.LightningModule):
 
     def drop_labels(self, y: Tensor | None) -> Tensor | None:
         """Replace a ``label_dropout`` fraction of labels by the null label (index num_classes)."""
-        if y is None or self.hparams.num_classes is None:
+        if y is None or self.net.num_classes is None:
             return None
         drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
-        return torch.where(drop, torch.full_like(y, self.hparams.num_classes), y)
+        return torch.where(drop, torch.full_like(y, self.net.num_classes), y)
 
     def loss_per_sample(self, x0: Tensor, y: Tensor | None,
                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -158,13 +128,11 @@ class PDMModule(L.LightningModule):
         return loss, n
 
     def _split(self, batch) -> tuple[Tensor, Tensor | None]:
-        if isinstance(batch, (list, tuple)):
-            x0, y = batch[0], batch[1] if len(batch) > 1 else None
-        else:
-            x0, y = batch, None
-        if self.hparams.num_classes is None:
-            y = None
-        return x0, y
+        x0, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (list, tuple)) else (batch, None)
+        if x0.shape[-2:] != (self.net.image_size, self.net.image_size):
+            raise ValueError(f"a batch of {tuple(x0.shape[-2:])} images reached a network built for "
+                             f"{self.net.image_size}x{self.net.image_size}; make data.image_size and the network's agree")
+        return x0, (y if self.net.num_classes is not None else None)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0, y = self._split(batch)
@@ -177,16 +145,19 @@ class PDMModule(L.LightningModule):
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True)
         if self._is_logging_step():  # per-step values are only recorded on logging steps; skip the syncs otherwise
-            buckets = (n * NUM_LOSS_BUCKETS // self.hparams.num_timesteps).clamp(max=NUM_LOSS_BUCKETS - 1)
-            for b in range(NUM_LOSS_BUCKETS):
-                sel = buckets == b
-                if sel.any():
-                    self.log(f"train/loss_t{b}", losses[sel].mean())
-        now = time.perf_counter()
-        if self._last_batch_time is not None:
-            self.log("train/images_per_second", x0.shape[0] / max(now - self._last_batch_time, 1e-9))
-        self._last_batch_time = now
+            self._log_loss_buckets(losses, n)
+            now = time.perf_counter()
+            if self._last_batch_time is not None:
+                self.log("train/images_per_second", x0.shape[0] / max(now - self._last_batch_time, 1e-9))
+        self._last_batch_time = time.perf_counter()
         return loss
+
+    def _log_loss_buckets(self, losses: Tensor, n: Tensor) -> None:
+        buckets = (n * NUM_LOSS_BUCKETS // self.hparams.num_timesteps).clamp(max=NUM_LOSS_BUCKETS - 1)
+        for b in range(NUM_LOSS_BUCKETS):
+            sel = buckets == b
+            if sel.any():
+                self.log(f"train/loss_t{b}", losses[sel].mean())
 
     def _is_logging_step(self) -> bool:
         trainer = self._trainer
@@ -207,3 +178,20 @@ class PDMModule(L.LightningModule):
         warmup = max(1, self.hparams.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _check_arguments(target: str, weighting: str, optimizer: str, label_dropout: float, lr: float,
+                     warmup_steps: int) -> None:
+    """A ValueError naming the fix for a bad training setting, before anything is built."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+    if optimizer not in ("adam", "adamw"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose adam or adamw")
+    if not 0.0 <= label_dropout < 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+    if not (lr > 0 and lr < float("inf")):
+        raise ValueError(f"lr must be a positive finite number, got {lr}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")

@@ -1,4 +1,4 @@
-"""An offline feature space for the embedded digits: their native 8x8 grey levels.
+"""Offline evaluation of the embedded digits: their native 8x8 grey levels as features.
 
 The UCI digits are 8x8 images with 17 grey levels; our 32x32 versions are bilinear upsamplings.
 Average-pooling back to 8x8 gives a 64-dimensional feature that needs no downloaded network.
@@ -40,3 +40,15 @@ def digits_reference_images(image_size: int = 32) -> torch.Tensor:
 
     x, _ = load_digits_tensor(image_size)
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def digits_fd_baseline(num: int, seed: int = 0):
+    """Reference statistics of all digits, and the FD of ``num`` random real digits to them
+    (what a perfect model would score with ``num`` samples)."""
+    from pdm.metrics.fid import compute_stats, fid_against
+
+    ref_images = digits_reference_images().numpy()
+    metric = digits_fd_metric()
+    stats = compute_stats(metric, ref_images)
+    idx = torch.randperm(len(ref_images), generator=torch.Generator().manual_seed(seed))[:num].numpy()
+    return stats, fid_against(metric, stats, ref_images[idx])
