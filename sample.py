@@ -1,65 +1,68 @@
-"""Sample a trained PDM: ``python sample.py --ckpt runs/digits/.../last.ckpt --num-samples 64 --out samples/``.
+"""Sample a trained PDM: ``python sample.py --ckpt runs/digits/checkpoints/last.ckpt --num-samples 64 --out samples/``.
 
-Writes DIR/grid.png, DIR/samples.npz (arr_0: uint8 NHWC, arr_1: labels when conditional) and
-DIR/stats.json. Image i's noise (and label) derive from (seed, i) alone, so the batch size,
-an interrupted run or a split across machines never changes the images. Large runs are
-written in shards under DIR/shards/; a re-run skips the shards already finished.
+Writes DIR/grid.png, DIR/samples.npz (arr_0: uint8 NHWC, arr_1: labels when conditional),
+DIR/stats.json and DIR/run.json. Image i's noise (and label) derive from (seed, i) alone, so the
+batch size, an interrupted run or a split across machines never changes the images.
+
+Images are made in shards of --shard-size under DIR/shards/. run.json records what produced
+them (checkpoint hashes, every setting that changes pixels, the sampling code's fingerprint):
+re-running the same command resumes, skipping finished shards; other settings stop with exit
+code 2 unless --overwrite starts afresh. --num-shards K --shard-index i makes only the shards
+i, i+K, i+2K, ... (one machine's part); --merge PART_DIR ... --out DIR joins parts whose
+run.json agree.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pdm.sampling import METHODS, SOLVERS, AdaptiveSkip
+from pdm.sampling import METHODS, SOLVERS, AdaptiveSkip, SkipPath, check_settings
+from pdm.sampling.sampler import SOLVER_ORDERS, SOLVER_TYPES
 from pdm.schedule import SKIP_TYPES
+
+DEFAULT_ORDER = {"ipndm": 4}  # else 2 (1 for ddim / ddpm)
+SEED_LIMIT = 2**32  # (seed << 32) + index seeds torch's 64-bit generator
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line flags."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", action="append", required=True, help="checkpoint; give two for a high/low-noise expert pair")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--ckpt", action="append", help="checkpoint or export; give two for a high/low-noise expert pair")
+    p.add_argument("--out", required=True, help="output folder (a run's own; see --overwrite)")
     p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard file (resumable unit)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--solver", default="dpmsolver++", choices=SOLVERS)
-    p.add_argument("--order", type=int, default=2)
-    p.add_argument("--method", default="multistep", choices=METHODS)
-    p.add_argument("--skip-type", default="time_uniform", choices=SKIP_TYPES)
+    p.add_argument("--batch-size", type=int, default=64, help="images per network batch (does not change the images)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per shard file (the resumable unit)")
+    p.add_argument("--steps", type=int, default=None, help="solver steps (default 20)")
+    p.add_argument("--solver", default=None, choices=SOLVERS, help="default dpmsolver++")
+    p.add_argument("--order", type=int, default=None, help="solver order (default 2; iPNDM 4)")
+    p.add_argument("--method", default=None, choices=METHODS, help="default multistep")
+    p.add_argument("--skip-type", default=None, choices=SKIP_TYPES, help="time grid (default time_uniform)")
     p.add_argument("--solver-type", default=None, choices=["dpmsolver", "taylor", "midpoint", "heun", "bh1", "bh2"])
     p.add_argument("--denoise-to-zero", action="store_true")
     p.add_argument("--thresholding", action="store_true", help="dynamic thresholding of x0 (0.995, max 1)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (PDM: 1.5)")
     p.add_argument("--labels", type=int, nargs="+", default=None, help="class labels to cycle through (default: random)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-threshold", type=float, default=None, help="adaptive step skipping threshold (e.g. 0.01)")
-    p.add_argument("--max-skips", type=int, default=4)
-    p.add_argument("--skip-warmup", type=int, default=4)
+    p.add_argument("--skip-threshold", type=float, default=None, help="adaptive step skipping: its threshold")
+    p.add_argument("--max-skips", type=int, default=None)
+    p.add_argument("--skip-warmup", type=int, default=None)
     p.add_argument("--skip-shared", action="store_true", help="one skip decision per batch (official behaviour)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--progress", action="store_true")
+    p.add_argument("--skip-official", action="store_true", help="AdaptiveDiffusion as published (latent test, reuse)")
+    p.add_argument("--skip-path", default=None, help="replay a calibrated SkipPath JSON (it fixes the solver settings)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--num-shards", type=int, default=1, help="split the shards over K invocations ...")
+    p.add_argument("--shard-index", type=int, default=0, help="... this one makes shards i, i+K, i+2K, ...")
+    p.add_argument("--merge", nargs="+", default=None, metavar="PART_DIR", help="join finished parts into --out")
+    p.add_argument("--overwrite", action="store_true", help="discard what --out holds and start afresh")
+    p.add_argument("--progress", action="store_true", help="a progress bar per batch")
     return p.parse_args(argv)
-
-
-def noise_and_label(seed: int, index: int, shape: tuple[int, ...], num_classes: int | None,
-                    labels: list[int] | None) -> tuple[torch.Tensor, int]:
-    """The starting noise and label of image ``index``: a function of (seed, index) only."""
-    g = torch.Generator().manual_seed((seed << 32) + index)
-    noise = torch.randn(shape, generator=g)
-    if num_classes is None:
-        return noise, -1
-    if labels:
-        return noise, labels[index % len(labels)]
-    return noise, int(torch.randint(0, num_classes, (1,), generator=g))
 
 
 def _fail(message: str) -> None:
@@ -67,109 +70,164 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def resolve_settings(args: argparse.Namespace, given: set[str]) -> dict:
+    """The solver settings of the run, from the flags (or a skip path), with every flag that
+    would do nothing in its context rejected. Raises ValueError naming the fix."""
+    s = {"steps": args.steps, "solver": args.solver, "order": args.order, "method": args.method,
+         "skip_type": args.skip_type, "solver_type": args.solver_type}
+    if args.skip_path is not None:
+        path = SkipPath.load(args.skip_path)
+        for key, value in path.settings.items():
+            if key in s:
+                if s[key] is not None and s[key] != value:
+                    raise ValueError(f"--{key.replace('_', '-')} {s[key]} conflicts with the skip path's {value}; drop it")
+                s[key] = value
+        s["steps"] = s["steps"] or len(path.evaluate)
+        if len(path.evaluate) != s["steps"]:
+            raise ValueError(f"the skip path has {len(path.evaluate)} steps, not --steps {s['steps']}")
+    s["steps"] = 20 if s["steps"] is None else s["steps"]
+    s["solver"] = s["solver"] or "dpmsolver++"
+    s["method"] = s["method"] or "multistep"
+    s["skip_type"] = s["skip_type"] or "time_uniform"
+    solver = s["solver"]
+    if solver in ("ddim", "ddpm") and "order" in given:
+        raise ValueError(f"--order does nothing with --solver {solver} (first order); drop it")
+    s["order"] = s["order"] or (1 if solver in ("ddim", "ddpm") else DEFAULT_ORDER.get(solver, 2))
+    if s["solver_type"] is not None and (solver not in SOLVER_TYPES or s["order"] == 1):
+        raise ValueError(f"--solver-type does nothing with --solver {solver} at order {s['order']}; drop it")
+    s["solver_type"] = check_settings(solver, s["method"], s["order"], s["steps"], s["skip_type"], "eps", s["solver_type"])
+    if solver not in SOLVER_TYPES:
+        s["solver_type"] = None
+    if s["order"] not in SOLVER_ORDERS[solver]:
+        raise ValueError(f"--order {s['order']} is not available for {solver}")
+    return s
+
+
+def skip_config(args: argparse.Namespace, given: set[str]) -> AdaptiveSkip | SkipPath | None:
+    """The skipping asked for, or None; flags that would do nothing are rejected."""
+    tuning = {"max_skips", "skip_warmup", "skip_shared", "skip_official"} & given
+    if args.skip_path is not None:
+        if args.skip_threshold is not None or tuning:
+            raise ValueError("a --skip-path fixes the skipped steps; drop --skip-threshold and the other skip flags")
+        return SkipPath.load(args.skip_path)
+    if args.skip_threshold is None:
+        if tuning:
+            raise ValueError(f"--{sorted(tuning)[0].replace('_', '-')} does nothing without --skip-threshold; drop it "
+                             "or add --skip-threshold")
+        return None
+    kw = {k: v for k, v in (("max_skips", args.max_skips), ("warmup", args.skip_warmup)) if v is not None}
+    if args.skip_official:
+        return AdaptiveSkip.official(args.skip_threshold, per_sample=not args.skip_shared, **kw)
+    return AdaptiveSkip(args.skip_threshold, per_sample=not args.skip_shared, **kw)
+
+
+def check_flags(args: argparse.Namespace, given: set[str]) -> tuple[dict, AdaptiveSkip | SkipPath | None, torch.device]:
+    """Every check that needs no checkpoint, before anything is loaded or written."""
+    if not str(args.out).strip():
+        raise ValueError("--out is empty; name an output folder")
+    if args.num_samples < 1 or args.batch_size < 1 or args.shard_size < 1:
+        raise ValueError("--num-samples, --batch-size and --shard-size must be positive")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be in [0, 2^32), got {args.seed}")
+    if not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
+        raise ValueError(f"--shard-index must be in [0, --num-shards), got {args.shard_index} of {args.num_shards}")
+    settings = resolve_settings(args, given)
+    skip = skip_config(args, given)
+    if skip is not None and settings["method"] == "adaptive":
+        raise ValueError("step skipping cannot be combined with --method adaptive; use multistep or singlestep")
+    return settings, skip, parse_device(args.device)
+
+
+def parse_device(name: str | None) -> torch.device:
+    """A usable torch device, or a ValueError naming the choices."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name!r} is not supported; use cpu or cuda")
+    return device
+
+
+def run_identity(args: argparse.Namespace, settings: dict, skip, ckpt_hashes: list[str]) -> dict:
+    """Everything that decides which images land in the shards (see :mod:`pdm.outputs`)."""
+    from pdm import __version__
+    from pdm.outputs import code_fingerprint
+
+    skip_desc = None if skip is None else {"kind": type(skip).__name__, **json.loads(json.dumps(skip.__dict__, default=str))}
+    return {"pdm_version": __version__, "code": code_fingerprint(), "checkpoints": sorted(ckpt_hashes),
+            "settings": {**settings, "denoise_to_zero": args.denoise_to_zero, "thresholding": args.thresholding,
+                         "guidance_scale": args.guidance_scale, "labels": args.labels, "seed": args.seed,
+                         "skip": skip_desc},
+            "num_samples": args.num_samples, "shard_size": args.shard_size}
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Sample, write the outputs and return the stats."""
+    """Sample (or merge parts), write the outputs and return the stats."""
     args = parse_args(argv)
-    from pdm.atomic import atomic_write
+    given = {a.lstrip("-").replace("-", "_").split("=")[0] for a in (argv if argv is not None else sys.argv[1:])
+             if a.startswith("--")}
+    try:
+        if args.merge is not None:
+            from pdm.outputs import merge_parts
+
+            if not str(args.out).strip():
+                raise ValueError("--out is empty; name an output folder")
+            return merge_parts([Path(p) for p in args.merge], Path(args.out))
+        if not args.ckpt:
+            raise ValueError("--ckpt is required (or --merge PART_DIR ...)")
+        settings, skip, device = check_flags(args, given)
+        return sample_run(args, settings, skip, device)
+    except ValueError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail("interrupted; finished shards are kept in --out, re-run the same command to resume")
+    raise AssertionError("unreachable")
+
+
+def sample_run(args: argparse.Namespace, settings: dict, skip, device: torch.device) -> dict:
+    """Load the model, make this invocation's shards and, once all exist, the final outputs."""
     from pdm.checkpoints import load_for_sampling
-    from pdm.images import save_grid, to_uint8
+    from pdm.outputs import file_sha256, make_shard, prepare_out, shard_paths, write_manifest, write_outputs
     from pdm.sampling import sample
 
-    if args.num_samples < 1 or args.batch_size < 1 or args.shard_size < 1:
-        _fail("--num-samples, --batch-size and --shard-size must be positive")
-    from pdm.sampling import check_settings
-
-    try:  # solver settings are checked before anything is loaded or written
-        check_settings(args.solver, args.method, args.order, args.steps, args.skip_type, "eps", args.solver_type)
-        if args.skip_threshold is not None and args.method == "adaptive":
-            raise ValueError("--skip-threshold cannot be combined with --method adaptive; use multistep or singlestep")
-    except ValueError as e:
-        _fail(str(e))
-    out = Path(args.out)
-    try:
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        _fail(f"cannot write to output folder {out}: {e.strerror}; choose another --out")
-    try:
-        skip = None
-        if args.skip_threshold is not None:
-            skip = AdaptiveSkip.official(args.skip_threshold, args.max_skips, args.skip_warmup, per_sample=not args.skip_shared)
-        loaded = load_for_sampling(args.ckpt, args.guidance_scale, args.device)
-    except ValueError as e:
-        _fail(str(e))
+    loaded = load_for_sampling(args.ckpt, args.guidance_scale, device)
     if args.labels is not None:
         if loaded.num_classes is None:
-            _fail("--labels given for an unconditional model; drop --labels")
+            raise ValueError("--labels given for an unconditional model; drop --labels")
         bad = [y for y in args.labels if not 0 <= y < loaded.num_classes]
         if bad:
-            _fail(f"class labels {bad} are out of range for {loaded.num_classes} classes (use 0..{loaded.num_classes - 1})")
+            raise ValueError(f"class labels {bad} are out of range for {loaded.num_classes} classes "
+                             f"(use 0..{loaded.num_classes - 1})")
+    out = Path(args.out)
+    identity = run_identity(args, settings, skip, [file_sha256(p) for p in args.ckpt])
+    prepare_out(out, identity, args.overwrite)
+    write_manifest(out, identity, {"device": str(device), "batch_size": args.batch_size, "torch": torch.__version__,
+                                   "model": loaded.config, "ckpt": list(args.ckpt)})
+    sample_batch = partial(sample, loaded.model_fn, schedule=loaded.schedule, prediction=loaded.prediction, skip=skip,
+                           denoise_to_zero=args.denoise_to_zero, thresholding=args.thresholding, progress=args.progress,
+                           **{k: v for k, v in settings.items() if v is not None})
     shape = (loaded.in_channels, loaded.image_size, loaded.image_size)
-    settings = {k: v for k, v in vars(args).items() if k not in ("progress",)}
-    num_shards = (args.num_samples + args.shard_size - 1) // args.shard_size
-    sample_seconds, nfe_sum, images_done, evaluated_masks = 0.0, 0.0, 0, []
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    for k in range(num_shards):
-        shard_path = out / "shards" / f"shard_{k:05d}.npz"
-        start, stop = k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples)
-        if shard_path.exists():
-            continue  # finished by an earlier run
-        images, labels, nfes = [], [], []
-        for b0 in range(start, stop, args.batch_size):
-            idx = range(b0, min(b0 + args.batch_size, stop))
-            pairs = [noise_and_label(args.seed, i, shape, loaded.num_classes, args.labels) for i in idx]
-            noise = torch.stack([p[0] for p in pairs]).to(args.device)
-            kwargs = {}
-            if loaded.num_classes is not None:
-                kwargs["y"] = torch.tensor([p[1] for p in pairs], device=args.device)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                res = sample(loaded.model_fn, noise, loaded.schedule, steps=args.steps, solver=args.solver,
-                             order=args.order, method=args.method, skip_type=args.skip_type,
-                             prediction=loaded.prediction, denoise_to_zero=args.denoise_to_zero, skip=skip,
-                             solver_type=args.solver_type, thresholding=args.thresholding, model_kwargs=kwargs,
-                             progress=args.progress)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            sample_seconds += time.perf_counter() - t0
-            images.append(to_uint8(res.x))
-            labels += [p[1] for p in pairs]
-            nfes.append(res.nfe_per_sample.cpu().numpy())
-            evaluated_masks.append(res.evaluated.cpu().numpy().T.tolist())
-            nfe_sum += float(res.nfe_per_sample.sum())
-            images_done += len(idx)
-            print(f"images {b0 + len(idx)}/{args.num_samples}  nfe {res.nfe:.2f}", file=sys.stderr, flush=True)
-        arrays = {"images": np.concatenate(images), "labels": np.asarray(labels, dtype=np.int64),
-                  "nfe": np.concatenate(nfes)}
-        atomic_write(shard_path, lambda tmp, a=arrays: np.savez(open(tmp, "wb"), **a))
-    shards = [np.load(out / "shards" / f"shard_{k:05d}.npz") for k in range(num_shards)]
-    all_images = np.concatenate([s["images"] for s in shards])
-    all_labels = np.concatenate([s["labels"] for s in shards])
-    all_nfe = np.concatenate([s["nfe"] for s in shards])
-    arrays = {"arr_0": all_images}
-    if loaded.num_classes is not None:
-        arrays["arr_1"] = all_labels
-    atomic_write(out / "samples.npz", lambda tmp: np.savez(open(tmp, "wb"), **arrays))
-    save_grid(all_images[:64], out / "grid.png", scale=2 if loaded.image_size <= 64 else 1)
-    stats = {
-        "nfe": float(all_nfe.mean()),
-        "seconds": sample_seconds,
-        "images_per_second": images_done / sample_seconds if sample_seconds > 0 else None,
-        "images_sampled_this_run": images_done,
-        "num_samples": int(all_images.shape[0]),
-        "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        "device": str(args.device),
-        "settings": settings,
-        "model": loaded.config,
-    }
-    if skip is not None:
-        stats["evaluated"] = [m for batch in evaluated_masks for m in batch]  # per image, per step
-    atomic_write(out / "stats.json", lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=1, default=str)))
-    print(json.dumps({k: stats[k] for k in ("nfe", "seconds", "images_per_second", "num_samples")}))
-    return stats
+    paths = shard_paths(out, args.num_samples, args.shard_size)
+    done = 0
+    for k, path in enumerate(paths):
+        if k % args.num_shards == args.shard_index and not path.exists():
+            indices = range(k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples))
+            done += make_shard(path, indices, shape, loaded.num_classes, args.seed, args.labels, args.batch_size,
+                               device, lambda noise, kw: sample_batch(noise, model_kwargs=kw))
+    missing = sum(not p.exists() for p in paths)
+    if missing:
+        print(f"part {args.shard_index} of {args.num_shards} done: {len(paths) - missing} of {len(paths)} shards in "
+              f"{out}; when every part is done, join them with `python sample.py --merge PART_DIR ... --out DIR`",
+              file=sys.stderr)
+        return {"images_sampled_this_run": done, "shards_missing": missing}
+    return write_outputs(out, paths, loaded.num_classes is not None, loaded.image_size, done, skip is not None)
 
 
 if __name__ == "__main__":

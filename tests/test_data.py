@@ -66,7 +66,7 @@ def test_image_folder_with_classes_and_unreadable_files_skipped(tmp_path):
 def test_unreadable_image_is_an_error_when_asked(tmp_path):
     _write_images(tmp_path, 1)
     (tmp_path / "broken.png").write_text("x")
-    dm = ImageFolderDataModule(str(tmp_path), image_size=16, skip_unreadable=False, num_workers=0)
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, skip_unreadable=False, num_workers=0, batch_size=1)
     dm.setup("fit")
     with pytest.raises(ValueError, match="skip_unreadable"):
         [dm.train_set[i] for i in range(len(dm.train_set))]
@@ -93,7 +93,7 @@ def test_hugging_face_dataset_from_disk(tmp_path):
 
 
 def test_missing_hub_dataset_and_lsun_name_what_to_download(tmp_path):
-    with pytest.raises(ValueError, match="save_to_disk"):
+    with pytest.raises(ValueError, match="data/prepare_cifar10.py"):
         HFDataModule("data/no_such_dataset").setup("fit")  # fails at once, no hub retries
     with pytest.raises(ValueError, match="church_outdoor_train_lmdb"):
         LSUNDataModule(str(tmp_path)).setup("fit")

@@ -29,7 +29,8 @@ def test_writes_grid_samples_and_stats(tiny_ckpts, tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 0
     saved = json.loads((tmp_path / "stats.json").read_text())
     assert saved["nfe"] == 5 and saved["images_per_second"] > 0 and saved["seconds"] > 0
-    assert saved["settings"]["solver"] == "dpmsolver++" and stats["num_samples"] == 6
+    assert saved["run"]["identity"]["settings"]["solver"] == "dpmsolver++" and stats["num_samples"] == 6
+    assert json.loads((tmp_path / "run.json").read_text())["identity"]["num_samples"] == 6
 
 
 def test_images_do_not_depend_on_batch_size_or_shards(tiny_ckpts, tmp_path):
@@ -86,13 +87,14 @@ def test_adaptive_skipping_flags_report_the_evaluated_mask(tiny_ckpts, tmp_path)
         (["--ckpt", "@notckpt"], "not a readable PyTorch checkpoint"),
         (["--ckpt", "@cond", "--method", "singlestep_fixed", "--order", "3", "--steps", "2"], "needs at least 3 steps"),
         (["--ckpt", "@cond", "--order", "4"], "order must be 1, 2 or 3 for dpmsolver++"),
+        (["--ckpt", "@ckdir"], "is a folder"),
         (["--ckpt", "@cond", "--out", "@file/sub"], "cannot write to output folder"),
     ],
 )
 def test_bad_input_exits_2_with_a_one_line_message(tiny_ckpts, tmp_path, extra, message):
     junk = tmp_path / "junk.ckpt"
     junk.write_text("hello")
-    paths = {**tiny_ckpts, "notckpt": str(junk), "file/sub": str(junk / "sub")}
+    paths = {**tiny_ckpts, "notckpt": str(junk), "file/sub": str(junk / "sub"), "ckdir": str(tmp_path)}
     args = [paths[a[1:]] if a.startswith("@") else a for a in extra]
     if "--out" not in args:
         args += ["--out", str(tmp_path / "o")]
@@ -101,3 +103,127 @@ def test_bad_input_exits_2_with_a_one_line_message(tiny_ckpts, tmp_path, extra, 
     res = run_cli(*args, "--num-samples", "1")
     assert res.returncode == 2
     assert message in res.stderr and "Traceback" not in res.stderr
+
+
+# --- one run per output folder (issue: outputs overwritten, mixed or stale) ----------------------------
+
+BASE = ["--num-samples", "5", "--steps", "3", "--shard-size", "2", "--batch-size", "2"]
+
+
+def _run_in_process(args, capsys):
+    """sample.py's main in this process: (exit code, stderr lines)."""
+    capsys.readouterr()
+    try:
+        sample_cli.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("images ")]
+    return code, err
+
+
+@pytest.mark.parametrize("change", [
+    ["--solver", "unipc"], ["--steps", "4"], ["--guidance-scale", "2"], ["--labels", "1"], ["--seed", "1"],
+    ["--num-samples", "6"], ["--shard-size", "3"], ["@other_ckpt"],
+])
+def test_rerun_with_other_settings_refuses_and_overwrite_equals_a_fresh_run(tiny_ckpts, tmp_path, capsys, change):
+    first = ["--ckpt", tiny_ckpts["cond"], *BASE, "--out", tmp_path / "out"]
+    assert _run_in_process(first, capsys)[0] == 0
+    before = (tmp_path / "out" / "samples.npz").read_bytes()
+    if change == ["@other_ckpt"]:
+        changed = ["--ckpt", tiny_ckpts["low"], "--ckpt", tiny_ckpts["high"], *BASE, "--out", tmp_path / "out"]
+    else:
+        changed = _replace(first, change)
+    code, err = _run_in_process(changed, capsys)
+    assert code == 2 and len(err) <= 3 and "other settings" in err[-1] and "--overwrite" in err[-1]
+    assert (tmp_path / "out" / "samples.npz").read_bytes() == before  # nothing touched
+    assert _run_in_process(changed + ["--overwrite"], capsys)[0] == 0
+    fresh = _replace(changed, ["--out", tmp_path / "fresh"])
+    assert _run_in_process(fresh, capsys)[0] == 0
+    assert (tmp_path / "out" / "samples.npz").read_bytes() == (tmp_path / "fresh" / "samples.npz").read_bytes()
+
+
+def _replace(args, change):
+    """args with the flag of ``change`` set to its value (added when absent)."""
+    args = list(args)
+    flag, value = change
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    return args
+
+
+def test_rerun_with_the_same_settings_resumes_byte_identically(tiny_ckpts, tmp_path, capsys):
+    args = ["--ckpt", tiny_ckpts["cond"], *BASE, "--out", tmp_path / "out"]
+    assert _run_in_process(args, capsys)[0] == 0
+    before = (tmp_path / "out" / "samples.npz").read_bytes()
+    stats = sample_cli.main([str(a) for a in args + ["--batch-size", "5"]])  # another batch size changes nothing
+    assert stats["images_sampled_this_run"] == 0
+    assert (tmp_path / "out" / "samples.npz").read_bytes() == before
+
+
+def test_shards_split_over_two_invocations_merge_to_the_one_run_result(tiny_ckpts, tmp_path, capsys):
+    common = ["--ckpt", tiny_ckpts["cond"], *BASE]
+    assert _run_in_process(common + ["--out", tmp_path / "whole"], capsys)[0] == 0
+    for i in (0, 1):
+        part = sample_cli.main([str(a) for a in common + ["--out", tmp_path / f"part{i}", "--num-shards", "2",
+                                                          "--shard-index", str(i)]])
+        assert part["shards_missing"] > 0 and not (tmp_path / f"part{i}" / "samples.npz").exists()
+    assert _run_in_process(["--merge", tmp_path / "part0", tmp_path / "part1", "--out", tmp_path / "merged"], capsys)[0] == 0
+    assert (tmp_path / "merged" / "samples.npz").read_bytes() == (tmp_path / "whole" / "samples.npz").read_bytes()
+    # parts of different runs do not merge
+    assert _run_in_process(common + ["--seed", "7", "--out", tmp_path / "other", "--num-shards", "2",
+                                     "--shard-index", "1"], capsys)[0] == 0
+    code, err = _run_in_process(["--merge", tmp_path / "part0", tmp_path / "other", "--out", tmp_path / "bad"], capsys)
+    assert code == 2 and "different settings" in err[-1]
+    code, err = _run_in_process(["--merge", tmp_path / "part0", "--out", tmp_path / "bad2"], capsys)
+    assert code == 2 and "missing" in err[-1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--guidance-scale", "nan"], "finite"),
+    (["--guidance-scale", "inf"], "finite"),
+    (["--skip-threshold", "nan"], "finite"),
+    (["--out", ""], "--out is empty"),
+    (["--seed", str(2**32)], "--seed must be in"),
+    (["--device", "banana"], "not a device"),
+    (["--solver", "ddim", "--order", "2"], "--order does nothing"),
+    (["--max-skips", "3"], "does nothing without --skip-threshold"),
+    (["--solver", "ddim", "--solver-type", "taylor"], "--solver-type does nothing"),
+    (["--num-shards", "2", "--shard-index", "2"], "--shard-index must be in"),
+    (["--skip-path", "no/such/path.json"], "does not exist"),
+])
+def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_ckpts, tmp_path, capsys, extra, message):
+    args = ["--ckpt", tiny_ckpts["cond"], "--num-samples", "1", "--steps", "4"]
+    if "--out" not in extra:
+        args += ["--out", tmp_path / "o"]
+    code, err = _run_in_process(args + extra, capsys)
+    assert code == 2 and 1 <= len(err) <= 3 and message in err[-1], err
+    assert not (tmp_path / "o" / "shards").exists() or not any((tmp_path / "o" / "shards").iterdir())
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(tiny_ckpts, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, so --device cuda is valid here")
+    code, err = _run_in_process(["--ckpt", tiny_ckpts["cond"], "--out", tmp_path / "o", "--device", "cuda"], capsys)
+    assert code == 2 and "no CUDA GPU" in err[-1]
+
+
+def test_ctrl_c_keeps_finished_shards_and_exits_2_without_traceback(tiny_ckpts, tmp_path):
+    out = tmp_path / "o"
+    args = ["--ckpt", tiny_ckpts["uncond"], "--num-samples", "400", "--steps", "50", "--batch-size", "2",
+            "--shard-size", "2", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "shards" / "shard_00001.npz").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if not line.startswith("images ")]
+    assert proc.returncode == 2 and "Traceback" not in err and len(lines) <= 3 and "interrupted" in lines[-1]
+    kept = sorted(os.listdir(out / "shards"))
+    assert "shard_00001.npz" in kept and all(np.load(out / "shards" / k)["images"].shape[0] == 2 for k in kept if k.endswith(".npz"))

@@ -179,7 +179,8 @@ def test_every_config_loads_with_print_config(path, capsys):
     assert printed["model"]["net"]["init_args"]["patch_size"] == given["patch_size"]
 
 
-def test_resume_mid_epoch_continues_the_same_data_order(tmp_path):
+@pytest.mark.parametrize("stops", [(6,), (4,), (7,), (3, 6)])
+def test_resume_continues_the_same_data_order_anywhere_in_an_epoch(tmp_path, stops):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     class Recording(PDMModule):
@@ -197,11 +198,13 @@ def test_resume_mid_epoch_continues_the_same_data_order(tmp_path):
         t.fit(m, datamodule=DigitsDataModule(image_size=16, batch_size=400, val_fraction=0.0), ckpt_path=ckpt_path)
         return m.seen
 
-    # 1797 images in batches of 400: 4 batches per epoch; stop at step 6 = mid-epoch 1
-    full = run(str(tmp_path / "full"), 9)
-    first = run(str(tmp_path / "cut"), 6)
-    rest = run(str(tmp_path / "cut"), 9, ckpt_path=str(tmp_path / "cut" / "ckpt" / "last.ckpt"))
-    assert first + rest == full
+    # 1797 images in batches of 400: 4 batches per epoch; stop at the given steps, resume, end at 10
+    full = run(str(tmp_path / "full"), 10)
+    seen, last = [], None
+    for stop in (*stops, 10):
+        seen += run(str(tmp_path / "cut"), stop, ckpt_path=last)
+        last = str(tmp_path / "cut" / "ckpt" / "last.ckpt")
+    assert seen == full
     assert full[0] != full[4]  # epochs are shuffled differently
 
 

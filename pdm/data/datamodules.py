@@ -9,86 +9,93 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, random_split
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset, random_split
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from pdm.data.transforms import ImageTransform
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A shuffle that is a function of (seed, epoch), and can resume part-way through an epoch.
+class EpochShuffle(DistributedSampler):
+    """The training order: a shuffle that is a function of (seed, epoch) alone, this process's
+    share of it under DDP (every ``world_size``-th index), the whole of it otherwise.
 
-    Lightning calls ``set_epoch`` before each epoch. ``resume(epoch, n)`` drops the first n
-    indices of that epoch once, so a run resumed mid-epoch continues where it stopped.
+    It is a DistributedSampler, so Lightning keeps it under DDP and sets its epoch; its epoch
+    is also restored from the data module's checkpoint state before the first batch, because
+    Lightning builds the resumed iterator before it sets the epoch.
     """
 
-    def __init__(self, size: int, seed: int = 0) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-        self._resume: tuple[int, int] | None = None
+    def __init__(self, dataset: Dataset, seed: int = 0, epoch: int = 0) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        super().__init__(dataset, num_replicas=None if distributed else 1, rank=None if distributed else 0,
+                         shuffle=True, seed=seed, drop_last=True)
+        self.set_epoch(epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
-    def resume(self, epoch: int, samples_done: int) -> None:
-        self._resume = (epoch, samples_done)
+class _Loader(StatefulDataLoader):
+    """StatefulDataLoader that can be told to start its epoch afresh whatever state it is given."""
 
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=g).tolist()
-        if self._resume is not None and self._resume[0] == self.epoch:
-            order = order[self._resume[1]:]
-            self._resume = None
-        return iter(order)
+    def __init__(self, *args, ignore_saved_position: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ignore_saved_position = ignore_saved_position
 
-    def __len__(self) -> int:
-        return self.size
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not self.ignore_saved_position:
+            super().load_state_dict(state_dict)
 
 
 class _Base(L.LightningDataModule):
     """Shared loader settings: batch size, workers, a seeded train/val split.
 
-    The training order is a function of (seed, epoch); the number of batches consumed in the
-    current epoch is saved in every checkpoint, so a single-process run resumed mid-epoch sees
-    exactly the batches the uninterrupted run would have seen. (Under DDP, Lightning shards
-    with its distributed sampler, seeded per epoch, and a resumed epoch starts over.)
+    The training loader is torchdata's ``StatefulDataLoader`` over an :class:`EpochShuffle`:
+    how many batches of the epoch were served goes into every checkpoint, so a run resumed
+    mid-epoch sees exactly the batches the uninterrupted run would have seen, in a single
+    process and under DDP (where Lightning puts its distributed sampler, also a function of
+    (seed, epoch), in its place and the loader fast-forwards through the served batches).
     """
 
     def __init__(self, batch_size: int, num_workers: int, val_fraction: float, seed: int) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}; 0 trains on everything")
         self.batch_size, self.num_workers, self.val_fraction, self.seed = batch_size, num_workers, val_fraction, seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._restored: dict | None = None
 
     def _split(self, full: Dataset) -> None:
         n_val = int(len(full) * self.val_fraction)
+        if len(full) - n_val < self.batch_size:
+            raise ValueError(f"{len(full) - n_val} training images are fewer than one batch of {self.batch_size}; "
+                             "lower data.batch_size or data.val_fraction")
         if n_val == 0:
             self.train_set, self.val_set = full, None
             return
         g = torch.Generator().manual_seed(self.seed)
         self.train_set, self.val_set = random_split(full, [len(full) - n_val, n_val], generator=g)
 
-    def train_dataloader(self) -> DataLoader:
-        sampler = EpochShuffleSampler(len(self.train_set), self.seed)
-        resume = getattr(self, "_resume_state", None)
-        if resume:
-            sampler.resume(resume["epoch"], resume["batches_done"] * self.batch_size)
-        return DataLoader(self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def train_dataloader(self) -> StatefulDataLoader:
+        restored = self._restored or {}
+        finished = bool(restored.get("epoch_finished"))  # saved on the last batch: start the next epoch afresh
+        return _Loader(self.train_set, batch_size=self.batch_size, drop_last=True, ignore_saved_position=finished,
+                       sampler=EpochShuffle(self.train_set, self.seed, restored.get("epoch", 0) + finished),
+                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def state_dict(self) -> dict:
-        """Where training stands in the data: the epoch and the batches of it already trained on."""
+        """The epoch training is in and whether it was finished (the loader's own state holds
+        the position inside it)."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return {}
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches_done": int(done) % max(1, trainer.num_training_batches)}
+        return {"epoch": trainer.current_epoch, "epoch_finished": done >= trainer.num_training_batches}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Remember the position to resume from (applied when the train loader is built)."""
-        self._resume_state = state_dict or None
+        """Remember the epoch to resume in (applied when the train loader is built)."""
+        self._restored = dict(state_dict or {})
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
@@ -135,16 +142,19 @@ class _Files(Dataset):
     def __getitem__(self, i: int):
         from PIL import Image, UnidentifiedImageError
 
-        try:
-            with Image.open(self.files[i]) as im:
-                x = self.transform(im)
-        except (UnidentifiedImageError, OSError) as e:
-            if not self.skip_unreadable:
-                raise ValueError(f"cannot read image {self.files[i]}: {e}; delete it or set skip_unreadable: true") from None
-            self.skipped += 1
-            warnings.warn(f"skipped unreadable image {self.files[i]} ({self.skipped} so far in this worker)", stacklevel=2)
-            return self[(i + 1) % len(self)]
-        return (x, self.labels[i]) if self.labels is not None else (x, -1)
+        for j in range(i, i + len(self)):  # an unreadable file is replaced by the next readable one
+            k = j % len(self)
+            try:
+                with Image.open(self.files[k]) as im:
+                    x = self.transform(im)
+                return (x, self.labels[k]) if self.labels is not None else (x, -1)
+            except (UnidentifiedImageError, OSError) as e:
+                if not self.skip_unreadable:
+                    raise ValueError(f"cannot read image {self.files[k]}: {e}; delete it or set skip_unreadable: true") from None
+                self.skipped += 1
+                warnings.warn(f"skipped unreadable image {self.files[k]} ({self.skipped} so far in this worker)",
+                              stacklevel=2)
+        raise ValueError(f"none of the {len(self)} images can be read; check the image folder")
 
 
 class ImageFolderDataModule(_Base):
@@ -213,9 +223,9 @@ class HFDataModule(_Base):
 
         if not os.path.isdir(self.name) and not self.allow_download:
             raise ValueError(
-                f"dataset folder {self.name!r} does not exist. On a machine with internet run "
-                f"`datasets.load_dataset(HUB_NAME).save_to_disk({self.name!r})` (CIFAR-10: uoft-cs/cifar10) and copy "
-                "the folder here, or set data.init_args.allow_download: true to use the Hugging Face hub"
+                f"dataset folder {self.name!r} does not exist; make it with data/prepare_cifar10.py or "
+                "data/prepare_imagenet.py from a local copy (see data/README.md), or set data.init_args.allow_download: "
+                "true to use the Hugging Face hub"
             )
         try:
             if os.path.isdir(self.name):
@@ -249,7 +259,7 @@ class LSUNDataModule(_Base):
         lmdb_dir = Path(self.root) / f"{self.classes}_lmdb"
         if not lmdb_dir.is_dir():
             raise ValueError(f"LSUN LMDB folder {lmdb_dir} is missing; download {self.classes}_lmdb.zip with the "
-                             f"LSUN download script and unzip it into {self.root}")
+                             f"LSUN download script and run data/prepare_lsun.py --source ZIP --out {self.root}")
         from torchvision.datasets import LSUN
 
         transform = ImageTransform(self.image_size, 3, self.random_flip)

@@ -1,0 +1,215 @@
+"""A sampling run's output folder: per-image noise, the run manifest, shards and final files.
+
+    OUT/run.json      what produced the images (identity) and where it ran (info)
+    OUT/shards/       shard_00000.npz ... (images, labels, nfe, seconds, evaluated): the resumable unit
+    OUT/samples.npz   arr_0 uint8 NHWC, arr_1 labels when conditional
+    OUT/grid.png      the first 64 images
+    OUT/stats.json    nfe, seconds, images_per_second, ...
+
+Image i's noise and label depend on (seed, i) only, so shards made by different invocations
+(a resumed run, another machine) fit together; the identity in run.json guards that they
+were made with the same checkpoint, settings and code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pdm.atomic import atomic_write, atomic_write_text
+from pdm.images import save_grid, to_uint8
+
+PIXEL_CODE = ("sampling", "nn", "schedule.py", "patching.py", "objectives.py", "checkpoints.py", "outputs.py")
+
+
+def noise_and_label(seed: int, index: int, shape: tuple[int, ...], num_classes: int | None,
+                    labels: list[int] | None) -> tuple[torch.Tensor, int]:
+    """The starting noise and label of image ``index``: a function of (seed, index) only."""
+    g = torch.Generator().manual_seed((seed << 32) + index)
+    noise = torch.randn(shape, generator=g)
+    if num_classes is None:
+        return noise, -1
+    if labels:
+        return noise, labels[index % len(labels)]
+    return noise, int(torch.randint(0, num_classes, (1,), generator=g))
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_fingerprint() -> str:
+    """A hash of the pdm source that decides the pixels (sampling, network, schedule, noise)."""
+    root = Path(__file__).resolve().parent
+    files = sorted(f for part in PIXEL_CODE
+                   for f in ((root / part).rglob("*.py") if (root / part).is_dir() else [root / part]))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    """'steps 20 -> 10, solver dpmsolver++ -> unipc' for the entries that differ."""
+    def flat(d: dict) -> dict:
+        return {**{k: v for k, v in d.items() if k != "settings"}, **d.get("settings", {})}
+
+    a, b = flat(old), flat(new)
+    diffs = [f"{k} {a.get(k)} -> {b.get(k)}" for k in b if a.get(k) != b.get(k)]
+    return ", ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
+
+
+OUTPUT_FILES = ("shards", "samples.npz", "stats.json", "grid.png", "run.json")
+
+
+def prepare_out(out: Path, identity: dict, overwrite: bool) -> None:
+    """Make ``out`` this run's: resume when its run.json matches, start afresh with ``overwrite``,
+    otherwise a ValueError (nothing is touched)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a folder")
+    held = [p for p in OUTPUT_FILES if (out / p).exists()]
+    if held:
+        old = read_identity(out)
+        if old == identity:
+            return
+        if not overwrite:
+            why = describe_difference(old, identity) if old else "by an unknown run (no readable run.json)"
+            raise ValueError(f"{out} holds samples made with other settings ({why}); use another --out, or pass "
+                             "--overwrite to discard them")
+        for p in held:
+            shutil.rmtree(out / p) if (out / p).is_dir() else (out / p).unlink()
+    try:
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to output folder {out}: {e.strerror}; choose another --out") from None
+
+
+def read_identity(out: Path) -> dict | None:
+    """The identity recorded in ``out/run.json``, or None."""
+    try:
+        return json.loads((out / "run.json").read_text()).get("identity")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_manifest(out: Path, identity: dict, info: dict) -> None:
+    """Record what produces this folder's images (before the first shard is written)."""
+    atomic_write_text(out / "run.json", json.dumps({"identity": identity, "info": info}, indent=1, default=str))
+
+
+def shard_paths(out: Path, num_samples: int, shard_size: int) -> list[Path]:
+    """The shard files of a run, in image order."""
+    return [out / "shards" / f"shard_{k:05d}.npz" for k in range((num_samples + shard_size - 1) // shard_size)]
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write an .npz atomically."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def make_shard(path: Path, indices: range, shape: tuple[int, ...], num_classes: int | None, seed: int,
+               labels: list[int] | None, batch_size: int, device: torch.device,
+               sample_batch: Callable[[torch.Tensor, dict], Any]) -> int:
+    """Sample the images ``indices`` batch by batch and write them as one shard; returns their count.
+
+    ``sample_batch(noise, model_kwargs)`` returns a :class:`pdm.sampling.SampleResult`.
+    """
+    images, shard_labels, nfes, masks, seconds = [], [], [], [], 0.0
+    for b0 in range(indices.start, indices.stop, batch_size):
+        idx = range(b0, min(b0 + batch_size, indices.stop))
+        pairs = [noise_and_label(seed, i, shape, num_classes, labels) for i in idx]
+        noise = torch.stack([p[0] for p in pairs]).to(device)
+        kwargs = {"y": torch.tensor([p[1] for p in pairs], device=device)} if num_classes is not None else {}
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            res = sample_batch(noise, kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        images.append(to_uint8(res.x))
+        shard_labels += [p[1] for p in pairs]
+        nfes.append(res.nfe_per_sample.cpu().numpy())
+        masks.append(res.evaluated.cpu().numpy().T)
+        print(f"images {idx.stop}/{indices.stop}  nfe {res.nfe:.2f}", file=sys.stderr, flush=True)
+    save_npz(path, {"images": np.concatenate(images), "labels": np.asarray(shard_labels, dtype=np.int64),
+                    "nfe": np.concatenate(nfes), "evaluated": np.concatenate(masks), "seconds": np.float64(seconds)})
+    return len(indices)
+
+
+def write_outputs(out: Path, shards: list[Path], conditional: bool, image_size: int, sampled_now: int,
+                  with_masks: bool) -> dict:
+    """samples.npz, grid.png and stats.json from a complete set of shards; returns the stats."""
+    parts = [dict(np.load(p)) for p in shards]
+    images = np.concatenate([p["images"] for p in parts])
+    arrays = {"arr_0": images}
+    if conditional:
+        arrays["arr_1"] = np.concatenate([p["labels"] for p in parts])
+    save_npz(out / "samples.npz", arrays)
+    save_grid(images[:64], out / "grid.png", scale=2 if image_size <= 64 else 1)
+    seconds = float(sum(p["seconds"] for p in parts))
+    stats = {
+        "nfe": float(np.concatenate([p["nfe"] for p in parts]).mean()),
+        "seconds": seconds,
+        "images_per_second": len(images) / seconds if seconds > 0 else None,
+        "images_sampled_this_run": sampled_now,
+        "num_samples": int(len(images)),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        "run": json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else None,
+    }
+    if with_masks:
+        stats["evaluated"] = [m.tolist() for p in parts for m in p["evaluated"]]  # per image, per step
+    atomic_write_text(out / "stats.json", json.dumps(stats, indent=1, default=str))
+    print(json.dumps({k: stats[k] for k in ("nfe", "seconds", "images_per_second", "num_samples")}))
+    return stats
+
+
+def merge_parts(parts: list[Path], out: Path) -> dict:
+    """Join the shards of parts made with ``--num-shards`` into ``out``, after checking that every
+    part's run.json has the same identity and that each shard is present."""
+    identities = [read_identity(p) for p in parts]
+    if any(i is None for i in identities):
+        bad = parts[identities.index(None)]
+        raise ValueError(f"{bad} has no readable run.json; it is not a sample.py output folder")
+    if any(i != identities[0] for i in identities[1:]):
+        other = next(i for i in identities[1:] if i != identities[0])
+        raise ValueError(f"the parts were made with different settings ({describe_difference(identities[0], other)}); "
+                         "merge only parts of one run")
+    identity = identities[0]
+    names = [p.name for p in shard_paths(out, identity["num_samples"], identity["shard_size"])]
+    found = {n: next((p / "shards" / n for p in parts if (p / "shards" / n).exists()), None) for n in names}
+    missing = [n for n, f in found.items() if f is None]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(names)} shards are missing from the parts (first: {missing[0]}); "
+                         "finish every --shard-index first")
+    prepare_out(out, identity, overwrite=False)
+    info = json.loads((parts[0] / "run.json").read_text()).get("info", {})
+    write_manifest(out, identity, {**info, "merged_from": [str(p) for p in parts]})
+    for n, f in found.items():
+        if not (out / "shards" / n).exists():
+            shutil.copyfile(f, out / "shards" / n)
+    first = np.load(out / "shards" / names[0])
+    conditional = bool((first["labels"] >= 0).all())
+    return write_outputs(out, [out / "shards" / n for n in names], conditional, first["images"].shape[1], 0,
+                         identity["settings"].get("skip") is not None)
