@@ -52,6 +52,20 @@ def progress(items: Iterable[T], total: int | None, desc: str) -> Iterator[T]:
     yield from tqdm(items, total=total, desc=desc, unit="img", file=sys.stderr)
 
 
+def dataset_from_rows(rows, features, workdir: Path):
+    """``datasets.Dataset.from_generator`` with its cache in ``workdir`` (not the user's home) and
+    a PrepareError raised inside the generator passed through as itself."""
+    import datasets
+
+    try:
+        return datasets.Dataset.from_generator(rows, features=features, cache_dir=str(workdir))
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, PrepareError):
+            raise cause from None
+        raise
+
+
 def run(main) -> None:
     """Run ``main()``; a PrepareError becomes one line on stderr and exit code 2."""
     try:

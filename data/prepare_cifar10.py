@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import sys
 import tarfile
+from functools import partial
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PrepareError, finish, fresh_output, parser, progress, run  # noqa: E402
+from _common import PrepareError, dataset_from_rows, finish, fresh_output, parser, progress, run  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 EXPECTED = {"train": 50_000, "test": 10_000}
@@ -62,7 +63,7 @@ def from_hugging_face(source: Path):
     return datasets.load_dataset("parquet", data_files={k: v for k, v in splits.items() if v})
 
 
-def build(arrays: dict, limit: int | None):
+def build(arrays: dict, limit: int | None, workdir: Path):
     """A DatasetDict of PNG-encoded images and class labels, with progress."""
     import datasets
 
@@ -73,8 +74,7 @@ def build(arrays: dict, limit: int | None):
         for i in progress(range(n), n, "cifar10"):
             yield {"img": images[i], "label": int(labels[i])}
 
-    return datasets.DatasetDict({split: datasets.Dataset.from_generator(rows, features=features,
-                                                                        gen_kwargs={"images": im, "labels": lb})
+    return datasets.DatasetDict({split: dataset_from_rows(partial(rows, im, lb), features, workdir)
                                  for split, (im, lb) in arrays.items()})
 
 
@@ -105,7 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         is_official = source.is_file() or (source / "data_batch_1").exists() or (source / "cifar-10-batches-py").exists()
         if is_official:
-            ds = build(from_official(source, Path(work)), args.limit)
+            ds = build(from_official(source, Path(work)), args.limit, Path(work))
         else:
             ds = from_hugging_face(source)
             if args.limit:

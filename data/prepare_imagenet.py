@@ -15,15 +15,16 @@ pdm.data.HFDataModule(name="data/imagenet-1k").
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PrepareError, finish, fresh_output, parser, progress, run  # noqa: E402
+from _common import PrepareError, dataset_from_rows, finish, fresh_output, parser, progress, run  # noqa: E402
 
 SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 
-def synset_folder(source: Path, limit: int | None, skip_unreadable: bool):
+def synset_folder(source: Path, limit: int | None, skip_unreadable: bool, workdir: Path):
     """A Dataset from a folder of synset subfolders, with the original bytes of each image."""
     import datasets
     from PIL import Image, UnidentifiedImageError
@@ -51,7 +52,7 @@ def synset_folder(source: Path, limit: int | None, skip_unreadable: bool):
             yield {"image": {"bytes": path.read_bytes(), "path": path.name}, "label": label}
 
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=synsets)})
-    ds = datasets.Dataset.from_generator(rows, features=features)
+    ds = dataset_from_rows(rows, features, workdir)
     if bad:
         print(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}", file=sys.stderr)
     return datasets.DatasetDict({"train": ds}), len(synsets)
@@ -84,18 +85,24 @@ def main() -> None:
         raise PrepareError(f"--source {source} is not a folder; pass ILSVRC2012's train folder or a Hugging Face copy")
     tmp = fresh_output(out, args.overwrite)
     saved = (source / "dataset_dict.json").exists() or (source / "dataset_info.json").exists()
-    if saved or any(source.rglob("*.parquet")):
-        ds, classes = hugging_face_copy(source, args.limit)
-    else:
-        ds, classes = synset_folder(source, args.limit, args.skip_unreadable)
+    with tempfile.TemporaryDirectory() as work:
+        if saved or any(source.rglob("*.parquet")):
+            ds, classes = hugging_face_copy(source, args.limit)
+        else:
+            ds, classes = synset_folder(source, args.limit, args.skip_unreadable, Path(work))
+        _save(ds, classes, args.limit, tmp)
+    finish(tmp, out)
+    print(f"wrote {out}: train {len(ds['train'])} images, {classes} classes")
+
+
+def _save(ds, classes: int | None, limit: int | None, tmp: Path) -> None:
+    """Check the columns and class count the config relies on, then write the dataset."""
     train = ds["train"]
     if "image" not in train.column_names or "label" not in train.column_names:
         raise PrepareError(f"the train split has columns {train.column_names}; expected image and label")
-    if args.limit is None and classes != 1000:
+    if limit is None and classes != 1000:
         raise PrepareError(f"found {classes} classes, ImageNet-1k has 1000; is the copy complete?")
     ds.save_to_disk(str(tmp))
-    finish(tmp, out)
-    print(f"wrote {out}: train {len(train)} images, {classes} classes")
 
 
 if __name__ == "__main__":

@@ -43,3 +43,14 @@ def test_train_resume_and_sample_through_the_clis(tmp_path):
     assert arr["arr_0"].shape == (4, 32, 32, 1) and arr["arr_1"].shape == (4,)
     assert json.loads((out / "stats.json").read_text())["nfe"] == 20
     assert (out / "grid.png").exists()
+
+
+def test_the_smoke_overlay_runs_any_config_quickly_and_leaves_nothing_behind(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "fit", "--config", os.path.join(ROOT, "configs", "digits.yaml"),
+           "--config", os.path.join(ROOT, "configs", "overlays", "smoke.yaml"), *SMALL[:6],
+           "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false"]
+    for _ in range(2):  # repeatable: it writes no checkpoints, so no run folder to collide with
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.ckpt"))
+    assert "digits FD-8x8" not in res.stdout

@@ -127,3 +127,75 @@ def test_step_cost_reports_latency_and_memory_that_scale_with_the_grid():
                                    attention_resolutions=()), batch=2, image_size=32, iters=2)
     assert small["images_per_second"] > 0 and small["peak_cuda_bytes"] is None
     assert large["activation_bytes"] > 8 * small["activation_bytes"]  # 16x the grid cells
+
+
+def test_digits_classifier_reads_real_digits_and_not_noise(digits):
+    from pdm.data import load_digits_tensor
+    from pdm.metrics import classifier_accuracy, real_digits_accuracy
+
+    labels = load_digits_tensor(8)[1].numpy()
+    assert real_digits_accuracy() > 0.98  # cross-validated: the ceiling for generated digits
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (300, 32, 32, 1)).astype(np.uint8)
+    assert classifier_accuracy(noise, labels[:300]) < 0.3
+    shuffled = rng.permutation(labels[:300])
+    assert classifier_accuracy(digits[:300], shuffled) < 0.3  # it reads the images, not the label order
+
+
+def test_digits_fd_command_reports_accuracy_when_labels_are_given(tmp_path, digits):
+    from pdm.data import load_digits_tensor
+    from pdm.metrics.__main__ import main
+
+    labels = load_digits_tensor(8)[1].numpy()
+    pick = np.random.default_rng(1).permutation(len(digits))[:400]  # the file is ordered by writer: draw at random
+    np.savez(tmp_path / "s.npz", arr_0=digits[pick], arr_1=labels[pick])
+    out = main(["digits-fd", "--images", str(tmp_path / "s.npz")])
+    assert out["classifier_accuracy"] > 0.99 and out["fd_ratio_to_floor"] < 1.5
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d, g: _npz(d / "empty.npz", arr_0=np.zeros((0, 32, 32, 1), np.uint8)), "holds 0 images"),
+    (lambda d, g: _npz(d / "one.npz", arr_0=g[:1]), "holds 1 images"),
+    (lambda d, g: _npz(d / "nchw.npz", arr_0=g[:5].transpose(0, 3, 1, 2)), "looks like NCHW"),
+    (lambda d, g: _npz(d / "float.npz", arr_0=g[:5].astype(np.float32) / 255), "expected uint8"),
+    (lambda d, g: _npz(d / "nokey.npz", images=g[:5]), "has no arr_0"),
+    (lambda d, g: _truncated(d, g), "not a readable .npz"),
+    (lambda d, g: _corrupt_folder(d, g), "cannot read image"),
+])
+def test_metrics_cli_rejects_bad_images_in_one_line(tmp_path, capsys, digits, make, message):
+    from pdm.metrics.__main__ import main
+
+    path = make(tmp_path, digits)
+    with pytest.raises(SystemExit) as e:
+        main(["digits-fd", "--images", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0]
+
+
+def _truncated(d, g):
+    _npz(d / "full.npz", arr_0=g[:50])
+    (d / "cut.npz").write_bytes((d / "full.npz").read_bytes()[:300])
+    return d / "cut.npz"
+
+
+def _corrupt_folder(d, g):
+    from PIL import Image
+
+    (d / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(g[i, :, :, 0]).save(d / "imgs" / f"{i}.png")
+    (d / "imgs" / "3.png").write_text("not a png")
+    return d / "imgs"
+
+
+def test_ref_stats_out_that_is_a_folder_is_refused(tmp_path, capsys):
+    from pdm.metrics.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["ref-stats", "--images", "digits", "--feature", "digits", "--out", str(tmp_path)])
+    assert e.value.code == 2 and "is a folder" in capsys.readouterr().err

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -152,3 +154,152 @@ def test_train_cli_bad_input_exits_2_with_one_line(tmp_path, extra, message):
     res = subprocess.run(_train_cmd(tmp_path, 1, *extra), capture_output=True, text=True, cwd=str(tmp_path))
     assert res.returncode == 2
     assert message in res.stderr and "Traceback" not in res.stderr
+
+
+# --- a run owns its folder (issue: outputs overwritten, mixed or stale) ---------------------------------
+
+def _assert_one_error(res, message):
+    """Exit 2, at most three lines on stderr, the last one the error naming ``message``, no traceback."""
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and 1 <= len(lines) <= 3 and "Traceback" not in res.stderr, res.stderr[-1500:]
+    assert "error:" in lines[-1] and message in lines[-1], lines
+
+
+def _train(root, max_steps, *extra, cwd):
+    return subprocess.run(_train_cmd(root, max_steps, *extra), capture_output=True, text=True, cwd=str(cwd), timeout=300)
+
+
+def test_two_runs_keep_their_checkpoints_apart_and_each_resumes_its_own(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _train(a, 2, cwd=tmp_path).returncode == 0
+    snapshot = {f: (a / "checkpoints" / f).read_bytes() for f in os.listdir(a / "checkpoints")}
+    assert _train(b, 3, cwd=tmp_path).returncode == 0
+    assert {f: (a / "checkpoints" / f).read_bytes() for f in os.listdir(a / "checkpoints")} == snapshot  # untouched
+    assert sorted(os.listdir(b / "checkpoints")) == ["last.ckpt", "step=1.ckpt", "step=2.ckpt", "step=3.ckpt"] or \
+        "last.ckpt" in os.listdir(b / "checkpoints")
+    assert load_checkpoint(b / "checkpoints" / "last.ckpt")["global_step"] == 3
+    for root, resumed_from, target in ((a, 2, 4), (b, 3, 5)):
+        res = _train(root, target, "--ckpt_path", "last", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert load_checkpoint(root / "checkpoints" / "last.ckpt")["global_step"] == target
+    assert not any(f.startswith("last-v") for f in os.listdir(a / "checkpoints") + os.listdir(b / "checkpoints"))
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_refuses(tmp_path):
+    assert _train(tmp_path / "run", 1, cwd=tmp_path).returncode == 0
+    before = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
+    res = _train(tmp_path / "run", 2, cwd=tmp_path)
+    _assert_one_error(res, "already holds checkpoints")
+    assert "--ckpt_path last" in res.stderr
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes() == before
+
+
+def test_a_saved_config_reruns_the_run(tmp_path):
+    cmd = _train_cmd(tmp_path / "first", 2)
+    cmd[cmd.index("--trainer.logger") + 1] = "true"  # the config is saved beside the logs
+    assert subprocess.run(cmd, capture_output=True, text=True, cwd=str(tmp_path)).returncode == 0
+    saved = tmp_path / "first" / "lightning_logs" / "version_0" / "config.yaml"
+    text = saved.read_text()
+    assert "Unable to serialize" not in text and "AtomicCheckpointIO" not in text
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "fit", "--config", str(saved),
+                          "--trainer.default_root_dir", str(tmp_path / "again")], capture_output=True, text=True,
+                         cwd=str(tmp_path), timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "again" / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.ckpt", "does not exist"),
+    (lambda d: d, "is a folder"),
+    (lambda d: _write(d / "empty.ckpt", b""), "is empty"),
+    (lambda d: _write(d / "cut.ckpt", (d / "good.ckpt").read_bytes()[:5000]), "not a readable PyTorch checkpoint"),
+    (lambda d: Path(export_safetensors(str(d / "good.ckpt"), str(d / "w.safetensors"))), "holds weights only"),
+])
+def test_bad_ckpt_path_exits_2_with_one_line(tmp_path, make, message):
+    assert _train(tmp_path / "good", 1, cwd=tmp_path).returncode == 0
+    os.replace(tmp_path / "good" / "checkpoints" / "last.ckpt", tmp_path / "good.ckpt")
+    res = _train(tmp_path / "run", 2, "--ckpt_path", str(make(tmp_path)), cwd=tmp_path)
+    _assert_one_error(res, message)
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model.net.init_args.image_size", "64"], "image_size=32 but the network was built for image_size=64"),
+    (["--data.init_args.image_size", "28"], "image_size=28 but the network was built for image_size=32"),
+    (["--data.init_args.val_fraction", "1.0"], "val_fraction must be in [0, 1)"),
+    (["--model.lr", "-1"], "lr must be a positive finite number"),
+    (["--model.lr", "nan"], "model.lr"),
+])
+def test_mismatched_or_empty_training_setups_stop_before_training(tmp_path, extra, message):
+    res = _train(tmp_path / "run", 2, *extra, cwd=tmp_path)
+    _assert_one_error(res, message)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- export, experts, and review findings ----------------------------------------------------------------
+
+def test_export_never_overwrites_its_input_and_needs_the_safetensors_suffix(tiny_ckpts, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "x.ckpt"
+    shutil.copyfile(tiny_ckpts["cond"], ckpt)
+    before = ckpt.read_bytes()
+    for out, message in ((ckpt, "ending in .safetensors"), (tmp_path / "w.pt", "ending in .safetensors")):
+        res = subprocess.run([sys.executable, "-m", "pdm.checkpoints", str(ckpt), str(out)], capture_output=True,
+                             text=True, cwd=ROOT)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+    assert ckpt.read_bytes() == before
+    same = tmp_path / "same.safetensors"
+    shutil.copyfile(ckpt, same)
+    with pytest.raises(ValueError, match="is the checkpoint being exported"):
+        export_safetensors(str(same), str(same), overwrite=True)
+    export_safetensors(str(ckpt), str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match="exists; choose another name or pass --overwrite"):
+        export_safetensors(str(ckpt), str(tmp_path / "w.safetensors"))
+
+
+def test_a_safetensors_file_without_config_names_the_export_command(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(ValueError, match="python -m pdm.checkpoints"):
+        load_checkpoint(tmp_path / "bare.safetensors")
+
+
+def test_experts_with_different_beta_ends_do_not_pair(tmp_path):
+    from conftest import train_tiny
+
+    from pdm.checkpoints import load_for_sampling
+
+    high = train_tiny(str(tmp_path / "high"), steps=1, num_classes=10, time_range=(396, 999))
+    low = train_tiny(str(tmp_path / "low"), steps=1, num_classes=10, time_range=(0, 395), beta_end=0.025)
+    with pytest.raises(ValueError, match="disagree on beta_end"):
+        load_for_sampling([high, low])
+
+
+@pytest.mark.parametrize("time_range, kind", [((396, 999), "x0_at_step396"), ((0, 395), "from_data_noised_to_step395"),
+                                              (None, "samples")])
+def test_an_expert_grid_samples_only_inside_its_own_time_range(time_range, kind):
+    from conftest import tiny_module
+
+    from pdm.training import sample_images
+
+    module = tiny_module(num_classes=10, time_range=time_range)
+    labels_seen = []
+    net_forward = module.net.forward
+
+    def spy(x, t_label, y=None):
+        labels_seen.append(t_label.clone())
+        return net_forward(x, t_label, y)
+
+    module.net.forward = spy
+    start = torch.zeros(4, 1, 16, 16)
+    x, tag = sample_images(module, 4, steps=5, start_images=start)
+    assert tag == kind and x.shape == (4, 1, 16, 16)
+    seen = torch.cat(labels_seen)
+    lo, hi = time_range or (0, 999)
+    assert seen.min().item() >= lo - 0.5 and seen.max().item() <= hi + 0.5

@@ -175,3 +175,8 @@ def test_every_solver_works_on_every_grid(reference):
             errors = [(sample(MIXTURE.model_fn(SCHEDULE), NOISE, SCHEDULE, steps=n, solver=solver, order=order,
                               skip_type=skip_type).x - reference).abs().max().item() for n in (10, 100)]
             assert errors[1] < 3e-2 and errors[1] < errors[0] / 3, (solver, skip_type, errors)
+
+
+def test_adaptive_method_reports_one_row_per_accepted_step():
+    res = sample(MIXTURE.model_fn(SCHEDULE), NOISE[:5], SCHEDULE, solver="dpmsolver++", order=2, method="adaptive")
+    assert res.evaluated.shape == (res.timesteps.numel() - 1, 5) and bool(res.evaluated.all())

@@ -167,14 +167,19 @@ class ImageFolderDataModule(_Base):
         self.root, self.image_size, self.channels = root, image_size, channels
         self.class_conditional, self.random_flip, self.skip_unreadable = class_conditional, random_flip, skip_unreadable
         self.classes: list[str] = []
+        self._check_root()
+
+    def _check_root(self) -> None:
+        if not Path(self.root).is_dir():
+            raise ValueError(f"image folder {self.root!r} does not exist; put the training images there "
+                             "(one subfolder per class for class_conditional; data/prepare_ffhq.py makes FFHQ's) "
+                             "or fix data.init_args.root")
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         root = Path(self.root)
-        if not root.is_dir():
-            raise ValueError(f"image folder {self.root!r} does not exist; put the training images there "
-                             "(one subfolder per class for class_conditional) or fix data.root")
+        self._check_root()
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"image folder {self.root!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -215,18 +220,22 @@ class HFDataModule(_Base):
         self.allow_download = allow_download
         self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
         self.image_size, self.channels, self.random_flip = image_size, channels, random_flip
+        self._check_source()
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        import datasets
-
+    def _check_source(self) -> None:
         if not os.path.isdir(self.name) and not self.allow_download:
             raise ValueError(
                 f"dataset folder {self.name!r} does not exist; make it with data/prepare_cifar10.py or "
                 "data/prepare_imagenet.py from a local copy (see data/README.md), or set data.init_args.allow_download: "
                 "true to use the Hugging Face hub"
             )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        import datasets
+
+        self._check_source()
         try:
             if os.path.isdir(self.name):
                 ds = datasets.load_from_disk(self.name)
@@ -252,14 +261,19 @@ class LSUNDataModule(_Base):
                  batch_size: int = 64, num_workers: int = 4, seed: int = 0) -> None:
         super().__init__(batch_size, num_workers, 0.0, seed)
         self.root, self.classes, self.image_size, self.random_flip = root, classes, image_size, random_flip
+        self._check_lmdb()
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def _check_lmdb(self) -> Path:
         lmdb_dir = Path(self.root) / f"{self.classes}_lmdb"
         if not lmdb_dir.is_dir():
             raise ValueError(f"LSUN LMDB folder {lmdb_dir} is missing; download {self.classes}_lmdb.zip with the "
                              f"LSUN download script and run data/prepare_lsun.py --source ZIP --out {self.root}")
+        return lmdb_dir
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self._check_lmdb()
         from torchvision.datasets import LSUN
 
         transform = ImageTransform(self.image_size, 3, self.random_flip)

@@ -2,7 +2,15 @@
 FD, paired PSNR/SSIM/LPIPS, and the per-step cost of a network."""
 
 from pdm.metrics.cost import measure_step_cost
-from pdm.metrics.digits import DigitsFeatures, digits_fd_baseline, digits_fd_metric, digits_reference_images
+from pdm.metrics.digits import (
+    DigitsFeatures,
+    classifier_accuracy,
+    digits_classifier,
+    digits_fd_baseline,
+    digits_fd_metric,
+    digits_reference_images,
+    real_digits_accuracy,
+)
 from pdm.metrics.fid import (
     DEFAULT_NUM_SAMPLES,
     FeatureStats,
@@ -17,6 +25,8 @@ from pdm.metrics.quality import paired_quality
 __all__ = [
     "DEFAULT_NUM_SAMPLES",
     "DigitsFeatures",
+    "classifier_accuracy",
+    "digits_classifier",
     "FeatureStats",
     "compute_stats",
     "digits_fd_baseline",
@@ -28,4 +38,5 @@ __all__ = [
     "make_fid",
     "measure_step_cost",
     "paired_quality",
+    "real_digits_accuracy",
 ]

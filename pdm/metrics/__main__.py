@@ -2,7 +2,7 @@
 
     python -m pdm.metrics ref-stats --images DATA --out ref.npz [--feature inception|digits]
     python -m pdm.metrics fid --images samples.npz --ref ref.npz [--feature inception|digits]
-    python -m pdm.metrics digits-fd --images samples.npz
+    python -m pdm.metrics digits-fd --images samples.npz   # + classifier accuracy when arr_1 holds labels
     python -m pdm.metrics paired --images samples.npz --ref full_steps.npz [--lpips]
 
 DATA is a samples.npz (arr_0, uint8 NHWC), an image folder, or ``digits`` (the embedded set).
@@ -14,14 +14,23 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
 
-def _images(spec: str) -> np.ndarray:
+def _images(spec: str, min_images: int = 2) -> np.ndarray:
     from pdm.metrics import digits_reference_images, load_images
 
-    return digits_reference_images().numpy() if spec == "digits" else load_images(spec)
+    return digits_reference_images().numpy() if spec == "digits" else load_images(spec, min_images)
+
+
+def _labels(spec: str) -> np.ndarray | None:
+    """arr_1 of a samples.npz, if it has one."""
+    if not spec.endswith(".npz"):
+        return None
+    with np.load(spec, allow_pickle=False) as z:
+        return z["arr_1"] if "arr_1" in z else None
 
 
 def _metric(feature: str, weights: str | None):
@@ -48,11 +57,12 @@ def main(argv: list[str] | None = None) -> dict:
         if name == "paired":
             s.add_argument("--lpips", action="store_true")
     args = p.parse_args(argv)
-    from pdm.metrics import FeatureStats, compute_stats, fid_against, paired_quality
-    from pdm.metrics import digits_fd_baseline
+    from pdm.metrics import FeatureStats, compute_stats, digits_fd_baseline, fid_against, paired_quality
 
     try:
         if args.command == "ref-stats":
+            if Path(args.out).is_dir():
+                raise ValueError(f"--out {args.out} is a folder; give a file name such as ref.npz")
             stats = compute_stats(_metric(args.feature, args.inception_weights), _images(args.images))
             stats.save(args.out)
             result = {"out": args.out, "n": stats.n, "dims": int(stats.mu.shape[0])}
@@ -63,14 +73,18 @@ def main(argv: list[str] | None = None) -> dict:
             if len(images) < 50_000 and args.feature == "inception":
                 result["note"] = "fewer than 50,000 images: FID is biased upward; report 50k-sample numbers"
         elif args.command == "digits-fd":
-            from pdm.metrics import digits_fd_metric
+            from pdm.metrics import classifier_accuracy, digits_fd_metric
 
             images = _images(args.images)
             stats, baseline = digits_fd_baseline(len(images))
             result = {"fd8x8": fid_against(digits_fd_metric(), stats, images), "real_vs_real_fd8x8": baseline,
                       "num_images": len(images)}
+            result["fd_ratio_to_floor"] = result["fd8x8"] / baseline
+            labels = _labels(args.images)
+            if labels is not None:
+                result["classifier_accuracy"] = classifier_accuracy(images, labels)
         else:
-            result = paired_quality(_images(args.images), _images(args.ref), lpips=args.lpips)
+            result = paired_quality(_images(args.images, 1), _images(args.ref, 1), lpips=args.lpips)
     except ValueError as e:
         print(f"python -m pdm.metrics: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -9,6 +9,7 @@ state, so every later evaluation only passes the generated images through the ne
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,19 +129,54 @@ def fid_against(metric, stats: FeatureStats, images: np.ndarray, batch_size: int
     return float(metric.compute())
 
 
-def load_images(path: str | os.PathLike) -> np.ndarray:
-    """uint8 NHWC images from a ``samples.npz`` (arr_0) or a folder of image files."""
+def load_images(path: str | os.PathLike, min_images: int = 1) -> np.ndarray:
+    """uint8 NHWC images from a ``samples.npz`` (arr_0) or a folder of image files, checked:
+    a ValueError names what is wrong and how to fix it."""
     path = Path(path)
     if path.is_file() and path.suffix == ".npz":
+        images = _npz_images(path)
+    elif path.is_dir():
+        images = _folder_images(path)
+    else:
+        raise ValueError(f"{path} is neither a samples.npz nor a folder of images")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        hint = "; it looks like NCHW: transpose to NHWC" if images.ndim == 4 and images.shape[1] in (1, 3) else ""
+        raise ValueError(f"{path} holds images of shape {images.shape}; expected (N, H, W, 1 or 3){hint}")
+    if images.dtype != np.uint8:
+        lo, hi = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
+        raise ValueError(f"{path} holds {images.dtype} images in [{lo:.3g}, {hi:.3g}], expected uint8 in [0, 255]; "
+                         "convert them with (x * 255).round().astype(np.uint8) for [0, 1] data")
+    if len(images) < min_images:
+        raise ValueError(f"{path} holds {len(images)} images; this needs at least {min_images}")
+    return images
+
+
+def _npz_images(path: Path) -> np.ndarray:
+    try:
         with np.load(path, allow_pickle=False) as z:
+            if "arr_0" not in z:
+                raise ValueError(f"{path} has no arr_0 (keys: {', '.join(z.files) or 'none'}); pass a samples.npz "
+                                 "written by sample.py")
             return z["arr_0"]
-    if path.is_dir():
-        from PIL import Image
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}); it may be truncated") from None
 
-        from pdm.data.datamodules import IMAGE_SUFFIXES
 
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise ValueError(f"{path} holds no images")
-        return np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-    raise ValueError(f"{path} is neither a samples.npz nor a folder of images")
+def _folder_images(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    from pdm.data.datamodules import IMAGE_SUFFIXES
+
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except (UnidentifiedImageError, OSError):
+            raise ValueError(f"cannot read image {f}; delete or replace it") from None
+    if len({im.shape for im in images}) > 1:
+        raise ValueError(f"the images under {path} differ in size; resize them to one size first")
+    return np.stack(images)
