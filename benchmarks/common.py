@@ -1,4 +1,8 @@
-"""Helpers shared by the benchmark scripts: models to test on, tables and plots."""
+"""Helpers shared by the benchmark scripts: models, seeds, references, tables and plots.
+
+Seeds are split by purpose and never shared: images scored in a benchmark use SCORE_SEEDS,
+anything tuned or calibrated uses CALIBRATION_SEEDS (a test checks they are disjoint).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,20 @@ import glob
 import json
 import os
 import platform
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from pdm.testing import GaussianMixture
+from pdm.sampling import classifier_free_guidance, sample
 from pdm.schedule import VPSchedule
+from pdm.testing import GaussianMixture
 
 HERE = Path(__file__).resolve().parent
+SCORE_SEEDS = range(0, 100_000)
+CALIBRATION_SEEDS = range(1_000_000, 1_100_000)
 
 
 def machine() -> str:
@@ -23,33 +33,74 @@ def machine() -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def mixture_model(prediction: str = "eps"):
-    """(model_fn, schedule, noise, name) for the exact Gaussian-mixture model on 3x8x8 'images'."""
+@dataclass
+class Bench:
+    """A model to benchmark samplers on: its function, schedule, prediction and sample shape."""
+
+    name: str
+    model_fn: Callable[..., Tensor]
+    schedule: VPSchedule
+    prediction: str
+    shape: tuple[int, ...]
+    num_classes: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def noise(self, seeds: range | list[int]) -> Tensor:
+        """float64 starting noise, one seed per image."""
+        return torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+                            for s in seeds])
+
+    def kwargs(self, seeds: range | list[int]) -> dict[str, Tensor]:
+        """Per-image model arguments (class labels cycle with the seed)."""
+        if self.num_classes is None:
+            return {}
+        return {"y": torch.tensor([s % self.num_classes for s in seeds])}
+
+    def run(self, seeds, **sample_kwargs):
+        """sample() on these seeds."""
+        with torch.no_grad():
+            return sample(self.model_fn, self.noise(seeds), self.schedule, prediction=self.prediction,
+                          model_kwargs=self.kwargs(seeds), **sample_kwargs)
+
+    def reference(self, seeds) -> tuple[Tensor, float]:
+        """An accurate solution of the ODE and the disagreement of two independent ones (RMS):
+        UniPC-3 with 500 logSNR steps, and singlestep DPM-Solver-3 with 600 evaluations."""
+        a = self.run(seeds, steps=500, solver="unipc", order=3, skip_type="logSNR").x
+        b = self.run(seeds, steps=600, solver="dpmsolver", order=3, method="singlestep_fixed", skip_type="logSNR").x
+        return a, rms(a, b)
+
+
+def rms(a: Tensor, b: Tensor) -> float:
+    """RMS difference per pixel."""
+    return float((a.double() - b.double()).pow(2).mean().sqrt())
+
+
+def mixture_bench() -> Bench:
+    """The exact Gaussian-mixture model on 3x8x8 'images' (closed-form eps)."""
     schedule = VPSchedule.linear()
     gm = GaussianMixture.random(components=8, shape=(3, 8, 8), std=0.25, seed=0)
-    noise = torch.randn(64, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    return gm.model_fn(schedule, prediction), schedule, noise, "gaussian_mixture", prediction, {}
+    return Bench("mixture", gm.model_fn(schedule), schedule, "eps", (3, 8, 8))
 
 
 def find_digits_checkpoint(explicit: str | None = None) -> str | None:
-    """The given checkpoint, else the newest ``last.ckpt`` of the digits run, else None."""
+    """The given checkpoint, else the newest ``last.ckpt`` under runs/digits, else None."""
     if explicit:
         return explicit
     found = sorted(glob.glob("runs/digits/**/last.ckpt", recursive=True), key=os.path.getmtime)
     return found[-1] if found else None
 
 
-def digits_model(ckpt: str, num: int = 32):
-    """(model_fn, schedule, noise, name, prediction, kwargs) for a trained digits checkpoint."""
+def digits_bench(ckpt: str, guidance_scale: float = 1.0) -> Bench:
+    """The trained digits model (EMA weights), optionally with classifier-free guidance."""
     from pdm.checkpoints import load_for_sampling
 
     loaded = load_for_sampling([ckpt])
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randn(num, loaded.in_channels, loaded.image_size, loaded.image_size, generator=g, dtype=torch.float64)
-    kwargs = {}
-    if loaded.num_classes is not None:
-        kwargs["y"] = torch.arange(num) % loaded.num_classes
-    return loaded.model_fn, loaded.schedule, noise, "digits", loaded.prediction, kwargs
+    fn = loaded.model_fn
+    if guidance_scale != 1.0:
+        fn = classifier_free_guidance(fn, guidance_scale, loaded.num_classes)
+    name = "digits" if guidance_scale == 1.0 else f"digits_cfg{guidance_scale:g}"
+    return Bench(name, fn, loaded.schedule, loaded.prediction, (loaded.in_channels, loaded.image_size, loaded.image_size),
+                 loaded.num_classes, {"ckpt": ckpt, "guidance_scale": guidance_scale})
 
 
 def write_json(path: Path, data) -> None:
@@ -66,9 +117,8 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def save_results(out_dir: str | Path, name: str, results: list, plot) -> None:
-    """Write ``<name>.json`` and ``<name>.png`` under ``out_dir`` and print the machine line."""
-    out = Path(out_dir)
-    write_json(out / f"{name}.json", {"machine": machine(), "results": results})
-    plot(results, out / f"{name}.png")
-    print(f"machine: {machine()}\n")
+def to_uint8(x: Tensor):
+    """Samples in [-1, 1] as uint8 NHWC (for the digits FD and classifier)."""
+    from pdm.images import to_uint8 as convert
+
+    return convert(x.float())

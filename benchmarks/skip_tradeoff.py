@@ -1,20 +1,25 @@
-"""Adaptive step skipping: NFE against quality, compared at equal NFE with fewer solver steps
-and with the greedy optimal skip path.
+"""Skipping against the best plain solver at equal or lower NFE, judged on held-out seeds.
 
-    python benchmarks/skip_tradeoff.py [--ckpt runs/digits/.../last.ckpt] [--greedy-budget 24]
+    python benchmarks/skip_tradeoff.py [--ckpt runs/digits/checkpoints/last.ckpt]
 
-For each model (exact Gaussian mixture; trained digits model if found) and solver (DDIM,
-DPM-Solver++(2M)) at 50 steps: the full 50-step output of each seed is the reference. Then
-  - adaptive skipping, per-sample, over a sweep of thresholds (max_skips 4, warm-up 4);
-  - plain sampling with fewer steps (NFE = steps);
-  - the greedy path (best skip added one at a time) for 1..budget skips.
-Quality: PSNR (data range 2) and, for images, SSIM against the reference; LPIPS is left out
-offline (its weights must be downloaded). Writes benchmarks/results/skip_tradeoff.{json,png}.
+For each model (the exact Gaussian mixture; the trained digits model without and with
+classifier-free guidance 1.5) and each NFE budget:
+  - plain: every solver, order and time grid of solver_accuracy.py at every NFE <= budget;
+    the best on the scoring seeds (an optimistic baseline: chosen where it is scored);
+  - adaptive skipping (pdm's AdaptiveSkip: error criterion, forecast fill) and the official
+    AdaptiveDiffusion criterion (latent test, reuse), over base grids and thresholds;
+  - calibrated skip paths (a learned schedule on a 100-step logSNR grid), one per solver.
+Every skip configuration is selected on CALIBRATION_SEEDS (the threshold, the base grid, the
+solver, the calibrated path itself) and then scored once on SCORE_SEEDS; the two seed sets are
+disjoint. The reference is an accurate ODE solution (benchmarks.common.Bench.reference).
+Reported: RMS error and PSNR (data range 2) against it, and on digits the FD-8x8 and classifier
+accuracy of 1,000 samples. Writes benchmarks/results/skip_tradeoff.{json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -23,58 +28,151 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
-    HERE, digits_model, find_digits_checkpoint, machine, markdown_table, mixture_model, save_results, write_json,
+    CALIBRATION_SEEDS, HERE, SCORE_SEEDS, Bench, digits_bench, find_digits_checkpoint, machine, markdown_table,
+    mixture_bench, rms, to_uint8, write_json,
 )
-from pdm.sampling import AdaptiveSkip, greedy_skip_path, sample  # noqa: E402
+from benchmarks.solver_accuracy import settings  # noqa: E402
+from pdm.sampling import AdaptiveSkip, calibrate_skip_path  # noqa: E402
 
-STEPS = 50
-THRESHOLDS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.3, 1.0)
-FEWER_STEPS = (13, 15, 18, 22, 26, 30, 35, 40, 45)
-SOLVERS = {"DDIM": dict(solver="ddim"), "DPM-Solver++(2M)": dict(solver="dpmsolver++", order=2)}
-
-
-def quality(x: torch.Tensor, ref: torch.Tensor) -> dict:
-    """Mean per-image PSNR (data range 2, i.e. images in [-1, 1]) and SSIM for image-sized inputs."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
-    x, ref = x.float().clamp(-1, 1), ref.float().clamp(-1, 1)
-    psnr = peak_signal_noise_ratio(x, ref, data_range=2.0, reduction="none", dim=(1, 2, 3)).mean().item()
-    out = {"psnr": psnr}
-    if x.shape[-1] >= 16:
-        out["ssim"] = structural_similarity_index_measure(x, ref, data_range=2.0, kernel_size=7).item()
-    return out
+BUDGETS = (10, 12, 15, 20, 25)
+THRESHOLDS = {"adaptive": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "official": (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)}
+SKIP_SOLVERS = {"DPM-Solver++(2M)": dict(solver="dpmsolver++", order=2), "UniPC-3": dict(solver="unipc", order=3),
+                "iPNDM-4": dict(solver="ipndm", order=4)}
+CALIBRATED = {"DPM-Solver++(2M)": dict(solver="dpmsolver++", order=2), "DPM-Solver++(3M)": dict(solver="dpmsolver++", order=3),
+              "UniPC-3": dict(solver="unipc", order=3), "iPNDM-3": dict(solver="ipndm", order=3),
+              "iPNDM-4": dict(solver="ipndm", order=4)}
+FINE_STEPS = 100
 
 
-def run(model, solver_name: str, greedy_budget: int) -> dict:
-    fn, schedule, noise, name, prediction, kwargs = model
-    kw = dict(prediction=prediction, model_kwargs=kwargs, **SOLVERS[solver_name])
-    with torch.no_grad():
-        ref = sample(fn, noise, schedule, steps=STEPS, **kw).x
-        rows = {"adaptive": [], "fewer_steps": [], "greedy": []}
-        for thr in THRESHOLDS:
-            res = sample(fn, noise, schedule, steps=STEPS, skip=AdaptiveSkip(threshold=thr, max_skips=4, warmup=4), **kw)
-            rows["adaptive"].append({"threshold": thr, "nfe": res.nfe, **quality(res.x, ref)})
-        for n in FEWER_STEPS:
-            res = sample(fn, noise, schedule, steps=n, **kw)
-            rows["fewer_steps"].append({"steps": n, "nfe": res.nfe, **quality(res.x, ref)})
+def score_seeds(n: int) -> range:
+    """The seeds scored in this benchmark."""
+    return SCORE_SEEDS[:n]
+
+
+def calibration_seeds(n: int) -> range:
+    """The seeds every skip configuration is chosen or calibrated on (disjoint from the scored ones)."""
+    return CALIBRATION_SEEDS[:n]
+
+
+def psnr(err: float) -> float:
+    """PSNR (dB) of an RMS error for data in [-1, 1]."""
+    return 20 * math.log10(2.0 / max(err, 1e-12))
+
+
+def plain_frontier(bench: Bench, seeds, ref, nfes=range(4, max(BUDGETS) + 1)) -> dict[int, dict]:
+    """{nfe: best plain setting at exactly that NFE} on ``seeds``."""
+    best: dict[int, dict] = {}
+    for family, grid, kw in settings():
+        for n in nfes:
+            e = rms(bench.run(seeds, steps=n, **kw).x, ref)
+            if n not in best or e < best[n]["error"]:
+                best[n] = {"error": e, "setting": f"{family}, {grid}", "nfe": n}
+    return best
+
+
+def adaptive_runs(bench: Bench, calib, calib_ref, score, score_ref, kind: str) -> list[dict]:
+    """Every adaptive configuration run on both seed sets: its NFE and error on each."""
+    runs = []
+    for label, kw in SKIP_SOLVERS.items():
+        for grid in ("logSNR", "time_quadratic"):
+            for base in (15, 20, 25, 30, 40):
+                for thr in THRESHOLDS[kind]:
+                    skip = AdaptiveSkip(threshold=thr) if kind == "adaptive" else AdaptiveSkip.official(threshold=thr)
+                    args = dict(steps=base, skip_type=grid, skip=skip, **kw)
+                    c, s = bench.run(calib, **args), bench.run(score, **args)
+                    runs.append({"setting": f"{label}, {grid}, {base} steps, threshold {thr}", "calib_nfe": c.nfe,
+                                 "calib_error": rms(c.x, calib_ref), "nfe": s.nfe, "error": rms(s.x, score_ref)})
+    return runs
+
+
+def select(runs: list[dict], budget: int) -> dict | None:
+    """The run with the least calibration error among those within the budget on calibration seeds."""
+    ok = [r for r in runs if r["calib_nfe"] <= budget + 1e-9]
+    return min(ok, key=lambda r: r["calib_error"]) if ok else None
+
+
+def calibrated(bench: Bench, calib, calib_ref, score, score_ref, budget: int) -> tuple[dict, list[dict]]:
+    """A calibrated path per solver; the one with the least calibration error is chosen."""
+    tried = []
+    for label, kw in CALIBRATED.items():
         t0 = time.perf_counter()
-        if greedy_budget:
-            for path, _ in greedy_skip_path(fn, noise, schedule, budget=greedy_budget, steps=STEPS, **kw):
-                x = sample(fn, noise, schedule, steps=STEPS, skip=path, **kw).x
-                rows["greedy"].append({"skips": STEPS - sum(path.evaluate), "nfe": float(sum(path.evaluate)), **quality(x, ref)})
-    return {"model": name, "solver": solver_name, "steps": STEPS, "rows": rows, "greedy_seconds": time.perf_counter() - t0}
+        path = calibrate_skip_path(bench.model_fn, bench.noise(calib), bench.schedule, nfe=budget, steps=FINE_STEPS,
+                                   prediction=bench.prediction, model_kwargs=bench.kwargs(calib), skip_type="logSNR", **kw)
+        args = dict(steps=FINE_STEPS, skip_type="logSNR", skip=path, **kw)
+        c, s = bench.run(calib, **args), bench.run(score, **args)
+        tried.append({"setting": f"calibrated {label}", "calib_error": rms(c.x, calib_ref), "nfe": s.nfe,
+                      "error": rms(s.x, score_ref), "seconds": time.perf_counter() - t0,
+                      "kept": [i for i, e in enumerate(path.evaluate) if e]})
+    return min(tried, key=lambda r: r["calib_error"]), tried
 
 
-def at_equal_nfe(result: dict) -> list[list]:
-    """For each adaptive point: PSNR of fewer steps and of the greedy path at the nearest NFE."""
-    table = []
-    for a in result["rows"]["adaptive"]:
-        fewer = min(result["rows"]["fewer_steps"], key=lambda r: abs(r["nfe"] - a["nfe"]))
-        greedy = [g for g in result["rows"]["greedy"] if abs(g["nfe"] - a["nfe"]) <= 0.5 + 1e-9]
-        g_psnr = f"{greedy[0]['psnr']:.1f} (NFE {greedy[0]['nfe']:.0f})" if greedy else "-"
-        table.append([a["threshold"], f"{a['nfe']:.1f}", f"{a['psnr']:.1f}", f"{a.get('ssim', float('nan')):.3f}",
-                      f"{fewer['psnr']:.1f} (NFE {fewer['nfe']:.0f})", g_psnr])
-    return table
+def fd_row(bench: Bench, args: dict, num: int) -> dict:
+    """FD-8x8 (and its ratio to the floor) and classifier accuracy of ``num`` samples."""
+    from pdm.metrics import classifier_accuracy, digits_fd_baseline, digits_fd_metric, fid_against
+
+    seeds = SCORE_SEEDS[20_000:20_000 + num]
+    stats, floor = digits_fd_baseline(num)
+    images = to_uint8(bench.run(seeds, **args).x)
+    fd = fid_against(digits_fd_metric(), stats, images)
+    return {"fd8x8": fd, "fd_ratio": fd / floor, "accuracy": classifier_accuracy(images, bench.kwargs(seeds)["y"].numpy())}
+
+
+def run_bench(bench: Bench, n_score: int, n_calib: int, fd_samples: int) -> dict:
+    score, calib = score_seeds(n_score), calibration_seeds(n_calib)
+    score_ref, ref_err = bench.reference(score)
+    calib_ref, _ = bench.reference(calib)
+    plain = plain_frontier(bench, score, score_ref)
+    runs = {kind: adaptive_runs(bench, calib, calib_ref, score, score_ref, kind) for kind in ("adaptive", "official")}
+    rows = []
+    for budget in BUDGETS:
+        best_plain = min((v for n, v in plain.items() if n <= budget), key=lambda v: v["error"])
+        chosen, tried = calibrated(bench, calib, calib_ref, score, score_ref, budget)
+        row = {"budget": budget, "plain": best_plain, "calibrated": chosen, "calibrated_tried": tried,
+               "adaptive": select(runs["adaptive"], budget), "official": select(runs["official"], budget)}
+        if bench.num_classes is not None and fd_samples:
+            row["plain"]["fd"] = fd_row(bench, _plain_args(best_plain), fd_samples)
+            row["calibrated"]["fd"] = fd_row(bench, _calibrated_args(bench, calib, chosen), fd_samples)
+        rows.append(row)
+        print(f"{bench.name} budget {budget}: plain {best_plain['error']:.2e} ({best_plain['setting']}), calibrated "
+              f"{chosen['error']:.2e} ({chosen['setting']})", file=sys.stderr, flush=True)
+    return {"model": bench.name, "reference_error": ref_err, "plain": plain, "runs": runs, "rows": rows,
+            "score_seeds": [score.start, score.stop], "calibration_seeds": [calib.start, calib.stop]}
+
+
+def _plain_args(best: dict) -> dict:
+    family, grid = best["setting"].split(", ")
+    from benchmarks.solver_accuracy import FAMILIES
+
+    return dict(FAMILIES[family], skip_type=grid, steps=best["nfe"])
+
+
+def _calibrated_args(bench: Bench, calib, chosen: dict) -> dict:
+    from pdm.sampling import SkipPath
+
+    kw = CALIBRATED[chosen["setting"].removeprefix("calibrated ")]
+    path = SkipPath(tuple(i in set(chosen["kept"]) for i in range(FINE_STEPS)))
+    return dict(steps=FINE_STEPS, skip_type="logSNR", skip=path, **kw)
+
+
+def images_per_second(bench: Bench, batch: int = 250) -> dict:
+    """Per-sample skipping in a batch saves wall time: images/s and error of a plain 30-step run
+    and of adaptive skipping on the same grid (float32, as sample.py runs)."""
+    seeds = SCORE_SEEDS[30_000:30_000 + batch]
+    noise, kwargs = bench.noise(seeds).float(), bench.kwargs(seeds)
+    ref = bench.reference(seeds)[0].float()
+    out = {}
+    for name, skip in (("plain", None), ("adaptive", AdaptiveSkip(threshold=1.0))):
+        args = dict(steps=30, solver="unipc", order=3, skip_type="logSNR", skip=skip)
+        from pdm.sampling import sample
+
+        with torch.no_grad():
+            sample(bench.model_fn, noise[:8], bench.schedule, prediction=bench.prediction,
+                   model_kwargs={k: v[:8] for k, v in kwargs.items()}, **args)  # warm-up
+            t0 = time.perf_counter()
+            res = sample(bench.model_fn, noise, bench.schedule, prediction=bench.prediction, model_kwargs=kwargs, **args)
+            seconds = time.perf_counter() - t0
+        out[name] = {"nfe": res.nfe, "images_per_second": batch / seconds, "error": rms(res.x, ref)}
+    return out
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -83,46 +181,74 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.3), squeeze=False)
     for ax, r in zip(axes[0], results):
-        for key, style in (("adaptive", "o-"), ("fewer_steps", "s--"), ("greedy", "^:")):
-            pts = sorted((row["nfe"], row["psnr"]) for row in r["rows"][key])
-            if pts:
-                ax.plot([p[0] for p in pts], [min(p[1], 80) for p in pts], style, label=key.replace("_", " "))
-        ax.set_xlabel("NFE (of 50 steps)")
-        ax.set_ylabel("PSNR vs full 50-step output (dB)")
-        ax.set_title(f"{r['model']}, {r['solver']}", fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        pts = sorted((int(n), v["error"]) for n, v in r["plain"].items())
+        frontier = [(n, min(e for m, e in pts if m <= n)) for n, _ in pts]
+        ax.plot(*zip(*frontier), "k-", label="best plain setting (any solver, order, grid)")
+        for kind, style in (("adaptive", "o"), ("official", "x")):
+            ax.plot([x["nfe"] for x in r["runs"][kind]], [x["error"] for x in r["runs"][kind]], style, alpha=0.35,
+                    markersize=3, label=f"{kind} skipping (all settings)")
+        ax.plot([row["calibrated"]["nfe"] for row in r["rows"]], [row["calibrated"]["error"] for row in r["rows"]], "s-",
+                color="tab:red", label="calibrated path (chosen on calibration seeds)")
+        ax.set_yscale("log")
+        ax.set_xlim(3, max(BUDGETS) + 3)
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("RMS error vs ODE solution (held-out seeds)")
+        ax.set_title(r["model"])
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def report(results: list[dict]) -> None:
+    """Markdown tables per model: per budget, the best plain setting and the skip methods."""
+    print(f"machine: {machine()}\n")
+    for r in results:
+        print(f"### {r['model']} (reference's own error {r['reference_error']:.1e})\n")
+        rows = []
+        for row in r["rows"]:
+            p, c = row["plain"], row["calibrated"]
+            cells = [row["budget"], f"{p['error']:.2e} ({psnr(p['error']):.1f} dB) {p['setting']}",
+                     f"{c['error']:.2e} ({psnr(c['error']):.1f} dB) {c['setting']}", f"{c['error'] / p['error']:.2f}"]
+            for kind in ("adaptive", "official"):
+                a = row[kind]
+                cells.append("-" if a is None else f"{a['error']:.2e} @ {a['nfe']:.1f} ({a['error'] / p['error']:.2f})")
+            if "fd" in p:
+                cells.append(f"{p['fd']['fd_ratio']:.2f} / {c['fd']['fd_ratio']:.2f}")
+            rows.append(cells)
+        header = ["NFE budget", "best plain", "calibrated", "ratio", "adaptive (NFE, ratio)", "official (NFE, ratio)"]
+        if "fd" in r["rows"][0]["plain"]:
+            header.append("FD/floor plain / calibrated")
+        print(markdown_table(header, rows) + "\n")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None)
-    p.add_argument("--greedy-budget", type=int, default=30, help="skips for the greedy path on the mixture")
-    p.add_argument("--digits-greedy-budget", type=int, default=15, help="greedy skips on the digits model (costly on CPU)")
-    p.add_argument("--digits-seeds", type=int, default=4, help="seeds (images) per digits run; the greedy search dominates")
+    p.add_argument("--score-seeds", type=int, default=48)
+    p.add_argument("--calibration-seeds", type=int, default=32)
+    p.add_argument("--fd-samples", type=int, default=1000)
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
-    models = [(mixture_model(), args.greedy_budget)]
+    benches = [mixture_bench()]
     ckpt = find_digits_checkpoint(args.ckpt)
     if ckpt:
-        models.append((digits_model(ckpt, num=args.digits_seeds), args.digits_greedy_budget))
+        benches += [digits_bench(ckpt), digits_bench(ckpt, guidance_scale=1.5)]
     else:
         print("no digits checkpoint found: run `python train.py fit --config configs/digits.yaml` first", file=sys.stderr)
     results = []
-    for model, budget in models:
-        for solver_name in SOLVERS:
-            print(f"running {model[3]} / {solver_name} ...", file=sys.stderr, flush=True)
-            results.append(run(model, solver_name, budget))
-            write_json(Path(args.out) / "skip_tradeoff.json", {"machine": machine(), "results": results, "partial": True})
-    save_results(args.out, "skip_tradeoff", results, plot)
-    for r in results:
-        print(f"### {r['model']}, {r['solver']}, 50 steps: adaptive skipping vs equal-NFE alternatives (PSNR dB)\n")
-        print(markdown_table(["threshold", "NFE", "PSNR", "SSIM", "fewer steps PSNR", "greedy path PSNR"], at_equal_nfe(r)))
-        print()
+    for bench in benches:
+        t0 = time.perf_counter()
+        res = run_bench(bench, args.score_seeds, args.calibration_seeds, args.fd_samples)
+        if bench.name == "digits":
+            res["images_per_second"] = images_per_second(bench)
+        res["seconds"] = time.perf_counter() - t0
+        results.append(res)
+        write_json(Path(args.out) / "skip_tradeoff.json", {"machine": machine(), "results": results})
+    plot(results, Path(args.out) / "skip_tradeoff.png")
+    report(results)
 
 
 if __name__ == "__main__":

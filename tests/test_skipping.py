@@ -183,7 +183,7 @@ def test_greedy_path_adds_the_least_harmful_skip_each_round():
     for i in range(1, steps):
         ev = [True] * steps
         ev[i] = False
-        singles.append(rms(sample(GM.model_fn(S), NOISE, S, steps=steps, skip=SkipPath(tuple(ev)), **kw).x))
+        singles.append(rms(sample(GM.model_fn(S), NOISE, S, steps=steps, skip=SkipPath(tuple(ev), fill="reuse"), **kw).x))
     assert hist[0][1] == pytest.approx(min(singles))
     for path, err in hist:
         assert rms(sample(GM.model_fn(S), NOISE, S, steps=steps, skip=path, **kw).x) == pytest.approx(err)

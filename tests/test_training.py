@@ -2,6 +2,7 @@
 EMA arithmetic, resume, and every config."""
 
 import glob
+import math
 import os
 
 import lightning as L
@@ -215,3 +216,31 @@ def test_low_noise_expert_starts_from_the_high_noise_ema_weights(tiny_ckpts):
         assert torch.equal(v, saved["net." + k])
     with pytest.raises(ValueError, match="different architecture"):
         tiny_module(model_channels=64, init_from=tiny_ckpts["high"])
+
+
+def _lrs(module, steps, max_steps):
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", enable_checkpointing=False)
+    module._trainer = trainer
+    cfg = module.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out, opt
+
+
+def test_default_learning_rate_is_warmup_then_constant_and_adam_is_not_fused():
+    # every config but the digits default keeps PDM's schedule: linear warm-up, no decay
+    lrs, opt = _lrs(tiny_module(lr=1e-3, warmup_steps=4), 10, max_steps=10)
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3] + [1e-3] * 6)
+    assert not opt.defaults.get("fused")
+
+
+def test_cosine_decay_reaches_zero_at_max_steps_and_fused_adam_is_used_when_asked():
+    lrs, opt = _lrs(tiny_module(lr=1e-3, warmup_steps=2, lr_decay="cosine", fused_optimizer=True), 11, max_steps=10)
+    assert lrs[:2] == pytest.approx([5e-4, 1e-3])
+    assert lrs[6] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))  # half way: 0.5
+    assert lrs[10] == pytest.approx(0.0, abs=1e-12) and opt.defaults["fused"] is True

@@ -44,16 +44,23 @@ def digits_reference_images(image_size: int = 32) -> torch.Tensor:
     return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def digits_fd_baseline(num: int, seed: int = 0):
-    """Reference statistics of all digits, and the FD of ``num`` random real digits to them
-    (what a perfect model would score with ``num`` samples)."""
+def digits_fd_baseline(num: int, seed: int = 0, draws: int = 5):
+    """Reference statistics of all digits, and the FD a perfect model scores with ``num`` samples.
+
+    A perfect model draws independently from the data distribution, so the floor is the FD of
+    ``num`` real digits drawn *with replacement*, averaged over ``draws`` draws. (Drawing them
+    without replacement from the 1,797 reference digits themselves understates it: by 1.5x at
+    500 samples and 2.3x at 1,000, where a perfect model would score 0.0143 +- 0.0017.)
+    """
     from pdm.metrics.fid import compute_stats, fid_against
 
     ref_images = digits_reference_images().numpy()
     metric = digits_fd_metric()
     stats = compute_stats(metric, ref_images)
-    idx = torch.randperm(len(ref_images), generator=torch.Generator().manual_seed(seed))[:num].numpy()
-    return stats, fid_against(metric, stats, ref_images[idx])
+    g = torch.Generator().manual_seed(seed)
+    floors = [fid_against(metric, stats, ref_images[torch.randint(len(ref_images), (num,), generator=g).numpy()])
+              for _ in range(draws)]
+    return stats, sum(floors) / draws
 
 
 @functools.lru_cache(maxsize=1)

@@ -3,7 +3,7 @@
 Samplers see only a ``model_fn(x, t, **model_kwargs)`` and a schedule, never a network class.
 """
 
-from pdm.sampling.calibration import greedy_skip_path
+from pdm.sampling.calibration import calibrate_skip_path, greedy_skip_path
 from pdm.sampling.guidance import classifier_free_guidance, dynamic_threshold, expert_router
 from pdm.sampling.sampler import METHODS, SOLVERS, SampleResult, check_settings, sample
 from pdm.sampling.skipping import AdaptiveSkip, SkipPath
@@ -15,6 +15,7 @@ __all__ = [
     "SOLVERS",
     "SampleResult",
     "SkipPath",
+    "calibrate_skip_path",
     "check_settings",
     "classifier_free_guidance",
     "dynamic_threshold",

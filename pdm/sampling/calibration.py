@@ -1,21 +1,224 @@
-"""The greedy optimal skip path (AdaptiveDiffusion's reference, Ye et al. 2024, Sec. 3).
+"""Finding which evaluations of a fine grid to keep: calibrated skip paths and the greedy path.
 
-Given a model, a batch of seeds and a budget of K skipped steps, start from the full path and
-K times add the one skip that least increases the final error against the full-path output.
-It needs the full output and O(K * steps) sampling runs, so it is a yardstick for adaptive
-criteria, not a sampler.
+:func:`calibrate_skip_path` picks, for a budget of ``nfe`` evaluations, the points of a fine
+time grid where the network runs, by minimising the error against an accurate solution of
+the ODE on calibration seeds. Keeping a subset of grid points is a learned time schedule:
+the replayed path evaluates the model at the kept times only.
+
+The search has three stages:
+1. A dynamic programme over the grid. From the reference states x*(t_i) and the model's
+   outputs there, the local error of every second-order multistep step (t_h, t_i -> t_j) is
+   known without calling the network again. Each is weighted by how much of an error made at
+   t_j survives to the end (the measured sensitivity of the final sample to a perturbation
+   at t_j), and the path with the least weighted sum and exactly ``nfe`` steps is found in
+   O(nfe * M * gap^2) time.
+2. The DP path competes with every built-in grid of ``nfe`` steps mapped onto the fine grid;
+   the one with the least true error on the calibration seeds goes on.
+3. Local search on the true error: move one kept point by 1, 2 or 4 grid steps while the
+   replayed path's error on the calibration seeds falls.
+
+:func:`greedy_skip_path` is AdaptiveDiffusion's yardstick (Ye et al. 2024, Sec. 3): add the
+least harmful skip one at a time.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from pdm.objectives import to_eps, to_x0
 from pdm.sampling.sampler import sample
 from pdm.sampling.skipping import SkipPath
-from pdm.schedule import VPSchedule
+from pdm.sampling.solvers import ExpStep, TimePoint
+from pdm.schedule import SKIP_TYPES, VPSchedule
+
+ErrorFn = Callable[[Tensor, Tensor], float]
+
+
+def rms(a: Tensor, b: Tensor) -> float:
+    """RMS difference per pixel."""
+    return float((a - b).double().pow(2).mean().sqrt())
+
+
+def reference_states(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, grid: Tensor,
+                     prediction: str, model_kwargs: dict[str, Tensor], substeps: int = 9) -> list[Tensor]:
+    """x*(t_i) at every point of ``grid``: each interval solved accurately with third-order
+    singlestep DPM-Solver (``substeps`` evaluations, logSNR inner grid) from the previous state."""
+    states = [noise]
+    for i in range(grid.numel() - 1):
+        x = sample(model_fn, states[-1], schedule, steps=substeps, solver="dpmsolver", order=3,
+                   method="singlestep_fixed", skip_type="logSNR", t_start=float(grid[i]), t_end=float(grid[i + 1]),
+                   prediction=prediction, model_kwargs=model_kwargs).x
+        states.append(x)
+    return states
+
+
+def sensitivities(model_fn: Callable[..., Tensor], states: list[Tensor], schedule: VPSchedule, grid: Tensor,
+                  prediction: str, model_kwargs: dict[str, Tensor], scale: float = 1e-3, steps: int = 12) -> list[float]:
+    """How much of a small perturbation of x*(t_i) reaches the final sample, for each grid point:
+    RMS(x_end(x* + delta) - x_end(x*)) / RMS(delta), both ends solved with UniPC-3 on logSNR."""
+    g = torch.Generator(device=states[0].device).manual_seed(0)
+    out = []
+    for i in range(grid.numel() - 1):
+        delta = scale * torch.randn(states[i].shape, generator=g, dtype=states[i].dtype, device=states[i].device)
+        kw = dict(steps=steps, solver="unipc", order=3, skip_type="logSNR", t_start=float(grid[i]),
+                  t_end=float(grid[-1]), prediction=prediction, model_kwargs=model_kwargs)
+        a = sample(model_fn, states[i], schedule, **kw).x
+        b = sample(model_fn, states[i] + delta, schedule, **kw).x
+        out.append(rms(a, b) / rms(delta, torch.zeros_like(delta)))
+    return out + [1.0]
+
+
+def _local_errors(states: list[Tensor], outputs: list[Tensor], points: list[TimePoint], data: bool,
+                  max_gap: int, weights: list[float]) -> dict[tuple[int, int, int], float]:
+    """Local error of each multistep step from exact states: {(h, i, j): RMS}, h = -1 meaning a
+    first-order first step. Second order is DPM-Solver(++)-2M's update (2211.01095 Alg. 2)."""
+    m = len(points) - 1
+    errors: dict[tuple[int, int, int], float] = {}
+    for i in range(m):
+        for j in range(i + 1, min(m, i + max_gap) + 1):
+            step = ExpStep(points[i], points[j], data)
+            base = step.first_order(states[i], outputs[i])
+            if i == 0:
+                errors[(-1, 0, j)] = weights[j] * rms(base, states[j])
+                continue
+            for h in range(max(0, i - max_gap), i):
+                r0 = (points[i].lambda_ - points[h].lambda_) / step.h
+                d1 = (outputs[i] - outputs[h]) / r0
+                errors[(h, i, j)] = weights[j] * rms(base - 0.5 * step.scale * step.phi_1 * d1, states[j])
+    return errors
+
+
+def _cheapest_path(errors: dict[tuple[int, int, int], float], m: int, nfe: int, max_gap: int) -> list[int]:
+    """The path 0 = p_0 < ... < p_nfe = m with the least summed local error (dynamic programme)."""
+    inf = math.inf
+    # best[k][(h, i)]: least cost of k steps ending with the step h -> i; back-pointers in prev
+    best: list[dict[tuple[int, int], float]] = [{(-1, 0): 0.0}] + [dict() for _ in range(nfe)]
+    prev: list[dict[tuple[int, int], tuple[int, int]]] = [dict() for _ in range(nfe + 1)]
+    for k in range(nfe):
+        for (h, i), cost in best[k].items():
+            left = nfe - k - 1  # steps still to take after this one
+            for j in range(i + 1, min(m, i + max_gap) + 1):
+                if j + left > m or (m - j) > left * max_gap or (left == 0 and j != m):
+                    continue
+                c = cost + errors.get((h, i, j), inf)
+                if c < best[k + 1].get((i, j), inf):
+                    best[k + 1][(i, j)] = c
+                    prev[k + 1][(i, j)] = (h, i)
+    ends = [key for key in best[nfe] if key[1] == m]
+    if not ends:
+        raise ValueError(f"no path of {nfe} steps reaches the end of a {m}-step grid with gaps of at most {max_gap}")
+    key = min(ends, key=lambda e: best[nfe][e])
+    path = [m]
+    for k in range(nfe, 0, -1):
+        path.append(key[0] if k > 1 else 0)
+        key = prev[k][key]
+    return sorted(set(path))
+
+
+def path_from_points(points: list[int], m: int, **path_kwargs) -> SkipPath:
+    """The SkipPath over an m-step grid that evaluates at the given grid points (the end excluded)."""
+    keep = set(points) - {m}
+    return SkipPath(tuple(i in keep for i in range(m)), **path_kwargs)
+
+
+def calibrate_skip_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, nfe: int,
+                        steps: int = 100, max_gap: int | None = None, refine_sweeps: int = 4,
+                        error: ErrorFn | None = None, progress: bool = False, fill: str = "merge",
+                        **sample_kwargs) -> SkipPath:
+    """The evaluations of a ``steps``-step grid to keep for a budget of ``nfe``, calibrated on ``noise``.
+
+    Args:
+        model_fn, noise, schedule: the model and the calibration seeds (never the seeds you score).
+        nfe: network evaluations the path may spend (its kept grid points).
+        steps: the fine grid's steps; ``sample_kwargs`` (solver, order, skip_type, prediction,
+            model_kwargs, ...) describe it as for :func:`pdm.sampling.sample`. A grid dense in
+            lambda at both ends (``logSNR``, the default here, or ``edm``) gives the search room.
+        max_gap: the longest stretch of skipped steps (default: 2.5 times the mean gap).
+        refine_sweeps: rounds of local search on the replayed path's true error.
+        error: distance between a replayed sample and the reference (default: RMS per pixel).
+        fill: how the replay fills skipped steps: ``merge`` (the solver steps between kept
+            points, the setting the search models) or ``forecast`` / ``reuse``.
+    Returns a :class:`SkipPath` whose ``settings`` record the grid, so it replays as found.
+    """
+    if not 1 <= nfe <= steps:
+        raise ValueError(f"nfe must be in 1..steps ({steps}), got {nfe}")
+    error = error or rms
+    sample_kwargs = {"skip_type": "logSNR", **sample_kwargs}
+    prediction = sample_kwargs.get("prediction", "eps")
+    kwargs = dict(sample_kwargs.get("model_kwargs") or {})
+    max_gap = max_gap or max(2, math.ceil(2.5 * steps / nfe))
+    grid = schedule.timesteps(steps, sample_kwargs["skip_type"], sample_kwargs.get("t_start"),
+                              sample_kwargs.get("t_end"), dtype=noise.dtype, device=noise.device)
+    settings = {k: v for k, v in sample_kwargs.items() if k in ("solver", "order", "skip_type", "method",
+                                                                 "solver_type")} | {"steps": steps}
+    replay = dict(fill=fill, settings=settings)
+    with torch.no_grad():
+        states = reference_states(model_fn, noise, schedule, grid, prediction, kwargs)
+        target = states[-1]
+
+        def score(pts: list[int]) -> float:
+            path = path_from_points(pts, steps, **replay)
+            return error(sample(model_fn, noise, schedule, steps=steps, skip=path, **sample_kwargs).x, target)
+
+        candidates = [_dp_path(model_fn, noise, schedule, grid, states, nfe, max_gap, sample_kwargs)]
+        candidates += [_mapped_grid(schedule, grid, nfe, skip_type, sample_kwargs) for skip_type in SKIP_TYPES]
+        scored = sorted((score(c), c) for c in {tuple(c) for c in candidates if len(c) == nfe + 1})
+        if progress:
+            print(f"calibration: start error {scored[0][0]:.3e} (of {len(scored)} candidates)", flush=True)
+        path_points, _ = _refine(list(scored[0][1]), steps, max_gap, score, refine_sweeps, progress, scored[0][0])
+    return path_from_points(path_points, steps, **replay)
+
+
+def _dp_path(model_fn, noise, schedule, grid, states, nfe, max_gap, sample_kwargs) -> list[int]:
+    """Stage 1: the path of least sensitivity-weighted local error."""
+    prediction = sample_kwargs.get("prediction", "eps")
+    kwargs = dict(sample_kwargs.get("model_kwargs") or {})
+    steps = grid.numel() - 1
+    points = [TimePoint.at(schedule, t) for t in grid]
+    data = sample_kwargs.get("solver", "dpmsolver++") not in ("dpmsolver", "ipndm")
+    convert = to_x0 if data else to_eps
+    outputs = []
+    for i in range(steps):
+        raw = model_fn(states[i], grid[i].expand(noise.shape[0]), **kwargs).to(noise.dtype)
+        outputs.append(convert(raw, states[i], points[i].alpha, points[i].sigma, prediction))
+    weights = sensitivities(model_fn, states, schedule, grid, prediction, kwargs)
+    return _cheapest_path(_local_errors(states, outputs, points, data, max_gap, weights), steps, nfe, max_gap)
+
+
+def _mapped_grid(schedule: VPSchedule, grid: Tensor, nfe: int, skip_type: str, sample_kwargs: dict) -> list[int]:
+    """A built-in grid of ``nfe`` steps moved to the nearest points of the fine grid (in lambda)."""
+    coarse = schedule.timesteps(nfe, skip_type, float(grid[0]), float(grid[-1]), dtype=torch.float64)
+    lam_fine, lam_coarse = schedule.lambda_(grid.double()), schedule.lambda_(coarse)
+    idx = [int((lam_fine - lam).abs().argmin()) for lam in lam_coarse]
+    idx[0], idx[-1] = 0, grid.numel() - 1
+    return sorted(set(idx))
+
+
+def _refine(points: list[int], m: int, max_gap: int, score: Callable[[list[int]], float], sweeps: int,
+            progress: bool, best: float) -> tuple[list[int], float]:
+    """Move single kept points by 1, 2 or 4 grid steps while the true error falls (first improvement)."""
+    for sweep in range(sweeps):
+        improved = False
+        for k in range(1, len(points) - 1):  # the first (0) and the end (m) stay
+            for delta in (-4, -2, -1, 1, 2, 4):
+                cand = points.copy()
+                cand[k] += delta
+                if cand[k] in points or not cand[k - 1] < cand[k] < cand[k + 1]:
+                    continue
+                if max(b - a for a, b in zip(cand, cand[1:])) > max_gap:
+                    continue
+                e = score(cand)
+                if e < best:
+                    points, best, improved = cand, e, True
+        if progress:
+            print(f"calibration sweep {sweep + 1}: error {best:.3e}", flush=True)
+        if not improved:
+            break
+    return points, best
 
 
 def greedy_skip_path(
@@ -25,19 +228,17 @@ def greedy_skip_path(
     budget: int,
     steps: int = 50,
     max_skips: int | None = None,
-    error: Callable[[Tensor, Tensor], float] | None = None,
+    error: ErrorFn | None = None,
     progress: bool = False,
     **sample_kwargs,
 ) -> list[tuple[SkipPath, float]]:
     """Greedy paths for 1..budget skips: a list of (path, final error) after each addition.
 
-    Args:
-        budget: the number of skips K to add.
-        max_skips: if given, never allow a run of more than this many consecutive skips.
-        error: distance between a sample and the full-path sample (default: RMS per pixel).
-        sample_kwargs: solver settings passed to :func:`pdm.sampling.sample` (steps is set here).
+    Start from the full path and ``budget`` times add the one skip that least increases the
+    error against the full-path output. It needs O(budget * steps) sampling runs, so it is a
+    yardstick, not a sampler. ``max_skips`` bounds runs of consecutive skips.
     """
-    error = error or (lambda a, b: float((a - b).pow(2).mean().sqrt()))
+    error = error or rms
     full = sample(model_fn, noise, schedule, steps=steps, **sample_kwargs).x
     evaluate = [True] * steps
     history: list[tuple[SkipPath, float]] = []
@@ -50,14 +251,14 @@ def greedy_skip_path(
             trial[i] = False
             if max_skips is not None and _longest_run(trial) > max_skips:
                 continue
-            x = sample(model_fn, noise, schedule, steps=steps, skip=SkipPath(tuple(trial)), **sample_kwargs).x
-            e = error(x, full)
+            path = SkipPath(tuple(trial), fill="reuse")
+            e = error(sample(model_fn, noise, schedule, steps=steps, skip=path, **sample_kwargs).x, full)
             if best is None or e < best[0]:
                 best = (e, i)
         if best is None:
             break
         evaluate[best[1]] = False
-        history.append((SkipPath(tuple(evaluate)), best[0]))
+        history.append((SkipPath(tuple(evaluate), fill="reuse"), best[0]))
         if progress:
             print(f"greedy: {round_ + 1} skips, skipped step {best[1] + 1}, error {best[0]:.3e}", flush=True)
     return history

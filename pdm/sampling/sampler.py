@@ -171,15 +171,16 @@ def sample(
     if skip is not None and method == "adaptive":
         raise ValueError("step skipping cannot be combined with the adaptive step-size method; use multistep or singlestep")
     order = 1 if solver in ("ddim", "ddpm") else order
-    batch, device, dtype = noise.shape[0], noise.device, noise.dtype
-    kwargs = _check_model_kwargs(model_kwargs, batch)
-    grid = _grid(schedule, steps, skip_type, t_start, t_end, timesteps, dtype, device)
-    fill = None if skip is None else skip.fill
-    forecast_order = 0 if skip is None else skip.forecast_order
-    data = solver not in ("dpmsolver", "ipndm")
-    evaluate = ModelEvaluator(model_fn, prediction, data, kwargs,
-                              Thresholding(threshold_ratio, threshold_max) if thresholding else None,
-                              batch, device, fill, forecast_order)
+    batch, device = noise.shape[0], noise.device
+    grid = _grid(schedule, steps, skip_type, t_start, t_end, timesteps, noise.dtype, device)
+    fine_steps, kept = grid.numel() - 1, None
+    if isinstance(skip, SkipPath) and skip.fill == "merge":  # the solver runs on the kept points only
+        grid, kept = _merged_grid(grid, skip, method)
+        skip = None
+    evaluate = ModelEvaluator(model_fn, prediction, solver not in ("dpmsolver", "ipndm"),
+                              _check_model_kwargs(model_kwargs, batch),
+                              Thresholding(threshold_ratio, threshold_max) if thresholding else None, batch, device,
+                              None if skip is None else skip.fill, 0 if skip is None else skip.forecast_order)
     controller = SkipController(skip, batch, device, evaluate.history)
     from tqdm.auto import tqdm
 
@@ -197,9 +198,31 @@ def sample(
                                         evaluate, controller, solver_type, bar.update)
     if denoise_to_zero:
         x = evaluate.data_prediction(x, TimePoint.at(schedule, grid[-1]))
-    evaluated = torch.stack(rows) if rows else torch.zeros(0, batch, dtype=torch.bool, device=device)
-    return SampleResult(x=x, nfe=float(evaluate.nfe.double().mean()), evaluated=evaluated,
+    return SampleResult(x=x, nfe=float(evaluate.nfe.double().mean()), evaluated=_rows(rows, kept, fine_steps, noise),
                         nfe_per_sample=evaluate.nfe.clone(), timesteps=grid)
+
+
+def _rows(rows: list[Tensor], kept: list[int] | None, fine_steps: int, noise: Tensor) -> Tensor:
+    """The (steps, batch) evaluated mask; a merged path gets one row per step of its fine grid."""
+    blank = torch.zeros(noise.shape[0], dtype=torch.bool, device=noise.device)
+    if kept is not None:  # merged steps called no network
+        fine = [blank] * fine_steps
+        for k, i in enumerate(kept[:-1]):
+            fine[i] = rows[k]
+        rows = fine
+    return torch.stack(rows) if rows else blank[None][:0]
+
+
+def _merged_grid(grid: Tensor, path: SkipPath, method: str) -> tuple[Tensor, list[int]]:
+    """The kept points of ``grid`` (and its end) for a merge-fill path, and their indices."""
+    steps = grid.numel() - 1
+    if len(path.evaluate) != steps:
+        raise ValueError(f"the skip path has {len(path.evaluate)} steps but the grid {steps}; sample with steps="
+                         f"{len(path.evaluate)} (its settings: {path.settings or 'none recorded'})")
+    if method != "multistep":
+        raise ValueError("a merge-fill skip path replays with the multistep method")
+    kept = [i for i, e in enumerate(path.evaluate) if e] + [steps]
+    return grid[kept], kept
 
 
 def _check_model_kwargs(model_kwargs: dict[str, Tensor] | None, batch: int) -> dict[str, Tensor]:

@@ -4,6 +4,9 @@ Two questions per step: *whether* to call the network (the criterion, or a fixed
 if not, *what to use instead* (the fill).
 
 Fill:
+- ``merge`` (fixed paths only): a skipped step is merged into the evaluated step before it, so
+  the solver steps straight from one kept grid point to the next with its usual update; the
+  path is then a learned time schedule on the fine grid.
 - ``reuse`` (AdaptiveDiffusion, Ye et al. 2024, arXiv 2410.09873): the last raw network output,
   converted at the current (x_t, t).
 - ``forecast``: extrapolate the sample's recent *evaluated* outputs, in the form the solver
@@ -34,7 +37,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-Fill = Literal["forecast", "reuse"]
+Fill = Literal["forecast", "reuse", "merge"]
 Criterion = Literal["error", "latent"]
 FILLS: tuple[str, ...] = get_args(Fill)
 CRITERIA: tuple[str, ...] = get_args(Criterion)
@@ -84,6 +87,8 @@ class AdaptiveSkip:
         if self.criterion not in CRITERIA:
             raise ValueError(f"unknown skip criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         _check_fill(self.fill, self.forecast_order)
+        if self.fill == "merge":
+            raise ValueError("fill='merge' needs a fixed SkipPath (per-sample decisions cannot share one grid)")
         if self.criterion == "error" and not 1 <= self.forecast_order < self.warmup:
             raise ValueError(f"the error criterion compares forecasts of orders p and p-1: forecast_order must be "
                              f"1..{self.warmup - 1}, got {self.forecast_order}")
@@ -101,12 +106,13 @@ class SkipPath:
     """A fixed skip path: ``evaluate[i]`` says whether step i + 1 calls the network.
 
     A calibrated path (:func:`pdm.sampling.calibrate_skip_path`) is a learned time schedule:
-    the kept evaluations are the points of the fine grid where the network runs. ``settings``
-    records the sampler settings of the grid it belongs to, so a saved path replays as found.
+    the kept evaluations are the points of the fine grid where the network runs, and with the
+    default ``fill="merge"`` the solver steps between them directly. ``settings`` records the
+    sampler settings of the grid it belongs to, so a saved path replays as found.
     """
 
     evaluate: tuple[bool, ...]
-    fill: Fill = "forecast"
+    fill: Fill = "merge"
     forecast_order: int = 2
     settings: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
@@ -133,7 +139,7 @@ class SkipPath:
         try:
             with open(path) as f:
                 data = json.load(f)
-            return cls(evaluate=tuple(data["evaluate"]), fill=data.get("fill", "forecast"),
+            return cls(evaluate=tuple(data["evaluate"]), fill=data.get("fill", "merge"),
                        forecast_order=int(data.get("forecast_order", 2)), settings=dict(data.get("settings") or {}))
         except FileNotFoundError:
             raise ValueError(f"skip path {os.fspath(path)!r} does not exist") from None

@@ -138,7 +138,8 @@ class SampleGrid(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+        last = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else float("inf")
+        if self.every_n_steps > 0 and 0 < step < last and step % self.every_n_steps == 0:  # the end has its own
             self.make(trainer, pl_module, f"step_{step:07d}")
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Literal
@@ -38,6 +39,9 @@ class PDMModule(L.LightningModule):
         label_dropout: probability of replacing a label by the null label (for CFG).
         optimizer: ``adam`` or ``adamw``; lr, betas, weight_decay as in torch.
         warmup_steps: linear learning-rate warm-up; constant afterwards (PDM uses no decay).
+        lr_decay: ``none`` (PDM) or ``cosine``: after the warm-up, decay to 0 at the trainer's
+            max_steps (short runs such as the digits default end sharper).
+        fused_optimizer: use torch's fused Adam kernel (same update, one kernel for all tensors).
         init_from: a checkpoint whose EMA weights initialise this network (the low-noise
             expert starts from the high-noise expert).
     """
@@ -59,6 +63,8 @@ class PDMModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         warmup_steps: int = 5000,
+        lr_decay: Literal["none", "cosine"] = "none",
+        fused_optimizer: bool = False,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
@@ -173,11 +179,22 @@ class PDMModule(L.LightningModule):
 
     def configure_optimizers(self):
         cls = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.Adam
+        extra = {"fused": True} if self.hparams.get("fused_optimizer") else {}
         opt = cls(self.net.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                  weight_decay=self.hparams.weight_decay)
-        warmup = max(1, self.hparams.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
+                  weight_decay=self.hparams.weight_decay, **extra)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _lr_factor(self, step: int) -> float:
+        """Linear warm-up, then constant (PDM) or a cosine decay to 0 at max_steps."""
+        warmup = max(1, self.hparams.warmup_steps)
+        if step < warmup or self.hparams.get("lr_decay", "none") == "none":
+            return min(1.0, (step + 1) / warmup)
+        total = getattr(self._trainer, "max_steps", -1) if self._trainer is not None else -1
+        if total is None or total <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / (total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _check_arguments(target: str, weighting: str, optimizer: str, label_dropout: float, lr: float,

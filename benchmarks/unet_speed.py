@@ -1,0 +1,161 @@
+"""pdm's U-Net against the official PDM network, side by side, and the EMA update's cost.
+
+    python benchmarks/unet_speed.py --official /path/to/PatchDiffusion-Pytorch [--batch 8]
+
+--official points at a local checkout of ericl122333/PatchDiffusion-Pytorch (its
+patch_diffusion/unet.py and nn.py; patch_diffusion/fp16_util.py may be missing). Nothing of it is
+imported unless given, and none of it is part of pdm. For LSUN Church P = 4 and P = 8 it builds
+both networks with the same weights (converted with pdm.nn.convert_official_state_dict), checks
+their outputs agree, and times a forward pass and a training step (forward, backward, Adam),
+alternating the two networks round by round and keeping the median. It also times one EMA
+update of the ImageNet-256 network (200.6M parameters): a Python loop over the parameters (as
+before) against pdm.training.EMA's single fused lerp. Writes benchmarks/results/unet_speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import HERE, machine, markdown_table, write_json  # noqa: E402
+from pdm.nn import UNet, convert_official_state_dict  # noqa: E402
+
+CONFIGS = {
+    "LSUN Church P=4": dict(image_size=256, patch_size=4, model_channels=256, channel_mult=(1, 1, 2, 2), num_res_blocks=2),
+    "LSUN Church P=8": dict(image_size=256, patch_size=8, model_channels=256, channel_mult=(1, 1.5, 2), num_res_blocks=3),
+}
+IMAGENET = dict(image_size=256, patch_size=4, model_channels=256, channel_mult=(1, 2, 2, 2), num_res_blocks=3,
+                num_classes=1000, attention_resolutions=(16, 8))
+
+
+def official_class(root: Path):
+    """The official UNetModel, imported from a local checkout (with a stub for its fp16 helpers)."""
+    if not (root / "patch_diffusion" / "unet.py").exists():
+        raise SystemExit(f"{root} has no patch_diffusion/unet.py; pass a checkout of ericl122333/PatchDiffusion-Pytorch")
+    sys.path.insert(0, str(root))
+    if not (root / "patch_diffusion" / "fp16_util.py").exists():
+        stub = types.ModuleType("patch_diffusion.fp16_util")
+        stub.convert_module_to_f16 = stub.convert_module_to_f32 = lambda m: None
+        sys.modules["patch_diffusion.fp16_util"] = stub
+    from patch_diffusion.unet import UNetModel
+
+    return UNetModel
+
+
+def official_net(cls, cfg: dict):
+    grid = cfg["image_size"] // cfg["patch_size"]
+    return cls(image_size=cfg["image_size"], in_channels=3, model_channels=cfg["model_channels"], out_channels=3,
+               num_res_blocks=cfg["num_res_blocks"], attention_resolutions=tuple(grid // r for r in (16, 8)),
+               patch_size=cfg["patch_size"], classifier_free=True, channel_mult=tuple(float(m) for m in cfg["channel_mult"]),
+               num_classes=cfg.get("num_classes"), num_head_channels=64, use_scale_shift_norm=True,
+               use_new_attention_order=True)
+
+
+def timed(fn, rounds: int) -> list[float]:
+    out = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def compare(cls, name: str, cfg: dict, batch: int, rounds: int) -> dict:
+    torch.manual_seed(0)
+    official = official_net(cls, cfg)
+    with torch.no_grad():  # non-zero weights everywhere, so the outputs say something
+        for p in official.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ours = UNet(in_channels=3, attention_resolutions=(16, 8), **cfg)
+    ours.load_state_dict(convert_official_state_dict(official.state_dict()), strict=True)
+    x, t = torch.randn(batch, 3, 256, 256), torch.full((batch,), 500.0)
+    with torch.no_grad():
+        agree = float((official.eval()(x, t) - ours.eval()(x, t)).abs().max())
+    opts = {"official": torch.optim.Adam(official.parameters(), lr=1e-6), "pdm": torch.optim.Adam(ours.parameters(), lr=1e-6)}
+    nets = {"official": official, "pdm": ours}
+
+    def forward(k):
+        nets[k].eval()
+        with torch.no_grad():
+            nets[k](x, t)
+
+    def train(k):
+        nets[k].train()
+        nets[k](x, t).pow(2).mean().backward()
+        opts[k].step()
+        opts[k].zero_grad(set_to_none=True)
+
+    result = {"max_abs_output_difference": agree, "batch": batch}
+    for label, fn in (("forward", forward), ("train_step", train)):
+        for k in nets:
+            fn(k)  # warm-up
+        times = {k: [] for k in nets}
+        for r in range(rounds):
+            for k in (nets if r % 2 == 0 else list(nets)[::-1]):
+                times[k] += timed(lambda k=k: fn(k), 1)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        result[label] = {**{f"{k}_seconds": v for k, v in med.items()}, "ratio": med["pdm"] / med["official"]}
+    print(f"{name}: forward {result['forward']['ratio']:.3f}x, train step {result['train_step']['ratio']:.3f}x "
+          f"(pdm / official); outputs agree to {agree:.1e}", file=sys.stderr, flush=True)
+    return result
+
+
+def ema_update_seconds(rounds: int = 5) -> dict:
+    """One EMA update of the ImageNet-256 network: per-parameter Python loop vs one fused lerp."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from pdm.training import EMA
+
+    net = UNet(in_channels=3, **IMAGENET)
+    decay = 0.9999
+
+    def avg_fn(averaged, current, num_averaged):  # the previous implementation's per-tensor update
+        return averaged + (current - averaged) * (1.0 - decay)
+
+    results = {}
+    for name, kwargs in (("python_loop", dict(avg_fn=avg_fn, use_buffers=True)), ("fused_lerp", EMA(decay)._kwargs)):
+        avg = AveragedModel(net, **kwargs)
+        avg.update_parameters(net)  # the first update copies
+        avg.update_parameters(net)
+        results[name] = statistics.median(timed(lambda avg=avg: avg.update_parameters(net), rounds))
+    results["speedup"] = results["python_loop"] / results["fused_lerp"]
+    results["parameters"] = sum(p.numel() for p in net.parameters())
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--official", default=None, help="a checkout of ericl122333/PatchDiffusion-Pytorch")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args()
+    results = {"machine": machine(), "threads": torch.get_num_threads()}
+    if args.official:
+        cls = official_class(Path(args.official))
+        results["unet"] = {name: compare(cls, name, cfg, args.batch, args.rounds) for name, cfg in CONFIGS.items()}
+    else:
+        print("no --official checkout given: timing the EMA update only", file=sys.stderr)
+    results["ema"] = ema_update_seconds()
+    write_json(Path(args.out) / "unet_speed.json", results)
+    print(f"machine: {results['machine']}\n")
+    if "unet" in results:
+        rows = [[name, f"{r['forward']['pdm_seconds']:.3f} / {r['forward']['official_seconds']:.3f}", f"{r['forward']['ratio']:.3f}",
+                 f"{r['train_step']['pdm_seconds']:.3f} / {r['train_step']['official_seconds']:.3f}",
+                 f"{r['train_step']['ratio']:.3f}", f"{r['max_abs_output_difference']:.1e}"] for name, r in results["unet"].items()]
+        print(markdown_table(["config (batch %d)" % args.batch, "forward s (pdm / official)", "ratio",
+                              "train step s (pdm / official)", "ratio", "max |output diff|"], rows) + "\n")
+    e = results["ema"]
+    print(f"EMA update, ImageNet-256 network ({e['parameters'] / 1e6:.1f}M): Python loop {e['python_loop'] * 1e3:.1f} ms, "
+          f"fused lerp {e['fused_lerp'] * 1e3:.1f} ms ({e['speedup']:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The benchmarks' own promises: seeds that tune or calibrate are never the seeds scored."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import skip_tradeoff  # noqa: E402
+from benchmarks.common import CALIBRATION_SEEDS, SCORE_SEEDS  # noqa: E402
+
+
+def test_calibration_and_scoring_seeds_are_disjoint():
+    assert not set(SCORE_SEEDS) & set(CALIBRATION_SEEDS)
+    score, calib = skip_tradeoff.score_seeds(48), skip_tradeoff.calibration_seeds(32)
+    assert set(score) <= set(SCORE_SEEDS) and set(calib) <= set(CALIBRATION_SEEDS)
+    assert not set(score) & set(calib)
+
+
+def test_skip_configurations_are_chosen_on_calibration_errors_only():
+    runs = [{"calib_nfe": 10, "calib_error": 0.2, "error": 0.01}, {"calib_nfe": 10, "calib_error": 0.1, "error": 0.5},
+            {"calib_nfe": 12, "calib_error": 0.01, "error": 0.001}]
+    chosen = skip_tradeoff.select(runs, budget=10)
+    assert chosen["calib_error"] == 0.1  # the scored error plays no part, and the NFE budget holds
