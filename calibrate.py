@@ -1,0 +1,109 @@
+"""Calibrate a skip path for a trained PDM: which evaluations of a fine grid to keep for a budget.
+
+    python calibrate.py --ckpt runs/digits/checkpoints/last.ckpt --nfe 10 --out digits_nfe10.json
+    python sample.py --ckpt runs/digits/checkpoints/last.ckpt --skip-path digits_nfe10.json --out samples/x
+
+The path is found on calibration noise drawn from --seed (default 1000000, a stream that
+sample.py's usual seeds never touch; images are drawn as sample.py draws image i of a seed) and
+classes cycling through every label. It is a learned time schedule for this model (and this
+guidance scale): the replay runs the network at the kept points of a --steps grid only, with
+the solver settings recorded in the file. See pdm.sampling.calibrate_skip_path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pdm.sampling import SOLVERS
+
+SEED_LIMIT = 2**32
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", action="append", required=True, help="checkpoint or export; two for an expert pair")
+    p.add_argument("--nfe", type=int, required=True, help="network evaluations the path may spend")
+    p.add_argument("--out", required=True, help="the JSON file to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--steps", type=int, default=100, help="the fine grid's steps (default 100)")
+    p.add_argument("--solver", default="unipc", choices=[s for s in SOLVERS if s not in ("ddpm",)])
+    p.add_argument("--order", type=int, default=3)
+    p.add_argument("--skip-type", default="logSNR", help="the fine grid (default logSNR)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="calibrate for this classifier-free guidance")
+    p.add_argument("--num-seeds", type=int, default=32, help="calibration images (default 32)")
+    p.add_argument("--seed", type=int, default=1_000_000, help="calibration noise stream (keep it apart from scored seeds)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Every check that needs no checkpoint; raises ValueError naming the fix."""
+    if not 1 <= args.nfe <= args.steps:
+        raise ValueError(f"--nfe must be in 1..--steps ({args.steps}), got {args.nfe}")
+    if args.num_seeds < 1:
+        raise ValueError("--num-seeds must be positive")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be in [0, 2^32), got {args.seed}")
+    if not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise ValueError(f"--out {args.out!r} should name a .json file")
+    if out.is_dir():
+        raise ValueError(f"--out {args.out!r} is a folder; name a .json file")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{args.out!r} exists; pass --overwrite to replace it or choose another --out")
+    if not out.parent.exists():
+        raise ValueError(f"the folder of --out ({out.parent}) does not exist")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Calibrate, save the path and return a summary."""
+    args = parse_args(argv)
+    try:
+        check(args)
+        from sample import parse_device
+
+        return calibrate(args, parse_device(args.device))
+    except ValueError as e:
+        print(f"calibrate.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
+    """Load the model, draw the calibration batch, search the path and write it."""
+    from pdm.checkpoints import load_for_sampling
+    from pdm.outputs import file_sha256, noise_and_label
+    from pdm.sampling import calibrate_skip_path, check_settings
+
+    check_settings(args.solver, "multistep", args.order, args.steps, args.skip_type, "eps", None)
+    loaded = load_for_sampling(args.ckpt, args.guidance_scale, device)
+    shape = (loaded.in_channels, loaded.image_size, loaded.image_size)
+    classes = list(range(loaded.num_classes)) if loaded.num_classes else None
+    drawn = [noise_and_label(args.seed, i, shape, loaded.num_classes, classes) for i in range(args.num_seeds)]
+    noise = torch.stack([n for n, _ in drawn]).to(device)
+    kwargs = {"y": torch.tensor([y for _, y in drawn], device=device)} if classes else {}
+    t0 = time.perf_counter()
+    path = calibrate_skip_path(loaded.model_fn, noise, loaded.schedule, args.nfe, steps=args.steps,
+                               prediction=loaded.prediction, model_kwargs=kwargs, solver=args.solver,
+                               order=args.order, skip_type=args.skip_type, progress=True)
+    path.settings["calibrated_for"] = {"checkpoints": sorted(file_sha256(p) for p in args.ckpt),
+                                       "guidance_scale": args.guidance_scale, "seed": args.seed,
+                                       "num_seeds": args.num_seeds}
+    path.save(args.out)
+    kept = [i for i, e in enumerate(path.evaluate) if e]
+    summary = {"out": args.out, "nfe": path.nfe, "kept": kept, "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"wrote {args.out}: {path.nfe} evaluations at grid points {kept} of {args.steps} "
+          f"({summary['seconds']} s); sample with --skip-path {args.out}", file=sys.stderr)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""calibrate.py: a calibrated path for a checkpoint, written once, replayed by sample.py."""
+
+import json
+
+import numpy as np
+import pytest
+
+import calibrate as calibrate_cli
+import sample as sample_cli
+from pdm.sampling import SkipPath
+
+
+def test_calibrated_path_is_written_and_replayed_by_sample(tiny_ckpts, tmp_path):
+    out = tmp_path / "path.json"
+    summary = calibrate_cli.main(["--ckpt", tiny_ckpts["cond"], "--nfe", "4", "--steps", "12", "--num-seeds", "4",
+                                  "--out", str(out), "--device", "cpu"])
+    path = SkipPath.load(out)
+    assert path.nfe == 4 == summary["nfe"] and len(path.evaluate) == 12 and path.evaluate[0]
+    assert summary["kept"] == [i for i, e in enumerate(path.evaluate) if e]
+    assert path.settings["solver"] == "unipc" and path.settings["steps"] == 12
+    assert path.settings["calibrated_for"]["seed"] == 1_000_000 and len(path.settings["calibrated_for"]["checkpoints"]) == 1
+    stats = sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--num-samples", "3", "--skip-path", str(out),
+                             "--out", str(tmp_path / "s"), "--device", "cpu"])
+    assert stats["nfe"] == 4
+    ident = json.loads((tmp_path / "s" / "run.json").read_text())["identity"]["settings"]
+    assert ident["steps"] == 12 and ident["solver"] == "unipc" and ident["order"] == 3
+    assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape[0] == 3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--nfe", "0"], "--nfe must be in 1..--steps"),
+        (["--nfe", "200"], "--nfe must be in 1..--steps"),
+        (["--nfe", "5", "--seed", "-1"], "--seed must be in"),
+        (["--nfe", "5", "--guidance-scale", "nan"], "finite"),
+        (["--nfe", "5", "--out", "@existing"], "exists; pass --overwrite"),
+        (["--nfe", "5", "--out", "@dir/p.txt"], "should name a .json file"),
+        (["--nfe", "5", "--out", "@dir/missing/p.json"], "does not exist"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_ckpts, tmp_path, capsys, extra, message):
+    existing = tmp_path / "old.json"
+    existing.write_text("{}")
+    extra = [str(existing) if a == "@existing" else a.replace("@dir", str(tmp_path)) for a in extra]
+    if "--out" not in extra:
+        extra += ["--out", str(tmp_path / "new.json")]
+    with pytest.raises(SystemExit) as e:
+        calibrate_cli.main(["--ckpt", tiny_ckpts["cond"], *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and message in err[0]
+    assert existing.read_text() == "{}"
