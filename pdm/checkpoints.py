@@ -149,6 +149,66 @@ def export_safetensors(ckpt_path: str, out_path: str, overwrite: bool = False) -
     return out_path
 
 
+def export_official(official_path: str, config_path: str, out_path: str, overwrite: bool = False) -> str:
+    """Convert an official PatchDiffusion-Pytorch state dict into an export ``sample.py`` reads.
+
+    ``config_path`` is a pdm config (YAML) describing the same network (``model.net``) and
+    diffusion (``model.schedule``, ``beta_*``, ``target``, ...). The official ``.pt`` is read
+    with ``weights_only=True``; the converted weights must load into that network strictly.
+    """
+    import yaml
+    from safetensors.torch import save_file
+
+    from pdm.nn import convert_official_state_dict
+
+    if not out_path.endswith(".safetensors"):
+        raise ValueError(f"write the converted weights to a name ending in .safetensors, not {out_path!r}")
+    if os.path.exists(out_path) and not overwrite:
+        raise ValueError(f"{out_path!r} exists; choose another name or pass --overwrite")
+    try:
+        with open(config_path) as f:
+            model_cfg = (yaml.safe_load(f) or {}).get("model") or {}
+        net_cfg = dict(model_cfg["net"]["init_args"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise ValueError(f"{config_path!r} is not a pdm config with model.net.init_args ({e}); pass e.g. "
+                         "configs/lsun_church_p4.yaml") from None
+    try:
+        net = UNet(**net_cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the model.net of {config_path!r} is not a valid UNet: {e}") from None
+    state = load_checkpoint_state(official_path)
+    try:
+        net.load_state_dict(convert_official_state_dict(state), strict=True)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{official_path!r} does not fit the network of {config_path!r}: "
+                         f"{str(e).splitlines()[0]}; pass the config the model was trained with") from None
+    config = {"net": {"class_path": "pdm.nn.UNet", "init_args": net_cfg},
+              **{k: model_cfg[k] for k in SAMPLING_KEYS if k in model_cfg}}
+    tensors = {f"net.{k}": v.contiguous() for k, v in net.state_dict().items()}
+    metadata = {"pdm_config": json.dumps(config), "format": EXPORT_FORMAT, "converted_from": os.path.basename(official_path)}
+    atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return out_path
+
+
+def load_checkpoint_state(path: str) -> dict[str, Tensor]:
+    """A plain state dict from a ``.pt`` file, read without running code (``state_dict`` / ``model``
+    wrappers are unwrapped)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path!r} does not exist or is not a file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path!r} asks to run code when loaded; it is refused (only plain tensors are read)") from None
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path!r} is not a readable PyTorch file: {str(e).splitlines()[0]}") from None
+    for key in ("state_dict", "model", "ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{path!r} holds no state dict of tensors")
+    return obj
+
+
 # --- rebuilding for sampling -------------------------------------------------------------------------
 
 def network_model_fn(net: UNet, schedule: VPSchedule) -> Callable[..., Tensor]:
