@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -63,6 +65,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true", help="discard what --out holds and start afresh")
     p.add_argument("--progress", action="store_true", help="a progress bar per batch")
     return p.parse_args(argv)
+
+
+class _Interrupt:
+    """SIGINT handling that cannot be lost: the handler records the interrupt before raising
+    KeyboardInterrupt, and every batch checks the record. (Python swallows an exception raised
+    while a finalizer runs, so a bare handler would let such a Ctrl-C pass unnoticed.)"""
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, signum: int, frame) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if an interrupt arrived (even one swallowed on the way)."""
+        if self.seen:
+            raise KeyboardInterrupt
 
 
 def _fail(message: str) -> None:
@@ -173,6 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     given = {a.lstrip("-").replace("-", "_").split("=")[0] for a in (argv if argv is not None else sys.argv[1:])
              if a.startswith("--")}
+    interrupt = _Interrupt()
+    previous = signal.signal(signal.SIGINT, interrupt) if _main_thread() else None
     try:
         if args.merge is not None:
             from pdm.outputs import merge_parts
@@ -183,15 +205,25 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.ckpt:
             raise ValueError("--ckpt is required (or --merge PART_DIR ...)")
         settings, skip, device = check_flags(args, given)
-        return sample_run(args, settings, skip, device)
+        return sample_run(args, settings, skip, device, interrupt.check)
     except ValueError as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; finished shards are kept in --out, re-run the same command to resume")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     raise AssertionError("unreachable")
 
 
-def sample_run(args: argparse.Namespace, settings: dict, skip, device: torch.device) -> dict:
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def sample_run(args: argparse.Namespace, settings: dict, skip, device: torch.device,
+               check_interrupt: Callable[[], None] = lambda: None) -> dict:
     """Load the model, make this invocation's shards and, once all exist, the final outputs."""
     from pdm.checkpoints import load_for_sampling
     from pdm.outputs import file_sha256, make_shard, prepare_out, shard_paths, write_manifest, write_outputs
@@ -213,6 +245,11 @@ def sample_run(args: argparse.Namespace, settings: dict, skip, device: torch.dev
     sample_batch = partial(sample, loaded.model_fn, schedule=loaded.schedule, prediction=loaded.prediction, skip=skip,
                            denoise_to_zero=args.denoise_to_zero, thresholding=args.thresholding, progress=args.progress,
                            **{k: v for k, v in settings.items() if v is not None})
+
+    def batch(noise: torch.Tensor, model_kwargs: dict):
+        check_interrupt()
+        return sample_batch(noise, model_kwargs=model_kwargs)
+
     shape = (loaded.in_channels, loaded.image_size, loaded.image_size)
     paths = shard_paths(out, args.num_samples, args.shard_size)
     done = 0
@@ -220,7 +257,7 @@ def sample_run(args: argparse.Namespace, settings: dict, skip, device: torch.dev
         if k % args.num_shards == args.shard_index and not path.exists():
             indices = range(k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples))
             done += make_shard(path, indices, shape, loaded.num_classes, args.seed, args.labels, args.batch_size,
-                               device, lambda noise, kw: sample_batch(noise, model_kwargs=kw))
+                               device, batch)
     missing = sum(not p.exists() for p in paths)
     if missing:
         print(f"part {args.shard_index} of {args.num_shards} done: {len(paths) - missing} of {len(paths)} shards in "

@@ -223,6 +223,33 @@ def test_ctrl_c_keeps_finished_shards_and_exits_2_without_traceback(tiny_ckpts, 
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     lines = [line for line in err.splitlines() if not line.startswith("images ")]
-    assert proc.returncode == 2 and "Traceback" not in err and len(lines) <= 3 and "interrupted" in lines[-1]
+    assert proc.returncode == 2 and "Traceback" not in err and len(lines) <= 3 and "interrupted" in lines[-1], err
     kept = sorted(os.listdir(out / "shards"))
     assert "shard_00001.npz" in kept and all(np.load(out / "shards" / k)["images"].shape[0] == 2 for k in kept if k.endswith(".npz"))
+
+
+def test_ctrl_c_swallowed_by_a_finalizer_still_stops_at_the_next_batch(tiny_ckpts, tmp_path, monkeypatch, capsys):
+    # Python ignores an exception raised inside __del__; the interrupt must not be lost with it.
+    import pdm.outputs
+
+    class RaisesOnDelete:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)
+
+    real, calls = pdm.outputs.to_uint8, []
+
+    def to_uint8(x):
+        calls.append(1)
+        if len(calls) == 1:
+            obj = RaisesOnDelete()
+            del obj  # the handler runs inside __del__, where the KeyboardInterrupt is swallowed
+        return real(x)
+
+    monkeypatch.setattr(pdm.outputs, "to_uint8", to_uint8)
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        sample_cli.main(["--ckpt", tiny_ckpts["uncond"], "--num-samples", "8", "--steps", "3", "--batch-size", "2",
+                         "--shard-size", "2", "--out", str(out)])
+    assert e.value.code == 2 and "interrupted" in capsys.readouterr().err
+    assert sorted(os.listdir(out / "shards")) == ["shard_00000.npz"] and len(calls) == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI restores the handler
