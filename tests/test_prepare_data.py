@@ -81,8 +81,9 @@ def test_imagenet_from_synset_folders(tmp_path):
     assert res.returncode == 2 and "cannot read" in res.stderr and not (tmp_path / "imagenet2").exists()
 
 
-def test_lsun_lmdb_zip_lands_where_the_datamodule_reads(tmp_path):
+def test_lsun_lmdb_zip_lands_where_the_datamodule_reads(tmp_path, monkeypatch):
     lmdb = pytest.importorskip("lmdb")
+    monkeypatch.chdir(tmp_path)  # to see that nothing is written to the working directory
     from pdm.data import LSUNDataModule
 
     src = tmp_path / "church_outdoor_train_lmdb"
@@ -101,6 +102,16 @@ def test_lsun_lmdb_zip_lands_where_the_datamodule_reads(tmp_path):
     dm = LSUNDataModule(str(tmp_path / "lsun"), image_size=16, batch_size=2, num_workers=0)
     dm.setup("fit")
     assert len(dm.train_set) == 4 and dm.train_set[0][0].shape == (3, 16, 16)
+    # every stored image comes back once, with its own (flat) colour in [-1, 1]
+    levels = sorted(round(float(x.mean() + 1) * 127.5) for x, _ in (dm.train_set[i] for i in range(4)))
+    assert all(abs(a - b) <= 2 for a, b in zip(levels, [0, 50, 100, 150]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["church_outdoor_train_lmdb", "church_outdoor_train_lmdb.zip",
+                                                          "lsun"]
+    empty = tmp_path / "empty" / "church_outdoor_train_lmdb"
+    empty.mkdir(parents=True)
+    lmdb.open(str(empty), map_size=1 << 20).close()
+    with pytest.raises(ValueError, match="holds no images"):
+        LSUNDataModule(str(tmp_path / "empty"), image_size=16, batch_size=2, num_workers=0).setup("fit")
 
 
 def test_ffhq_folder_is_checked_and_copied_flat(tmp_path):

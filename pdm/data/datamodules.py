@@ -254,8 +254,46 @@ class HFDataModule(_Base):
         self._split(_HFImages(ds, self.image_key, self.label_key, transform))
 
 
+class LMDBImages(Dataset):
+    """The encoded images of one LMDB database (LSUN's format: key -> WEBP/JPEG bytes), label -1.
+
+    Reads the keys once (no cache file: torchvision's LSUN pickles one into the working
+    directory and unpickles whatever it finds there); the environment opens lazily, read-only
+    and without locks, in each DataLoader worker.
+    """
+
+    def __init__(self, path: str | os.PathLike, transform: ImageTransform) -> None:
+        import lmdb
+
+        self.path, self.transform, self._env = str(path), transform, None
+        env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False)
+        with env.begin(write=False) as txn:
+            self.keys = list(txn.cursor().iternext(keys=True, values=False))
+        env.close()
+        if not self.keys:
+            raise ValueError(f"LMDB database {self.path} holds no images; re-run data/prepare_lsun.py")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int):
+        import io
+
+        import lmdb
+        from PIL import Image
+
+        if self._env is None:
+            self._env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False)
+        with self._env.begin(write=False) as txn:
+            data = txn.get(self.keys[i])
+        return self.transform(Image.open(io.BytesIO(data))), -1
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_env": None}  # workers open their own environment
+
+
 class LSUNDataModule(_Base):
-    """LSUN scenes from their LMDB folders through torchvision (needs ``pip install lmdb``)."""
+    """LSUN scenes from their LMDB folders (needs ``pip install lmdb``)."""
 
     def __init__(self, root: str, classes: str = "church_outdoor_train", image_size: int = 256, random_flip: bool = True,
                  batch_size: int = 64, num_workers: int = 4, seed: int = 0) -> None:
@@ -273,8 +311,5 @@ class LSUNDataModule(_Base):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        self._check_lmdb()
-        from torchvision.datasets import LSUN
-
-        transform = ImageTransform(self.image_size, 3, self.random_flip)
-        self._split(LSUN(self.root, classes=[self.classes], transform=transform))
+        lmdb_dir = self._check_lmdb()
+        self._split(LMDBImages(lmdb_dir, ImageTransform(self.image_size, 3, self.random_flip)))
