@@ -6,8 +6,10 @@
 The path is found on calibration noise drawn from --seed (default 1000000, a stream that
 sample.py's usual seeds never touch; images are drawn as sample.py draws image i of a seed) and
 classes cycling through every label. It is a learned time schedule for this model (and this
-guidance scale): the replay runs the network at the kept points of a --steps grid only, with
-the solver settings recorded in the file. See pdm.sampling.calibrate_skip_path.
+guidance scale): the search keeps --nfe points of a --steps grid, then moves those times off
+the grid to where the error on the calibration images is least (--grid-points-only stops
+before that); the replay runs the network at those times only, with the solver settings
+recorded in the file. See pdm.sampling.calibrate_skip_path.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-seeds", type=int, default=32, help="calibration images (default 32)")
     p.add_argument("--seed", type=int, default=1_000_000, help="calibration noise stream (keep it apart from scored seeds)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--grid-points-only", action="store_true",
+                   help="keep the evaluations on the --steps grid (skip the continuous time search)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p.parse_args(argv)
 
@@ -93,15 +97,19 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     t0 = time.perf_counter()
     path = calibrate_skip_path(loaded.model_fn, noise, loaded.schedule, args.nfe, steps=args.steps,
                                prediction=loaded.prediction, model_kwargs=kwargs, solver=args.solver,
-                               order=args.order, skip_type=args.skip_type, progress=True)
+                               order=args.order, skip_type=args.skip_type, continuous=not args.grid_points_only,
+                               progress=True)
     path.settings["calibrated_for"] = {"checkpoints": sorted(file_sha256(p) for p in args.ckpt),
                                        "guidance_scale": args.guidance_scale, "seed": args.seed,
                                        "num_seeds": args.num_seeds}
     path.save(args.out)
     kept = [i for i, e in enumerate(path.evaluate) if e]
-    summary = {"out": args.out, "nfe": path.nfe, "kept": kept, "seconds": round(time.perf_counter() - t0, 1)}
-    print(f"wrote {args.out}: {path.nfe} evaluations at grid points {kept} of {args.steps} "
-          f"({summary['seconds']} s); sample with --skip-path {args.out}", file=sys.stderr)
+    summary = {"out": args.out, "nfe": path.nfe, "kept": kept, "timesteps": path.settings.get("timesteps"),
+               "seconds": round(time.perf_counter() - t0, 1)}
+    where = (f"times {', '.join(f'{t:.4g}' for t in summary['timesteps'][:-1])}" if summary["timesteps"]
+             else f"grid points {kept} of {args.steps}")
+    print(f"wrote {args.out}: {path.nfe} evaluations at {where} ({summary['seconds']} s); "
+          f"sample with --skip-path {args.out}", file=sys.stderr)
     return summary
 
 

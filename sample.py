@@ -95,8 +95,12 @@ def resolve_settings(args: argparse.Namespace, given: set[str]) -> dict:
     would do nothing in its context rejected. Raises ValueError naming the fix."""
     s = {"steps": args.steps, "solver": args.solver, "order": args.order, "method": args.method,
          "skip_type": args.skip_type, "solver_type": args.solver_type}
+    timesteps = None
     if args.skip_path is not None:
         path = SkipPath.load(args.skip_path)
+        timesteps = path.settings.get("timesteps")
+        if timesteps is not None and args.skip_type is not None:
+            raise ValueError("the skip path carries its own calibrated time grid; drop --skip-type")
         for key, value in path.settings.items():
             if key in s:
                 if s[key] is not None and s[key] != value:
@@ -120,6 +124,11 @@ def resolve_settings(args: argparse.Namespace, given: set[str]) -> dict:
         s["solver_type"] = None
     if s["order"] not in SOLVER_ORDERS[solver]:
         raise ValueError(f"--order {s['order']} is not available for {solver}")
+    if timesteps is not None:
+        if len(timesteps) != s["steps"] + 1:
+            raise ValueError(f"the skip path's time grid has {len(timesteps)} times for {s['steps']} steps; "
+                             "re-run calibrate.py")
+        s["skip_type"], s["timesteps"] = None, [float(t) for t in timesteps]
     return s
 
 

@@ -8,7 +8,8 @@ classifier-free guidance 1.5) and each NFE budget:
     the best on the scoring seeds (an optimistic baseline: chosen where it is scored);
   - adaptive skipping (pdm's AdaptiveSkip: error criterion, forecast fill) and the official
     AdaptiveDiffusion criterion (latent test, reuse), over base grids and thresholds;
-  - calibrated skip paths (a learned schedule on a 100-step logSNR grid), one per solver.
+  - calibrated paths, one per solver: the learned time schedule of calibrate_skip_path (points
+    of a 100-step logSNR grid, then moved off it by the continuous time search).
 Every skip configuration is selected on CALIBRATION_SEEDS (the threshold, the base grid, the
 solver, the calibrated path itself) and then scored once on SCORE_SEEDS; the two seed sets are
 disjoint. The reference is an accurate ODE solution (benchmarks.common.Bench.reference).
@@ -39,9 +40,10 @@ BUDGETS = (5, 8, 10, 12, 15, 20, 25)  # 5 and 8: the learned time schedule at th
 THRESHOLDS = {"adaptive": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "official": (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)}
 SKIP_SOLVERS = {"DPM-Solver++(2M)": dict(solver="dpmsolver++", order=2), "UniPC-3": dict(solver="unipc", order=3),
                 "iPNDM-4": dict(solver="ipndm", order=4)}
-CALIBRATED = {"UniPC-3": dict(solver="unipc", order=3), "iPNDM-3": dict(solver="ipndm", order=3),
-              "iPNDM-4": dict(solver="ipndm", order=4)}
+CALIBRATED = {"iPNDM-3": dict(solver="ipndm", order=3), "iPNDM-4": dict(solver="ipndm", order=4)}
 FINE_STEPS = 100
+MODELS = ("mixture", "digits", "digits_cfg1.5")
+HALVINGS = 3  # of the continuous time search (calibrate_skip_path's default is 5)
 
 
 def score_seeds(n: int) -> range:
@@ -91,18 +93,19 @@ def select(runs: list[dict], budget: int) -> dict | None:
     return min(ok, key=lambda r: r["calib_error"]) if ok else None
 
 
-def calibrated(bench: Bench, calib, calib_ref, score, score_ref, budget: int) -> tuple[dict, list[dict]]:
+def calibrated(bench: Bench, calib, calib_ref, score, score_ref, budget: int,
+               halvings: int = HALVINGS) -> tuple[dict, list[dict]]:
     """A calibrated path per solver; the one with the least calibration error is chosen."""
     tried = []
     for label, kw in CALIBRATED.items():
         t0 = time.perf_counter()
         path = calibrate_skip_path(bench.model_fn, bench.noise(calib), bench.schedule, nfe=budget, steps=FINE_STEPS,
-                                   prediction=bench.prediction, model_kwargs=bench.kwargs(calib), skip_type="logSNR", **kw)
-        args = dict(steps=FINE_STEPS, skip_type="logSNR", skip=path, **kw)
-        c, s = bench.run(calib, **args), bench.run(score, **args)
+                                   prediction=bench.prediction, model_kwargs=bench.kwargs(calib), skip_type="logSNR",
+                                   halvings=halvings, **kw)
+        c, s = bench.run(calib, **path.sample_kwargs()), bench.run(score, **path.sample_kwargs())
         tried.append({"setting": f"calibrated {label}", "calib_error": rms(c.x, calib_ref), "nfe": s.nfe,
                       "error": rms(s.x, score_ref), "seconds": time.perf_counter() - t0,
-                      "kept": [i for i, e in enumerate(path.evaluate) if e]})
+                      "path": {"evaluate": list(path.evaluate), "fill": path.fill, "settings": path.settings}})
     return min(tried, key=lambda r: r["calib_error"]), tried
 
 
@@ -117,16 +120,18 @@ def fd_row(bench: Bench, args: dict, num: int) -> dict:
     return {"fd8x8": fd, "fd_ratio": fd / floor, "accuracy": classifier_accuracy(images, bench.kwargs(seeds)["y"].numpy())}
 
 
-def run_bench(bench: Bench, n_score: int, n_calib: int, fd_samples: int) -> dict:
+def run_bench(bench: Bench, n_score: int, n_calib: int, fd_samples: int, adaptive: bool = True,
+              halvings: int = HALVINGS) -> dict:
     score, calib = score_seeds(n_score), calibration_seeds(n_calib)
     score_ref, ref_err = bench.reference(score)
     calib_ref, _ = bench.reference(calib)
     plain = plain_frontier(bench, score, score_ref)
-    runs = {kind: adaptive_runs(bench, calib, calib_ref, score, score_ref, kind) for kind in ("adaptive", "official")}
+    runs = {kind: adaptive_runs(bench, calib, calib_ref, score, score_ref, kind) if adaptive else []
+            for kind in ("adaptive", "official")}
     rows = []
     for budget in BUDGETS:
         best_plain = min((v for n, v in plain.items() if n <= budget), key=lambda v: v["error"])
-        chosen, tried = calibrated(bench, calib, calib_ref, score, score_ref, budget)
+        chosen, tried = calibrated(bench, calib, calib_ref, score, score_ref, budget, halvings)
         row = {"budget": budget, "plain": best_plain, "calibrated": chosen, "calibrated_tried": tried,
                "adaptive": select(runs["adaptive"], budget), "official": select(runs["official"], budget)}
         if bench.num_classes is not None and fd_samples:
@@ -149,9 +154,8 @@ def _plain_args(best: dict) -> dict:
 def _calibrated_args(bench: Bench, calib, chosen: dict) -> dict:
     from pdm.sampling import SkipPath
 
-    kw = CALIBRATED[chosen["setting"].removeprefix("calibrated ")]
-    path = SkipPath(tuple(i in set(chosen["kept"]) for i in range(FINE_STEPS)))
-    return dict(steps=FINE_STEPS, skip_type="logSNR", skip=path, **kw)
+    p = chosen["path"]
+    return SkipPath(tuple(p["evaluate"]), fill=p["fill"], settings=p["settings"]).sample_kwargs()
 
 
 def images_per_second(bench: Bench, result: dict, budget: int = 10, batch: int = 250, rounds: int = 3) -> dict:
@@ -265,19 +269,24 @@ def main() -> None:
     p.add_argument("--fd-samples", type=int, default=1000)
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--speed-only", action="store_true", help="only re-time images/s on the saved results")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="which models to run")
+    p.add_argument("--no-adaptive", action="store_true", help="leave out the adaptive-skipping sweep (the slow part)")
+    p.add_argument("--halvings", type=int, default=HALVINGS, help="of the calibration's continuous time search")
     args = p.parse_args()
     if args.speed_only:
         return speed_only(args)
-    benches = [mixture_bench()]
+    benches = [mixture_bench()] if "mixture" in args.models else []
     ckpt = find_digits_checkpoint(args.ckpt)
     if ckpt:
-        benches += [digits_bench(ckpt), digits_bench(ckpt, guidance_scale=1.5)]
-    else:
+        benches += [digits_bench(ckpt, guidance_scale=g) for name, g in (("digits", 1.0), ("digits_cfg1.5", 1.5))
+                    if name in args.models]
+    elif set(args.models) - {"mixture"}:
         print("no digits checkpoint found: run `python train.py fit --config configs/digits.yaml` first", file=sys.stderr)
     results = []
     for bench in benches:
         t0 = time.perf_counter()
-        res = run_bench(bench, args.score_seeds, args.calibration_seeds, args.fd_samples)
+        res = run_bench(bench, args.score_seeds, args.calibration_seeds, args.fd_samples, not args.no_adaptive,
+                        args.halvings)
         if bench.name == "digits":
             res["images_per_second"] = images_per_second(bench, res)
         res["seconds"] = time.perf_counter() - t0

@@ -15,16 +15,36 @@ def test_calibrated_path_is_written_and_replayed_by_sample(tiny_ckpts, tmp_path)
     summary = calibrate_cli.main(["--ckpt", tiny_ckpts["cond"], "--nfe", "4", "--steps", "12", "--num-seeds", "4",
                                   "--out", str(out), "--device", "cpu"])
     path = SkipPath.load(out)
-    assert path.nfe == 4 == summary["nfe"] and len(path.evaluate) == 12 and path.evaluate[0]
-    assert summary["kept"] == [i for i, e in enumerate(path.evaluate) if e]
-    assert path.settings["solver"] == "unipc" and path.settings["steps"] == 12
+    # the default search frees the kept times from the fine grid: a 4-step grid of its own
+    times = path.settings["timesteps"]
+    assert path.nfe == 4 == summary["nfe"] and path.evaluate == (True,) * 4 and summary["timesteps"] == times
+    assert len(times) == 5 and all(a > b for a, b in zip(times, times[1:]))
+    assert path.settings["solver"] == "unipc" and path.settings["steps"] == 4
     assert path.settings["calibrated_for"]["seed"] == 1_000_000 and len(path.settings["calibrated_for"]["checkpoints"]) == 1
     stats = sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--num-samples", "3", "--skip-path", str(out),
                              "--out", str(tmp_path / "s"), "--device", "cpu"])
     assert stats["nfe"] == 4
     ident = json.loads((tmp_path / "s" / "run.json").read_text())["identity"]["settings"]
-    assert ident["steps"] == 12 and ident["solver"] == "unipc" and ident["order"] == 3
+    assert ident["steps"] == 4 and ident["solver"] == "unipc" and ident["order"] == 3 and ident["timesteps"] == times
+    assert ident["skip_type"] is None
     assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape[0] == 3
+    with pytest.raises(SystemExit):  # the path fixes its own grid
+        sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--num-samples", "3", "--skip-path", str(out), "--skip-type",
+                         "logSNR", "--out", str(tmp_path / "s2"), "--device", "cpu"])
+    assert not (tmp_path / "s2").exists()
+
+
+def test_grid_points_only_keeps_evaluations_on_the_fine_grid(tiny_ckpts, tmp_path):
+    out = tmp_path / "path.json"
+    summary = calibrate_cli.main(["--ckpt", tiny_ckpts["cond"], "--nfe", "4", "--steps", "12", "--num-seeds", "4",
+                                  "--out", str(out), "--device", "cpu", "--grid-points-only"])
+    path = SkipPath.load(out)
+    assert path.nfe == 4 and len(path.evaluate) == 12 and path.evaluate[0] and "timesteps" not in path.settings
+    assert summary["kept"] == [i for i, e in enumerate(path.evaluate) if e] and path.settings["steps"] == 12
+    stats = sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--num-samples", "3", "--skip-path", str(out),
+                             "--out", str(tmp_path / "s"), "--device", "cpu"])
+    ident = json.loads((tmp_path / "s" / "run.json").read_text())["identity"]["settings"]
+    assert stats["nfe"] == 4 and ident["steps"] == 12 and ident["skip_type"] == "logSNR"
 
 
 @pytest.mark.parametrize(

@@ -101,6 +101,10 @@ class AdaptiveSkip:
         return cls(threshold, max_skips, warmup, per_sample, criterion="latent", fill="reuse", forecast_order=0)
 
 
+# The settings of a SkipPath that are arguments of sample() (others, e.g. "calibrated_for", are notes).
+REPLAY_SETTINGS = ("steps", "solver", "order", "method", "skip_type", "solver_type", "timesteps")
+
+
 @dataclass(frozen=True)
 class SkipPath:
     """A fixed skip path: ``evaluate[i]`` says whether step i + 1 calls the network.
@@ -108,7 +112,9 @@ class SkipPath:
     A calibrated path (:func:`pdm.sampling.calibrate_skip_path`) is a learned time schedule:
     the kept evaluations are the points of the fine grid where the network runs, and with the
     default ``fill="merge"`` the solver steps between them directly. ``settings`` records the
-    sampler settings of the grid it belongs to, so a saved path replays as found.
+    sampler settings of the grid it belongs to, so a saved path replays as found; a path whose
+    times were calibrated off the fine grid records its own grid in ``settings["timesteps"]``
+    (``steps + 1`` decreasing times) and evaluates at each of them.
     """
 
     evaluate: tuple[bool, ...]
@@ -126,6 +132,15 @@ class SkipPath:
     def nfe(self) -> int:
         """Network evaluations of one replay (not counting ``denoise_to_zero``)."""
         return sum(self.evaluate)
+
+    def sample_kwargs(self) -> dict[str, Any]:
+        """The arguments of :func:`pdm.sampling.sample` that replay this path: the recorded solver
+        settings, the time grid (a float64 tensor when ``settings["timesteps"]`` holds one) and
+        ``skip=self``."""
+        kw = {k: v for k, v in self.settings.items() if k in REPLAY_SETTINGS}
+        if "timesteps" in kw:
+            kw["timesteps"] = torch.tensor(kw["timesteps"], dtype=torch.float64)
+        return kw | {"skip": self}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the path and its settings as JSON (atomically)."""
