@@ -29,7 +29,8 @@ def test_writes_grid_samples_and_stats(tiny_ckpts, tmp_path):
     assert (tmp_path / "grid.png").stat().st_size > 0
     saved = json.loads((tmp_path / "stats.json").read_text())
     assert saved["nfe"] == 5 and saved["images_per_second"] > 0 and saved["seconds"] > 0
-    assert saved["run"]["identity"]["settings"]["solver"] == "dpmsolver++" and stats["num_samples"] == 6
+    ident = saved["run"]["identity"]["settings"]
+    assert (ident["solver"], ident["order"], ident["skip_type"]) == ("ipndm", 4, "logSNR") and stats["num_samples"] == 6
     assert json.loads((tmp_path / "run.json").read_text())["identity"]["num_samples"] == 6
 
 
@@ -85,8 +86,10 @@ def test_adaptive_skipping_flags_report_the_evaluated_mask(tiny_ckpts, tmp_path)
         (["--ckpt", "@high"], "partner"),
         (["--ckpt", "@high", "--ckpt", "@low_gap"], "do not meet"),
         (["--ckpt", "@notckpt"], "not a readable PyTorch checkpoint"),
-        (["--ckpt", "@cond", "--method", "singlestep_fixed", "--order", "3", "--steps", "2"], "needs at least 3 steps"),
-        (["--ckpt", "@cond", "--order", "4"], "order must be 1, 2 or 3 for dpmsolver++"),
+        (["--ckpt", "@cond", "--solver", "dpmsolver++", "--method", "singlestep_fixed", "--order", "3", "--steps", "2"],
+         "needs at least 3 steps"),
+        (["--ckpt", "@cond", "--method", "singlestep"], "add --solver dpmsolver++"),
+        (["--ckpt", "@cond", "--solver", "dpmsolver++", "--order", "4"], "order must be 1, 2 or 3 for dpmsolver++"),
         (["--ckpt", "@ckdir"], "is a folder"),
         (["--ckpt", "@cond", "--out", "@file/sub"], "cannot write to output folder"),
     ],
