@@ -34,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nfe", type=int, required=True, help="network evaluations the path may spend")
     p.add_argument("--out", required=True, help="the JSON file to write (refused if it exists, unless --overwrite)")
     p.add_argument("--steps", type=int, default=100, help="the fine grid's steps (default 100)")
-    p.add_argument("--solver", default="unipc", choices=[s for s in SOLVERS if s not in ("ddpm",)])
+    p.add_argument("--solver", default="ipndm", choices=[s for s in SOLVERS if s not in ("ddpm",)],
+                   help="default ipndm (order 3): the best calibrated solver in benchmarks/skip_tradeoff.py")
     p.add_argument("--order", type=int, default=3)
     p.add_argument("--skip-type", default="logSNR", help="the fine grid (default logSNR)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="calibrate for this classifier-free guidance")

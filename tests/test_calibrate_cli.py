@@ -19,13 +19,13 @@ def test_calibrated_path_is_written_and_replayed_by_sample(tiny_ckpts, tmp_path)
     times = path.settings["timesteps"]
     assert path.nfe == 4 == summary["nfe"] and path.evaluate == (True,) * 4 and summary["timesteps"] == times
     assert len(times) == 5 and all(a > b for a, b in zip(times, times[1:]))
-    assert path.settings["solver"] == "unipc" and path.settings["steps"] == 4
+    assert path.settings["solver"] == "ipndm" and path.settings["steps"] == 4
     assert path.settings["calibrated_for"]["seed"] == 1_000_000 and len(path.settings["calibrated_for"]["checkpoints"]) == 1
     stats = sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--num-samples", "3", "--skip-path", str(out),
                              "--out", str(tmp_path / "s"), "--device", "cpu"])
     assert stats["nfe"] == 4
     ident = json.loads((tmp_path / "s" / "run.json").read_text())["identity"]["settings"]
-    assert ident["steps"] == 4 and ident["solver"] == "unipc" and ident["order"] == 3 and ident["timesteps"] == times
+    assert ident["steps"] == 4 and ident["solver"] == "ipndm" and ident["order"] == 3 and ident["timesteps"] == times
     assert ident["skip_type"] is None
     assert np.load(tmp_path / "s" / "samples.npz")["arr_0"].shape[0] == 3
     with pytest.raises(SystemExit):  # the path fixes its own grid
