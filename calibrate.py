@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--solver", default="ipndm", choices=[s for s in SOLVERS if s not in ("ddpm",)],
                    help="default ipndm (order 3): the best calibrated solver in benchmarks/skip_tradeoff.py")
     p.add_argument("--order", type=int, default=3)
+    p.add_argument("--solver-type", default=None, choices=["dpmsolver", "taylor", "bh1", "bh2"],
+                   help="the solver's variant (bh1/bh2 for UniPC, dpmsolver/taylor for DPM-Solver)")
     p.add_argument("--skip-type", default="logSNR", help="the fine grid (default logSNR)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="calibrate for this classifier-free guidance")
     p.add_argument("--num-seeds", type=int, default=32, help="calibration images (default 32)")
@@ -88,7 +90,11 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     from pdm.outputs import file_sha256, noise_and_label
     from pdm.sampling import calibrate_skip_path, check_settings
 
-    check_settings(args.solver, "multistep", args.order, args.steps, args.skip_type, "eps", None)
+    if args.solver_type is not None and args.solver not in ("unipc", "dpmsolver", "dpmsolver++"):
+        raise ValueError(f"--solver-type does nothing with --solver {args.solver}; drop it")
+    solver_type = check_settings(args.solver, "multistep", args.order, args.steps, args.skip_type, "eps",
+                                 args.solver_type)
+    variant = {"solver_type": solver_type} if args.solver in ("unipc", "dpmsolver", "dpmsolver++") else {}
     loaded = load_for_sampling(args.ckpt, args.guidance_scale, device)
     shape = (loaded.in_channels, loaded.image_size, loaded.image_size)
     classes = list(range(loaded.num_classes)) if loaded.num_classes else None
@@ -99,7 +105,7 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     path = calibrate_skip_path(loaded.model_fn, noise, loaded.schedule, args.nfe, steps=args.steps,
                                prediction=loaded.prediction, model_kwargs=kwargs, solver=args.solver,
                                order=args.order, skip_type=args.skip_type, continuous=not args.grid_points_only,
-                               progress=True)
+                               progress=True, **variant)
     path.settings["calibrated_for"] = {"checkpoints": sorted(file_sha256(p) for p in args.ckpt),
                                        "guidance_scale": args.guidance_scale, "seed": args.seed,
                                        "num_seeds": args.num_seeds}

@@ -57,6 +57,8 @@ def test_grid_points_only_keeps_evaluations_on_the_fine_grid(tiny_ckpts, tmp_pat
         (["--nfe", "5", "--out", "@existing"], "exists; pass --overwrite"),
         (["--nfe", "5", "--out", "@dir/p.txt"], "should name a .json file"),
         (["--nfe", "5", "--out", "@dir/missing/p.json"], "does not exist"),
+        (["--nfe", "5", "--solver-type", "bh1"], "--solver-type does nothing with --solver ipndm"),
+        (["--nfe", "5", "--solver", "unipc", "--solver-type", "taylor"], "solver_type"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_ckpts, tmp_path, capsys, extra, message):
@@ -70,3 +72,12 @@ def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_ckpts, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and message in err[0]
     assert existing.read_text() == "{}"
+
+
+def test_solver_type_is_calibrated_and_recorded_for_the_replay(tiny_ckpts, tmp_path):
+    out = tmp_path / "path.json"
+    calibrate_cli.main(["--ckpt", tiny_ckpts["cond"], "--nfe", "3", "--steps", "8", "--num-seeds", "2", "--out", str(out),
+                        "--device", "cpu", "--solver", "unipc", "--solver-type", "bh1", "--grid-points-only"])
+    path = SkipPath.load(out)
+    assert path.settings["solver"] == "unipc" and path.settings["solver_type"] == "bh1"
+    assert path.sample_kwargs()["solver_type"] == "bh1"
