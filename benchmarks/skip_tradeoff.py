@@ -12,7 +12,8 @@ classifier-free guidance 1.5) and each NFE budget:
     of a 100-step logSNR grid, then moved off it by the continuous time search).
 Every skip configuration is selected on CALIBRATION_SEEDS (the threshold, the base grid, the
 solver, the calibrated path itself) and then scored once on SCORE_SEEDS; the two seed sets are
-disjoint. The reference is an accurate ODE solution (benchmarks.common.Bench.reference).
+disjoint. A calibrated path is fitted on the first calibration seeds and chosen among solvers on
+the next ones (validation seeds), since its error on the seeds it was fitted to flatters it. The reference is an accurate ODE solution (benchmarks.common.Bench.reference).
 Reported: RMS error and PSNR (data range 2) against it, and on digits the FD-8x8 and classifier
 accuracy of 1,000 samples. Writes benchmarks/results/skip_tradeoff.{json,png}.
 """
@@ -40,7 +41,8 @@ BUDGETS = (5, 8, 10, 12, 15, 20, 25)  # 5 and 8: the learned time schedule at th
 THRESHOLDS = {"adaptive": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "official": (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)}
 SKIP_SOLVERS = {"DPM-Solver++(2M)": dict(solver="dpmsolver++", order=2), "UniPC-3": dict(solver="unipc", order=3),
                 "iPNDM-4": dict(solver="ipndm", order=4)}
-CALIBRATED = {"iPNDM-3": dict(solver="ipndm", order=3), "iPNDM-4": dict(solver="ipndm", order=4)}
+CALIBRATED = {"iPNDM-3": dict(solver="ipndm", order=3), "iPNDM-4": dict(solver="ipndm", order=4),
+              "UniPC-3 bh1": dict(solver="unipc", order=3, solver_type="bh1")}
 FINE_STEPS = 100
 MODELS = ("mixture", "digits", "digits_cfg1.5")
 HALVINGS = 3  # of the continuous time search (calibrate_skip_path's default is 5)
@@ -56,15 +58,25 @@ def calibration_seeds(n: int) -> range:
     return CALIBRATION_SEEDS[:n]
 
 
+def validation_seeds(n_calib: int, n: int) -> range:
+    """The seeds that choose among calibrated paths: after the calibration seeds, disjoint from
+    them (a path's error on the seeds it was fitted to flatters it) and from the scored ones."""
+    return CALIBRATION_SEEDS[n_calib:n_calib + n]
+
+
 def psnr(err: float) -> float:
     """PSNR (dB) of an RMS error for data in [-1, 1]."""
     return 20 * math.log10(2.0 / max(err, 1e-12))
 
 
-def plain_frontier(bench: Bench, seeds, ref, nfes=range(4, max(BUDGETS) + 1)) -> dict[int, dict]:
-    """{nfe: best plain setting at exactly that NFE} on ``seeds``."""
+def plain_frontier(bench: Bench, seeds, ref, nfes=range(4, max(BUDGETS) + 1),
+                   family_prefix: str = "") -> dict[int, dict]:
+    """{nfe: best plain setting at exactly that NFE} on ``seeds``, among the families whose name starts
+    with ``family_prefix`` (all of them by default; "DPM-Solver++" for the best DPM-Solver++ setting)."""
     best: dict[int, dict] = {}
     for family, grid, kw in settings():
+        if not family.startswith(family_prefix):
+            continue
         for n in nfes:
             e = rms(bench.run(seeds, steps=n, **kw).x, ref)
             if n not in best or e < best[n]["error"]:
@@ -93,9 +105,10 @@ def select(runs: list[dict], budget: int) -> dict | None:
     return min(ok, key=lambda r: r["calib_error"]) if ok else None
 
 
-def calibrated(bench: Bench, calib, calib_ref, score, score_ref, budget: int,
-               halvings: int = HALVINGS) -> tuple[dict, list[dict]]:
-    """A calibrated path per solver; the one with the least calibration error is chosen."""
+def calibrated(bench: Bench, calib, calib_ref, score, score_ref, budget: int, halvings: int = HALVINGS,
+               val=None, val_ref=None) -> tuple[dict, list[dict]]:
+    """A calibrated path per solver, fitted on ``calib``; the one with the least error on the
+    validation seeds ``val`` is chosen (on ``calib`` when none are given)."""
     tried = []
     for label, kw in CALIBRATED.items():
         t0 = time.perf_counter()
@@ -103,10 +116,12 @@ def calibrated(bench: Bench, calib, calib_ref, score, score_ref, budget: int,
                                    prediction=bench.prediction, model_kwargs=bench.kwargs(calib), skip_type="logSNR",
                                    halvings=halvings, **kw)
         c, s = bench.run(calib, **path.sample_kwargs()), bench.run(score, **path.sample_kwargs())
-        tried.append({"setting": f"calibrated {label}", "calib_error": rms(c.x, calib_ref), "nfe": s.nfe,
-                      "error": rms(s.x, score_ref), "seconds": time.perf_counter() - t0,
+        v = rms(bench.run(val, **path.sample_kwargs()).x, val_ref) if val is not None else None
+        tried.append({"setting": f"calibrated {label}", "calib_error": rms(c.x, calib_ref), "val_error": v,
+                      "nfe": s.nfe, "error": rms(s.x, score_ref), "seconds": time.perf_counter() - t0,
                       "path": {"evaluate": list(path.evaluate), "fill": path.fill, "settings": path.settings}})
-    return min(tried, key=lambda r: r["calib_error"]), tried
+    key = "val_error" if val is not None else "calib_error"
+    return min(tried, key=lambda r: r[key]), tried
 
 
 def fd_row(bench: Bench, args: dict, num: int) -> dict:
@@ -121,18 +136,21 @@ def fd_row(bench: Bench, args: dict, num: int) -> dict:
 
 
 def run_bench(bench: Bench, n_score: int, n_calib: int, fd_samples: int, adaptive: bool = True,
-              halvings: int = HALVINGS, budgets: tuple[int, ...] = BUDGETS) -> dict:
-    score, calib = score_seeds(n_score), calibration_seeds(n_calib)
+              halvings: int = HALVINGS, budgets: tuple[int, ...] = BUDGETS, n_val: int = 32) -> dict:
+    score, calib, val = score_seeds(n_score), calibration_seeds(n_calib), validation_seeds(n_calib, n_val)
     score_ref, ref_err = bench.reference(score)
     calib_ref, _ = bench.reference(calib)
+    val_ref, _ = bench.reference(val)
     plain = plain_frontier(bench, score, score_ref)
+    dpmpp = plain_frontier(bench, score, score_ref, nfes=budgets, family_prefix="DPM-Solver++")
     runs = {kind: adaptive_runs(bench, calib, calib_ref, score, score_ref, kind) if adaptive else []
             for kind in ("adaptive", "official")}
     rows = []
     for budget in budgets:
         best_plain = min((v for n, v in plain.items() if n <= budget), key=lambda v: v["error"])
-        chosen, tried = calibrated(bench, calib, calib_ref, score, score_ref, budget, halvings)
-        row = {"budget": budget, "plain": best_plain, "calibrated": chosen, "calibrated_tried": tried,
+        chosen, tried = calibrated(bench, calib, calib_ref, score, score_ref, budget, halvings, val, val_ref)
+        row = {"budget": budget, "plain": best_plain, "dpmsolver++": dpmpp[budget], "calibrated": chosen,
+               "calibrated_tried": tried,
                "adaptive": select(runs["adaptive"], budget), "official": select(runs["official"], budget)}
         if bench.num_classes is not None and fd_samples:
             row["plain"]["fd"] = fd_row(bench, _plain_args(best_plain), fd_samples)
@@ -141,7 +159,8 @@ def run_bench(bench: Bench, n_score: int, n_calib: int, fd_samples: int, adaptiv
         print(f"{bench.name} budget {budget}: plain {best_plain['error']:.2e} ({best_plain['setting']}), calibrated "
               f"{chosen['error']:.2e} ({chosen['setting']})", file=sys.stderr, flush=True)
     return {"model": bench.name, "reference_error": ref_err, "plain": plain, "runs": runs, "rows": rows,
-            "score_seeds": [score.start, score.stop], "calibration_seeds": [calib.start, calib.stop]}
+            "score_seeds": [score.start, score.stop], "calibration_seeds": [calib.start, calib.stop],
+            "validation_seeds": [val.start, val.stop]}
 
 
 def _plain_args(best: dict) -> dict:
@@ -235,10 +254,13 @@ def report(results: list[dict]) -> None:
                 cells.append("-" if a is None else f"{a['error']:.2e} @ {a['nfe']:.1f} ({a['error'] / p['error']:.2f})")
             if "fd" in p:
                 cells.append(f"{p['fd']['fd_ratio']:.2f} / {c['fd']['fd_ratio']:.2f}")
+            d = row.get("dpmsolver++")
+            cells.append("-" if d is None else f"{d['error']:.2e} {d['setting']} ({c['error'] / d['error']:.2f})")
             rows.append(cells)
         header = ["NFE budget", "best plain", "calibrated", "ratio", "adaptive (NFE, ratio)", "official (NFE, ratio)"]
         if "fd" in r["rows"][0]["plain"]:
             header.append("FD/floor plain / calibrated")
+        header.append("best DPM-Solver++ at that NFE (calibrated / it)")
         print(markdown_table(header, rows) + "\n")
         speed = r.get("images_per_second") or {}
         if speed and all(isinstance(v, dict) and "nfe" in v for v in speed.values()):
@@ -265,7 +287,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--score-seeds", type=int, default=48)
-    p.add_argument("--calibration-seeds", type=int, default=32)
+    p.add_argument("--calibration-seeds", type=int, default=32, help="seeds a calibrated path is fitted on")
+    p.add_argument("--validation-seeds", type=int, default=32, help="seeds that choose among calibrated paths")
     p.add_argument("--fd-samples", type=int, default=1000)
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--speed-only", action="store_true", help="only re-time images/s on the saved results")
@@ -287,7 +310,7 @@ def main() -> None:
     for bench in benches:
         t0 = time.perf_counter()
         res = run_bench(bench, args.score_seeds, args.calibration_seeds, args.fd_samples, not args.no_adaptive,
-                        args.halvings, tuple(args.budgets))
+                        args.halvings, tuple(args.budgets), args.validation_seeds)
         if bench.name == "digits" and 10 in args.budgets:
             res["images_per_second"] = images_per_second(bench, res)
         res["seconds"] = time.perf_counter() - t0

@@ -14,6 +14,8 @@ def test_calibration_and_scoring_seeds_are_disjoint():
     score, calib = skip_tradeoff.score_seeds(48), skip_tradeoff.calibration_seeds(32)
     assert set(score) <= set(SCORE_SEEDS) and set(calib) <= set(CALIBRATION_SEEDS)
     assert not set(score) & set(calib)
+    val = skip_tradeoff.validation_seeds(32, 32)
+    assert len(val) == 32 and set(val) <= set(CALIBRATION_SEEDS) and not set(val) & (set(calib) | set(score))
 
 
 def test_skip_configurations_are_chosen_on_calibration_errors_only():
