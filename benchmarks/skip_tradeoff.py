@@ -106,9 +106,9 @@ def select(runs: list[dict], budget: int) -> dict | None:
 
 
 def calibrated(bench: Bench, calib, calib_ref, score, score_ref, budget: int, halvings: int = HALVINGS,
-               val=None, val_ref=None) -> tuple[dict, list[dict]]:
-    """A calibrated path per solver, fitted on ``calib``; the one with the least error on the
-    validation seeds ``val`` is chosen (on ``calib`` when none are given)."""
+               val=None, val_ref=None) -> list[dict]:
+    """A calibrated path per solver for ``budget``, fitted on ``calib``, with its errors on the
+    calibration, validation (``val``, when given) and scored seeds."""
     tried = []
     for label, kw in CALIBRATED.items():
         t0 = time.perf_counter()
@@ -117,11 +117,19 @@ def calibrated(bench: Bench, calib, calib_ref, score, score_ref, budget: int, ha
                                    halvings=halvings, **kw)
         c, s = bench.run(calib, **path.sample_kwargs()), bench.run(score, **path.sample_kwargs())
         v = rms(bench.run(val, **path.sample_kwargs()).x, val_ref) if val is not None else None
-        tried.append({"setting": f"calibrated {label}", "calib_error": rms(c.x, calib_ref), "val_error": v,
+        tried.append({"setting": f"calibrated {label}, {budget}-NFE path", "budget": budget,
+                      "calib_error": rms(c.x, calib_ref), "val_error": v,
                       "nfe": s.nfe, "error": rms(s.x, score_ref), "seconds": time.perf_counter() - t0,
                       "path": {"evaluate": list(path.evaluate), "fill": path.fill, "settings": path.settings}})
-    key = "val_error" if val is not None else "calib_error"
-    return min(tried, key=lambda r: r[key]), tried
+    return tried
+
+
+def choose_calibrated(paths: list[dict], budget: int) -> dict:
+    """Among the calibrated paths spending no more than ``budget`` evaluations (those fitted for
+    smaller budgets included, as the plain baseline takes any NFE <= budget), the one with the
+    least validation error (calibration error when there was no validation); never the scored one."""
+    key = "val_error" if all(p.get("val_error") is not None for p in paths) else "calib_error"
+    return min((p for p in paths if p["nfe"] <= budget + 1e-9), key=lambda p: p[key])
 
 
 def fd_row(bench: Bench, args: dict, num: int) -> dict:
@@ -145,16 +153,20 @@ def run_bench(bench: Bench, n_score: int, n_calib: int, fd_samples: int, adaptiv
     dpmpp = plain_frontier(bench, score, score_ref, nfes=budgets, family_prefix="DPM-Solver++")
     runs = {kind: adaptive_runs(bench, calib, calib_ref, score, score_ref, kind) if adaptive else []
             for kind in ("adaptive", "official")}
-    rows = []
+    rows, paths = [], []
     for budget in budgets:
         best_plain = min((v for n, v in plain.items() if n <= budget), key=lambda v: v["error"])
-        chosen, tried = calibrated(bench, calib, calib_ref, score, score_ref, budget, halvings, val, val_ref)
+        tried = calibrated(bench, calib, calib_ref, score, score_ref, budget, halvings, val, val_ref)
+        paths += tried
+        chosen = choose_calibrated(paths, budget)
         row = {"budget": budget, "plain": best_plain, "dpmsolver++": dpmpp[budget], "calibrated": chosen,
                "calibrated_tried": tried,
                "adaptive": select(runs["adaptive"], budget), "official": select(runs["official"], budget)}
         if bench.num_classes is not None and fd_samples:
-            row["plain"]["fd"] = fd_row(bench, _plain_args(best_plain), fd_samples)
-            row["calibrated"]["fd"] = fd_row(bench, _calibrated_args(bench, calib, chosen), fd_samples)
+            if "fd" not in best_plain:
+                best_plain["fd"] = fd_row(bench, _plain_args(best_plain), fd_samples)
+            if "fd" not in chosen:
+                chosen["fd"] = fd_row(bench, _calibrated_args(bench, calib, chosen), fd_samples)
         rows.append(row)
         print(f"{bench.name} budget {budget}: plain {best_plain['error']:.2e} ({best_plain['setting']}), calibrated "
               f"{chosen['error']:.2e} ({chosen['setting']})", file=sys.stderr, flush=True)
@@ -227,7 +239,7 @@ def plot(results: list[dict], path: Path) -> None:
             ax.plot([x["nfe"] for x in r["runs"][kind]], [x["error"] for x in r["runs"][kind]], style, alpha=0.35,
                     markersize=3, label=f"{kind} skipping (all settings)")
         ax.plot([row["calibrated"]["nfe"] for row in r["rows"]], [row["calibrated"]["error"] for row in r["rows"]], "s-",
-                color="tab:red", label="calibrated path (chosen on calibration seeds)")
+                color="tab:red", label="calibrated path (fitted and chosen on calibration seeds)")
         ax.set_yscale("log")
         ax.set_xlim(3, max(BUDGETS) + 3)
         ax.set_xlabel("NFE")
