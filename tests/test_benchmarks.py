@@ -23,3 +23,13 @@ def test_skip_configurations_are_chosen_on_calibration_errors_only():
             {"calib_nfe": 12, "calib_error": 0.01, "error": 0.001}]
     chosen = skip_tradeoff.select(runs, budget=10)
     assert chosen["calib_error"] == 0.1  # the scored error plays no part, and the NFE budget holds
+
+
+def test_calibrated_paths_are_chosen_on_validation_errors_within_the_budget():
+    paths = [{"budget": 10, "nfe": 10, "calib_error": 0.01, "val_error": 0.3, "error": 0.001},
+             {"budget": 10, "nfe": 10, "calib_error": 0.2, "val_error": 0.2, "error": 0.5},
+             {"budget": 12, "nfe": 12, "calib_error": 0.3, "val_error": 0.1, "error": 0.4},
+             {"budget": 15, "nfe": 15, "calib_error": 0.001, "val_error": 0.05, "error": 0.0001}]
+    assert skip_tradeoff.choose_calibrated(paths, 10) is paths[1]  # neither the fitted nor the scored error
+    assert skip_tradeoff.choose_calibrated(paths, 14) is paths[2]  # a smaller budget's path may win
+    assert skip_tradeoff.choose_calibrated(paths, 15) is paths[3]
