@@ -29,7 +29,7 @@ CONFIGS = HERE.parent / "configs"
 
 
 def from_config(name: str, **override) -> tuple[UNet, dict]:
-    cfg = yaml.safe_load(open(CONFIGS / f"{name}.yaml"))["model"]
+    cfg = yaml.safe_load(open(CONFIGS / f"{name}.yaml"))["model"]["net"]["init_args"]
     keys = ("in_channels", "image_size", "patch_size", "model_channels", "channel_mult", "num_res_blocks",
             "attention_resolutions", "num_classes")
     kw = {k: cfg[k] for k in keys if k in cfg}
@@ -89,7 +89,11 @@ def run_group(name: str, args) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # e.g. a bare GPU machine: the JSON and the printed tables still come out
+        print(f"matplotlib is not installed; not drawing {path}", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -33,3 +33,23 @@ def test_calibrated_paths_are_chosen_on_validation_errors_within_the_budget():
     assert skip_tradeoff.choose_calibrated(paths, 10) is paths[1]  # neither the fitted nor the scored error
     assert skip_tradeoff.choose_calibrated(paths, 14) is paths[2]  # a smaller budget's path may win
     assert skip_tradeoff.choose_calibrated(paths, 15) is paths[3]
+
+
+def test_train_throughput_runs_the_training_step_and_counts_its_flops(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import train_throughput
+
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--configs", "digits", "--batch", "4", "--steps", "1",
+                                      "--warmup", "1", "--out", str(tmp_path)])
+    train_throughput.main()
+    (row,) = json.loads((tmp_path / "train_throughput_cpu.json").read_text())["rows"]
+    assert row["config"] == "digits" and row["batch"] == 4 and row["images_per_second"] > 0
+    assert row["mfu"] is None  # no data-sheet peak for a CPU unless --peak-tflops gives one
+    assert row["achieved_tflops"] == row["flops_per_step"] / row["seconds_per_step"] / 1e12
+    import yaml
+
+    cfg = yaml.safe_load(open(train_throughput.CONFIGS / "digits.yaml"))["model"]
+    module = train_throughput.build_module("digits")  # the config's network and loss, as train.py builds them
+    assert module.net.patch_size == cfg["net"]["init_args"]["patch_size"] and module.hparams.target == cfg["target"]
+    assert row["parameters"] == sum(p.numel() for p in module.net.parameters())

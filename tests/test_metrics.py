@@ -9,12 +9,14 @@ from pdm.metrics import (
     DigitsFeatures,
     FeatureStats,
     compute_stats,
+    count_flops,
     digits_fd_metric,
     digits_reference_images,
     fid_against,
     inception_weights_path,
     measure_step_cost,
     paired_quality,
+    peak_bf16_flops,
 )
 from pdm.metrics import digits_fd_baseline
 
@@ -127,6 +129,47 @@ def test_step_cost_reports_latency_and_memory_that_scale_with_the_grid():
                                    attention_resolutions=()), batch=2, image_size=32, iters=2)
     assert small["images_per_second"] > 0 and small["peak_cuda_bytes"] is None
     assert large["activation_bytes"] > 8 * small["activation_bytes"]  # 16x the grid cells
+
+
+class _ConvThenLinear(torch.nn.Module):
+    """conv 3->8 (3x3, padding 1) on 6x6, then a linear 288->5: FLOPs countable by hand."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x, t, y=None):
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_flop_count_matches_the_hand_count_forward_and_backward():
+    b = 4
+    conv = 2 * b * 6 * 6 * 8 * 3 * 3 * 3  # one multiply-add per output element per kernel tap
+    fc = 2 * b * 288 * 5
+    x, t = torch.randn(b, 3, 6, 6), torch.zeros(b)
+    assert count_flops(_ConvThenLinear(), x, t) == conv + fc
+    # backward: weight grads of both layers and the input grad of fc (not of conv: x needs no grad)
+    net = _ConvThenLinear()
+    assert count_flops(net, x, t, train=True) == 2 * conv + 3 * fc
+    assert all(p.grad is None for p in net.parameters())  # the counting step leaves no gradients behind
+
+
+def test_unet_training_step_counts_close_to_three_forward_passes():
+    from pdm.nn import UNet
+
+    net = UNet(image_size=16, in_channels=1, patch_size=2, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(4,))
+    x, t = torch.randn(2, 1, 16, 16), torch.full((2,), 10.0)
+    fwd, train = count_flops(net, x, t), count_flops(net, x, t, train=True)
+    assert fwd > 0 and 2.7 < train / fwd <= 3.0
+
+
+def test_peak_flops_by_device_name():
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756.0e12
+    assert peak_bf16_flops("NVIDIA H200") == 989.4e12
+    assert peak_bf16_flops("Some Unknown GPU") is None
 
 
 def test_digits_classifier_reads_real_digits_and_not_noise(digits):

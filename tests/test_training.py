@@ -244,3 +244,28 @@ def test_cosine_decay_reaches_zero_at_max_steps_and_fused_adam_is_used_when_aske
     assert lrs[:2] == pytest.approx([5e-4, 1e-3])
     assert lrs[6] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))  # half way: 0.5
     assert lrs[10] == pytest.approx(0.0, abs=1e-12) and opt.defaults["fused"] is True
+
+
+def test_compile_network_compiles_in_place_and_keeps_checkpoint_keys():
+    plain = tiny_module()
+    plain.configure_model()
+    assert plain.net._compiled_call_impl is None  # off by default
+    m = tiny_module(compile_network=True)
+    keys = list(m.state_dict())
+    m.configure_model()
+    assert m.net._compiled_call_impl is not None and isinstance(m.net, type(plain.net))
+    assert list(m.state_dict()) == keys  # no "_orig_mod." prefixes: checkpoints stay interchangeable
+    m.configure_model()  # idempotent: a second call (e.g. on resume) does not wrap again
+    assert m.hparams.compile_network is True
+
+
+@pytest.mark.slow
+def test_fit_with_compiled_network_writes_an_eager_loadable_checkpoint(tmp_path):
+    L.seed_everything(0)
+    trainer = _trainer(str(tmp_path), 2)
+    trainer.fit(tiny_module(compile_network=True), datamodule=DigitsDataModule(image_size=16, batch_size=16,
+                                                                              val_fraction=0.0))
+    saved = torch.load(os.path.join(tmp_path, "ckpt", "last.ckpt"), weights_only=True)
+    eager = tiny_module()
+    eager.load_state_dict(saved["state_dict"], strict=True)
+    assert saved["hyper_parameters"]["compile_network"] is True and saved["global_step"] == 2

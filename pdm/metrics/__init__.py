@@ -1,7 +1,7 @@
 """Metrics: FID (torchmetrics Inception-v3) with stored reference statistics, an offline digits
 FD, paired PSNR/SSIM/LPIPS, and the per-step cost of a network."""
 
-from pdm.metrics.cost import measure_step_cost
+from pdm.metrics.cost import count_flops, measure_step_cost, peak_bf16_flops
 from pdm.metrics.digits import (
     DigitsFeatures,
     classifier_accuracy,
@@ -29,6 +29,7 @@ __all__ = [
     "digits_classifier",
     "FeatureStats",
     "compute_stats",
+    "count_flops",
     "digits_fd_baseline",
     "digits_fd_metric",
     "digits_reference_images",
@@ -38,5 +39,6 @@ __all__ = [
     "make_fid",
     "measure_step_cost",
     "paired_quality",
+    "peak_bf16_flops",
     "real_digits_accuracy",
 ]

@@ -90,3 +90,35 @@ def measure_step_cost(
         "activation_bytes": activation_bytes(net, x[:1], t[:1]) * batch,
         "parameters": sum(p.numel() for p in net.parameters()),
     }
+
+
+def count_flops(net: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                train: bool = False) -> int:
+    """Floating-point operations of one forward pass of ``net`` on this batch (forward and
+    backward when ``train``), counted by ``torch.utils.flop_counter`` from the matmuls,
+    convolutions and attention kernels actually dispatched (one multiply-add = 2 FLOPs;
+    normalisations and activations are not counted, as in the usual MFU convention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        if train:
+            net(x, t, y).float().sum().backward()
+        else:
+            with torch.no_grad():
+                net(x, t, y)
+    if train:
+        net.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+# dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), by device-name substring
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """The data-sheet dense bf16 peak (FLOP/s) of a GPU named ``device_name``, None if unknown."""
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in device_name:
+            return tflops * 1e12
+    return None

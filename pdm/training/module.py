@@ -42,6 +42,11 @@ class PDMModule(L.LightningModule):
         lr_decay: ``none`` (PDM) or ``cosine``: after the warm-up, decay to 0 at the trainer's
             max_steps (short runs such as the digits default end sharper).
         fused_optimizer: use torch's fused Adam kernel (same update, one kernel for all tensors).
+        compile_network: compile the network with ``torch.compile`` when training starts (in
+            place, so checkpoint keys are unchanged; the EMA copy stays eager). On an H100 it
+            doubles training images/s for the LSUN and ImageNet-256 configs and halves peak
+            memory, for 1.5-2 minutes of compilation (benchmarks/RESULTS.md); on a CPU the
+            compilation rarely pays.
         init_from: a checkpoint whose EMA weights initialise this network (the low-noise
             expert starts from the high-noise expert).
     """
@@ -65,6 +70,7 @@ class PDMModule(L.LightningModule):
         warmup_steps: int = 5000,
         lr_decay: Literal["none", "cosine"] = "none",
         fused_optimizer: bool = False,
+        compile_network: bool = False,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
@@ -93,6 +99,11 @@ class PDMModule(L.LightningModule):
         return network_model_fn(self.net, self.schedule)
 
     # training --------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Compile the network in place when ``compile_network`` is set (Lightning calls this before fit)."""
+        if self.hparams.get("compile_network") and getattr(self.net, "_compiled_call_impl", None) is None:
+            self.net.compile()
+
     def on_fit_start(self) -> None:
         """Check the data against the network before the first step (a mismatch would train garbage)."""
         data = getattr(self.trainer, "datamodule", None)

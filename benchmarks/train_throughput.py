@@ -1,0 +1,144 @@
+"""Training throughput of the big PDM configs: images/s and model FLOPs utilisation (MFU).
+
+    python benchmarks/train_throughput.py --device cuda [--channels-last] [--compile] [--batch 64]
+    python benchmarks/train_throughput.py --configs lsun_church_p4 --batch 2 --steps 2   # CPU smoke run
+
+For each config (default: LSUN Church P = 4 and the ImageNet-256 P = 4 high-noise expert) it runs
+the training step the trainer runs, on synthetic images already on the device (so the data loader
+is not measured): draw t and noise, bf16 autocast forward, the PDM loss, backward, gradient
+clipping at 1.0, Adam (fused on CUDA), and the EMA update (one fused lerp). FLOPs of one step are
+counted with torch.utils.flop_counter on the same batch; MFU = counted FLOPs x steps/s divided by
+the GPU's data-sheet dense bf16 peak (``--peak-tflops`` overrides it). A batch that does not fit is
+halved until it does. Writes benchmarks/results/train_throughput_{tag}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import HERE, machine, markdown_table, write_json  # noqa: E402
+from pdm.metrics import count_flops, peak_bf16_flops  # noqa: E402
+from pdm.nn import UNet  # noqa: E402
+from pdm.training import PDMModule  # noqa: E402
+
+CONFIGS = HERE.parent / "configs"
+
+
+def build_module(name: str) -> PDMModule:
+    """The config's PDMModule (network and loss) as train.py would build it, without data or trainer."""
+    model = yaml.safe_load(open(CONFIGS / f"{name}.yaml"))["model"]
+    net_args = dict(model.pop("net")["init_args"])
+    net = UNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in net_args.items()})
+    model.pop("init_from", None)
+    return PDMModule(net, **{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()})
+
+
+def measure(name: str, batch: int, args) -> dict:
+    """Images/s and MFU of one config's training step at this batch size."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    module = build_module(name).to(device)
+    net = module.net
+    if args.channels_last:
+        net.to(memory_format=torch.channels_last)
+    size, ch = net.image_size, net.in_channels
+    x0 = torch.rand(batch, ch, size, size, device=device) * 2 - 1
+    if args.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, net.num_classes, (batch,), device=device) if net.num_classes else None
+    params = [p for p in net.parameters() if p.requires_grad]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=1e-4, betas=(0.9, 0.99), fused=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+
+    # FLOPs of one step, counted on the uncompiled network with the same batch
+    t_label = torch.randint(*module.time_range, (batch,), device=device).float()
+    with autocast:
+        flops = count_flops(net, x0, t_label, y, train=True)
+    if args.compile:
+        net.compile()  # in place, as PDMModule(compile_network=True) does in training
+
+    def step() -> None:
+        with autocast:
+            loss = module.loss_per_sample(x0, module.drop_labels(y))[0].mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1e-4)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    warmup_s = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else (
+        peak_bf16_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None)
+    return {
+        "config": name, "batch": batch, "parameters": sum(p.numel() for p in params),
+        "seconds_per_step": seconds, "images_per_second": batch / seconds,
+        "flops_per_step": flops, "achieved_tflops": flops / seconds / 1e12,
+        "peak_tflops": None if peak is None else peak / 1e12,
+        "mfu": None if peak is None else flops / seconds / peak,
+        "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "warmup_seconds": warmup_s,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=["lsun_church_p4", "imagenet256_high_noise"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=64, help="per-device batch; halved until it fits")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, TFLOP/s")
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args()
+    rows = []
+    for name in args.configs:
+        batch = args.batch
+        while True:
+            try:
+                rows.append(measure(name, batch, args))
+                break
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if batch == 1:
+                    raise
+                batch //= 2
+                print(f"{name}: out of memory, retrying at batch {batch}", file=sys.stderr, flush=True)
+        r = rows[-1]
+        print(f"{name}: {r['images_per_second']:.1f} images/s at batch {r['batch']}", file=sys.stderr, flush=True)
+    tag = f"{args.device}{'_cl' if args.channels_last else ''}{'_compile' if args.compile else ''}"
+    write_json(Path(args.out) / f"train_throughput_{tag}.json", {"machine": machine(), "settings": vars(args), "rows": rows})
+    table = [[r["config"], f"{r['parameters'] / 1e6:.1f}M", r["batch"], f"{r['images_per_second']:.1f}",
+              f"{r['flops_per_step'] / r['batch'] / 1e9:.0f}", f"{r['achieved_tflops']:.1f}",
+              "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+              "n/a" if r["peak_cuda_gib"] is None else f"{r['peak_cuda_gib']:.1f}"] for r in rows]
+    print(f"machine: {machine()}; bf16 autocast{', channels_last' if args.channels_last else ''}"
+          f"{', torch.compile' if args.compile else ''}\n")
+    print(markdown_table(["config", "params", "batch", "images/s", "GFLOP/image (train)", "TFLOP/s", "MFU",
+                          "peak GiB"], table))
+
+
+if __name__ == "__main__":
+    main()
