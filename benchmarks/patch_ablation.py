@@ -28,6 +28,7 @@ from benchmarks.common import HERE, machine, markdown_table, write_json  # noqa:
 from pdm.images import save_grid, to_uint8  # noqa: E402
 from pdm.metrics import FeatureStats, digits_fd_metric, fid_against, make_fid, measure_step_cost  # noqa: E402
 from pdm.metrics import digits_fd_baseline  # noqa: E402
+from pdm.nn import UNet  # noqa: E402
 from pdm.training import EMA, PDMModule  # noqa: E402
 from pdm.training.callbacks import sample_images  # noqa: E402
 
@@ -41,12 +42,14 @@ def build_data(cfg: dict):
 
 
 def run_one(cfg: dict, patch_size: int, args, out: Path) -> dict:
-    model_kw = {k: v for k, v in cfg["model"].items() if k != "init_from"}
+    module_kw = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["model"].items()
+                 if k not in ("init_from", "net")}
+    model_kw = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["model"]["net"]["init_args"].items()}
     grid = model_kw["image_size"] // patch_size
     levels = len(model_kw["channel_mult"])
-    model_kw.update(patch_size=patch_size, attention_resolutions=[grid // 2 ** (levels - 1)])
+    model_kw.update(patch_size=patch_size, attention_resolutions=(grid // 2 ** (levels - 1),))
     L.seed_everything(0)
-    model = PDMModule(**model_kw)
+    model = PDMModule(UNet(**model_kw), **module_kw)
     ema_decay = next((c["init_args"].get("decay", 0.999) for c in cfg["trainer"].get("callbacks", [])
                       if c["class_path"].endswith("EMA")), 0.999)
     trainer = L.Trainer(max_steps=args.max_steps or -1, max_time={"seconds": args.max_time} if not args.max_steps else None,
@@ -59,7 +62,7 @@ def run_one(cfg: dict, patch_size: int, args, out: Path) -> dict:
     train_seconds = time.perf_counter() - start
     model.eval()
     t0 = time.perf_counter()
-    x = sample_images(model, args.num_samples, steps=args.steps, seed=1)  # EMA weights were copied in at train end
+    x, _ = sample_images(model, args.num_samples, steps=args.steps, seed=1)  # EMA weights were copied in at train end
     sample_seconds = time.perf_counter() - t0
     images = to_uint8(x)
     save_grid(images[:100], out / f"patch_ablation_P{patch_size}.png", columns=10, scale=2)

@@ -53,3 +53,27 @@ def test_train_throughput_runs_the_training_step_and_counts_its_flops(tmp_path, 
     module = train_throughput.build_module("digits")  # the config's network and loss, as train.py builds them
     assert module.net.patch_size == cfg["net"]["init_args"]["patch_size"] and module.hparams.target == cfg["target"]
     assert row["parameters"] == sum(p.numel() for p in module.net.parameters())
+
+
+def test_step_cost_builds_each_config_network_as_the_config_says():
+    import yaml
+
+    from benchmarks import step_cost
+
+    net, kw = step_cost.from_config("cifar10_p4")
+    cfg = yaml.safe_load(open(step_cost.CONFIGS / "cifar10_p4.yaml"))["model"]["net"]["init_args"]
+    assert net.patch_size == cfg["patch_size"] == kw["patch_size"] and kw["image_size"] == cfg["image_size"]
+    assert list(net.config["channel_mult"]) == [float(m) for m in cfg["channel_mult"]]
+
+
+def test_patch_ablation_trains_and_scores_each_patch_size(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import patch_ablation
+
+    monkeypatch.setattr(sys, "argv", ["patch_ablation.py", "--max-steps", "2", "--num-samples", "8", "--steps", "3",
+                                      "--patch-sizes", "8", "4", "--out", str(tmp_path)])
+    patch_ablation.main()
+    rows = json.loads((tmp_path / "patch_ablation.json").read_text())["rows"]
+    assert [r["patch_size"] for r in rows] == [8, 4] and all(r["train_steps"] == 2 for r in rows)
+    assert all(r["fd8x8"] > 0 for r in rows) and (tmp_path / "patch_ablation_P4.png").exists()

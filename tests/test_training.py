@@ -246,25 +246,34 @@ def test_cosine_decay_reaches_zero_at_max_steps_and_fused_adam_is_used_when_aske
     assert lrs[10] == pytest.approx(0.0, abs=1e-12) and opt.defaults["fused"] is True
 
 
-def test_compile_network_compiles_in_place_and_keeps_checkpoint_keys():
-    plain = tiny_module()
-    plain.configure_model()
-    assert plain.net._compiled_call_impl is None  # off by default
+def test_compile_net_compiles_in_place_and_keeps_checkpoint_keys():
     m = tiny_module(compile_network=True)
+    assert m.net._compiled_call_impl is None  # nothing is compiled before fit starts
     keys = list(m.state_dict())
-    m.configure_model()
-    assert m.net._compiled_call_impl is not None and isinstance(m.net, type(plain.net))
+    m.compile_net()
+    assert m.net._compiled_call_impl is not None and isinstance(m.net, type(tiny_module().net))
     assert list(m.state_dict()) == keys  # no "_orig_mod." prefixes: checkpoints stay interchangeable
-    m.configure_model()  # idempotent: a second call (e.g. on resume) does not wrap again
-    assert m.hparams.compile_network is True
+    impl = m.net._compiled_call_impl
+    m.compile_net()  # idempotent: a second call (e.g. on resume) does not wrap again
+    assert m.net._compiled_call_impl is impl and m.hparams.compile_network is True
+
+
+def test_fit_with_ema_is_quiet_and_leaves_an_uncompiled_network_by_default(tmp_path, recwarn):
+    L.seed_everything(0)
+    m = tiny_module()
+    _trainer(str(tmp_path), 1).fit(m, datamodule=DigitsDataModule(image_size=16, batch_size=16, val_fraction=0.0))
+    assert m.net._compiled_call_impl is None
+    # overriding configure_model makes Lightning's WeightAveraging warn on every run
+    assert not [w for w in recwarn if "configure_model" in str(w.message)]
 
 
 @pytest.mark.slow
 def test_fit_with_compiled_network_writes_an_eager_loadable_checkpoint(tmp_path):
     L.seed_everything(0)
     trainer = _trainer(str(tmp_path), 2)
-    trainer.fit(tiny_module(compile_network=True), datamodule=DigitsDataModule(image_size=16, batch_size=16,
-                                                                              val_fraction=0.0))
+    module = tiny_module(compile_network=True)
+    trainer.fit(module, datamodule=DigitsDataModule(image_size=16, batch_size=16, val_fraction=0.0))
+    assert module.net._compiled_call_impl is not None  # trained compiled
     saved = torch.load(os.path.join(tmp_path, "ckpt", "last.ckpt"), weights_only=True)
     eager = tiny_module()
     eager.load_state_dict(saved["state_dict"], strict=True)

@@ -99,13 +99,16 @@ class PDMModule(L.LightningModule):
         return network_model_fn(self.net, self.schedule)
 
     # training --------------------------------------------------------------------------------
-    def configure_model(self) -> None:
-        """Compile the network in place when ``compile_network`` is set (Lightning calls this before fit)."""
-        if self.hparams.get("compile_network") and getattr(self.net, "_compiled_call_impl", None) is None:
+    def compile_net(self) -> None:
+        """Compile the network in place with ``torch.compile`` (idempotent; state-dict keys unchanged)."""
+        if getattr(self.net, "_compiled_call_impl", None) is None:
             self.net.compile()
 
     def on_fit_start(self) -> None:
-        """Check the data against the network before the first step (a mismatch would train garbage)."""
+        """Check the data against the network before the first step (a mismatch would train garbage),
+        then compile the network if ``compile_network`` is set. This runs after the EMA callback
+        has copied the module, so the EMA copy stays eager; ``configure_model`` is not used because
+        Lightning's WeightAveraging warns about any module that overrides it."""
         data = getattr(self.trainer, "datamodule", None)
         net = self.net
         for attr, want in (("image_size", net.image_size), ("channels", net.in_channels)):
@@ -117,6 +120,8 @@ class PDMModule(L.LightningModule):
         if classes is not None and net.num_classes is not None and classes != net.num_classes:
             raise ValueError(f"the data has {classes} classes but the network {net.num_classes}; "
                              f"set model.net.init_args.num_classes: {classes}")
+        if self.hparams.get("compile_network"):
+            self.compile_net()
 
     def noised_batch(self, x0: Tensor, generator: torch.Generator | None = None):
         """Draw n, eps and x_t for a batch; returns (x_t, labels, eps, alpha, sigma)."""
