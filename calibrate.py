@@ -91,11 +91,12 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     from pdm.outputs import file_sha256, noise_and_label
     from pdm.sampling import calibrate_skip_path, check_settings
 
-    if args.solver_type is not None and args.solver not in ("unipc", "dpmsolver", "dpmsolver++"):
+    has_variants = args.solver in ("unipc", "dpmsolver", "dpmsolver++")
+    if args.solver_type is not None and not has_variants:
         raise ValueError(f"--solver-type does nothing with --solver {args.solver}; drop it")
     solver_type = check_settings(args.solver, "multistep", args.order, args.steps, args.skip_type, "eps",
                                  args.solver_type)
-    variant = {"solver_type": solver_type} if args.solver in ("unipc", "dpmsolver", "dpmsolver++") else {}
+    variant = {"solver_type": solver_type} if has_variants else {}
     loaded = load_for_sampling(args.ckpt, args.guidance_scale, device)
     shape = (loaded.in_channels, loaded.image_size, loaded.image_size)
     classes = list(range(loaded.num_classes)) if loaded.num_classes else None

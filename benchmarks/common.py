@@ -24,6 +24,23 @@ from pdm.testing import GaussianMixture
 HERE = Path(__file__).resolve().parent
 SCORE_SEEDS = range(0, 100_000)
 CALIBRATION_SEEDS = range(1_000_000, 1_100_000)
+CONFIGS = HERE.parent / "configs"
+
+
+def config_module(config: str | Path, **net_override):
+    """The :class:`pdm.training.PDMModule` (network and loss) a training config describes, as
+    ``train.py`` builds it but without data or trainer. ``config`` is a name in ``configs/`` or a
+    YAML path; ``net_override`` replaces arguments of the network (e.g. ``patch_size=2``)."""
+    import yaml
+
+    from pdm.nn import UNet
+    from pdm.training import PDMModule
+
+    path = Path(config) if str(config).endswith((".yaml", ".yml")) else CONFIGS / f"{config}.yaml"
+    model = dict(yaml.safe_load(path.read_text())["model"])
+    net = UNet(**{**model.pop("net")["init_args"], **net_override})
+    model.pop("init_from", None)  # the ImageNet low-noise expert's starting weights are not needed to build it
+    return PDMModule(net, **model)
 
 
 def machine() -> str:

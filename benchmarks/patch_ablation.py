@@ -24,12 +24,11 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import HERE, machine, markdown_table, write_json  # noqa: E402
+from benchmarks.common import HERE, config_module, machine, markdown_table, write_json  # noqa: E402
 from pdm.images import save_grid, to_uint8  # noqa: E402
 from pdm.metrics import FeatureStats, digits_fd_metric, fid_against, make_fid, measure_step_cost  # noqa: E402
 from pdm.metrics import digits_fd_baseline  # noqa: E402
-from pdm.nn import UNet  # noqa: E402
-from pdm.training import EMA, PDMModule  # noqa: E402
+from pdm.training import EMA  # noqa: E402
 from pdm.training.callbacks import sample_images  # noqa: E402
 
 
@@ -42,14 +41,11 @@ def build_data(cfg: dict):
 
 
 def run_one(cfg: dict, patch_size: int, args, out: Path) -> dict:
-    module_kw = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["model"].items()
-                 if k not in ("init_from", "net")}
-    model_kw = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg["model"]["net"]["init_args"].items()}
-    grid = model_kw["image_size"] // patch_size
-    levels = len(model_kw["channel_mult"])
-    model_kw.update(patch_size=patch_size, attention_resolutions=(grid // 2 ** (levels - 1),))
+    net_cfg = cfg["model"]["net"]["init_args"]
+    grid = net_cfg["image_size"] // patch_size
     L.seed_everything(0)
-    model = PDMModule(UNet(**model_kw), **module_kw)
+    model = config_module(args.config, patch_size=patch_size,
+                          attention_resolutions=[grid // 2 ** (len(net_cfg["channel_mult"]) - 1)])
     ema_decay = next((c["init_args"].get("decay", 0.999) for c in cfg["trainer"].get("callbacks", [])
                       if c["class_path"].endswith("EMA")), 0.999)
     trainer = L.Trainer(max_steps=args.max_steps or -1, max_time={"seconds": args.max_time} if not args.max_steps else None,
@@ -71,7 +67,7 @@ def run_one(cfg: dict, patch_size: int, args, out: Path) -> dict:
     else:
         stats, _ = digits_fd_baseline(args.num_samples)
         quality = {"fd8x8": fid_against(digits_fd_metric(), stats, images)}
-    cost = measure_step_cost(model.net, 64, model_kw["image_size"], model_kw["in_channels"], model.device, iters=3)
+    cost = measure_step_cost(model.net, 64, model.net.image_size, model.net.in_channels, model.device, iters=3)
     return {"patch_size": patch_size, "parameters": cost["parameters"], "train_steps": trainer.global_step,
             "train_seconds": train_seconds, "sample_seconds": sample_seconds,
             "step_ms_per_image": cost["ms_per_image"], **quality}

@@ -69,18 +69,21 @@ def psnr(err: float) -> float:
     return 20 * math.log10(2.0 / max(err, 1e-12))
 
 
-def plain_frontier(bench: Bench, seeds, ref, nfes=range(4, max(BUDGETS) + 1),
-                   family_prefix: str = "") -> dict[int, dict]:
-    """{nfe: best plain setting at exactly that NFE} on ``seeds``, among the families whose name starts
-    with ``family_prefix`` (all of them by default; "DPM-Solver++" for the best DPM-Solver++ setting)."""
+def plain_errors(bench: Bench, seeds, ref, nfes=range(4, max(BUDGETS) + 1)) -> list[dict]:
+    """The error on ``seeds`` of every plain setting (solver, order, grid) at every NFE in ``nfes``."""
+    return [{"family": family, "error": rms(bench.run(seeds, steps=n, **kw).x, ref), "setting": f"{family}, {grid}",
+             "nfe": n} for family, grid, kw in settings() for n in nfes]
+
+
+def plain_frontier(records: list[dict], family_prefix: str = "") -> dict[int, dict]:
+    """{nfe: best plain setting at exactly that NFE} among ``records`` (from :func:`plain_errors`) of
+    the families whose name starts with ``family_prefix`` (all by default; "DPM-Solver++" for the
+    best DPM-Solver++ setting)."""
     best: dict[int, dict] = {}
-    for family, grid, kw in settings():
-        if not family.startswith(family_prefix):
-            continue
-        for n in nfes:
-            e = rms(bench.run(seeds, steps=n, **kw).x, ref)
-            if n not in best or e < best[n]["error"]:
-                best[n] = {"error": e, "setting": f"{family}, {grid}", "nfe": n}
+    for r in records:
+        n = r["nfe"]
+        if r["family"].startswith(family_prefix) and (n not in best or r["error"] < best[n]["error"]):
+            best[n] = {"error": r["error"], "setting": r["setting"], "nfe": n}
     return best
 
 
@@ -149,8 +152,8 @@ def run_bench(bench: Bench, n_score: int, n_calib: int, fd_samples: int, adaptiv
     score_ref, ref_err = bench.reference(score)
     calib_ref, _ = bench.reference(calib)
     val_ref, _ = bench.reference(val)
-    plain = plain_frontier(bench, score, score_ref)
-    dpmpp = plain_frontier(bench, score, score_ref, nfes=budgets, family_prefix="DPM-Solver++")
+    records = plain_errors(bench, score, score_ref, nfes=range(4, max(*BUDGETS, *budgets) + 1))  # each run once
+    plain, dpmpp = plain_frontier(records), plain_frontier(records, family_prefix="DPM-Solver++")
     runs = {kind: adaptive_runs(bench, calib, calib_ref, score, score_ref, kind) if adaptive else []
             for kind in ("adaptive", "official")}
     rows, paths = [], []

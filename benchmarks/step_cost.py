@@ -18,25 +18,16 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import HERE, machine, markdown_table, write_json  # noqa: E402
+from benchmarks.common import CONFIGS, HERE, config_module, machine, markdown_table, write_json  # noqa: E402,F401
 from pdm.metrics import measure_step_cost  # noqa: E402
 from pdm.nn import UNet  # noqa: E402
 
-CONFIGS = HERE.parent / "configs"
-
-
 def from_config(name: str, **override) -> tuple[UNet, dict]:
-    cfg = yaml.safe_load(open(CONFIGS / f"{name}.yaml"))["model"]["net"]["init_args"]
-    keys = ("in_channels", "image_size", "patch_size", "model_channels", "channel_mult", "num_res_blocks",
-            "attention_resolutions", "num_classes")
-    kw = {k: cfg[k] for k in keys if k in cfg}
-    kw.update(override)
-    kw["channel_mult"] = tuple(kw["channel_mult"])
-    kw["attention_resolutions"] = tuple(kw["attention_resolutions"])
-    return UNet(**kw), kw
+    """The network of ``configs/{name}.yaml`` (arguments overridden) and its arguments."""
+    net = config_module(name, **override).net
+    return net, net.config
 
 
 GROUPS = {

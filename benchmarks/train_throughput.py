@@ -15,37 +15,21 @@ halved until it does. Writes benchmarks/results/train_throughput_{tag}.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import HERE, machine, markdown_table, write_json  # noqa: E402
+from benchmarks.common import HERE, config_module, machine, markdown_table, write_json  # noqa: E402
 from pdm.metrics import count_flops, peak_bf16_flops  # noqa: E402
-from pdm.nn import UNet  # noqa: E402
-from pdm.training import PDMModule  # noqa: E402
-
-CONFIGS = HERE.parent / "configs"
-
-
-def build_module(name: str) -> PDMModule:
-    """The config's PDMModule (network and loss) as train.py would build it, without data or trainer."""
-    model = yaml.safe_load(open(CONFIGS / f"{name}.yaml"))["model"]
-    net_args = dict(model.pop("net")["init_args"])
-    net = UNet(**{k: tuple(v) if isinstance(v, list) else v for k, v in net_args.items()})
-    model.pop("init_from", None)
-    return PDMModule(net, **{k: tuple(v) if isinstance(v, list) else v for k, v in model.items()})
-
 
 def measure(name: str, batch: int, args) -> dict:
     """Images/s and MFU of one config's training step at this batch size."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    module = build_module(name).to(device)
+    module = config_module(name).to(device)
     net = module.net
     if args.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -64,7 +48,7 @@ def measure(name: str, batch: int, args) -> dict:
     with autocast:
         flops = count_flops(net, x0, t_label, y, train=True)
     if args.compile:
-        net.compile()  # in place, as PDMModule(compile_network=True) does in training
+        module.compile_net()  # in place, as PDMModule(compile_network=True) does in training
 
     def step() -> None:
         with autocast:
@@ -131,7 +115,7 @@ def main() -> None:
     tag = f"{args.device}{'_cl' if args.channels_last else ''}{'_compile' if args.compile else ''}"
     write_json(Path(args.out) / f"train_throughput_{tag}.json", {"machine": machine(), "settings": vars(args), "rows": rows})
     table = [[r["config"], f"{r['parameters'] / 1e6:.1f}M", r["batch"], f"{r['images_per_second']:.1f}",
-              f"{r['flops_per_step'] / r['batch'] / 1e9:.0f}", f"{r['achieved_tflops']:.1f}",
+              f"{r['flops_per_step'] / r['batch'] / 1e9:.1f}", f"{r['achieved_tflops']:.1f}",
               "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
               "n/a" if r["peak_cuda_gib"] is None else f"{r['peak_cuda_gib']:.1f}"] for r in rows]
     print(f"machine: {machine()}; bf16 autocast{', channels_last' if args.channels_last else ''}"

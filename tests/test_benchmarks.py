@@ -49,8 +49,10 @@ def test_train_throughput_runs_the_training_step_and_counts_its_flops(tmp_path, 
     assert row["achieved_tflops"] == row["flops_per_step"] / row["seconds_per_step"] / 1e12
     import yaml
 
-    cfg = yaml.safe_load(open(train_throughput.CONFIGS / "digits.yaml"))["model"]
-    module = train_throughput.build_module("digits")  # the config's network and loss, as train.py builds them
+    from benchmarks.common import CONFIGS, config_module
+
+    cfg = yaml.safe_load(open(CONFIGS / "digits.yaml"))["model"]
+    module = config_module("digits")  # the config's network and loss, as train.py builds them
     assert module.net.patch_size == cfg["net"]["init_args"]["patch_size"] and module.hparams.target == cfg["target"]
     assert row["parameters"] == sum(p.numel() for p in module.net.parameters())
 

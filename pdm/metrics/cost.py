@@ -113,7 +113,8 @@ def count_flops(net: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tenso
 
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), by device-name substring
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4,  # specific names first
+                    "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
 
 
 def peak_bf16_flops(device_name: str) -> float | None:

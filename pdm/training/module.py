@@ -44,9 +44,8 @@ class PDMModule(L.LightningModule):
         fused_optimizer: use torch's fused Adam kernel (same update, one kernel for all tensors).
         compile_network: compile the network with ``torch.compile`` when training starts (in
             place, so checkpoint keys are unchanged; the EMA copy stays eager). On an H100 it
-            doubles training images/s for the LSUN and ImageNet-256 configs and halves peak
-            memory, for 1.5-2 minutes of compilation (benchmarks/RESULTS.md); on a CPU the
-            compilation rarely pays.
+            gave 1.8-2.0x the training images/s of the LSUN and ImageNet-256 P = 4 configs and
+            half the peak memory, after 1.5-2 minutes of compilation (benchmarks/RESULTS.md).
         init_from: a checkpoint whose EMA weights initialise this network (the low-noise
             expert starts from the high-noise expert).
     """
