@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from pdm.nn.runtime import PRECISIONS, precision_dtype
 from pdm.sampling import SOLVERS
 
 SEED_LIMIT = 2**32
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-seeds", type=int, default=32, help="calibration images (default 32)")
     p.add_argument("--seed", type=int, default=1_000_000, help="calibration noise stream (keep it apart from scored seeds)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="the network's precision while calibrating (calibrate with the precision you sample in)")
     p.add_argument("--grid-points-only", action="store_true",
                    help="keep the evaluations on the --steps grid (skip the continuous time search)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -79,7 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
         check(args)
         from sample import parse_device
 
-        return calibrate(args, parse_device(args.device))
+        device = parse_device(args.device)
+        precision_dtype(args.precision, device)
+        return calibrate(args, device)
     except ValueError as e:
         print(f"calibrate.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -97,7 +102,7 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     solver_type = check_settings(args.solver, "multistep", args.order, args.steps, args.skip_type, "eps",
                                  args.solver_type)
     variant = {"solver_type": solver_type} if has_variants else {}
-    loaded = load_for_sampling(args.ckpt, args.guidance_scale, device)
+    loaded = load_for_sampling(args.ckpt, args.guidance_scale, device, args.precision)
     shape = (loaded.in_channels, loaded.image_size, loaded.image_size)
     classes = list(range(loaded.num_classes)) if loaded.num_classes else None
     drawn = [noise_and_label(args.seed, i, shape, loaded.num_classes, classes) for i in range(args.num_seeds)]
@@ -109,7 +114,8 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
                                order=args.order, skip_type=args.skip_type, continuous=not args.grid_points_only,
                                progress=True, **variant)
     path.settings["calibrated_for"] = {"checkpoints": sorted(file_sha256(p) for p in args.ckpt),
-                                       "guidance_scale": args.guidance_scale, "seed": args.seed,
+                                       "guidance_scale": args.guidance_scale, "precision": args.precision,
+                                       "seed": args.seed,
                                        "num_seeds": args.num_seeds}
     path.save(args.out)
     kept = [i for i, e in enumerate(path.evaluate) if e]

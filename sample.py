@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from pdm.launch import Launch, detect
+from pdm.nn.runtime import COMPILE_MODES, PRECISIONS, precision_dtype
 from pdm.sampling import METHODS, SOLVERS, AdaptiveSkip, SkipPath, check_settings
 from pdm.sampling.sampler import SOLVER_ORDERS, SOLVER_TYPES
 from pdm.schedule import SKIP_TYPES
@@ -62,7 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-shared", action="store_true", help="one skip decision per batch (official behaviour)")
     p.add_argument("--skip-official", action="store_true", help="AdaptiveDiffusion as published (latent test, reuse)")
     p.add_argument("--skip-path", default=None, help="replay a calibrated SkipPath JSON (it fixes the solver settings)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available; under "
+                   "torchrun/srun each rank takes cuda:LOCAL_RANK)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="the network's precision (solver arithmetic stays fp32); bf16/fp16 change pixels slightly")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (fixed batch shapes)")
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                   help="with --compile: reduce-overhead adds CUDA graphs; max-autotune searches kernels")
     p.add_argument("--num-shards", type=int, default=1, help="split the shards over K invocations ...")
     p.add_argument("--shard-index", type=int, default=0, help="... this one makes shards i, i+K, i+2K, ...")
     p.add_argument("--merge", nargs="+", default=None, metavar="PART_DIR", help="join finished parts into --out")
@@ -169,11 +177,15 @@ def check_flags(args: argparse.Namespace, given: set[str]) -> tuple[dict, Adapti
         raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
         raise ValueError(f"--shard-index must be in [0, --num-shards), got {args.shard_index} of {args.num_shards}")
+    if args.compile_mode is not None and not args.compile:
+        raise ValueError("--compile-mode does nothing without --compile; add --compile or drop it")
     settings = resolve_settings(args, given)
     skip = skip_config(args, given)
     if skip is not None and settings["method"] == "adaptive":
         raise ValueError("step skipping cannot be combined with --method adaptive; use multistep or singlestep")
-    return settings, skip, parse_device(args.device)
+    device = parse_device(args.device)
+    precision_dtype(args.precision, device)
+    return settings, skip, device
 
 
 def parse_device(name: str | None) -> torch.device:
@@ -200,7 +212,8 @@ def run_identity(args: argparse.Namespace, settings: dict, skip, ckpt_hashes: li
     return {"pdm_version": __version__, "code": code_fingerprint(), "checkpoints": sorted(ckpt_hashes),
             "settings": {**settings, "denoise_to_zero": args.denoise_to_zero, "thresholding": args.thresholding,
                          "guidance_scale": args.guidance_scale, "labels": args.labels, "seed": args.seed,
-                         "skip": skip_desc},
+                         "skip": skip_desc, "precision": args.precision,
+                         "compile": (args.compile_mode or "default") if args.compile else None},
             "num_samples": args.num_samples, "shard_size": args.shard_size}
 
 
@@ -240,12 +253,28 @@ def _main_thread() -> bool:
 
 def sample_run(args: argparse.Namespace, settings: dict, skip, device: torch.device,
                check_interrupt: Callable[[], None] = lambda: None) -> dict:
-    """Load the model, make this invocation's shards and, once all exist, the final outputs."""
+    """Load the model, make this invocation's shards and, once all exist, the final outputs.
+
+    Under torchrun or srun every rank runs this: rank 0 prepares the folder, the shards still
+    missing are dealt out round-robin, and rank 0 writes the final files when all ranks are done.
+    """
+    launch = detect()
+    device = launch.device(device)
+    launch.start(device)
+    try:
+        return _sample_shards(args, settings, skip, device, launch, check_interrupt)
+    finally:
+        launch.stop()
+
+
+def _sample_shards(args: argparse.Namespace, settings: dict, skip, device: torch.device, launch: Launch,
+                   check_interrupt: Callable[[], None]) -> dict:
     from pdm.checkpoints import load_for_sampling
     from pdm.outputs import file_sha256, make_shard, prepare_out, shard_paths, write_manifest, write_outputs
     from pdm.sampling import sample
 
-    loaded = load_for_sampling(args.ckpt, args.guidance_scale, device)
+    loaded = load_for_sampling(args.ckpt, args.guidance_scale, device, args.precision,
+                               (args.compile_mode or "default") if args.compile else None, args.batch_size)
     if args.labels is not None:
         if loaded.num_classes is None:
             raise ValueError("--labels given for an unconditional model; drop --labels")
@@ -255,31 +284,51 @@ def sample_run(args: argparse.Namespace, settings: dict, skip, device: torch.dev
                              f"(use 0..{loaded.num_classes - 1})")
     out = Path(args.out)
     identity = run_identity(args, settings, skip, [file_sha256(p) for p in args.ckpt])
-    prepare_out(out, identity, args.overwrite)
-    write_manifest(out, identity, {"device": str(device), "batch_size": args.batch_size, "torch": torch.__version__,
-                                   "model": loaded.config, "ckpt": list(args.ckpt)})
+    paths = shard_paths(out, args.num_samples, args.shard_size)
+    refused = None
+    if launch.rank == 0:
+        try:
+            prepare_out(out, identity, args.overwrite)
+            write_manifest(out, identity, {"device": str(device), "batch_size": args.batch_size,
+                                           "torch": torch.__version__, "processes": launch.world_size,
+                                           "model": loaded.config, "ckpt": list(args.ckpt)})
+        except ValueError as e:
+            refused = str(e)
+    # every rank learns rank 0's verdict, then lists the missing shards before any rank writes one
+    refused = launch.broadcast(refused)
+    if refused is not None:
+        raise ValueError(refused)
+    todo = [k for k, path in enumerate(paths) if k % args.num_shards == args.shard_index and not path.exists()]
+    launch.gather(None)
     sample_batch = partial(sample, loaded.model_fn, schedule=loaded.schedule, prediction=loaded.prediction, skip=skip,
                            denoise_to_zero=args.denoise_to_zero, thresholding=args.thresholding, progress=args.progress,
                            **{k: v for k, v in settings.items() if v is not None})
 
     def batch(noise: torch.Tensor, model_kwargs: dict):
         check_interrupt()
-        return sample_batch(noise, model_kwargs=model_kwargs)
+        res = sample_batch(noise, model_kwargs=model_kwargs)
+        if not bool(torch.isfinite(res.x).all()):
+            hint = ("fp16 overflowed; use --precision bf16 (same speed on recent GPUs, fp32's range)"
+                    if args.precision == "fp16" else "the checkpoint may be broken (NaN weights?)")
+            raise ValueError(f"sampling produced non-finite values: {hint}")
+        return res
 
     shape = (loaded.in_channels, loaded.image_size, loaded.image_size)
-    paths = shard_paths(out, args.num_samples, args.shard_size)
     done = 0
-    for k, path in enumerate(paths):
-        if k % args.num_shards == args.shard_index and not path.exists():
-            indices = range(k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples))
-            done += make_shard(path, indices, shape, loaded.num_classes, args.seed, args.labels, args.batch_size,
-                               device, batch)
+    for k in todo[launch.rank::launch.world_size]:
+        indices = range(k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples))
+        done += make_shard(paths[k], indices, shape, loaded.num_classes, args.seed, args.labels, args.batch_size,
+                           device, batch)
+    done = sum(launch.gather(done))
     missing = sum(not p.exists() for p in paths)
     if missing:
-        print(f"part {args.shard_index} of {args.num_shards} done: {len(paths) - missing} of {len(paths)} shards in "
-              f"{out}; when every part is done, join them with `python sample.py --merge PART_DIR ... --out DIR`",
-              file=sys.stderr)
+        if launch.rank == 0:
+            print(f"part {args.shard_index} of {args.num_shards} done: {len(paths) - missing} of {len(paths)} shards "
+                  f"in {out}; when every part is done, join them with `python sample.py --merge PART_DIR ... --out DIR`",
+                  file=sys.stderr)
         return {"images_sampled_this_run": done, "shards_missing": missing}
+    if launch.rank != 0:
+        return {"images_sampled_this_run": done, "written_by_rank": 0}
     return write_outputs(out, paths, loaded.num_classes is not None, loaded.image_size, done, skip is not None)
 
 

@@ -18,6 +18,7 @@ import os
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from pdm.atomic import atomic_write
 from pdm.nn import UNet
+from pdm.nn.runtime import autocast, compile_network, place, precision_dtype
 from pdm.sampling import classifier_free_guidance, expert_router
 from pdm.schedule import VPSchedule, build_schedule
 
@@ -211,13 +213,25 @@ def load_checkpoint_state(path: str) -> dict[str, Tensor]:
 
 # --- rebuilding for sampling -------------------------------------------------------------------------
 
-def network_model_fn(net: UNet, schedule: VPSchedule) -> Callable[..., Tensor]:
-    """``model_fn(x, t, y=None)`` in continuous time: the network sees the label N (t - 1/N)."""
+def network_model_fn(net: UNet, schedule: VPSchedule, compile_mode: str | None = None,
+                     batch: int | None = None) -> Callable[..., Tensor]:
+    """``model_fn(x, t, y=None)`` in continuous time: the network sees the label N (t - 1/N).
+
+    The network computes in its parameters' dtype (under autocast when that is bf16 or fp16, so
+    reductions stay accurate) and its output comes back in x's dtype: a sampler's state and
+    updates keep their own precision. ``compile_mode`` runs a ``torch.compile``d network on
+    fixed batches of ``batch`` rows (:func:`pdm.nn.runtime.compile_network`).
+    """
+    dtype = next(net.parameters()).dtype
+    if compile_mode is not None and batch is None:
+        raise ValueError("a compiled network needs its fixed batch size")
+    run = net if compile_mode is None else compile_network(net, batch, compile_mode)
 
     def fn(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         label = schedule.label(t.double()).to(x.device, torch.float32)
-        dtype = next(net.parameters()).dtype
-        return net(x.to(dtype), label, y).to(x.dtype)
+        with autocast(x.device, dtype):
+            out = run(x.to(dtype), label, y)
+        return out.to(x.dtype)
 
     return fn
 
@@ -233,8 +247,10 @@ class Model:
     config: dict[str, Any]
 
 
-def load_model(path: str, device: str | torch.device = "cpu") -> Model:
-    """The EMA network of a checkpoint or export, in eval mode, with its schedule and target."""
+def load_model(path: str, device: str | torch.device = "cpu", precision: str = "fp32") -> Model:
+    """The EMA network of a checkpoint or export, in eval mode, with its schedule and target, on
+    ``device`` in its preferred memory layout, its weights in ``precision``."""
+    dtype = precision_dtype(precision, device)
     ckpt = load_checkpoint(path)
     hp = dict(ckpt.get("hyper_parameters") or {})
     net_cfg = (hp.get("net") or {}).get("init_args") if isinstance(hp.get("net"), dict) else None
@@ -251,7 +267,7 @@ def load_model(path: str, device: str | torch.device = "cpu") -> Model:
     n = schedule.num_timesteps
     time_range = tuple(hp.get("time_range") or (0, n - 1))
     config = {"net": net_cfg, **{k: hp.get(k) for k in SAMPLING_KEYS}}
-    return Model(net.to(device).eval(), schedule, hp.get("target", "x0"), (int(time_range[0]), int(time_range[1])),
+    return Model(place(net, device, dtype).eval(), schedule, hp.get("target", "x0"), (int(time_range[0]), int(time_range[1])),
                  config)
 
 
@@ -268,22 +284,31 @@ class LoadedModel:
     config: dict[str, Any]
 
 
-def load_for_sampling(paths: list[str], guidance_scale: float = 1.0, device: str | torch.device = "cpu") -> LoadedModel:
-    """One checkpoint, or two expert checkpoints (high- and low-noise, in any order)."""
+def load_for_sampling(paths: list[str], guidance_scale: float = 1.0, device: str | torch.device = "cpu",
+                      precision: str = "fp32", compile_mode: str | None = None,
+                      batch_size: int | None = None) -> LoadedModel:
+    """One checkpoint, or two expert checkpoints (high- and low-noise, in any order).
+
+    ``precision`` is the networks' (``fp32``, ``bf16``, ``fp16``); ``compile_mode`` compiles
+    them for batches of ``batch_size`` images (twice that under guidance, where the conditional
+    and unconditional halves share one call).
+    """
     if not 1 <= len(paths) <= 2:
         raise ValueError("pass one --ckpt, or two for a high-noise / low-noise expert pair")
-    models = [load_model(p, device) for p in paths]
+    models = [load_model(p, device, precision) for p in paths]
+    net_batch = None if batch_size is None else batch_size * (2 if guidance_scale != 1.0 else 1)
+    model_fn = partial(network_model_fn, compile_mode=compile_mode, batch=net_batch)
     first = models[0]
     n = first.schedule.num_timesteps
     if len(models) == 2:
         high, low = _expert_pair(models)
-        fn = expert_router(network_model_fn(high.net, high.schedule), network_model_fn(low.net, low.schedule),
+        fn = expert_router(model_fn(high.net, high.schedule), model_fn(low.net, low.schedule),
                            first.schedule, split_label=high.time_range[0])
     else:
         if first.time_range != (0, n - 1):
             raise ValueError(f"{paths[0]!r} is an expert owning steps {first.time_range}; pass its partner "
                              "checkpoint as a second --ckpt")
-        fn = network_model_fn(first.net, first.schedule)
+        fn = model_fn(first.net, first.schedule)
     if guidance_scale != 1.0:
         if first.net.num_classes is None:
             raise ValueError("guidance needs a class-conditional model; this one is unconditional (drop --guidance-scale)")

@@ -59,6 +59,7 @@ def test_grid_points_only_keeps_evaluations_on_the_fine_grid(tiny_ckpts, tmp_pat
         (["--nfe", "5", "--out", "@dir/missing/p.json"], "does not exist"),
         (["--nfe", "5", "--solver-type", "bh1"], "--solver-type does nothing with --solver ipndm"),
         (["--nfe", "5", "--solver", "unipc", "--solver-type", "taylor"], "solver_type"),
+        (["--nfe", "5", "--precision", "fp16", "--device", "cpu"], "fp16 needs a GPU"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_ckpts, tmp_path, capsys, extra, message):

@@ -33,9 +33,23 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return emb
 
 
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm whose statistics are computed in float32 for half-precision inputs (as PDM's and
+    ADM's ``GroupNorm32``); the output keeps the input's dtype. CUDA autocast does this for
+    GroupNorm already, CPU autocast does not."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return super().forward(x)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        with torch.autocast(x.device.type, enabled=False):
+            return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
 def group_norm(channels: int, affine: bool = True, eps: float = 1e-5) -> nn.GroupNorm:
     """GroupNorm with 32 groups (fewer when the width is not a multiple of 32), as in ADM."""
-    return nn.GroupNorm(math.gcd(GROUPS, channels), channels, eps=eps, affine=affine)
+    return GroupNorm32(math.gcd(GROUPS, channels), channels, eps=eps, affine=affine)
 
 
 def silu_(x: Tensor) -> Tensor:

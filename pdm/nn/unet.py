@@ -114,9 +114,8 @@ class UNet(nn.Module):
                                 skip_widths)
         self.out_norm = group_norm(self.widths[0])
         self.out_conv = zero_init(nn.Conv2d(self.widths[0], patched_channels, 3, padding=1))
-        # Convolutions run fastest on channels-last weights and activations (oneDNN on CPUs,
-        # cuDNN tensor cores on GPUs): measured 10-18 % per 3x3 conv on the LSUN configs.
-        self.to(memory_format=torch.channels_last)
+        # The memory layout is not fixed here: it depends on where the network runs
+        # (pdm.nn.runtime.place / preferred_memory_format, applied by training and sampling).
 
     def _down_path(self, res, attn, side: int, resblock_updown: bool, num_res_blocks: int):
         blocks, skip_widths, ch = nn.ModuleList(), [self.widths[0]], self.widths[0]

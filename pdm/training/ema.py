@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor, nn
 
+from pdm.nn.runtime import preferred_memory_format
+
 
 def ema_decay(decay: float, num_updates: int | Tensor, warmup: bool = True) -> Tensor:
     """The decay used at update ``num_updates`` (0-based count of earlier updates)."""
@@ -47,6 +49,12 @@ class EMA(WeightAveraging):
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """Update after every ``update_every_n_steps`` optimiser steps, never per epoch."""
         return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Give the averaged copy the memory layout the module trains in (so the lerp reads both
+        alike); checkpoints store the same values either way."""
+        if self._average_model is not None:
+            self._average_model.to(memory_format=preferred_memory_format(pl_module.device))
 
     @property
     def ema_module(self) -> nn.Module | None:

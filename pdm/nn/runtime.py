@@ -1,0 +1,105 @@
+"""How a network runs on a device: its memory layout, its precision, and a compiled form.
+
+None of this changes a checkpoint: the layout and the dtype are applied to a built network when
+it is placed on its device (training and sampling alike), and compilation wraps the module.
+
+- Memory layout (:func:`preferred_memory_format`): channels-last where it is faster, which
+  depends on the device. On CUDA, cuDNN's tensor-core convolutions want NHWC. On a CPU,
+  oneDNN's NHWC convolutions are faster with AVX-512, but with AVX2 only the training step is
+  slower in NHWC (`benchmarks/unet_speed.py`, `benchmarks/RESULTS.md`), so there the layout is
+  contiguous.
+- Precision (:func:`precision_dtype`): ``fp32``, ``bf16`` or ``fp16`` for the network's
+  weights and activations, run under autocast so that reductions stay accurate; the caller's
+  tensors (a sampler's state) keep their own dtype.
+- Compilation (:class:`FixedBatch`): ``torch.compile`` specialises on shapes, so every call
+  is padded (or split) to one batch size and a short last batch costs no recompilation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
+
+
+def preferred_memory_format(device: str | torch.device) -> torch.memory_format:
+    """channels-last on CUDA and on CPUs with AVX-512; contiguous on other CPUs (AVX2, NEON)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.channels_last
+    if device.type == "cpu":
+        return torch.channels_last if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else \
+            torch.contiguous_format
+    return torch.contiguous_format
+
+
+def place(net: nn.Module, device: str | torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """Move ``net`` to ``device`` (and ``dtype``) in the device's preferred memory layout, in place."""
+    net.to(device=device, dtype=dtype)
+    return net.to(memory_format=preferred_memory_format(device))
+
+
+def precision_dtype(precision: str, device: str | torch.device) -> torch.dtype:
+    """The dtype of a precision name, or a ValueError naming the fix (fp16 needs a GPU)."""
+    if precision not in _DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp16" and torch.device(device).type == "cpu":
+        raise ValueError("fp16 needs a GPU (CPUs have no fast fp16 kernels); use --precision bf16 or fp32 on a CPU")
+    return _DTYPES[precision]
+
+
+def autocast(device: str | torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device``, or nothing for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+class FixedBatch:
+    """Call ``fn`` with exactly ``size`` rows: smaller calls are padded (with copies of their
+    last row, so every padded input is a valid one), larger calls are split.
+
+    A compiled network then meets one input shape, whatever the caller sends: the short last
+    batch of a run, the doubled batch of classifier-free guidance, the subsets that step
+    skipping or an expert split evaluate. Rows never interact in the network, so padding
+    changes no output. Tensor arguments are batched along dim 0; None passes through.
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], size: int) -> None:
+        if size < 1:
+            raise ValueError(f"the fixed batch size must be positive, got {size}")
+        self.fn, self.size = fn, size
+
+    def __call__(self, *args: Tensor | None) -> Tensor:
+        rows = next(a for a in args if a is not None).shape[0]
+        if rows == self.size:
+            return self.fn(*args)
+        outs = []
+        for start in range(0, rows, self.size):
+            part = [None if a is None else a[start:start + self.size] for a in args]
+            n = part[0].shape[0]
+            if n < self.size:
+                part = [None if a is None else torch.cat([a, a[-1:].expand(self.size - n, *a.shape[1:])]) for a in part]
+            outs.append(self.fn(*part)[:n])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def compile_network(net: nn.Module, batch: int, mode: str = "default") -> Callable[..., Tensor]:
+    """``torch.compile(net)`` behind a :class:`FixedBatch` of ``batch`` rows (static shapes).
+
+    ``mode="reduce-overhead"`` adds CUDA graphs (they pay most at small batches);
+    ``"max-autotune"`` also searches kernel configurations (long compile).
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    compiled = torch.compile(net, mode=None if mode == "default" else mode, dynamic=False)
+    return FixedBatch(compiled, batch)

@@ -1,0 +1,202 @@
+"""sample.py at scale: the network's precision, a compiled network, one command over many processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import sample as sample_cli
+from pdm.nn.runtime import FixedBatch, preferred_memory_format
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, launcher=(), env=None):
+    return subprocess.run([sys.executable, *launcher, os.path.join(ROOT, "sample.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+
+
+def torchrun(n: int) -> tuple[str, ...]:
+    return ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n))
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory):
+    """A tiny conditional model trained long enough (30 steps) to draw images, not grey fields."""
+    from conftest import train_tiny
+
+    return train_tiny(str(tmp_path_factory.mktemp("trained")), steps=30, num_classes=10, lr=2e-3)
+
+
+def images(folder) -> np.ndarray:
+    return np.load(os.path.join(folder, "samples.npz"))["arr_0"].astype(np.float64)
+
+
+# --- precision -------------------------------------------------------------------------------------
+
+def test_bf16_images_stay_within_3_of_255_of_fp32_and_differ(trained_ckpt, tmp_path):
+    common = ["--ckpt", trained_ckpt, "--num-samples", "8", "--steps", "8", "--guidance-scale", "1.5",
+              "--device", "cpu"]
+    sample_cli.main(common + ["--out", str(tmp_path / "fp32")])
+    sample_cli.main(common + ["--out", str(tmp_path / "bf16"), "--precision", "bf16"])
+    a, b = images(tmp_path / "fp32"), images(tmp_path / "bf16")
+    assert a.std() > 20  # the images are not blank: the comparison says something
+    diff = np.abs(a - b).mean()
+    assert 0 < diff <= 3.0  # bf16 really ran, and only its rounding entered
+    run = json.loads((tmp_path / "bf16" / "run.json").read_text())["identity"]["settings"]
+    assert run["precision"] == "bf16" and run["compile"] is None
+
+
+def test_another_precision_is_refused_in_an_fp32_folder(tiny_ckpts, tmp_path, capsys):
+    common = ["--ckpt", tiny_ckpts["uncond"], "--num-samples", "2", "--steps", "3", "--out", str(tmp_path)]
+    sample_cli.main(common)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sample_cli.main(common + ["--precision", "bf16"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "precision fp32 -> bf16" in err
+
+
+def test_fp16_on_a_cpu_is_a_one_line_error(tiny_ckpts, tmp_path):
+    res = run_cli("--ckpt", tiny_ckpts["uncond"], "--out", tmp_path / "x", "--precision", "fp16", "--device", "cpu")
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and "--precision bf16" in res.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_solver_state_stays_fp32_while_the_network_runs_bf16(tiny_ckpts):
+    from pdm.checkpoints import load_for_sampling, load_model
+
+    assert {p.dtype for p in load_model(tiny_ckpts["uncond"], "cpu", "bf16").net.parameters()} == {torch.bfloat16}
+    loaded = load_for_sampling([tiny_ckpts["uncond"]], device="cpu", precision="bf16")
+    x = torch.randn(3, 1, 16, 16)
+    out = loaded.model_fn(x, torch.full((3,), 0.5))
+    assert out.dtype == torch.float32 and out.shape == x.shape
+
+
+def test_group_norm_statistics_are_fp32_under_half_precision():
+    from pdm.nn.layers import group_norm
+
+    torch.manual_seed(0)
+    x = (torch.randn(2, 64, 8, 8) * 50 + 300).to(torch.bfloat16)  # a large mean: bf16 statistics would drift
+    norm = group_norm(64)
+    exact = torch.nn.functional.group_norm(x.double(), 32, eps=1e-5)
+    ours = norm.to(torch.bfloat16)(x).double()
+    assert ours.dtype == torch.float64 and float((ours - exact).abs().max()) < 0.02
+
+
+# --- compilation -----------------------------------------------------------------------------------
+
+def test_fixed_batch_pads_and_splits_without_changing_rows():
+    calls = []
+
+    def fn(x, t, y):
+        calls.append(x.shape[0])
+        return x * t[:, None] + (0 if y is None else y[:, None])
+
+    fixed = FixedBatch(fn, 4)
+    for rows in (4, 3, 1, 9):
+        x, t, y = torch.randn(rows, 2), torch.rand(rows), torch.arange(rows).float()
+        assert torch.equal(fixed(x, t, y), fn(x, t, y))
+        assert torch.equal(fixed(x, t, None), fn(x, t, None))
+    assert set(calls[::2]) == {4}  # every call the wrapped function saw had 4 rows
+
+
+def test_a_short_last_batch_does_not_recompile():
+    from pdm.nn import UNet
+    from pdm.nn.runtime import compile_network
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(tuple(example_inputs[0].shape) if example_inputs else None)
+        return gm.forward
+
+    torch._dynamo.reset()
+    net = UNet(in_channels=1, image_size=16, patch_size=4, model_channels=32, channel_mult=(1,), num_res_blocks=1,
+               attention_resolutions=()).eval()
+    fixed = compile_network(net, 4)
+    fixed.fn = torch.compile(net, backend=counting_backend, dynamic=False)  # count compilations, skip codegen
+    with torch.no_grad():
+        for rows in (4, 4, 3, 1, 6):
+            fixed(torch.randn(rows, 1, 16, 16), torch.full((rows,), 10.0), None)
+    assert len(graphs) == 1  # one graph for every batch size the run sends
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow  # inductor compiles the tiny network in ~30-50 s on 2 CPU cores
+def test_compiled_images_agree_with_eager_within_1_of_255(trained_ckpt, tmp_path):
+    common = ["--ckpt", trained_ckpt, "--num-samples", "5", "--batch-size", "2", "--steps", "6",
+              "--guidance-scale", "1.5", "--device", "cpu"]
+    sample_cli.main(common + ["--out", str(tmp_path / "eager")])
+    sample_cli.main(common + ["--out", str(tmp_path / "compiled"), "--compile"])
+    assert np.abs(images(tmp_path / "eager") - images(tmp_path / "compiled")).max() <= 1.0
+
+
+def test_compile_mode_without_compile_is_refused(tiny_ckpts, tmp_path):
+    res = run_cli("--ckpt", tiny_ckpts["uncond"], "--out", tmp_path / "x", "--compile-mode", "reduce-overhead")
+    assert res.returncode == 2 and "--compile-mode does nothing without --compile" in res.stderr
+
+
+def test_memory_layout_follows_the_device():
+    assert preferred_memory_format("cuda") == torch.channels_last
+    cpu = preferred_memory_format("cpu")
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    assert cpu == (torch.channels_last if avx512 else torch.contiguous_format)
+
+
+# --- many processes --------------------------------------------------------------------------------
+
+SCALE_ARGS = ["--num-samples", "13", "--batch-size", "2", "--shard-size", "3", "--steps", "6", "--device", "cpu"]
+
+
+def test_two_torchrun_processes_write_the_one_process_bytes(tiny_ckpts, tmp_path):
+    one = run_cli("--ckpt", tiny_ckpts["cond"], *SCALE_ARGS, "--out", tmp_path / "one")
+    two = run_cli("--ckpt", tiny_ckpts["cond"], *SCALE_ARGS, "--out", tmp_path / "two", launcher=torchrun(2))
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert (tmp_path / "two" / "samples.npz").read_bytes() == (tmp_path / "one" / "samples.npz").read_bytes()
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["info"]["processes"] == 2
+    assert json.loads((tmp_path / "two" / "stats.json").read_text())["images_sampled_this_run"] == 13
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc")
+def test_killed_rank_resumes_with_another_process_count(tiny_ckpts, tmp_path):
+    out = tmp_path / "run"
+    args = ["--ckpt", tiny_ckpts["cond"], "--num-samples", "30", "--batch-size", "1", "--shard-size", "2",
+            "--steps", "8", "--device", "cpu", "--out", out]
+    proc = subprocess.Popen([sys.executable, *torchrun(2), os.path.join(ROOT, "sample.py"), *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "shards").glob("shard_*.npz"))) < 2:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert workers, "torchrun started no workers"
+    os.kill(workers[-1], signal.SIGKILL)  # one rank dies; torchrun stops the other
+    assert proc.wait(timeout=120) != 0
+    kept = sorted(p.name for p in (out / "shards").glob("shard_*.npz"))
+    assert 2 <= len(kept) < 15 and not (out / "samples.npz").exists()
+    resumed = run_cli(*args)  # the same command on one process
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "stats.json").read_text())["images_sampled_this_run"] <= 30 - 2 * len(kept)
+    whole = run_cli(*args[:-1], tmp_path / "whole")
+    assert whole.returncode == 0
+    assert (out / "samples.npz").read_bytes() == (tmp_path / "whole" / "samples.npz").read_bytes()
