@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from pdm.atomic import WriteError
 from pdm.nn.runtime import PRECISIONS, precision_dtype
 from pdm.sampling import SOLVERS
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         device = parse_device(args.device)
         precision_dtype(args.precision, device)
         return calibrate(args, device)
-    except ValueError as e:
+    except (ValueError, WriteError) as e:
         print(f"calibrate.py: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

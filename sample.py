@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from pdm.atomic import WriteError
 from pdm.launch import Launch, detect
 from pdm.nn.runtime import COMPILE_MODES, PRECISIONS, precision_dtype
 from pdm.sampling import METHODS, SOLVERS, AdaptiveSkip, SkipPath, check_settings
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError("--ckpt is required (or --merge PART_DIR ...)")
         settings, skip, device = check_flags(args, given)
         return sample_run(args, settings, skip, device, interrupt.check)
-    except ValueError as e:
+    except (ValueError, WriteError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         _fail("interrupted; finished shards are kept in --out, re-run the same command to resume")
@@ -270,7 +271,16 @@ def sample_run(args: argparse.Namespace, settings: dict, skip, device: torch.dev
 def _sample_shards(args: argparse.Namespace, settings: dict, skip, device: torch.device, launch: Launch,
                    check_interrupt: Callable[[], None]) -> dict:
     from pdm.checkpoints import load_for_sampling
-    from pdm.outputs import file_sha256, make_shard, prepare_out, shard_paths, write_manifest, write_outputs
+    from pdm.outputs import (
+        file_sha256,
+        hash_path,
+        make_shard,
+        prepare_out,
+        shard_paths,
+        shard_state,
+        write_manifest,
+        write_outputs,
+    )
     from pdm.sampling import sample
 
     loaded = load_for_sampling(args.ckpt, args.guidance_scale, device, args.precision,
@@ -298,8 +308,15 @@ def _sample_shards(args: argparse.Namespace, settings: dict, skip, device: torch
     refused = launch.broadcast(refused)
     if refused is not None:
         raise ValueError(refused)
-    todo = [k for k, path in enumerate(paths) if k % args.num_shards == args.shard_index and not path.exists()]
-    launch.gather(None)
+    mine = [k for k in range(len(paths)) if k % args.num_shards == args.shard_index]
+    states = {k: shard_state(paths[k]) for k in mine} if launch.rank == 0 else None
+    states = launch.broadcast(states)  # one rank reads the folder, so all ranks deal from one list
+    todo = [k for k in mine if states[k] != "finished"]
+    if launch.rank == 0:
+        for k in todo:
+            if states[k] == "damaged":
+                print(f"{paths[k].name} does not match its recorded hash (damaged or unfinished); remaking it",
+                      file=sys.stderr)
     sample_batch = partial(sample, loaded.model_fn, schedule=loaded.schedule, prediction=loaded.prediction, skip=skip,
                            denoise_to_zero=args.denoise_to_zero, thresholding=args.thresholding, progress=args.progress,
                            **{k: v for k, v in settings.items() if v is not None})
@@ -320,7 +337,8 @@ def _sample_shards(args: argparse.Namespace, settings: dict, skip, device: torch
         done += make_shard(paths[k], indices, shape, loaded.num_classes, args.seed, args.labels, args.batch_size,
                            device, batch)
     done = sum(launch.gather(done))
-    missing = sum(not p.exists() for p in paths)
+    # a cheap count here; write_outputs checks every shard's hash before it merges them
+    missing = sum(not (p.exists() and hash_path(p).exists()) for p in paths) if launch.rank == 0 else 0
     if missing:
         if launch.rank == 0:
             print(f"part {args.shard_index} of {args.num_shards} done: {len(paths) - missing} of {len(paths)} shards "

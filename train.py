@@ -16,8 +16,9 @@ import sys
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 
+from pdm.atomic import WriteError
 from pdm.checkpoints import AtomicCheckpointIO, training_checkpoint
-from pdm.training import PDMModule
+from pdm.training import PDMModule, Preemption
 
 CHECKPOINT_CALLBACKS = ("pdm.training.RunCheckpoint", "lightning.pytorch.callbacks.ModelCheckpoint", "ModelCheckpoint",
                         "RunCheckpoint")
@@ -52,6 +53,9 @@ class PDMCLI(LightningCLI):
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # set here, so saved configs stay plain and re-run
             strategy.checkpoint_io = AtomicCheckpointIO()
+        if not any(isinstance(cb, Preemption) for cb in self.trainer.callbacks):
+            # SIGTERM / SIGUSR1 / SIGINT: finish the step, save last.ckpt, exit 128 + signal (requeue under SLURM)
+            self.trainer.callbacks.append(Preemption())
 
 
 def _checkpoint_folders(cfg) -> list[str]:
@@ -87,11 +91,14 @@ def main() -> None:
     try:
         PDMCLI(PDMModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
                parser_kwargs={"exit_on_error": False})
-    except (ValueError, argparse.ArgumentError) as e:
+    except (ValueError, argparse.ArgumentError, WriteError) as e:
         cause = e
         while cause.__cause__ is not None and isinstance(cause.__cause__, ValueError):
             cause = cause.__cause__
-        message = " ".join(str(cause).split())  # one line, whatever the parser's layout
+        text = str(cause)
+        if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the worker's own message
+            text = text.strip().splitlines()[-1].split(": ", 1)[-1]
+        message = " ".join(text.split())  # one line, whatever the parser's layout
         hint = "; see `python train.py fit --help`" if isinstance(e, argparse.ArgumentError) else ""
         print(f"train.py: error: {message}{hint}", file=sys.stderr)
         raise SystemExit(2) from None

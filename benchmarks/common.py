@@ -47,7 +47,29 @@ def machine() -> str:
     """A one-line description of where a benchmark ran."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+    return (f"CPU {cpu_model()} ({cpu_extensions()}; torch kernels {torch.backends.cpu.get_cpu_capability()}), "
+            f"{torch.get_num_threads()} threads (torch {torch.__version__})")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (or what platform knows)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_extensions() -> str:
+    """The vector extensions that decide kernel speed: AVX-512 (and its bf16/VNNI parts), AVX2, AMX."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "extensions unknown"
+    names = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
+    return "+".join(names) or "no AVX2"
 
 
 @dataclass

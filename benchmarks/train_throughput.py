@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import HERE, config_module, machine, markdown_table, write_json  # noqa: E402
 from pdm.metrics import count_flops, peak_bf16_flops  # noqa: E402
+from pdm.nn.runtime import preferred_memory_format  # noqa: E402
 
 def measure(name: str, batch: int, args) -> dict:
     """Images/s and MFU of one config's training step at this batch size."""
@@ -31,12 +32,10 @@ def measure(name: str, batch: int, args) -> dict:
     torch.manual_seed(0)
     module = config_module(name).to(device)
     net = module.net
-    if args.channels_last:
-        net.to(memory_format=torch.channels_last)
+    layout = torch.channels_last if args.channels_last else preferred_memory_format(device)
+    net.to(memory_format=layout)  # as PDMModule.on_fit_start does: the device's layout unless forced
     size, ch = net.image_size, net.in_channels
-    x0 = torch.rand(batch, ch, size, size, device=device) * 2 - 1
-    if args.channels_last:
-        x0 = x0.contiguous(memory_format=torch.channels_last)
+    x0 = (torch.rand(batch, ch, size, size, device=device) * 2 - 1).contiguous(memory_format=layout)
     y = torch.randint(0, net.num_classes, (batch,), device=device) if net.num_classes else None
     params = [p for p in net.parameters() if p.requires_grad]
     ema = [p.detach().clone() for p in params]
@@ -47,8 +46,10 @@ def measure(name: str, batch: int, args) -> dict:
     t_label = torch.randint(*module.time_range, (batch,), device=device).float()
     with autocast:
         flops = count_flops(net, x0, t_label, y, train=True)
-    if args.compile:
+    if args.compile and args.compile_mode == "default":
         module.compile_net()  # in place, as PDMModule(compile_network=True) does in training
+    elif args.compile:
+        net.compile(mode=args.compile_mode)
 
     def step() -> None:
         with autocast:
@@ -92,8 +93,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64, help="per-device batch; halved until it fits")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--channels-last", action="store_true", help="force channels-last (default: the device's layout)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
     p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, TFLOP/s")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
@@ -112,7 +114,9 @@ def main() -> None:
                 print(f"{name}: out of memory, retrying at batch {batch}", file=sys.stderr, flush=True)
         r = rows[-1]
         print(f"{name}: {r['images_per_second']:.1f} images/s at batch {r['batch']}", file=sys.stderr, flush=True)
-    tag = f"{args.device}{'_cl' if args.channels_last else ''}{'_compile' if args.compile else ''}"
+    mode = "" if args.compile_mode == "default" else "_" + args.compile_mode.replace("-", "_")
+    tag = (f"{args.device}_b{args.batch}{'_cl' if args.channels_last else ''}"
+           f"{'_compile' + mode if args.compile else ''}")
     write_json(Path(args.out) / f"train_throughput_{tag}.json", {"machine": machine(), "settings": vars(args), "rows": rows})
     table = [[r["config"], f"{r['parameters'] / 1e6:.1f}M", r["batch"], f"{r['images_per_second']:.1f}",
               f"{r['flops_per_step'] / r['batch'] / 1e9:.1f}", f"{r['achieved_tflops']:.1f}",

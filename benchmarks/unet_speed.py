@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import HERE, machine, markdown_table, write_json  # noqa: E402
 from pdm.nn import UNet, convert_official_state_dict  # noqa: E402
+from pdm.nn.runtime import preferred_memory_format  # noqa: E402
 
 CONFIGS = {
     "LSUN Church P=4": dict(image_size=256, patch_size=4, model_channels=256, channel_mult=(1, 1, 2, 2), num_res_blocks=2),
@@ -67,19 +68,26 @@ def timed(fn, rounds: int) -> list[float]:
     return out
 
 
+LAYOUTS = {"pdm (contiguous)": torch.contiguous_format, "pdm (channels_last)": torch.channels_last}
+
+
 def compare(cls, name: str, cfg: dict, batch: int, rounds: int) -> dict:
+    """Official vs pdm in both memory layouts, same weights, rounds interleaved (order rotating)."""
     torch.manual_seed(0)
     official = official_net(cls, cfg)
     with torch.no_grad():  # non-zero weights everywhere, so the outputs say something
         for p in official.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    ours = UNet(in_channels=3, attention_resolutions=(16, 8), **cfg)
-    ours.load_state_dict(convert_official_state_dict(official.state_dict()), strict=True)
+    nets = {"official": official}
+    for label, layout in LAYOUTS.items():
+        ours = UNet(in_channels=3, attention_resolutions=(16, 8), **cfg)
+        ours.load_state_dict(convert_official_state_dict(official.state_dict()), strict=True)
+        nets[label] = ours.to(memory_format=layout)
     x, t = torch.randn(batch, 3, 256, 256), torch.full((batch,), 500.0)
     with torch.no_grad():
-        agree = float((official.eval()(x, t) - ours.eval()(x, t)).abs().max())
-    opts = {"official": torch.optim.Adam(official.parameters(), lr=1e-6), "pdm": torch.optim.Adam(ours.parameters(), lr=1e-6)}
-    nets = {"official": official, "pdm": ours}
+        ref = official.eval()(x, t)
+        agree = max(float((ref - nets[k].eval()(x, t)).abs().max()) for k in LAYOUTS)
+    opts = {k: torch.optim.Adam(n.parameters(), lr=1e-6) for k, n in nets.items()}
 
     def forward(k):
         nets[k].eval()
@@ -92,18 +100,23 @@ def compare(cls, name: str, cfg: dict, batch: int, rounds: int) -> dict:
         opts[k].step()
         opts[k].zero_grad(set_to_none=True)
 
-    result = {"max_abs_output_difference": agree, "batch": batch}
+    result = {"max_abs_output_difference": agree, "batch": batch,
+              "preferred_layout": "channels_last" if preferred_memory_format("cpu") == torch.channels_last
+              else "contiguous"}
+    names = list(nets)
     for label, fn in (("forward", forward), ("train_step", train)):
-        for k in nets:
+        for k in names:
             fn(k)  # warm-up
-        times = {k: [] for k in nets}
+        times = {k: [] for k in names}
         for r in range(rounds):
-            for k in (nets if r % 2 == 0 else list(nets)[::-1]):
+            for k in names[r % len(names):] + names[:r % len(names)]:
                 times[k] += timed(lambda k=k: fn(k), 1)
         med = {k: statistics.median(v) for k, v in times.items()}
-        result[label] = {**{f"{k}_seconds": v for k, v in med.items()}, "ratio": med["pdm"] / med["official"]}
-    print(f"{name}: forward {result['forward']['ratio']:.3f}x, train step {result['train_step']['ratio']:.3f}x "
-          f"(pdm / official); outputs agree to {agree:.1e}", file=sys.stderr, flush=True)
+        result[label] = {**{f"{k} seconds": v for k, v in med.items()},
+                         **{f"{k} ratio": med[k] / med["official"] for k in LAYOUTS}}
+    print(f"{name}: " + "; ".join(f"{label} " + ", ".join(f"{k.split()[1]} {result[label][k + ' ratio']:.3f}x"
+                                                           for k in LAYOUTS) for label in ("forward", "train_step"))
+          + f" (pdm / official); outputs agree to {agree:.1e}", file=sys.stderr, flush=True)
     return result
 
 
@@ -135,23 +148,34 @@ def main() -> None:
     p.add_argument("--official", default=None, help="a checkout of ericl122333/PatchDiffusion-Pytorch")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME")
+    p.add_argument("--no-ema", action="store_true", help="skip the EMA timing")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     results = {"machine": machine(), "threads": torch.get_num_threads()}
     if args.official:
         cls = official_class(Path(args.official))
-        results["unet"] = {name: compare(cls, name, cfg, args.batch, args.rounds) for name, cfg in CONFIGS.items()}
+        results["unet"] = {name: compare(cls, name, CONFIGS[name], args.batch, args.rounds) for name in args.configs}
     else:
         print("no --official checkout given: timing the EMA update only", file=sys.stderr)
-    results["ema"] = ema_update_seconds()
-    write_json(Path(args.out) / "unet_speed.json", results)
+    results["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    if not args.no_ema:
+        results["ema"] = ema_update_seconds()
+    tag = results["cpu_capability"].lower()
+    write_json(Path(args.out) / f"unet_speed_{tag}.json", results)
     print(f"machine: {results['machine']}\n")
     if "unet" in results:
-        rows = [[name, f"{r['forward']['pdm_seconds']:.3f} / {r['forward']['official_seconds']:.3f}", f"{r['forward']['ratio']:.3f}",
-                 f"{r['train_step']['pdm_seconds']:.3f} / {r['train_step']['official_seconds']:.3f}",
-                 f"{r['train_step']['ratio']:.3f}", f"{r['max_abs_output_difference']:.1e}"] for name, r in results["unet"].items()]
-        print(markdown_table(["config (batch %d)" % args.batch, "forward s (pdm / official)", "ratio",
-                              "train step s (pdm / official)", "ratio", "max |output diff|"], rows) + "\n")
+        rows = []
+        for name, r in results["unet"].items():
+            for label in ("forward", "train_step"):
+                rows.append([name, label, f"{r[label]['official seconds']:.3f}",
+                             *[f"{r[label][k + ' seconds']:.3f} ({r[label][k + ' ratio']:.3f}x)" for k in LAYOUTS]])
+        print(markdown_table([f"config (batch {args.batch})", "", "official s", *[f"{k} s (ratio)" for k in LAYOUTS]],
+                             rows) + "\n")
+        print(f"preferred layout on this CPU ({torch.backends.cpu.get_cpu_capability()}): "
+              f"{next(iter(results['unet'].values()))['preferred_layout']}")
+    if "ema" not in results:
+        return
     e = results["ema"]
     print(f"EMA update, ImageNet-256 network ({e['parameters'] / 1e6:.1f}M): Python loop {e['python_loop'] * 1e3:.1f} ms, "
           f"fused lerp {e['fused_lerp'] * 1e3:.1f} ms ({e['speedup']:.1f}x)")

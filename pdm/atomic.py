@@ -3,12 +3,15 @@
 Every output pdm writes (checkpoints, exported weights, samples, grids, statistics, skip
 paths) goes through :func:`atomic_write`: the data is written to a temporary file in the
 target folder, flushed to disk, then renamed over the target (``os.replace`` is atomic on
-POSIX), so a kill at any moment leaves no truncated file behind.
+POSIX), so a kill at any moment leaves no truncated file behind. A write that fails (a full
+disk, an I/O error) removes its temporary file and raises :class:`WriteError`, one line that
+names the folder and its free space; the previous version of the file is untouched.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,11 +24,34 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+class WriteError(RuntimeError):
+    """A file could not be written (disk full, I/O error, no permission); nothing was replaced."""
+
+
+def free_space(folder: str | os.PathLike) -> str:
+    """The free space of the file system holding ``folder``, for a person ("3.2 GiB free")."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "free space unknown"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if free >= size:
+            return f"{free / size:.1f} {unit} free"
+    return f"{free} bytes free"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` to fill a temporary file, fsync it and rename it to ``path``."""
+    """Call ``write(tmp_path)`` to fill a temporary file, fsync it and rename it to ``path``.
+
+    An ``OSError`` on the way (ENOSPC, EIO, ...) becomes a :class:`WriteError` after the
+    temporary file is removed; ``path`` keeps its previous content.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError(_describe(path, e)) from e
     os.close(fd)
     try:
         write(tmp)
@@ -33,9 +59,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, default_file_mode())  # mkstemp makes 0600 files; outputs should be readable as usual
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(_describe(path, e)) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _describe(path: Path, error: OSError) -> str:
+    reason = error.strerror or str(error) or type(error).__name__
+    return (f"could not write {path.name} in {path.parent} ({reason}; {free_space(path.parent)}); the previous "
+            f"{path.name} is intact: free some space or write elsewhere, then run the same command again")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

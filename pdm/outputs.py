@@ -1,14 +1,17 @@
 """A sampling run's output folder: per-image noise, the run manifest, shards and final files.
 
     OUT/run.json      what produced the images (identity) and where it ran (info)
-    OUT/shards/       shard_00000.npz ... (images, labels, nfe, seconds, evaluated): the resumable unit
+    OUT/shards/       shard_00000.npz ... (images, labels, nfe, seconds, evaluated): the resumable unit,
+                      each with shard_00000.npz.sha256, its content hash, written once the shard is whole
     OUT/samples.npz   arr_0 uint8 NHWC, arr_1 labels when conditional
     OUT/grid.png      the first 64 images
     OUT/stats.json    nfe, seconds, images_per_second, ...
 
 Image i's noise and label depend on (seed, i) only, so shards made by different invocations
 (a resumed run, another machine) fit together; the identity in run.json guards that they
-were made with the same checkpoint, settings and code.
+were made with the same checkpoint, settings and code. A shard counts as finished only when
+its bytes match its recorded hash: one damaged by a crash or a disk error is remade on resume
+and refused by a merge, never taken into samples.npz.
 """
 
 from __future__ import annotations
@@ -129,6 +132,23 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     atomic_write(path, write)
 
 
+def hash_path(shard: Path) -> Path:
+    """Where a shard's content hash is recorded."""
+    return shard.with_name(shard.name + ".sha256")
+
+
+def shard_state(shard: Path) -> str:
+    """``finished`` (bytes match the recorded hash), ``missing``, or ``damaged`` (no hash recorded,
+    or bytes that do not match it)."""
+    if not shard.exists():
+        return "missing"
+    try:
+        recorded = hash_path(shard).read_text().strip()
+    except OSError:
+        return "damaged"
+    return "finished" if recorded == file_sha256(str(shard)) else "damaged"
+
+
 def make_shard(path: Path, indices: range, shape: tuple[int, ...], num_classes: int | None, seed: int,
                labels: list[int] | None, batch_size: int, device: torch.device,
                sample_batch: Callable[[torch.Tensor, dict], Any]) -> int:
@@ -155,12 +175,17 @@ def make_shard(path: Path, indices: range, shape: tuple[int, ...], num_classes: 
         print(f"images {idx.stop}/{indices.stop}  nfe {res.nfe:.2f}", file=sys.stderr, flush=True)
     save_npz(path, {"images": np.concatenate(images), "labels": np.asarray(shard_labels, dtype=np.int64),
                     "nfe": np.concatenate(nfes), "evaluated": np.concatenate(masks), "seconds": np.float64(seconds)})
+    atomic_write_text(hash_path(path), file_sha256(str(path)) + "\n")  # the shard counts as finished from here
     return len(indices)
 
 
 def write_outputs(out: Path, shards: list[Path], conditional: bool, image_size: int, sampled_now: int,
                   with_masks: bool) -> dict:
     """samples.npz, grid.png and stats.json from a complete set of shards; returns the stats."""
+    damaged = [p.name for p in shards if shard_state(p) != "finished"]
+    if damaged:
+        raise ValueError(f"shard {damaged[0]} in {out} does not match its recorded hash ({len(damaged)} such); "
+                         "run the same command again to remake it")
     parts = [dict(np.load(p)) for p in shards]
     images = np.concatenate([p["images"] for p in parts])
     arrays = {"arr_0": images}
@@ -203,12 +228,17 @@ def merge_parts(parts: list[Path], out: Path) -> dict:
     if missing:
         raise ValueError(f"{len(missing)} of {len(names)} shards are missing from the parts (first: {missing[0]}); "
                          "finish every --shard-index first")
+    damaged = [f for f in found.values() if shard_state(f) != "finished"]
+    if damaged:
+        raise ValueError(f"shard {damaged[0]} does not match its recorded hash ({len(damaged)} such); re-run that "
+                         "part's command to remake it, then merge")
     prepare_out(out, identity, overwrite=False)
     info = json.loads((parts[0] / "run.json").read_text()).get("info", {})
     write_manifest(out, identity, {**info, "merged_from": [str(p) for p in parts]})
     for n, f in found.items():
-        if not (out / "shards" / n).exists():
-            shutil.copyfile(f, out / "shards" / n)
+        if shard_state(out / "shards" / n) != "finished":
+            atomic_write(out / "shards" / n, lambda tmp, f=f: shutil.copyfile(f, tmp))
+            atomic_write(hash_path(out / "shards" / n), lambda tmp, f=f: shutil.copyfile(hash_path(f), tmp))
     first = np.load(out / "shards" / names[0])
     conditional = bool((first["labels"] >= 0).all())
     return write_outputs(out, [out / "shards" / n for n in names], conditional, first["images"].shape[1], 0,

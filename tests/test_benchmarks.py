@@ -43,7 +43,7 @@ def test_train_throughput_runs_the_training_step_and_counts_its_flops(tmp_path, 
     monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--configs", "digits", "--batch", "4", "--steps", "1",
                                       "--warmup", "1", "--out", str(tmp_path)])
     train_throughput.main()
-    (row,) = json.loads((tmp_path / "train_throughput_cpu.json").read_text())["rows"]
+    (row,) = json.loads((tmp_path / "train_throughput_cpu_b4.json").read_text())["rows"]
     assert row["config"] == "digits" and row["batch"] == 4 and row["images_per_second"] > 0
     assert row["mfu"] is None  # no data-sheet peak for a CPU unless --peak-tflops gives one
     assert row["achieved_tflops"] == row["flops_per_step"] / row["seconds_per_step"] / 1e12

@@ -47,14 +47,15 @@ def _write_images(folder, n, size=(40, 30)):
         Image.fromarray(np.full((size[1], size[0], 3), i * 20, dtype=np.uint8)).save(folder / f"{i}.png")
 
 
-def test_image_folder_with_classes_and_unreadable_files_skipped(tmp_path):
+def test_image_folder_with_classes_and_unreadable_files_skipped_when_asked(tmp_path):
     _write_images(tmp_path / "cats", 3)
     _write_images(tmp_path / "dogs", 2)
     (tmp_path / "dogs" / "broken.png").write_text("not an image")
-    dm = ImageFolderDataModule(str(tmp_path), image_size=16, class_conditional=True, batch_size=2, num_workers=0)
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, class_conditional=True, batch_size=2, num_workers=0,
+                               skip_bad_images=True, max_bad_fraction=0.2)
     dm.setup("fit")
     assert dm.classes == ["cats", "dogs"]
-    with pytest.warns(UserWarning, match="skipped unreadable image .*broken.png \\(1 so far"):
+    with pytest.warns(UserWarning, match="skipped unreadable image .*broken.png .*1 skipped so far"):
         items = [dm.train_set[i] for i in range(len(dm.train_set))]
     assert dm.train_set.skipped == 1
     assert all(x.shape == (3, 16, 16) for x, _ in items)
@@ -63,13 +64,29 @@ def test_image_folder_with_classes_and_unreadable_files_skipped(tmp_path):
     assert len(labels) == 6 and labels[:5] == [0, 0, 0, 1, 1] and labels[5] in (0, 1)
 
 
-def test_unreadable_image_is_an_error_when_asked(tmp_path):
+def test_unreadable_image_stops_by_default_naming_the_file(tmp_path):
     _write_images(tmp_path, 1)
     (tmp_path / "broken.png").write_text("x")
-    dm = ImageFolderDataModule(str(tmp_path), image_size=16, skip_unreadable=False, num_workers=0, batch_size=1)
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, num_workers=0, batch_size=1)
     dm.setup("fit")
-    with pytest.raises(ValueError, match="skip_unreadable"):
+    with pytest.raises(ValueError, match="cannot read image .*broken.png.*skip_bad_images: true"):
         [dm.train_set[i] for i in range(len(dm.train_set))]
+
+
+def test_truncated_image_is_bad_and_too_many_bad_images_stop_a_skipping_run(tmp_path):
+    _write_images(tmp_path, 8, size=(64, 64))
+    whole = (tmp_path / "0.png").read_bytes()
+    for name in ("1.png", "3.png", "6.png"):
+        (tmp_path / name).write_bytes(whole[: len(whole) // 2])  # truncated mid-stream
+    dm = ImageFolderDataModule(str(tmp_path), image_size=16, num_workers=0, batch_size=1, skip_bad_images=True,
+                               max_bad_fraction=0.25)
+    dm.setup("fit")
+    with pytest.warns(UserWarning, match="skipped unreadable image"):
+        assert dm.train_set[1][0].shape == (3, 16, 16)  # 1.png is replaced by 2.png ...
+        dm.train_set[3]  # ... 3.png by 4.png (2 of 8 unreadable: within 25%) ...
+    with pytest.raises(ValueError, match="3 of 8 images cannot be read, more than max_bad_fraction=0.25"):
+        dm.train_set[6]  # ... and the third is one too many
+    assert dm.train_set.skipped == 3
 
 
 def test_missing_or_empty_folder_names_the_fix(tmp_path):

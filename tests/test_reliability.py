@@ -80,8 +80,8 @@ def test_non_finite_loss_stops_with_step_and_batch_and_keeps_last_checkpoint(tmp
     from pdm.training import PDMModule
 
     class Exploding(PDMModule):
-        def loss_per_sample(self, x0, y):
-            loss, n = super().loss_per_sample(x0, y)
+        def loss_per_sample(self, x0, y, **kw):
+            loss, n = super().loss_per_sample(x0, y, **kw)
             return (loss * float("nan") if self.global_step == 3 else loss), n
 
     ckpt_dir = tmp_path / "ckpt"

@@ -276,3 +276,30 @@ def test_convert_cli_writes_an_export_that_sample_py_loads_and_that_computes_the
                  str(tmp_path / "other.yaml")])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "does not fit the network" in err[0]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_attention_reaches_a_fused_sdpa_kernel_and_keeps_the_layout_in_both_layouts(layout):
+    # a stride-d (transposed) q/k/v sends SDPA to its math path, which made the contiguous network's
+    # forward slower than the official one on CPUs (benchmarks/unet_profile.py)
+    from torch.profiler import ProfilerActivity, profile
+
+    from pdm.nn.layers import AttentionBlock
+
+    torch.manual_seed(0)
+    block = AttentionBlock(128, 64).eval().to(memory_format=layout)
+    with torch.no_grad():
+        block.proj.weight.normal_(0, 0.1)
+        x = torch.randn(2, 128, 8, 8).contiguous(memory_format=layout)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = block(x)
+        names = {e.key for e in prof.key_averages()}
+        assert "aten::_scaled_dot_product_attention_math" not in names
+        assert any("flash_attention" in n or "efficient_attention" in n for n in names)
+        assert out.is_contiguous(memory_format=layout)
+        # the same function as plain attention written out
+        qkv = block.qkv(block.norm(x)).flatten(2).reshape(2, 3, 2, 64, 64)  # (B, qkv, heads, d, HW)
+        q, k, v = (t.transpose(-1, -2) for t in qkv.unbind(1))
+        ref = torch.softmax(q @ k.transpose(-1, -2) / 8.0, dim=-1) @ v  # (B, heads, HW, d)
+        ref = ref.transpose(-1, -2).reshape(2, 128, 8, 8)
+        assert torch.allclose(out, x + block.proj(ref), atol=1e-5)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset, random_split
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from pdm.data.decoding import ImageSource
 from pdm.data.transforms import ImageTransform
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -55,10 +56,14 @@ class _Base(L.LightningDataModule):
     (seed, epoch), in its place and the loader fast-forwards through the served batches).
     """
 
-    def __init__(self, batch_size: int, num_workers: int, val_fraction: float, seed: int) -> None:
+    def __init__(self, batch_size: int, num_workers: int, val_fraction: float, seed: int,
+                 skip_bad_images: bool = False, max_bad_fraction: float = 0.01) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
+        self.skip_bad_images, self.max_bad_fraction = skip_bad_images, max_bad_fraction
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}; 0 trains on everything")
         self.batch_size, self.num_workers, self.val_fraction, self.seed = batch_size, num_workers, val_fraction, seed
@@ -67,6 +72,8 @@ class _Base(L.LightningDataModule):
         self._restored: dict | None = None
 
     def _split(self, full: Dataset) -> None:
+        if isinstance(full, ImageSource):
+            full.set_bad_image_policy(self.skip_bad_images, self.max_bad_fraction)
         n_val = int(len(full) * self.val_fraction)
         if len(full) - n_val < self.batch_size:
             raise ValueError(f"{len(full) - n_val} training images are fewer than one batch of {self.batch_size}; "
@@ -131,41 +138,34 @@ class DigitsDataModule(_Base):
             self._split(TensorDataset(x, y))
 
 
-class _Files(Dataset):
-    def __init__(self, files: list[Path], labels: list[int] | None, transform: ImageTransform, skip_unreadable: bool) -> None:
-        self.files, self.labels, self.transform, self.skip_unreadable = files, labels, transform, skip_unreadable
-        self.skipped = 0  # unreadable files met so far (per worker process)
+class _Files(ImageSource):
+    def __init__(self, files: list[Path], labels: list[int] | None, transform: ImageTransform) -> None:
+        self.files, self.labels, self.transform = files, labels, transform
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
-        from PIL import Image, UnidentifiedImageError
+    def load(self, i: int):
+        from PIL import Image
 
-        for j in range(i, i + len(self)):  # an unreadable file is replaced by the next readable one
-            k = j % len(self)
-            try:
-                with Image.open(self.files[k]) as im:
-                    x = self.transform(im)
-                return (x, self.labels[k]) if self.labels is not None else (x, -1)
-            except (UnidentifiedImageError, OSError) as e:
-                if not self.skip_unreadable:
-                    raise ValueError(f"cannot read image {self.files[k]}: {e}; delete it or set skip_unreadable: true") from None
-                self.skipped += 1
-                warnings.warn(f"skipped unreadable image {self.files[k]} ({self.skipped} so far in this worker)",
-                              stacklevel=2)
-        raise ValueError(f"none of the {len(self)} images can be read; check the image folder")
+        with Image.open(self.files[i]) as im:
+            x = self.transform(im)
+        return (x, self.labels[i]) if self.labels is not None else (x, -1)
+
+    def describe(self, i: int) -> str:
+        return str(self.files[i])
 
 
 class ImageFolderDataModule(_Base):
-    """Images under ``root``; with ``class_conditional`` each subfolder is a class (sorted names)."""
+    """Images under ``root``; with ``class_conditional`` each subfolder is a class (sorted names).
+    An unreadable image stops the run unless ``skip_bad_images`` (see :mod:`pdm.data.decoding`)."""
 
     def __init__(self, root: str, image_size: int = 256, channels: int = 3, class_conditional: bool = False,
                  random_flip: bool = True, batch_size: int = 64, num_workers: int = 4, val_fraction: float = 0.0,
-                 seed: int = 0, skip_unreadable: bool = True) -> None:
-        super().__init__(batch_size, num_workers, val_fraction, seed)
+                 seed: int = 0, skip_bad_images: bool = False, max_bad_fraction: float = 0.01) -> None:
+        super().__init__(batch_size, num_workers, val_fraction, seed, skip_bad_images, max_bad_fraction)
         self.root, self.image_size, self.channels = root, image_size, channels
-        self.class_conditional, self.random_flip, self.skip_unreadable = class_conditional, random_flip, skip_unreadable
+        self.class_conditional, self.random_flip = class_conditional, random_flip
         self.classes: list[str] = []
         self._check_root()
 
@@ -192,20 +192,23 @@ class ImageFolderDataModule(_Base):
             files = [p for p in files if len(p.relative_to(root).parts) > 1]
             labels = [index[p.relative_to(root).parts[0]] for p in files]
         transform = ImageTransform(self.image_size, self.channels, self.random_flip)
-        self._split(_Files(files, labels, transform, self.skip_unreadable))
+        self._split(_Files(files, labels, transform))
 
 
-class _HFImages(Dataset):
-    def __init__(self, ds, image_key: str, label_key: str | None, transform: ImageTransform) -> None:
-        self.ds, self.image_key, self.label_key, self.transform = ds, image_key, label_key, transform
+class _HFImages(ImageSource):
+    def __init__(self, ds, image_key: str, label_key: str | None, transform: ImageTransform, name: str) -> None:
+        self.ds, self.image_key, self.label_key, self.transform, self.name = ds, image_key, label_key, transform, name
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def __getitem__(self, i: int):
+    def load(self, i: int):
         row = self.ds[i]
         x = self.transform(row[self.image_key])
         return (x, int(row[self.label_key])) if self.label_key else (x, -1)
+
+    def describe(self, i: int) -> str:
+        return f"{self.name} row {i}"
 
 
 class HFDataModule(_Base):
@@ -215,8 +218,9 @@ class HFDataModule(_Base):
 
     def __init__(self, name: str, split: str = "train", image_key: str = "img", label_key: str | None = None,
                  image_size: int = 32, channels: int = 3, random_flip: bool = True, batch_size: int = 128,
-                 num_workers: int = 4, val_fraction: float = 0.0, seed: int = 0, allow_download: bool = False) -> None:
-        super().__init__(batch_size, num_workers, val_fraction, seed)
+                 num_workers: int = 4, val_fraction: float = 0.0, seed: int = 0, allow_download: bool = False,
+                 skip_bad_images: bool = False, max_bad_fraction: float = 0.01) -> None:
+        super().__init__(batch_size, num_workers, val_fraction, seed, skip_bad_images, max_bad_fraction)
         self.allow_download = allow_download
         self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
         self.image_size, self.channels, self.random_flip = image_size, channels, random_flip
@@ -251,10 +255,10 @@ class HFDataModule(_Base):
         if self.image_key not in ds.column_names:
             raise ValueError(f"dataset {self.name!r} has no column {self.image_key!r}; columns: {ds.column_names}")
         transform = ImageTransform(self.image_size, self.channels, self.random_flip)
-        self._split(_HFImages(ds, self.image_key, self.label_key, transform))
+        self._split(_HFImages(ds, self.image_key, self.label_key, transform, self.name))
 
 
-class LMDBImages(Dataset):
+class LMDBImages(ImageSource):
     """The encoded images of one LMDB database (LSUN's format: key -> WEBP/JPEG bytes), label -1.
 
     Reads the keys once (no cache file: torchvision's LSUN pickles one into the working
@@ -276,7 +280,7 @@ class LMDBImages(Dataset):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, i: int):
+    def load(self, i: int):
         import io
 
         import lmdb
@@ -286,7 +290,12 @@ class LMDBImages(Dataset):
             self._env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False)
         with self._env.begin(write=False) as txn:
             data = txn.get(self.keys[i])
+        if data is None:
+            raise OSError("the key holds no data")
         return self.transform(Image.open(io.BytesIO(data))), -1
+
+    def describe(self, i: int) -> str:
+        return f"{self.path} key {self.keys[i].decode(errors='replace')}"
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_env": None}  # workers open their own environment
@@ -296,8 +305,9 @@ class LSUNDataModule(_Base):
     """LSUN scenes from their LMDB folders (needs ``pip install lmdb``)."""
 
     def __init__(self, root: str, classes: str = "church_outdoor_train", image_size: int = 256, random_flip: bool = True,
-                 batch_size: int = 64, num_workers: int = 4, seed: int = 0) -> None:
-        super().__init__(batch_size, num_workers, 0.0, seed)
+                 batch_size: int = 64, num_workers: int = 4, seed: int = 0, skip_bad_images: bool = False,
+                 max_bad_fraction: float = 0.01) -> None:
+        super().__init__(batch_size, num_workers, 0.0, seed, skip_bad_images, max_bad_fraction)
         self.root, self.classes, self.image_size, self.random_flip = root, classes, image_size, random_flip
         self._check_lmdb()
 

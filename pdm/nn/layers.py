@@ -157,9 +157,13 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, height, width = x.shape
-        # (B, H, W, 3C) is a free view of a channels-last activation: positions x (q|k|v, head, d)
-        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(b, height * width, 3, self.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, HW, d)
-        h = F.scaled_dot_product_attention(q, k, v)
-        h = h.permute(0, 2, 1, 3).reshape(b, height, width, c).permute(0, 3, 1, 2)
+        # positions x (q|k|v, head, d) with d contiguous, which SDPA's fused kernels need (given
+        # a stride-d layout the CPU falls back to the slow math path): free for a channels-last
+        # activation, one copy for a contiguous one
+        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).contiguous()
+        q, k, v = qkv.reshape(b, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
+        h = h.permute(0, 2, 1, 3).reshape(b, height, width, c).permute(0, 3, 1, 2)  # channels-last strides
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            h = h.contiguous()  # back to the input's layout, so the rest of the network keeps it
         return x + self.proj(h)

@@ -3,11 +3,11 @@
 None of this changes a checkpoint: the layout and the dtype are applied to a built network when
 it is placed on its device (training and sampling alike), and compilation wraps the module.
 
-- Memory layout (:func:`preferred_memory_format`): channels-last where it is faster, which
-  depends on the device. On CUDA, cuDNN's tensor-core convolutions want NHWC. On a CPU,
-  oneDNN's NHWC convolutions are faster with AVX-512, but with AVX2 only the training step is
-  slower in NHWC (`benchmarks/unet_speed.py`, `benchmarks/RESULTS.md`), so there the layout is
-  contiguous.
+- Memory layout (:func:`preferred_memory_format`): channels-last on CUDA, where cuDNN's
+  tensor-core convolutions want NHWC; contiguous (NCHW) on CPUs. Measured side by side with
+  the official network (``benchmarks/unet_speed.py``, LSUN P = 4 and 8): with AVX2 kernels a
+  channels-last training step took 1.26x the official's and a contiguous one 0.96x; with
+  AVX-512 contiguous was as fast or faster too (``benchmarks/RESULTS.md``).
 - Precision (:func:`precision_dtype`): ``fp32``, ``bf16`` or ``fp16`` for the network's
   weights and activations, run under autocast so that reductions stay accurate; the caller's
   tensors (a sampler's state) keep their own dtype.
@@ -32,14 +32,8 @@ COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
 def preferred_memory_format(device: str | torch.device) -> torch.memory_format:
-    """channels-last on CUDA and on CPUs with AVX-512; contiguous on other CPUs (AVX2, NEON)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.channels_last
-    if device.type == "cpu":
-        return torch.channels_last if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else \
-            torch.contiguous_format
-    return torch.contiguous_format
+    """channels-last on CUDA; contiguous elsewhere (CPUs with AVX2 or AVX-512, MPS)."""
+    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
 
 
 def place(net: nn.Module, device: str | torch.device, dtype: torch.dtype | None = None) -> nn.Module:

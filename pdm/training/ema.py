@@ -50,6 +50,15 @@ class EMA(WeightAveraging):
         """Update after every ``update_every_n_steps`` optimiser steps, never per epoch."""
         return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        """Average after each optimiser step, but not after a step the module skipped (a
+        non-finite loss with ``nonfinite: skip``): the weights did not change, and the average
+        must not move either."""
+        if getattr(pl_module, "_skip_step", False):
+            self._latest_update_step = trainer.global_step
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def on_fit_start(self, trainer, pl_module) -> None:
         """Give the averaged copy the memory layout the module trains in (so the lerp reads both
         alike); checkpoints store the same values either way."""

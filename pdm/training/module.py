@@ -49,6 +49,15 @@ class PDMModule(L.LightningModule):
             half the peak memory, after 1.5-2 minutes of compilation (benchmarks/RESULTS.md).
         init_from: a checkpoint whose EMA weights initialise this network (the low-noise
             expert starts from the high-noise expert).
+        nonfinite: what a non-finite loss does: ``stop`` the run (default) or ``skip`` the step
+            (no backward, no optimiser or EMA update; the trainer's step count advances; counted
+            in ``train/nonfinite_skips``).
+        max_nonfinite_skips: with ``skip``, stop after this many consecutive skipped steps (as
+            fp16 loss scaling gives up on a run that never recovers).
+
+    The noise, time steps and label dropout of step k come from a generator seeded by (the
+    run's noise seed, k, rank); the noise seed is stored in the checkpoint, so a resumed run
+    draws exactly what an uninterrupted one would.
     """
 
     def __init__(
@@ -72,9 +81,15 @@ class PDMModule(L.LightningModule):
         fused_optimizer: bool = False,
         compile_network: bool = False,
         init_from: str | None = None,
+        nonfinite: Literal["stop", "skip"] = "stop",
+        max_nonfinite_skips: int = 10,
     ) -> None:
         super().__init__()
         _check_arguments(target, weighting, optimizer, label_dropout, lr, warmup_steps)
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        if max_nonfinite_skips < 1:
+            raise ValueError(f"max_nonfinite_skips must be at least 1, got {max_nonfinite_skips}")
         lo, hi = (0, num_timesteps - 1) if time_range is None else (int(time_range[0]), int(time_range[1]))
         if not 0 <= lo <= hi <= num_timesteps - 1:
             raise ValueError(f"time_range {time_range} must satisfy 0 <= start <= end <= {num_timesteps - 1}")
@@ -86,6 +101,9 @@ class PDMModule(L.LightningModule):
         # (1 - beta) products as a buffer so they follow the module's device
         self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod.float(), persistent=False)
         self._last_batch_time: float | None = None
+        self.noise_seed: int | None = None  # set when training starts, or restored from a checkpoint
+        self.nonfinite_skips = 0  # consecutive skipped steps
+        self._skip_step = False
         if init_from is not None:
             load_net_state(self.net, load_checkpoint(init_from)["state_dict"], init_from)
 
@@ -136,11 +154,11 @@ class PDMModule(L.LightningModule):
         x_t = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
         return x_t, n, eps, alpha, sigma
 
-    def drop_labels(self, y: Tensor | None) -> Tensor | None:
+    def drop_labels(self, y: Tensor | None, generator: torch.Generator | None = None) -> Tensor | None:
         """Replace a ``label_dropout`` fraction of labels by the null label (index num_classes)."""
         if y is None or self.net.num_classes is None:
             return None
-        drop = torch.rand(y.shape, device=y.device) < self.hparams.label_dropout
+        drop = torch.rand(y.shape, device=y.device, generator=generator) < self.hparams.label_dropout
         return torch.where(drop, torch.full_like(y, self.net.num_classes), y)
 
     def loss_per_sample(self, x0: Tensor, y: Tensor | None,
@@ -159,14 +177,26 @@ class PDMModule(L.LightningModule):
                              f"{self.net.image_size}x{self.net.image_size}; make data.image_size and the network's agree")
         return x0, (y if self.net.num_classes is not None else None)
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
+    def step_generator(self, device: torch.device) -> torch.Generator:
+        """The random source of this optimiser step: (noise seed, step, rank) decide it."""
+        if self.noise_seed is None:
+            self.noise_seed = torch.initial_seed() % 2**62  # the run's seed (seed_everything), kept in checkpoints
+        seed = (self.noise_seed * 1_000_003 + self.global_step * 65_537 + self.global_rank) % 2**63
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["pdm_noise_seed"] = self.noise_seed
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.noise_seed = checkpoint.get("pdm_noise_seed", self.noise_seed)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor | None:
         x0, y = self._split(batch)
-        losses, n = self.loss_per_sample(x0, self.drop_labels(y))
-        if not torch.isfinite(losses).all():
-            raise FloatingPointError(
-                f"non-finite loss at global step {self.global_step}, batch {batch_idx}; lower the learning rate or "
-                "use bf16-mixed rather than 16-mixed precision. The last checkpoint on disk is intact."
-            )
+        g = self.step_generator(x0.device)
+        losses, n = self.loss_per_sample(x0, self.drop_labels(y, g), generator=g)
+        self._skip_step = not self._finite(losses, batch_idx)
+        if self._skip_step:
+            return None  # no backward; optimizer_step below then leaves the weights, Adam and the EMA alone
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True)
         if self._is_logging_step():  # per-step values are only recorded on logging steps; skip the syncs otherwise
@@ -176,6 +206,42 @@ class PDMModule(L.LightningModule):
                 self.log("train/images_per_second", x0.shape[0] / max(now - self._last_batch_time, 1e-9))
         self._last_batch_time = time.perf_counter()
         return loss
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The usual step, except that a step skipped for a non-finite loss never reaches the
+        optimiser: the weights and Adam's moments stay as they were, and :class:`EMA` does not
+        average. The trainer still counts the step (so step k keeps batch k and its noise) and
+        the learning-rate schedule advances by one batch."""
+        if self.hparams.get("nonfinite", "stop") != "skip":
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._skip_step = False
+        optimizer_closure()  # training_step and backward
+        if not self._skip_step:
+            optimizer.step()  # clipping and the update, on the gradients just computed
+
+    def _finite(self, losses: Tensor, batch_idx: int) -> bool:
+        """Whether this step's losses are finite on every rank; with ``nonfinite: stop`` a
+        non-finite loss raises, with ``skip`` it is counted and skipped (all ranks agree)."""
+        finite = bool(torch.isfinite(losses).all())
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            self.nonfinite_skips = 0
+            return True
+        where = f"global step {self.global_step}, batch {batch_idx}"
+        if self.hparams.get("nonfinite", "stop") == "stop":
+            raise FloatingPointError(
+                f"non-finite loss at {where}; lower the learning rate, use bf16-mixed rather than 16-mixed precision, "
+                "or set model.nonfinite: skip. The last checkpoint on disk is intact."
+            )
+        self.nonfinite_skips += 1
+        self.log("train/nonfinite_skips", float(self.nonfinite_skips))
+        limit = self.hparams.get("max_nonfinite_skips", 10)
+        if self.nonfinite_skips >= limit:
+            raise FloatingPointError(f"{self.nonfinite_skips} consecutive non-finite losses (the last at {where}); "
+                                     "the run does not recover: lower the learning rate. The last checkpoint is intact.")
+        return False
 
     def _log_loss_buckets(self, losses: Tensor, n: Tensor) -> None:
         buckets = (n * NUM_LOSS_BUCKETS // self.hparams.num_timesteps).clamp(max=NUM_LOSS_BUCKETS - 1)
