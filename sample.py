@@ -271,17 +271,7 @@ def sample_run(args: argparse.Namespace, settings: dict, skip, device: torch.dev
 def _sample_shards(args: argparse.Namespace, settings: dict, skip, device: torch.device, launch: Launch,
                    check_interrupt: Callable[[], None]) -> dict:
     from pdm.checkpoints import load_for_sampling
-    from pdm.outputs import (
-        file_sha256,
-        hash_path,
-        make_shard,
-        prepare_out,
-        shard_paths,
-        shard_state,
-        write_manifest,
-        write_outputs,
-    )
-    from pdm.sampling import sample
+    from pdm.outputs import file_sha256, hash_path, make_shard, shard_paths, write_outputs
 
     loaded = load_for_sampling(args.ckpt, args.guidance_scale, device, args.precision,
                                (args.compile_mode or "default") if args.compile else None, args.batch_size)
@@ -295,41 +285,10 @@ def _sample_shards(args: argparse.Namespace, settings: dict, skip, device: torch
     out = Path(args.out)
     identity = run_identity(args, settings, skip, [file_sha256(p) for p in args.ckpt])
     paths = shard_paths(out, args.num_samples, args.shard_size)
-    refused = None
-    if launch.rank == 0:
-        try:
-            prepare_out(out, identity, args.overwrite)
-            write_manifest(out, identity, {"device": str(device), "batch_size": args.batch_size,
-                                           "torch": torch.__version__, "processes": launch.world_size,
-                                           "model": loaded.config, "ckpt": list(args.ckpt)})
-        except ValueError as e:
-            refused = str(e)
-    # every rank learns rank 0's verdict, then lists the missing shards before any rank writes one
-    refused = launch.broadcast(refused)
-    if refused is not None:
-        raise ValueError(refused)
-    mine = [k for k in range(len(paths)) if k % args.num_shards == args.shard_index]
-    states = {k: shard_state(paths[k]) for k in mine} if launch.rank == 0 else None
-    states = launch.broadcast(states)  # one rank reads the folder, so all ranks deal from one list
-    todo = [k for k in mine if states[k] != "finished"]
-    if launch.rank == 0:
-        for k in todo:
-            if states[k] == "damaged":
-                print(f"{paths[k].name} does not match its recorded hash (damaged or unfinished); remaking it",
-                      file=sys.stderr)
-    sample_batch = partial(sample, loaded.model_fn, schedule=loaded.schedule, prediction=loaded.prediction, skip=skip,
-                           denoise_to_zero=args.denoise_to_zero, thresholding=args.thresholding, progress=args.progress,
-                           **{k: v for k, v in settings.items() if v is not None})
-
-    def batch(noise: torch.Tensor, model_kwargs: dict):
-        check_interrupt()
-        res = sample_batch(noise, model_kwargs=model_kwargs)
-        if not bool(torch.isfinite(res.x).all()):
-            hint = ("fp16 overflowed; use --precision bf16 (same speed on recent GPUs, fp32's range)"
-                    if args.precision == "fp16" else "the checkpoint may be broken (NaN weights?)")
-            raise ValueError(f"sampling produced non-finite values: {hint}")
-        return res
-
+    todo = _claim(args, out, identity, paths, launch, {"device": str(device), "batch_size": args.batch_size,
+                                                       "torch": torch.__version__, "processes": launch.world_size,
+                                                       "model": loaded.config, "ckpt": list(args.ckpt)})
+    batch = _checked_batch(args, loaded, settings, skip, check_interrupt)
     shape = (loaded.in_channels, loaded.image_size, loaded.image_size)
     done = 0
     for k in todo[launch.rank::launch.world_size]:
@@ -348,6 +307,53 @@ def _sample_shards(args: argparse.Namespace, settings: dict, skip, device: torch
     if launch.rank != 0:
         return {"images_sampled_this_run": done, "written_by_rank": 0}
     return write_outputs(out, paths, loaded.num_classes is not None, loaded.image_size, done, skip is not None)
+
+
+def _claim(args: argparse.Namespace, out: Path, identity: dict, paths: list[Path], launch: Launch,
+           info: dict) -> list[int]:
+    """Rank 0 makes ``out`` this run's (or refuses, for every rank) and reads which of this
+    part's shards are unfinished; every rank gets the same list before any rank writes."""
+    from pdm.outputs import prepare_out, shard_state, write_manifest
+
+    refused, states = None, None
+    mine = [k for k in range(len(paths)) if k % args.num_shards == args.shard_index]
+    if launch.rank == 0:
+        try:
+            prepare_out(out, identity, args.overwrite)
+            write_manifest(out, identity, info)
+            states = {k: shard_state(paths[k]) for k in mine}
+        except ValueError as e:
+            refused = str(e)
+    refused, states = launch.broadcast((refused, states))
+    if refused is not None:
+        raise ValueError(refused)
+    todo = [k for k in mine if states[k] != "finished"]
+    if launch.rank == 0:
+        for k in (k for k in todo if states[k] == "damaged"):
+            print(f"{paths[k].name} does not match its recorded hash (damaged or unfinished); remaking it",
+                  file=sys.stderr)
+    return todo
+
+
+def _checked_batch(args: argparse.Namespace, loaded, settings: dict, skip,
+                   check_interrupt: Callable[[], None]) -> Callable:
+    """``batch(noise, model_kwargs)``: sample one batch, refusing non-finite images."""
+    from pdm.sampling import sample
+
+    sample_batch = partial(sample, loaded.model_fn, schedule=loaded.schedule, prediction=loaded.prediction, skip=skip,
+                           denoise_to_zero=args.denoise_to_zero, thresholding=args.thresholding, progress=args.progress,
+                           **{k: v for k, v in settings.items() if v is not None})
+
+    def batch(noise: torch.Tensor, model_kwargs: dict):
+        check_interrupt()
+        res = sample_batch(noise, model_kwargs=model_kwargs)
+        if not bool(torch.isfinite(res.x).all()):  # one read-back per batch, none per step
+            hint = ("fp16 overflowed; use --precision bf16 (same speed on recent GPUs, fp32's range)"
+                    if args.precision == "fp16" else "the checkpoint may be broken (NaN weights?)")
+            raise ValueError(f"sampling produced non-finite values: {hint}")
+        return res
+
+    return batch
 
 
 if __name__ == "__main__":

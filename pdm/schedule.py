@@ -33,8 +33,10 @@ def interp_linear(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     fp = fp.to(device=x.device, dtype=x.dtype)
     idx = torch.searchsorted(xp, x.detach().contiguous(), right=False)
     idx = idx.clamp(1, xp.numel() - 1)
-    x_lo, x_hi = xp[idx - 1], xp[idx]
-    f_lo, f_hi = fp[idx - 1], fp[idx]
+    # torch.take gathers for an index tensor of any shape; indexing with a 0-d tensor would read
+    # the index back to the host (a GPU synchronisation for every time point)
+    x_lo, x_hi = torch.take(xp, idx - 1), torch.take(xp, idx)
+    f_lo, f_hi = torch.take(fp, idx - 1), torch.take(fp, idx)
     return f_lo + (x - x_lo) * (f_hi - f_lo) / (x_hi - x_lo)
 
 

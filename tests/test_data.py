@@ -114,3 +114,46 @@ def test_missing_hub_dataset_and_lsun_name_what_to_download(tmp_path):
         HFDataModule("data/no_such_dataset").setup("fit")  # fails at once, no hub retries
     with pytest.raises(ValueError, match="church_outdoor_train_lmdb"):
         LSUNDataModule(str(tmp_path)).setup("fit")
+
+
+def test_a_bad_lsun_record_stops_naming_its_key_or_is_skipped(tmp_path):
+    import io
+
+    import lmdb
+
+    from pdm.data.datamodules import LMDBImages
+    from pdm.data.transforms import ImageTransform
+
+    env = lmdb.open(str(tmp_path / "db"), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i in range(5):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(buf, format="WEBP")
+            data = buf.getvalue()
+            txn.put(f"img{i}".encode(), data[: len(data) // 3] if i == 2 else data)  # record 2 is truncated
+    env.close()
+    ds = LMDBImages(tmp_path / "db", ImageTransform(16, 3, False))
+    assert ds[1][0].shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="cannot read image .*db key img2.*skip_bad_images"):
+        ds[2]
+    ds.set_bad_image_policy(True, 0.25)
+    with pytest.warns(UserWarning, match="key img2"):
+        assert torch.equal(ds[2][0], ds[3][0])  # replaced by the next readable record
+    assert ds.skipped == 1
+
+
+def test_a_bad_hugging_face_row_stops_naming_the_row(tmp_path):
+    import datasets
+
+    good = Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8))
+    ds = datasets.Dataset.from_dict({"img": [good, good, good], "label": [0, 1, 2]}).cast_column("img", datasets.Image())
+    ds = ds.cast_column("img", datasets.Image(decode=False))
+    rows = ds.to_dict()
+    rows["img"][1] = {"bytes": b"not an image at all", "path": None}
+    broken = datasets.Dataset.from_dict(rows).cast_column("img", datasets.Image())
+    broken.save_to_disk(str(tmp_path / "hf"))
+    dm = HFDataModule(str(tmp_path / "hf"), image_size=8, label_key="label", batch_size=1, num_workers=0)
+    dm.setup("fit")
+    assert dm.train_set[0][1] == 0
+    with pytest.raises(ValueError, match=f"cannot read image {tmp_path / 'hf'} row 1"):
+        dm.train_set[1]

@@ -77,6 +77,7 @@ FORBIDDEN = {  # DESIGN.md's layer table, "knows nothing of"
     "pdm.data": ("pdm.nn", "pdm.sampling", "pdm.training", "pdm.checkpoints"),
     "pdm.metrics": ("pdm.training", "pdm.sampling", "pdm.checkpoints", "lightning"),
     "pdm.training": ("jsonargparse", "lightning.pytorch.cli"),
+    "pdm.launch": ("pdm.", "lightning.pytorch"),  # which process this is: torch.distributed and the cluster only
 }
 
 

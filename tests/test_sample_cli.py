@@ -254,5 +254,5 @@ def test_ctrl_c_swallowed_by_a_finalizer_still_stops_at_the_next_batch(tiny_ckpt
         sample_cli.main(["--ckpt", tiny_ckpts["uncond"], "--num-samples", "8", "--steps", "3", "--batch-size", "2",
                          "--shard-size", "2", "--out", str(out)])
     assert e.value.code == 2 and "interrupted" in capsys.readouterr().err
-    assert sorted(os.listdir(out / "shards")) == ["shard_00000.npz"] and len(calls) == 1
+    assert sorted(os.listdir(out / "shards")) == ["shard_00000.npz", "shard_00000.npz.sha256"] and len(calls) == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI restores the handler
