@@ -322,7 +322,7 @@ def _claim(args: argparse.Namespace, out: Path, identity: dict, paths: list[Path
             prepare_out(out, identity, args.overwrite)
             write_manifest(out, identity, info)
             states = {k: shard_state(paths[k]) for k in mine}
-        except ValueError as e:
+        except (ValueError, WriteError) as e:  # every rank stops with rank 0's one line
             refused = str(e)
     refused, states = launch.broadcast((refused, states))
     if refused is not None:

@@ -8,8 +8,8 @@
 #      synchronisations per step;
 #   3. train_throughput.py: LSUN P=4 training step, bf16 + compile, MFU at batch 64 and 128, and
 #      with max-autotune.
-# Each stage has its own time limit and writes its JSON as it goes; everything lands in $OUT
-# (the device tool brings that folder back) or benchmarks/results.
+# Each stage has its own time limit and writes its JSON as it goes, into $OUT/gpu_suite (the device
+# tool brings $OUT back) or benchmarks/results/gpu_suite, with the log of every stage.
 #
 #   bash benchmarks/gpu_suite.sh            # on the GPU
 #   bash benchmarks/gpu_suite.sh --smoke    # every stage, tiny and short, on a CPU
@@ -31,7 +31,6 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log, never st
     timeout --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1
     local rc=$?
     echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
-    cp benchmarks/results/*.json "$RESULTS"/ 2>/dev/null || true
 }
 
 {

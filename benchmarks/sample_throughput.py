@@ -40,7 +40,8 @@ MODELS = {"lsun_church_p4": (["lsun_church_p4"], 1.0),
           "digits_cfg1.5": (["digits"], 1.5)}  # the demo's network: a CPU-sized comparison
 GPU_MODELS = ["lsun_church_p4", "imagenet256_pair_cfg1.5"]
 # variant -> (precision, compile mode or None)
-VARIANTS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "bf16+compile": ("bf16", "default"),
+VARIANTS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "fp32+compile": ("fp32", "default"),
+            "bf16+compile": ("bf16", "default"),
             "bf16+compile+cudagraphs": ("bf16", "reduce-overhead"), "fp16+compile": ("fp16", "default")}
 TINY = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1)
 

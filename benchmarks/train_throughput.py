@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import HERE, config_module, machine, markdown_table, write_json  # noqa: E402
 from pdm.metrics import count_flops, peak_bf16_flops  # noqa: E402
-from pdm.nn.runtime import preferred_memory_format  # noqa: E402
+from pdm.nn.runtime import network_width, preferred_memory_format  # noqa: E402
 
 def measure(name: str, batch: int, args) -> dict:
     """Images/s and MFU of one config's training step at this batch size."""
@@ -32,7 +32,7 @@ def measure(name: str, batch: int, args) -> dict:
     torch.manual_seed(0)
     module = config_module(name).to(device)
     net = module.net
-    layout = torch.channels_last if args.channels_last else preferred_memory_format(device)
+    layout = torch.channels_last if args.channels_last else preferred_memory_format(device, network_width(net))
     net.to(memory_format=layout)  # as PDMModule.on_fit_start does: the device's layout unless forced
     size, ch = net.image_size, net.in_channels
     x0 = (torch.rand(batch, ch, size, size, device=device) * 2 - 1).contiguous(memory_format=layout)

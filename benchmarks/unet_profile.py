@@ -24,8 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import HERE, machine, markdown_table, write_json  # noqa: E402
-from benchmarks.unet_speed import CONFIGS, LAYOUTS, official_class, official_net  # noqa: E402
-from pdm.nn import UNet, convert_official_state_dict  # noqa: E402
+from benchmarks.unet_speed import CONFIGS, networks, official_class  # noqa: E402
 
 KINDS = {  # first match wins; matched against the lower-cased operator name
     "convolution": ("conv", "mkldnn_convolution", "slow_conv"),
@@ -68,17 +67,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
-    cfg = CONFIGS[args.config]
-    torch.manual_seed(0)
-    official = official_net(official_class(Path(args.official)), cfg)
-    with torch.no_grad():
-        for prm in official.parameters():
-            prm.add_(0.02 * torch.randn_like(prm))
-    nets = {"official": official}
-    for label, layout in LAYOUTS.items():
-        ours = UNet(in_channels=3, attention_resolutions=(16, 8), **cfg)
-        ours.load_state_dict(convert_official_state_dict(official.state_dict()), strict=True)
-        nets[label] = ours.to(memory_format=layout)
+    nets = networks(official_class(Path(args.official)), CONFIGS[args.config])
     x, t = torch.randn(args.batch, 3, 256, 256), torch.full((args.batch,), 500.0)
     results = {"machine": machine(), "capability": torch.backends.cpu.get_cpu_capability(), "config": args.config,
                "batch": args.batch, "forward": {}, "train_step": {}}

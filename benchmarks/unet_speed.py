@@ -5,11 +5,16 @@
 --official points at a local checkout of ericl122333/PatchDiffusion-Pytorch (its
 patch_diffusion/unet.py and nn.py; patch_diffusion/fp16_util.py may be missing). Nothing of it is
 imported unless given, and none of it is part of pdm. For LSUN Church P = 4 and P = 8 it builds
-both networks with the same weights (converted with pdm.nn.convert_official_state_dict), checks
-their outputs agree, and times a forward pass and a training step (forward, backward, Adam),
-alternating the two networks round by round and keeping the median. It also times one EMA
-update of the ImageNet-256 network (200.6M parameters): a Python loop over the parameters (as
-before) against pdm.training.EMA's single fused lerp. Writes benchmarks/results/unet_speed.json.
+the official network and pdm's in both memory layouts (contiguous, channels-last) with the same
+weights (converted with pdm.nn.convert_official_state_dict), checks their outputs agree, and times
+a forward pass and a training step (forward, backward, Adam), rotating the order of the networks
+round by round; the ratio reported is the median over rounds of each round's pdm / official time
+(the networks of one round run back to back, so their ratio resists a shared host's drifts and
+bursts, which moved single rounds by up to 30% on the project's machine). It also times one EMA update of the
+ImageNet-256 network (200.6M parameters): a Python loop over the parameters (as before) against
+pdm.training.EMA's single fused lerp (--no-ema skips it). Writes
+benchmarks/results/unet_speed_<kernel level>.json. Run it once as is and once with
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` to see an AVX2 CPU's kernels.
 """
 
 from __future__ import annotations
@@ -71,8 +76,8 @@ def timed(fn, rounds: int) -> list[float]:
 LAYOUTS = {"pdm (contiguous)": torch.contiguous_format, "pdm (channels_last)": torch.channels_last}
 
 
-def compare(cls, name: str, cfg: dict, batch: int, rounds: int) -> dict:
-    """Official vs pdm in both memory layouts, same weights, rounds interleaved (order rotating)."""
+def networks(cls, cfg: dict) -> dict:
+    """The official network (random non-zero weights) and pdm's with the same weights in each layout."""
     torch.manual_seed(0)
     official = official_net(cls, cfg)
     with torch.no_grad():  # non-zero weights everywhere, so the outputs say something
@@ -83,6 +88,13 @@ def compare(cls, name: str, cfg: dict, batch: int, rounds: int) -> dict:
         ours = UNet(in_channels=3, attention_resolutions=(16, 8), **cfg)
         ours.load_state_dict(convert_official_state_dict(official.state_dict()), strict=True)
         nets[label] = ours.to(memory_format=layout)
+    return nets
+
+
+def compare(cls, name: str, cfg: dict, batch: int, rounds: int) -> dict:
+    """Official vs pdm in both memory layouts, same weights, rounds interleaved (order rotating)."""
+    nets = networks(cls, cfg)
+    official = nets["official"]
     x, t = torch.randn(batch, 3, 256, 256), torch.full((batch,), 500.0)
     with torch.no_grad():
         ref = official.eval()(x, t)
@@ -101,8 +113,8 @@ def compare(cls, name: str, cfg: dict, batch: int, rounds: int) -> dict:
         opts[k].zero_grad(set_to_none=True)
 
     result = {"max_abs_output_difference": agree, "batch": batch,
-              "preferred_layout": "channels_last" if preferred_memory_format("cpu") == torch.channels_last
-              else "contiguous"}
+              "preferred_layout": "channels_last" if preferred_memory_format("cpu", max(nets["pdm (contiguous)"].widths))
+              == torch.channels_last else "contiguous"}
     names = list(nets)
     for label, fn in (("forward", forward), ("train_step", train)):
         for k in names:
@@ -112,9 +124,17 @@ def compare(cls, name: str, cfg: dict, batch: int, rounds: int) -> dict:
             for k in names[r % len(names):] + names[:r % len(names)]:
                 times[k] += timed(lambda k=k: fn(k), 1)
         med = {k: statistics.median(v) for k, v in times.items()}
+        # each round runs every network back to back, so a round's ratio shares the host's state of that
+        # moment; the median of the per-round ratios resists a shared host's drifts and bursts
+        ratios = {k: sorted(a / b for a, b in zip(times[k], times["official"])) for k in LAYOUTS}
+        paired = {k: statistics.median(v) for k, v in ratios.items()}
         result[label] = {**{f"{k} seconds": v for k, v in med.items()},
-                         **{f"{k} ratio": med[k] / med["official"] for k in LAYOUTS}}
-    print(f"{name}: " + "; ".join(f"{label} " + ", ".join(f"{k.split()[1]} {result[label][k + ' ratio']:.3f}x"
+                         **{f"{k} ratio": paired[k] for k in LAYOUTS},
+                         **{f"{k} ratio quartiles": statistics.quantiles(v, n=4)[::2] for k, v in ratios.items()},
+                         **{f"{k} ratio of medians": med[k] / med["official"] for k in LAYOUTS},
+                         "rounds": {k: v for k, v in times.items()}}
+    print(f"{name}: " + "; ".join(f"{label} " + ", ".join(f"{k.split()[1]} {result[label][k + ' ratio']:.3f}x "
+                                                           f"(of medians {result[label][k + ' ratio of medians']:.3f}x)"
                                                            for k in LAYOUTS) for label in ("forward", "train_step"))
           + f" (pdm / official); outputs agree to {agree:.1e}", file=sys.stderr, flush=True)
     return result
@@ -169,9 +189,10 @@ def main() -> None:
         for name, r in results["unet"].items():
             for label in ("forward", "train_step"):
                 rows.append([name, label, f"{r[label]['official seconds']:.3f}",
-                             *[f"{r[label][k + ' seconds']:.3f} ({r[label][k + ' ratio']:.3f}x)" for k in LAYOUTS]])
-        print(markdown_table([f"config (batch {args.batch})", "", "official s", *[f"{k} s (ratio)" for k in LAYOUTS]],
-                             rows) + "\n")
+                             *[f"{r[label][k + ' seconds']:.3f} ({r[label][k + ' ratio']:.3f}x, quartiles "
+                               + "-".join(f"{q:.2f}" for q in r[label][k + ' ratio quartiles']) + ")" for k in LAYOUTS]])
+        print(markdown_table([f"config (batch {args.batch})", "", "official s (median)",
+                              *[f"{k} s (median, and median of per-round ratios)" for k in LAYOUTS]], rows) + "\n")
         print(f"preferred layout on this CPU ({torch.backends.cpu.get_cpu_capability()}): "
               f"{next(iter(results['unet'].values()))['preferred_layout']}")
     if "ema" not in results:

@@ -17,7 +17,6 @@ and refused by a merge, never taken into samples.npz.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import shutil
 import sys

@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import skip_tradeoff  # noqa: E402
@@ -79,3 +81,48 @@ def test_patch_ablation_trains_and_scores_each_patch_size(tmp_path, monkeypatch)
     rows = json.loads((tmp_path / "patch_ablation.json").read_text())["rows"]
     assert [r["patch_size"] for r in rows] == [8, 4] and all(r["train_steps"] == 2 for r in rows)
     assert all(r["fd8x8"] > 0 for r in rows) and (tmp_path / "patch_ablation_P4.png").exists()
+
+
+def test_sample_throughput_compares_each_variant_with_fp32_on_the_same_noise(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import sample_throughput
+
+    monkeypatch.setattr(sys, "argv", ["sample_throughput.py", "--device", "cpu", "--tiny", "--models", "lsun_church_p4",
+                                      "imagenet256_pair_cfg1.5", "--batch", "2", "--steps", "2", "--repeats", "1",
+                                      "--variants", "bf16", "--out", str(tmp_path)])
+    sample_throughput.main()
+    rows = json.loads((tmp_path / "sample_throughput_cpu_tiny.json").read_text())["rows"]
+    assert [(r["model"], r["variant"]) for r in rows] == [("lsun_church_p4", "fp32"), ("lsun_church_p4", "bf16"),
+                                                          ("imagenet256_pair_cfg1.5", "fp32"),
+                                                          ("imagenet256_pair_cfg1.5", "bf16")]
+    fp32, bf16 = rows[0], rows[1]
+    assert fp32["rms_vs_fp32"] == 0.0 and fp32["speedup_vs_fp32"] == 1.0
+    assert 0.0 < bf16["rms_vs_fp32"] < 0.1 and bf16["images_per_second"] > 0  # bf16 ran, and only rounded
+
+
+def test_sampler_overhead_times_the_network_apart_from_the_sampler(tmp_path, monkeypatch):
+    import json
+
+    from benchmarks import sampler_overhead
+
+    monkeypatch.setattr(sys, "argv", ["sampler_overhead.py", "--device", "cpu", "--batch", "4", "--steps", "6",
+                                      "--rounds", "1", "--out", str(tmp_path)])
+    sampler_overhead.main()
+    res = json.loads((tmp_path / "sampler_overhead_cpu.json").read_text())
+    for r in res["settings"].values():
+        assert 0 < r["network_seconds"] < r["wall_seconds"] and 0 < r["overhead_fraction"] < 1
+
+
+@pytest.mark.slow  # ~1-2 min: every stage of the GPU script, tiny, on the CPU
+def test_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_suite.sh"), "--smoke"], cwd=root, capture_output=True,
+                         text=True, env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:]
+    log = (tmp_path / "gpu_suite" / "gpu_suite.log").read_text()
+    assert log.count(": exit 0 after") == 3, log[-3000:]
+    assert (tmp_path / "gpu_suite" / "sample_throughput_cpu_tiny.json").exists()

@@ -219,7 +219,7 @@ def test_nonfinite_skip_leaves_weights_ema_and_optimiser_untouched(tmp_path):
                                     trainer.global_step)
 
     model = tiny_module(_nan_from(lambda step: step == 3), model_channels=16, nonfinite="skip")
-    trainer = _fit(model, tmp_path, 6, [ema, Snapshot()])
+    _fit(model, tmp_path, 6, [ema, Snapshot()])
     before, after = snapshots[3], snapshots[4]  # batch 3 met the NaN at step 3
     assert (before[3], after[3]) == (3, 4)  # the trainer counts the batch, but nothing reached the optimiser:
     for i in (0, 1):  # weights and EMA untouched

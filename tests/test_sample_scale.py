@@ -144,10 +144,19 @@ def test_compile_mode_without_compile_is_refused(tiny_ckpts, tmp_path):
     assert res.returncode == 2 and "--compile-mode does nothing without --compile" in res.stderr
 
 
-def test_memory_layout_follows_the_device():
-    assert preferred_memory_format("cuda") == torch.channels_last
-    assert preferred_memory_format("cpu") == torch.contiguous_format
-    assert preferred_memory_format(torch.device("cuda", 1)) == torch.channels_last
+def test_memory_layout_follows_the_device_and_the_network_width():
+    from pdm.nn import UNet
+    from pdm.nn.runtime import network_width, place
+
+    assert preferred_memory_format("cuda", 512) == preferred_memory_format(torch.device("cuda", 1)) == torch.channels_last
+    assert preferred_memory_format("cpu", 256) == preferred_memory_format("cpu") == torch.contiguous_format
+    assert preferred_memory_format("cpu", 128) == torch.channels_last
+    narrow = UNet(in_channels=1, image_size=16, patch_size=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1)
+    wide = UNet(in_channels=1, image_size=16, patch_size=4, model_channels=256, channel_mult=(1,), num_res_blocks=1,
+                attention_resolutions=())
+    assert (network_width(narrow), network_width(wide)) == (64, 256)
+    assert place(narrow, "cpu").input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert place(wide, "cpu").input_conv.weight.is_contiguous()
 
 
 # --- many processes --------------------------------------------------------------------------------
@@ -162,6 +171,25 @@ def test_two_torchrun_processes_write_the_one_process_bytes(tiny_ckpts, tmp_path
     assert (tmp_path / "two" / "samples.npz").read_bytes() == (tmp_path / "one" / "samples.npz").read_bytes()
     assert json.loads((tmp_path / "two" / "run.json").read_text())["info"]["processes"] == 2
     assert json.loads((tmp_path / "two" / "stats.json").read_text())["images_sampled_this_run"] == 13
+
+
+def test_two_srun_tasks_write_the_one_process_bytes(tiny_ckpts, tmp_path):
+    # srun starts N copies with SLURM's variables; Lightning's SLURM environment gives each its rank
+    one = run_cli("--ckpt", tiny_ckpts["cond"], *SCALE_ARGS, "--out", tmp_path / "one")
+    assert one.returncode == 0
+    port = str(20000 + os.getpid() % 20000)
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+               "SLURM_NODEID": "0", "SLURM_JOB_ID": "777", "SLURM_JOB_NAME": "sample", "SLURM_NODELIST": "localhost",
+               "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", tiny_ckpts["cond"],
+                                       *SCALE_ARGS, "--out", str(tmp_path / "srun")], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert (tmp_path / "srun" / "samples.npz").read_bytes() == (tmp_path / "one" / "samples.npz").read_bytes()
+    assert json.loads((tmp_path / "srun" / "run.json").read_text())["info"]["processes"] == 2
 
 
 def _children(pid: int) -> list[int]:

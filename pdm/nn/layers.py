@@ -163,7 +163,9 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).contiguous()
         q, k, v = qkv.reshape(b, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
-        h = h.permute(0, 2, 1, 3).reshape(b, height, width, c).permute(0, 3, 1, 2)  # channels-last strides
-        if not x.is_contiguous(memory_format=torch.channels_last):
-            h = h.contiguous()  # back to the input's layout, so the rest of the network keeps it
+        # back to the input's layout in one copy, so the rest of the network keeps it
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            h = h.permute(0, 2, 1, 3).reshape(b, height, width, c).permute(0, 3, 1, 2)
+        else:
+            h = h.transpose(-1, -2).reshape(b, c, height, width)
         return x + self.proj(h)

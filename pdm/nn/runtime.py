@@ -4,10 +4,13 @@ None of this changes a checkpoint: the layout and the dtype are applied to a bui
 it is placed on its device (training and sampling alike), and compilation wraps the module.
 
 - Memory layout (:func:`preferred_memory_format`): channels-last on CUDA, where cuDNN's
-  tensor-core convolutions want NHWC; contiguous (NCHW) on CPUs. Measured side by side with
-  the official network (``benchmarks/unet_speed.py``, LSUN P = 4 and 8): with AVX2 kernels a
-  channels-last training step took 1.26x the official's and a contiguous one 0.96x; with
-  AVX-512 contiguous was as fast or faster too (``benchmarks/RESULTS.md``).
+  tensor-core convolutions want NHWC. On a CPU it depends on the network's width, measured in
+  fp32 training steps on AVX-512 and AVX2 kernels (``benchmarks/RESULTS.md``): wide networks
+  (LSUN's 256-512 channels) trained in channels-last at 1.22x the official network's step time
+  with AVX2 kernels and at 0.95x in contiguous NCHW, equal within noise with AVX-512; narrow ones
+  (the digits demo's 64-128 channels, at P = 2, 4, 8) were 3-21% faster in channels-last on both.
+  So CPUs get channels-last up to ``CPU_CHANNELS_LAST_MAX_WIDTH`` channels, contiguous above.
+  The rule is fixed (not timed at start-up), so a resumed run computes exactly as before.
 - Precision (:func:`precision_dtype`): ``fp32``, ``bf16`` or ``fp16`` for the network's
   weights and activations, run under autocast so that reductions stay accurate; the caller's
   tensors (a sampler's state) keep their own dtype.
@@ -31,15 +34,31 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune"]
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 
 
-def preferred_memory_format(device: str | torch.device) -> torch.memory_format:
-    """channels-last on CUDA; contiguous elsewhere (CPUs with AVX2 or AVX-512, MPS)."""
-    return torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+CPU_CHANNELS_LAST_MAX_WIDTH = 128  # widest level (channels) up to which a CPU runs channels-last
+
+
+def preferred_memory_format(device: str | torch.device, width: int | None = None) -> torch.memory_format:
+    """The faster layout for a network whose widest level has ``width`` channels on ``device``:
+    channels-last on CUDA; on a CPU channels-last up to 128 channels, contiguous for wider
+    networks (and when the width is unknown); contiguous elsewhere (MPS)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.channels_last
+    if device.type == "cpu" and width is not None and width <= CPU_CHANNELS_LAST_MAX_WIDTH:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def network_width(net: nn.Module) -> int | None:
+    """The widest level of a U-Net (``net.widths``), or None for another module."""
+    widths = getattr(net, "widths", None)
+    return max(widths) if widths else None
 
 
 def place(net: nn.Module, device: str | torch.device, dtype: torch.dtype | None = None) -> nn.Module:
-    """Move ``net`` to ``device`` (and ``dtype``) in the device's preferred memory layout, in place."""
+    """Move ``net`` to ``device`` (and ``dtype``) in its preferred memory layout there, in place."""
     net.to(device=device, dtype=dtype)
-    return net.to(memory_format=preferred_memory_format(device))
+    return net.to(memory_format=preferred_memory_format(device, network_width(net)))
 
 
 def precision_dtype(precision: str, device: str | torch.device) -> torch.dtype:

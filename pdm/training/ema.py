@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor, nn
 
-from pdm.nn.runtime import preferred_memory_format
+from pdm.nn.runtime import network_width, preferred_memory_format
 
 
 def ema_decay(decay: float, num_updates: int | Tensor, warmup: bool = True) -> Tensor:
@@ -63,7 +63,8 @@ class EMA(WeightAveraging):
         """Give the averaged copy the memory layout the module trains in (so the lerp reads both
         alike); checkpoints store the same values either way."""
         if self._average_model is not None:
-            self._average_model.to(memory_format=preferred_memory_format(pl_module.device))
+            net = getattr(pl_module, "net", pl_module)
+            self._average_model.to(memory_format=preferred_memory_format(pl_module.device, network_width(net)))
 
     @property
     def ema_module(self) -> nn.Module | None:

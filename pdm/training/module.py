@@ -13,7 +13,7 @@ from torch import Tensor
 
 from pdm.checkpoints import load_checkpoint, load_net_state, network_model_fn
 from pdm.nn import UNet
-from pdm.nn.runtime import preferred_memory_format
+from pdm.nn.runtime import network_width, preferred_memory_format
 from pdm.objectives import TARGETS, WEIGHTINGS, Target, weighted_x0_loss
 from pdm.schedule import ScheduleName, build_schedule
 
@@ -139,8 +139,8 @@ class PDMModule(L.LightningModule):
             raise ValueError(f"the data has {classes} classes but the network {net.num_classes}; "
                              f"set model.net.init_args.num_classes: {classes}")
         # the layout that is fastest where the network runs (channels-last on CUDA; on a CPU it
-        # depends on its vector extensions); in place, so the optimiser keeps its parameters
-        self.net.to(memory_format=preferred_memory_format(self.device))
+        # depends on the network's width); in place, so the optimiser keeps its parameters
+        self.net.to(memory_format=preferred_memory_format(self.device, network_width(self.net)))
         if self.hparams.get("compile_network"):
             self.compile_net()
 
