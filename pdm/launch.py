@@ -81,7 +81,10 @@ def detect() -> Launch:
 
     for env_cls in (TorchElasticEnvironment, SLURMEnvironment):
         if env_cls.detect():
-            env = env_cls()
+            try:
+                env = env_cls()
+            except RuntimeError as e:  # e.g. srun --ntasks without --ntasks-per-node
+                raise ValueError(" ".join(str(e).split())) from None
             if env.world_size() > 1:
                 # the process group reads these (torchrun sets them; under srun Lightning derives them)
                 os.environ.setdefault("MASTER_ADDR", env.main_address)

@@ -180,7 +180,7 @@ def test_two_srun_tasks_write_the_one_process_bytes(tiny_ckpts, tmp_path):
     port = str(20000 + os.getpid() % 20000)
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "SLURM_NTASKS": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+        env = {**os.environ, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
                "SLURM_NODEID": "0", "SLURM_JOB_ID": "777", "SLURM_JOB_NAME": "sample", "SLURM_NODELIST": "localhost",
                "MASTER_PORT": port}
         procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", tiny_ckpts["cond"],
