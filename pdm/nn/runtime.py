@@ -8,7 +8,8 @@ it is placed on its device (training and sampling alike), and compilation wraps 
   fp32 training steps on AVX-512 and AVX2 kernels (``benchmarks/RESULTS.md``): wide networks
   (LSUN's 256-512 channels) trained in channels-last at 1.22x the official network's step time
   with AVX2 kernels and at 0.95x in contiguous NCHW, equal within noise with AVX-512; narrow ones
-  (the digits demo's 64-128 channels, at P = 2, 4, 8) were 3-21% faster in channels-last on both.
+  (the digits demo's 64-128 channels, at P = 2, 4, 8) trained faster in channels-last on both
+  (median per-round ratio contiguous / channels-last 1.03-1.22).
   So CPUs get channels-last up to ``CPU_CHANNELS_LAST_MAX_WIDTH`` channels, contiguous above.
   The rule is fixed (not timed at start-up), so a resumed run computes exactly as before.
 - Precision (:func:`precision_dtype`): ``fp32``, ``bf16`` or ``fp16`` for the network's
