@@ -204,6 +204,11 @@ def parse_device(name: str | None) -> torch.device:
     return device
 
 
+def compile_mode(args: argparse.Namespace) -> str | None:
+    """The torch.compile mode asked for, or None for an eager network."""
+    return (args.compile_mode or "default") if args.compile else None
+
+
 def run_identity(args: argparse.Namespace, settings: dict, skip, ckpt_hashes: list[str]) -> dict:
     """Everything that decides which images land in the shards (see :mod:`pdm.outputs`)."""
     from pdm import __version__
@@ -214,7 +219,7 @@ def run_identity(args: argparse.Namespace, settings: dict, skip, ckpt_hashes: li
             "settings": {**settings, "denoise_to_zero": args.denoise_to_zero, "thresholding": args.thresholding,
                          "guidance_scale": args.guidance_scale, "labels": args.labels, "seed": args.seed,
                          "skip": skip_desc, "precision": args.precision,
-                         "compile": (args.compile_mode or "default") if args.compile else None},
+                         "compile": compile_mode(args)},
             "num_samples": args.num_samples, "shard_size": args.shard_size}
 
 
@@ -274,7 +279,7 @@ def _sample_shards(args: argparse.Namespace, settings: dict, skip, device: torch
     from pdm.outputs import file_sha256, hash_path, make_shard, shard_paths, write_outputs
 
     loaded = load_for_sampling(args.ckpt, args.guidance_scale, device, args.precision,
-                               (args.compile_mode or "default") if args.compile else None, args.batch_size)
+                               compile_mode(args), args.batch_size)
     if args.labels is not None:
         if loaded.num_classes is None:
             raise ValueError("--labels given for an unconditional model; drop --labels")

@@ -220,17 +220,18 @@ class PDMModule(L.LightningModule):
             optimizer.step()  # clipping and the update, on the gradients just computed
 
     def _finite(self, losses: Tensor, batch_idx: int) -> bool:
-        """Whether this step's losses are finite on every rank; with ``nonfinite: stop`` a
-        non-finite loss raises, with ``skip`` it is counted and skipped (all ranks agree)."""
+        """Whether this step's losses are finite; with ``nonfinite: stop`` a non-finite loss raises
+        (on its rank, which ends the run), with ``skip`` all ranks agree and skip together."""
         finite = bool(torch.isfinite(losses).all())
+        skip_mode = self.hparams.get("nonfinite", "stop") == "skip"
         trainer = self._trainer
-        if trainer is not None and trainer.world_size > 1:
+        if skip_mode and trainer is not None and trainer.world_size > 1:  # ranks must skip together
             finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             self.nonfinite_skips = 0
             return True
         where = f"global step {self.global_step}, batch {batch_idx}"
-        if self.hparams.get("nonfinite", "stop") == "stop":
+        if not skip_mode:
             raise FloatingPointError(
                 f"non-finite loss at {where}; lower the learning rate, use bf16-mixed rather than 16-mixed precision, "
                 "or set model.nonfinite: skip. The last checkpoint on disk is intact."
