@@ -23,24 +23,24 @@ from pathlib import Path
 import torch
 
 from pdm.atomic import WriteError
+from pdm.cli import check_guidance_scale, check_seed, fail, parse_device, parser
 from pdm.nn.runtime import PRECISIONS, precision_dtype
 from pdm.sampling import SOLVERS
-
-SEED_LIMIT = 2**32
+from pdm.sampling.catalog import all_variants, solver_spec
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint or export; two for an expert pair")
     p.add_argument("--nfe", type=int, required=True, help="network evaluations the path may spend")
     p.add_argument("--out", required=True, help="the JSON file to write (refused if it exists, unless --overwrite)")
     p.add_argument("--steps", type=int, default=100, help="the fine grid's steps (default 100)")
-    p.add_argument("--solver", default="ipndm", choices=[s for s in SOLVERS if s not in ("ddpm",)],
+    p.add_argument("--solver", default="ipndm", choices=[s for s in SOLVERS if solver_spec(s).deterministic],
                    help="default ipndm (order 3), the best calibrated solver below 12 NFE in "
                         "benchmarks/skip_tradeoff.py; from 12 NFE --solver unipc --solver-type bh1 was better")
     p.add_argument("--order", type=int, default=3)
-    p.add_argument("--solver-type", default=None, choices=["dpmsolver", "taylor", "bh1", "bh2"],
+    p.add_argument("--solver-type", default=None, choices=all_variants(),
                    help="the solver's variant (bh1/bh2 for UniPC, dpmsolver/taylor for DPM-Solver)")
     p.add_argument("--skip-type", default="logSNR", help="the fine grid (default logSNR)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="calibrate for this classifier-free guidance")
@@ -61,10 +61,8 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"--nfe must be in 1..--steps ({args.steps}), got {args.nfe}")
     if args.num_seeds < 1:
         raise ValueError("--num-seeds must be positive")
-    if not 0 <= args.seed < SEED_LIMIT:
-        raise ValueError(f"--seed must be in [0, 2^32), got {args.seed}")
-    if not math.isfinite(args.guidance_scale):
-        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    check_seed(args.seed)
+    check_guidance_scale(args.guidance_scale)
     out = Path(args.out)
     if out.suffix != ".json":
         raise ValueError(f"--out {args.out!r} should name a .json file")
@@ -81,8 +79,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         check(args)
-        from sample import parse_device
-
         device = parse_device(args.device)
         precision_dtype(args.precision, device)
         return calibrate(args, device)
@@ -97,12 +93,15 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     from pdm.outputs import file_sha256, noise_and_label
     from pdm.sampling import calibrate_skip_path, check_settings
 
-    has_variants = args.solver in ("unipc", "dpmsolver", "dpmsolver++")
+    has_variants = bool(solver_spec(args.solver).variants)
     if args.solver_type is not None and not has_variants:
         raise ValueError(f"--solver-type does nothing with --solver {args.solver}; drop it")
     solver_type = check_settings(args.solver, "multistep", args.order, args.steps, args.skip_type, "eps",
                                  args.solver_type)
     variant = {"solver_type": solver_type} if has_variants else {}
+    print(f"calibrate.py: loading {' and '.join(args.ckpt)} on {device}; then {args.num_seeds} images are solved "
+          f"accurately on a {args.steps}-step grid (the slow part) and a path of {args.nfe} evaluations is searched",
+          file=sys.stderr, flush=True)
     loaded = load_for_sampling(args.ckpt, args.guidance_scale, device, args.precision)
     shape = (loaded.in_channels, loaded.image_size, loaded.image_size)
     classes = list(range(loaded.num_classes)) if loaded.num_classes else None
@@ -115,6 +114,7 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
                                order=args.order, skip_type=args.skip_type, continuous=not args.grid_points_only,
                                progress=True, **variant)
     path.settings["calibrated_for"] = {"checkpoints": sorted(file_sha256(p) for p in args.ckpt),
+                                       "files": [str(p) for p in args.ckpt],
                                        "guidance_scale": args.guidance_scale, "precision": args.precision,
                                        "seed": args.seed,
                                        "num_seeds": args.num_seeds}

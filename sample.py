@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import signal
 import sys
 from collections.abc import Callable
@@ -26,34 +25,37 @@ from pathlib import Path
 import torch
 
 from pdm.atomic import WriteError
+from pdm.cli import EXIT_INTERRUPTED, check_guidance_scale, check_seed, fail, given_flags, parse_device, parser
 from pdm.launch import Launch, detect
 from pdm.nn.runtime import COMPILE_MODES, PRECISIONS, precision_dtype
 from pdm.sampling import METHODS, SOLVERS, AdaptiveSkip, SkipPath, check_settings
-from pdm.sampling.sampler import SOLVER_ORDERS, SOLVER_TYPES
+from pdm.sampling.catalog import SOLVER_TABLE, all_variants, solver_spec
 from pdm.schedule import SKIP_TYPES
 
 # The defaults: the most accurate 20-step setting of benchmarks/solver_accuracy.py on both models
 # (iPNDM-4 on logSNR: 2.4e-3 RMS on digits, where the first round's DPM-Solver++(2M) on
 # time_uniform had 2.7e-2). Runs made with other settings keep them in their run.json.
-DEFAULT_SOLVER, DEFAULT_SKIP_TYPE = "ipndm", "logSNR"
-DEFAULT_ORDER = {"ipndm": 4}  # else 2 (1 for ddim / ddpm)
-SEED_LIMIT = 2**32  # (seed << 32) + index seeds torch's 64-bit generator
+DEFAULT_SOLVER, DEFAULT_SKIP_TYPE = "ipndm", "logSNR"  # each solver's default order: its catalog row
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line flags."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--ckpt", action="append", help="checkpoint or export; give two for a high/low-noise expert pair")
     p.add_argument("--out", required=True, help="output folder (a run's own; see --overwrite)")
     p.add_argument("--num-samples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64, help="images per network batch (does not change the images)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard file (the resumable unit)")
     p.add_argument("--steps", type=int, default=None, help="solver steps (default 20)")
-    p.add_argument("--solver", default=None, choices=SOLVERS, help="default ipndm (most accurate at 20 NFE here)")
-    p.add_argument("--order", type=int, default=None, help="solver order (default: iPNDM 4, others 2)")
+    p.add_argument("--solver", default=None, choices=SOLVERS,
+                   help=f"default {DEFAULT_SOLVER} (most accurate at 20 NFE here); "
+                        + "; ".join(f"{k}: {v.summary}" for k, v in SOLVER_TABLE.items()))
+    p.add_argument("--order", type=int, default=None, help="solver order (default: "
+                   + ", ".join(f"{k} {v.default_order}" for k, v in SOLVER_TABLE.items() if not v.first_order) + ")")
     p.add_argument("--method", default=None, choices=METHODS, help="default multistep")
     p.add_argument("--skip-type", default=None, choices=SKIP_TYPES, help="time grid (default logSNR)")
-    p.add_argument("--solver-type", default=None, choices=["dpmsolver", "taylor", "midpoint", "heun", "bh1", "bh2"])
+    p.add_argument("--solver-type", default=None, choices=all_variants(),
+                   help="; ".join(f"{k}: {', '.join(v.variants)}" for k, v in SOLVER_TABLE.items() if v.variants))
     p.add_argument("--denoise-to-zero", action="store_true")
     p.add_argument("--thresholding", action="store_true", help="dynamic thresholding of x0 (0.995, max 1)")
     p.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (PDM: 1.5)")
@@ -65,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-shared", action="store_true", help="one skip decision per batch (official behaviour)")
     p.add_argument("--skip-official", action="store_true", help="AdaptiveDiffusion as published (latent test, reuse)")
     p.add_argument("--skip-path", default=None, help="replay a calibrated SkipPath JSON (it fixes the solver settings)")
+    p.add_argument("--force-skip-path", action="store_true",
+                   help="replay a --skip-path calibrated for another checkpoint or guidance scale")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available; under "
                    "torchrun/srun each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
@@ -83,10 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class _Interrupt:
     """SIGINT handling that cannot be lost: the handler records the interrupt before raising
     KeyboardInterrupt, and every batch checks the record. (Python swallows an exception raised
-    while a finalizer runs, so a bare handler would let such a Ctrl-C pass unnoticed.)"""
+    while a finalizer runs, so a bare handler would let such a Ctrl-C pass unnoticed.) It also
+    knows this run's shards once they are claimed, so the exit message can say what was kept."""
 
     def __init__(self) -> None:
         self.seen = False
+        self.paths: list[Path] | None = None  # this invocation's shard files, once claimed
+        self.made = 0  # shards this invocation finished
 
     def __call__(self, signum: int, frame) -> None:
         self.seen = True
@@ -97,10 +104,17 @@ class _Interrupt:
         if self.seen:
             raise KeyboardInterrupt
 
+    def kept(self, out: str) -> str:
+        """What an interrupted run leaves in ``out``, in words."""
+        from pdm.outputs import hash_path
 
-def _fail(message: str) -> None:
-    print(f"sample.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+        if self.paths is None:
+            return "interrupted before any image was made; nothing was written"
+        done = sum(p.exists() and hash_path(p).exists() for p in self.paths)
+        if done == 0:
+            return f"interrupted before the first shard was finished; no images kept in {out}"
+        return (f"interrupted; {done} of {len(self.paths)} shards are finished in {out} ({self.made} made by this run); "
+                "re-run the same command to resume")
 
 
 def resolve_settings(args: argparse.Namespace, given: set[str]) -> dict:
@@ -130,15 +144,16 @@ def resolve_settings(args: argparse.Namespace, given: set[str]) -> dict:
     s["method"] = s["method"] or "multistep"
     s["skip_type"] = s["skip_type"] or DEFAULT_SKIP_TYPE
     solver = s["solver"]
-    if solver in ("ddim", "ddpm") and "order" in given:
+    spec = solver_spec(solver)
+    if spec.first_order and "order" in given:
         raise ValueError(f"--order does nothing with --solver {solver} (first order); drop it")
-    s["order"] = s["order"] or (1 if solver in ("ddim", "ddpm") else DEFAULT_ORDER.get(solver, 2))
-    if s["solver_type"] is not None and (solver not in SOLVER_TYPES or s["order"] == 1):
+    s["order"] = s["order"] or spec.default_order
+    if s["solver_type"] is not None and (not spec.variants or s["order"] == 1):
         raise ValueError(f"--solver-type does nothing with --solver {solver} at order {s['order']}; drop it")
     s["solver_type"] = check_settings(solver, s["method"], s["order"], s["steps"], s["skip_type"], "eps", s["solver_type"])
-    if solver not in SOLVER_TYPES:
+    if not spec.variants:
         s["solver_type"] = None
-    if s["order"] not in SOLVER_ORDERS[solver]:
+    if s["order"] not in spec.orders:
         raise ValueError(f"--order {s['order']} is not available for {solver}")
     if timesteps is not None:
         if len(timesteps) != s["steps"] + 1:
@@ -172,12 +187,12 @@ def check_flags(args: argparse.Namespace, given: set[str]) -> tuple[dict, Adapti
         raise ValueError("--out is empty; name an output folder")
     if args.num_samples < 1 or args.batch_size < 1 or args.shard_size < 1:
         raise ValueError("--num-samples, --batch-size and --shard-size must be positive")
-    if not 0 <= args.seed < SEED_LIMIT:
-        raise ValueError(f"--seed must be in [0, 2^32), got {args.seed}")
-    if not math.isfinite(args.guidance_scale):
-        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    check_seed(args.seed)
+    check_guidance_scale(args.guidance_scale)
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
         raise ValueError(f"--shard-index must be in [0, --num-shards), got {args.shard_index} of {args.num_shards}")
+    if args.force_skip_path and args.skip_path is None:
+        raise ValueError("--force-skip-path does nothing without --skip-path; drop it")
     if args.compile_mode is not None and not args.compile:
         raise ValueError("--compile-mode does nothing without --compile; add --compile or drop it")
     settings = resolve_settings(args, given)
@@ -187,21 +202,6 @@ def check_flags(args: argparse.Namespace, given: set[str]) -> tuple[dict, Adapti
     device = parse_device(args.device)
     precision_dtype(args.precision, device)
     return settings, skip, device
-
-
-def parse_device(name: str | None) -> torch.device:
-    """A usable torch device, or a ValueError naming the choices."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name!r} is not supported; use cpu or cuda")
-    return device
 
 
 def compile_mode(args: argparse.Namespace) -> str | None:
@@ -226,8 +226,7 @@ def run_identity(args: argparse.Namespace, settings: dict, skip, ckpt_hashes: li
 def main(argv: list[str] | None = None) -> dict:
     """Sample (or merge parts), write the outputs and return the stats."""
     args = parse_args(argv)
-    given = {a.lstrip("-").replace("-", "_").split("=")[0] for a in (argv if argv is not None else sys.argv[1:])
-             if a.startswith("--")}
+    given = given_flags(argv)
     interrupt = _Interrupt()
     previous = signal.signal(signal.SIGINT, interrupt) if _main_thread() else None
     try:
@@ -240,11 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.ckpt:
             raise ValueError("--ckpt is required (or --merge PART_DIR ...)")
         settings, skip, device = check_flags(args, given)
-        return sample_run(args, settings, skip, device, interrupt.check)
+        return sample_run(args, settings, skip, device, interrupt)
     except (ValueError, WriteError) as e:
-        _fail(str(e))
+        fail("sample.py", str(e))
     except KeyboardInterrupt:
-        _fail("interrupted; finished shards are kept in --out, re-run the same command to resume")
+        fail("sample.py", interrupt.kept(args.out), EXIT_INTERRUPTED)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
@@ -258,7 +257,7 @@ def _main_thread() -> bool:
 
 
 def sample_run(args: argparse.Namespace, settings: dict, skip, device: torch.device,
-               check_interrupt: Callable[[], None] = lambda: None) -> dict:
+               interrupt: _Interrupt | None = None) -> dict:
     """Load the model, make this invocation's shards and, once all exist, the final outputs.
 
     Under torchrun or srun every rank runs this: rank 0 prepares the folder, the shards still
@@ -268,13 +267,13 @@ def sample_run(args: argparse.Namespace, settings: dict, skip, device: torch.dev
     device = launch.device(device)
     launch.start(device)
     try:
-        return _sample_shards(args, settings, skip, device, launch, check_interrupt)
+        return _sample_shards(args, settings, skip, device, launch, interrupt or _Interrupt())
     finally:
         launch.stop()
 
 
 def _sample_shards(args: argparse.Namespace, settings: dict, skip, device: torch.device, launch: Launch,
-                   check_interrupt: Callable[[], None]) -> dict:
+                   interrupt: _Interrupt) -> dict:
     from pdm.checkpoints import load_for_sampling
     from pdm.outputs import file_sha256, hash_path, make_shard, shard_paths, write_outputs
 
@@ -288,18 +287,23 @@ def _sample_shards(args: argparse.Namespace, settings: dict, skip, device: torch
             raise ValueError(f"class labels {bad} are out of range for {loaded.num_classes} classes "
                              f"(use 0..{loaded.num_classes - 1})")
     out = Path(args.out)
-    identity = run_identity(args, settings, skip, [file_sha256(p) for p in args.ckpt])
+    hashes = [file_sha256(p) for p in args.ckpt]
+    if isinstance(skip, SkipPath) and not args.force_skip_path:
+        skip.check_calibrated_for(hashes, args.guidance_scale, [str(p) for p in args.ckpt], f"--skip-path {args.skip_path}")
+    identity = run_identity(args, settings, skip, hashes)
     paths = shard_paths(out, args.num_samples, args.shard_size)
     todo = _claim(args, out, identity, paths, launch, {"device": str(device), "batch_size": args.batch_size,
                                                        "torch": torch.__version__, "processes": launch.world_size,
                                                        "model": loaded.config, "ckpt": list(args.ckpt)})
-    batch = _checked_batch(args, loaded, settings, skip, check_interrupt)
+    interrupt.paths = [paths[k] for k in range(len(paths)) if k % args.num_shards == args.shard_index]
+    batch = _checked_batch(args, loaded, settings, skip, interrupt.check)
     shape = (loaded.in_channels, loaded.image_size, loaded.image_size)
     done = 0
     for k in todo[launch.rank::launch.world_size]:
         indices = range(k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples))
         done += make_shard(paths[k], indices, shape, loaded.num_classes, args.seed, args.labels, args.batch_size,
                            device, batch)
+        interrupt.made += 1
     done = sum(launch.gather(done))
     # a cheap count here; write_outputs checks every shard's hash before it merges them
     missing = sum(not (p.exists() and hash_path(p).exists()) for p in paths) if launch.rank == 0 else 0
@@ -324,7 +328,7 @@ def _claim(args: argparse.Namespace, out: Path, identity: dict, paths: list[Path
     mine = [k for k in range(len(paths)) if k % args.num_shards == args.shard_index]
     if launch.rank == 0:
         try:
-            prepare_out(out, identity, args.overwrite)
+            prepare_out(out, identity, args.overwrite, [str(c) for c in args.ckpt])
             write_manifest(out, identity, info)
             states = {k: shard_state(paths[k]) for k in mine}
         except (ValueError, WriteError) as e:  # every rank stops with rank 0's one line

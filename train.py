@@ -4,21 +4,28 @@ LightningCLI builds the model (with its network from ``model.net``), data, train
 callbacks from the YAML. A run owns its ``--trainer.default_root_dir``: checkpoints go to
 ``<default_root_dir>/checkpoints`` (written atomically), logs and the saved config under
 ``lightning_logs/version_N``. ``--ckpt_path last`` resumes that run's latest checkpoint; a fresh
-run into a folder that already holds checkpoints stops, so no run overwrites another's. Any
-mistake in the config stops the run before any work, with a one-line error and exit code 2.
+run into a folder that already holds checkpoints stops, so no run overwrites another's;
+``--ckpt_path last`` with nothing to resume stops too (job scripts that run one command on every
+start use ``--ckpt_path auto``: resume when there is a checkpoint, else start). Resuming a run that
+has finished, or stretching a cosine learning-rate decay past the step it was made for, stops with
+what to do instead. Any mistake in the config stops the run before any work, with a one-line
+error and exit code 2.
 """
 
 import argparse
 import logging
+import math
 import os
 import sys
+import warnings
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from pdm.atomic import WriteError
 from pdm.checkpoints import AtomicCheckpointIO, training_checkpoint
 from pdm.training import PDMModule, Preemption
+from pdm.training.module import check_data_fits_network
 
 CHECKPOINT_CALLBACKS = ("pdm.training.RunCheckpoint", "lightning.pytorch.callbacks.ModelCheckpoint", "ModelCheckpoint",
                         "RunCheckpoint")
@@ -28,11 +35,15 @@ class PDMCLI(LightningCLI):
     """LightningCLI with pdm's run rules, checked on the parsed config before anything is built."""
 
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads the checkpoint's hyper-parameters here, before any hook: check the file first
+        # Lightning reads the checkpoint's hyper-parameters here, before any hook (and before the
+        # seed or a log folder): check what would be resumed first
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path not in (None, "last", "hpc", "best", "registry"):
-            training_checkpoint(os.fspath(ckpt_path))
+        if subcommand == "fit":
+            cfg = self.config[subcommand]
+            cfg.ckpt_path = _resolve_resume(cfg)
+            if cfg.ckpt_path is not None and cfg.ckpt_path not in ("hpc", "best", "registry"):
+                path = _last_checkpoint(cfg) if cfg.ckpt_path == "last" else os.fspath(cfg.ckpt_path)
+                _check_resumable(path, training_checkpoint(path), cfg)
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
@@ -46,7 +57,7 @@ class PDMCLI(LightningCLI):
                                      "--ckpt_path last, or start a new run with another --trainer.default_root_dir")
 
     def instantiate_trainer(self, **kwargs):
-        _check_data_fits_network(self.datamodule, self.model)  # data and model exist; the Trainer, not yet
+        check_data_fits_network(self.datamodule, getattr(self.model, "net", None))  # before the Trainer exists
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -70,14 +81,54 @@ def _checkpoint_folders(cfg) -> list[str]:
     return folders
 
 
-def _check_data_fits_network(data, model) -> None:
-    """The data's image size and channels must be the network's (a mismatch would train garbage)."""
-    net = getattr(model, "net", None)
-    for key, net_key in (("image_size", "image_size"), ("channels", "in_channels")):
-        have, want = getattr(data, key, None), getattr(net, net_key, None)
-        if have is not None and want is not None and have != want:
-            raise ValueError(f"the data has {key}={have} but the network was built for {net_key}={want}; "
-                             f"set model.net.init_args.{net_key}: {have} (or data.init_args.{key}: {want})")
+def _last_checkpoint(cfg) -> str:
+    """The file ``--ckpt_path last`` resumes: the newest ``last*.ckpt`` of the run's folders."""
+    found = [os.path.join(d, f) for d in _checkpoint_folders(cfg) if os.path.isdir(d)
+             for f in os.listdir(d) if f.startswith("last") and f.endswith(".ckpt")]
+    return max(found, key=os.path.getmtime)
+
+
+def _resolve_resume(cfg):
+    """``--ckpt_path`` with ``auto`` made concrete (``last`` when the run has a checkpoint, else a
+    fresh start), and ``last`` refused when there is nothing to resume."""
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path not in ("last", "auto"):
+        return ckpt_path
+    folders = _checkpoint_folders(cfg)
+    has_last = any(os.path.isdir(d) and any(f.startswith("last") and f.endswith(".ckpt") for f in os.listdir(d))
+                   for d in folders)
+    if ckpt_path == "auto":
+        return "last" if has_last else None
+    if not has_last:
+        where = ", ".join(folders) or "(no checkpoint callback is configured)"
+        raise ValueError(f"--ckpt_path last: there is no last.ckpt to resume in {where}; drop --ckpt_path to start "
+                         "this run, or use --ckpt_path auto in job scripts (resume when there is one)")
+    return "last"
+
+
+def _check_resumable(path: str, ckpt: dict, cfg) -> None:
+    """Refuse to resume a finished run (Lightning would start a logger, then do nothing) or to
+    stretch a cosine decay made for fewer steps (the run would go on at a learning rate near 0)."""
+    step = int(ckpt.get("global_step", 0))
+    max_steps = cfg.trainer.get("max_steps")
+    made_for = ckpt.get("pdm_max_steps")
+    model = cfg.get("model") or {}
+    cosine = (model.get("lr_decay") or (ckpt.get("hyper_parameters") or {}).get("lr_decay")) == "cosine"
+    if max_steps is None or max_steps < 0:
+        return
+    if cosine and made_for is not None and max_steps != made_for:
+        warmup = max(1, int(model.get("warmup_steps") or 1))
+        lr = float(model.get("lr") or 0.0)
+        progress = min(1.0, max(0.0, (step - warmup) / max(1, max_steps - warmup)))
+        now = lr * 0.5 * (1 + math.cos(math.pi * progress))
+        raise ValueError(f"{path} was trained with a cosine learning-rate decay ending at step {made_for}; resuming at "
+                         f"step {step} with --trainer.max_steps {max_steps} would stretch it (learning rate {now:.1e} "
+                         f"of {lr:.1e}). Resume with --trainer.max_steps {made_for}, or train on from its weights in "
+                         f"a new run: --model.init_from {path} --trainer.default_root_dir NEW_FOLDER")
+    if step >= max_steps:
+        raise ValueError(f"{path} has finished (step {step}, --trainer.max_steps {max_steps}); nothing to resume. "
+                         "Sample it, or train on from its weights in a new run: --model.init_from "
+                         f"{path} --trainer.default_root_dir NEW_FOLDER")
 
 
 class _DropAdvertisements(logging.Filter):
@@ -85,12 +136,39 @@ class _DropAdvertisements(logging.Filter):
         return "litlogger" not in record.getMessage()
 
 
+class _DropSeedLine(logging.Filter):
+    """Lightning logs "Seed set to 0" before any config check; the seed is in the saved config,
+    and a refusal should be the only line a mistake prints."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Seed set to")
+
+
+class _SaveConfigWithLogs(SaveConfigCallback):
+    """Save config.yaml beside the logs; a run without a logger (the smoke overlay) writes nothing."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if trainer.loggers:
+            super().setup(trainer, pl_module, stage)
+
+
+def _quiet_warnings() -> None:
+    """Warnings that are not the user's to act on."""
+    # Lightning compares log_every_n_steps with one epoch's batches, but counts logging steps
+    # across epochs, so small datasets (the digits) log as configured despite the warning
+    warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")  # torchdata's own call
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning on torch >= 2.9
+
+
 def main() -> None:
     """Run LightningCLI on :class:`pdm.training.PDMModule` with any LightningDataModule."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
+    logging.getLogger("lightning.fabric.utilities.seed").addFilter(_DropSeedLine())
+    _quiet_warnings()
     try:
-        PDMCLI(PDMModule, subclass_mode_data=True, save_config_kwargs={"overwrite": True},
-               parser_kwargs={"exit_on_error": False})
+        PDMCLI(PDMModule, subclass_mode_data=True, save_config_callback=_SaveConfigWithLogs,
+               save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False, "allow_abbrev": False})
     except (ValueError, argparse.ArgumentError, WriteError) as e:
         cause = e
         while cause.__cause__ is not None and isinstance(cause.__cause__, ValueError):

@@ -61,7 +61,8 @@ def compare(config: str, patch_size: int | None, batch: int, rounds: int) -> dic
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--config", default="digits")
     p.add_argument("--patch-size", type=int, nargs="+", default=[None])
     p.add_argument("--batch", type=int, default=256)

@@ -95,7 +95,8 @@ def plot(rows: list[dict], key: str, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--config", default=str(HERE.parent / "configs" / "digits.yaml"))
     p.add_argument("--patch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--max-time", type=float, default=150.0, help="training seconds per run (equal-time budget)")

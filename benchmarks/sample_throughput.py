@@ -103,7 +103,8 @@ def run_variant(paths: list[str], guidance: float, device: torch.device, batch: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", default=GPU_MODELS, choices=list(MODELS))
     p.add_argument("--batch", type=int, nargs="+", default=[64, 256])

@@ -96,7 +96,8 @@ def syncs_per_step(fn, schedule, prediction, noise, kwargs, steps: int, **settin
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--ckpt", default=None, help="a digits checkpoint (default: the config's network, fresh weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=256)

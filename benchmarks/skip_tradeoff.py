@@ -299,7 +299,8 @@ def speed_only(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--ckpt", default=None)
     p.add_argument("--score-seeds", type=int, default=48)
     p.add_argument("--calibration-seeds", type=int, default=32, help="seeds a calibrated path is fitted on")

@@ -36,6 +36,8 @@ FAMILIES = {
     "UniPC-3 bh2": dict(solver="unipc", order=3, solver_type="bh2"),
     "iPNDM-3": dict(solver="ipndm", order=3),
     "iPNDM-4": dict(solver="ipndm", order=4),
+    "DEIS-tAB2": dict(solver="deis", order=2),
+    "DEIS-tAB3": dict(solver="deis", order=3),
 }
 FD_NFES = (5, 8, 10)
 
@@ -108,7 +110,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--ckpt", default=None, help="digits checkpoint (default: newest runs/digits/**/last.ckpt)")
     p.add_argument("--seeds", type=int, default=64, help="scoring seeds per model")
     p.add_argument("--fd-samples", type=int, default=1000)

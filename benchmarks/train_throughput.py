@@ -87,7 +87,8 @@ def measure(name: str, batch: int, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--configs", nargs="+", default=["lsun_church_p4", "imagenet256_high_noise"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch", type=int, default=64, help="per-device batch; halved until it fits")

@@ -61,7 +61,8 @@ def profile_ms(fn, repeats: int = 2) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--official", required=True, help="a checkout of ericl122333/PatchDiffusion-Pytorch")
     p.add_argument("--config", default="LSUN Church P=8", choices=list(CONFIGS))
     p.add_argument("--batch", type=int, default=4)

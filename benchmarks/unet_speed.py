@@ -164,7 +164,8 @@ def ema_update_seconds(rounds: int = 5) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--official", default=None, help="a checkout of ericl122333/PatchDiffusion-Pytorch")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=6)

@@ -18,8 +18,9 @@ class PrepareError(Exception):
 
 def parser(description: str, default_out: str) -> argparse.ArgumentParser:
     """The arguments every prepare script takes."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, help="the local copy to read (see --help for what it may be)")
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)  # a mistyped flag is an error, not a guess
+    p.add_argument("--source", required=True, help="the local copy to read (what it may be: above)")
     p.add_argument("--out", default=default_out, help=f"where the config reads it (default {default_out})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (a quick try)")
@@ -67,7 +68,7 @@ def dataset_from_rows(rows, features, workdir: Path):
 
 
 def run(main) -> None:
-    """Run ``main()``; a PrepareError becomes one line on stderr and exit code 2."""
+    """Run ``main()``; a PrepareError becomes one line on stderr and exit code 2, Ctrl-C exit 130."""
     try:
         main()
     except PrepareError as e:
@@ -75,4 +76,4 @@ def run(main) -> None:
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(f"{Path(sys.argv[0]).name}: interrupted; nothing was written under --out", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports Ctrl-C

@@ -75,8 +75,3 @@ def _describe(path: Path, error: OSError) -> str:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a binary file atomically."""
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

@@ -31,7 +31,7 @@ import torch
 from pdm.atomic import atomic_write, atomic_write_text
 from pdm.images import save_grid, to_uint8
 
-PIXEL_CODE = ("sampling", "nn", "schedule.py", "patching.py", "objectives.py", "checkpoints.py", "outputs.py")
+PIXEL_CODE = ("sampling", "nn", "schedule.py", "patching.py", "objectives.py", "checkpoints", "outputs.py")
 
 
 def noise_and_label(seed: int, index: int, shape: tuple[int, ...], num_classes: int | None,
@@ -66,22 +66,44 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-def describe_difference(old: dict, new: dict) -> str:
-    """'steps 20 -> 10, solver dpmsolver++ -> unipc' for the entries that differ."""
+def describe_difference(old: dict, new: dict, old_files: list[str] | None = None,
+                        new_files: list[str] | None = None) -> str:
+    """'steps 20 -> 10, solver dpmsolver++ -> unipc' for the entries that differ; a changed
+    checkpoint is named by its file (``old_files`` / ``new_files``: the --ckpt paths) and hash."""
     def flat(d: dict) -> dict:
         return {**{k: v for k, v in d.items() if k != "settings"}, **d.get("settings", {})}
 
     a, b = flat(old), flat(new)
-    diffs = [f"{k} {a.get(k)} -> {b.get(k)}" for k in b if a.get(k) != b.get(k)]
+    diffs = [_checkpoint_change(a.get(k), b.get(k), old_files, new_files) if k == "checkpoints"
+             else f"{k} {a.get(k)} -> {b.get(k)}" for k in b if a.get(k) != b.get(k)]
     return ", ".join(diffs[:4]) + (" ..." if len(diffs) > 4 else "")
+
+
+def _checkpoint_change(old: list[str] | None, new: list[str] | None, old_files: list[str] | None,
+                       new_files: list[str] | None) -> str:
+    """'checkpoint runs/x/last.ckpt changed (sha256 e242ab01... -> 685c0f2e...); last.ckpt moves ...'."""
+    def short(hashes: list[str] | None) -> str:
+        return ", ".join(f"{h[:8]}..." for h in hashes or []) or "none"
+
+    old_files, new_files = list(old_files or []), list(new_files or [])
+    if old_files and sorted(old_files) == sorted(new_files):
+        text = f"checkpoint {', '.join(new_files)} changed since (sha256 {short(old)} -> {short(new)})"
+    else:
+        text = (f"checkpoint {', '.join(old_files) or 'unknown'} (sha256 {short(old)}) -> "
+                f"{', '.join(new_files) or 'unknown'} (sha256 {short(new)})")
+    if any(Path(f).name == "last.ckpt" for f in new_files):
+        text += ("; last.ckpt moves with training: sample a fixed step file (checkpoints/stepNNNNNNN.ckpt) "
+                 "or an export")
+    return text
 
 
 OUTPUT_FILES = ("shards", "samples.npz", "stats.json", "grid.png", "run.json")
 
 
-def prepare_out(out: Path, identity: dict, overwrite: bool) -> None:
+def prepare_out(out: Path, identity: dict, overwrite: bool, ckpt_files: list[str] | None = None) -> None:
     """Make ``out`` this run's: resume when its run.json matches, start afresh with ``overwrite``,
-    otherwise a ValueError (nothing is touched)."""
+    otherwise a ValueError naming what differs (``ckpt_files``: this run's --ckpt paths, to name a
+    changed checkpoint by its file); nothing is touched then."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; choose a folder")
     held = [p for p in OUTPUT_FILES if (out / p).exists()]
@@ -90,7 +112,9 @@ def prepare_out(out: Path, identity: dict, overwrite: bool) -> None:
         if old == identity:
             return
         if not overwrite:
-            why = describe_difference(old, identity) if old else "by an unknown run (no readable run.json)"
+            old_files = (read_info(out) or {}).get("ckpt")
+            why = (describe_difference(old, identity, old_files, ckpt_files) if old
+                   else "by an unknown run (no readable run.json)")
             raise ValueError(f"{out} holds samples made with other settings ({why}); use another --out, or pass "
                              "--overwrite to discard them")
         for p in held:
@@ -108,6 +132,14 @@ def read_identity(out: Path) -> dict | None:
     """The identity recorded in ``out/run.json``, or None."""
     try:
         return json.loads((out / "run.json").read_text()).get("identity")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def read_info(out: Path) -> dict | None:
+    """The run facts recorded in ``out/run.json`` (device, batch size, --ckpt paths ...), or None."""
+    try:
+        return json.loads((out / "run.json").read_text()).get("info")
     except (OSError, ValueError, AttributeError):
         return None
 

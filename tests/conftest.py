@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny trained checkpoints (a few optimiser steps on the embedded digits)."""
+"""Shared fixtures and constants: tiny trained checkpoints (a few optimiser steps on the embedded
+digits), the repository root, the small-network overrides of the CLI tests, and a model wrapper
+that counts network calls."""
 
 import os
 
@@ -8,6 +10,24 @@ import pytest
 from pdm.data import DigitsDataModule
 from pdm.nn import UNet
 from pdm.training import EMA, PDMModule
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+# train.py overrides that shrink the digits config's network for CLI tests (a few seconds per run)
+SMALL_NET_ARGS = ["--model.net.init_args.model_channels", "16", "--model.net.init_args.channel_mult", "[1]",
+                  "--model.net.init_args.attention_resolutions", "[]"]
+
+
+class CountingModel:
+    """Wraps a ``model_fn`` and records how many calls it got and how many rows they held."""
+
+    def __init__(self, fn):
+        self.fn, self.rows, self.calls = fn, 0, 0
+
+    def __call__(self, x, t, **kw):
+        self.rows += x.shape[0]
+        self.calls += 1
+        return self.fn(x, t, **kw)
+
 
 TINY_NET = dict(in_channels=1, image_size=16, patch_size=4, model_channels=32, channel_mult=(1,), num_res_blocks=1,
                 attention_resolutions=())

@@ -1,5 +1,7 @@
-"""The house rules of the package layout (DESIGN.md): each room imports only what it may, no
-import cycles (lazy imports included), and no function or module that has outgrown its room."""
+"""The house rules of the package layout (ARCHITECTURE.md): the rooms stand in one order and each
+imports only from rooms above it, each imports nothing it must not know, there are no import
+cycles (lazy imports included), ARCHITECTURE.md lists every room, and no function or module has
+outgrown its room."""
 
 import ast
 from pathlib import Path
@@ -7,6 +9,11 @@ from pathlib import Path
 import pytest
 
 PDM = Path(__file__).resolve().parent.parent / "pdm"
+ARCHITECTURE = PDM.parent / "ARCHITECTURE.md"
+# ARCHITECTURE.md's table, top to bottom: a room imports only from rooms above it
+ROOMS = ("pdm.atomic", "pdm.cli", "pdm.launch", "pdm.images", "pdm.schedule", "pdm.patching", "pdm.nn",
+         "pdm.objectives", "pdm.testing", "pdm.sampling", "pdm.checkpoints", "pdm.data", "pdm.metrics", "pdm.outputs",
+         "pdm.training")
 MAX_FUNCTION_LINES = 60  # code lines, docstring excluded
 MAX_MODULE_LINES = 400
 
@@ -68,7 +75,29 @@ def test_no_import_cycles_anywhere_in_pdm():
     assert not cycles, cycles
 
 
-FORBIDDEN = {  # DESIGN.md's layer table, "knows nothing of"
+def _room(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def test_every_import_runs_from_a_lower_room_to_a_higher_one():
+    rooms = {_room(m) for m in MODULES if m != "pdm"}
+    assert rooms == set(ROOMS), f"rooms not placed in ROOMS / ARCHITECTURE.md: {sorted(rooms ^ set(ROOMS))}"
+    upward = [f"{a} imports {b}" for a, targets in _pdm_edges().items() if a != "pdm" for b in targets
+              if _room(a) != _room(b) and ROOMS.index(_room(b)) > ROOMS.index(_room(a))]
+    assert not upward, upward
+
+
+def test_architecture_lists_every_room_and_module():
+    text = ARCHITECTURE.read_text()
+    files = sorted(str(p.relative_to(PDM.parent)) for p in PDM.rglob("*.py") if p.name not in ("__init__.py",))
+    missing = [f for f in files if f"`{f}`" not in text and f"({Path(f).name})" not in text
+               and f"`{Path(f).name}`" not in text]
+    assert not missing, f"ARCHITECTURE.md does not mention {missing}"
+    order = [text.index(f"`{room.replace('.', '/')}") for room in ROOMS]
+    assert order == sorted(order), "ARCHITECTURE.md's table must list the rooms in ROOMS' order"
+
+
+FORBIDDEN = {  # ARCHITECTURE.md's table, "knows nothing of"
     "pdm.schedule": ("pdm.", "lightning", "torchvision"),
     "pdm.patching": ("pdm.", "lightning"),
     "pdm.nn": ("pdm.schedule", "pdm.objectives", "pdm.sampling", "pdm.training", "pdm.data", "lightning"),
@@ -78,6 +107,8 @@ FORBIDDEN = {  # DESIGN.md's layer table, "knows nothing of"
     "pdm.metrics": ("pdm.training", "pdm.sampling", "pdm.checkpoints", "lightning"),
     "pdm.training": ("jsonargparse", "lightning.pytorch.cli"),
     "pdm.launch": ("pdm.", "lightning.pytorch"),  # which process this is: torch.distributed and the cluster only
+    "pdm.cli": ("pdm.", "lightning"),  # what every command line shares: argparse and torch only
+    "pdm.checkpoints": ("pdm.training", "pdm.data", "pdm.metrics", "pdm.outputs", "jsonargparse"),
 }
 
 

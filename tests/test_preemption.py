@@ -16,7 +16,7 @@ import torch
 
 from pdm.checkpoints import load_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 HELPERS = os.path.join(ROOT, "tests", "helpers")
 TINY = ["--model.net.init_args.model_channels", "16", "--model.net.init_args.channel_mult", "[1]",
         "--model.net.init_args.attention_resolutions", "[]", "--model.warmup_steps", "2",

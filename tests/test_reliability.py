@@ -16,7 +16,7 @@ import torch
 
 from pdm.checkpoints import AtomicCheckpointIO, export_safetensors, load_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, SMALL_NET_ARGS  # noqa: E402
 
 
 class _Payload:
@@ -99,8 +99,7 @@ def test_non_finite_loss_stops_with_step_and_batch_and_keeps_last_checkpoint(tmp
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 
-TRAIN_ARGS = ["--model.net.init_args.model_channels", "16", "--model.net.init_args.channel_mult", "[1]",
-              "--model.net.init_args.attention_resolutions", "[]",
+TRAIN_ARGS = [*SMALL_NET_ARGS,
               "--data.init_args.batch_size", "8", "--trainer.enable_progress_bar", "false",
               "--trainer.check_val_every_n_epoch", "1000", "--trainer.logger", "false",
               "--trainer.callbacks", "[]", "--trainer.callbacks+=pdm.training.RunCheckpoint",
@@ -111,7 +110,9 @@ TRAIN_ARGS = ["--model.net.init_args.model_channels", "16", "--model.net.init_ar
 def _train_cmd(root, max_steps, *extra):
     return [sys.executable, os.path.join(ROOT, "train.py"), "fit", "--config", os.path.join(ROOT, "configs", "digits.yaml"),
             *TRAIN_ARGS, "--trainer.default_root_dir", str(root),
-            "--trainer.max_steps", str(max_steps), *extra]
+            "--trainer.max_steps", str(max_steps),
+            "--model.lr_decay", "none",  # these runs are extended; a cosine decay would not be stretched (refused)
+            *extra]
 
 
 @pytest.mark.slow
@@ -264,7 +265,7 @@ def test_export_never_overwrites_its_input_and_needs_the_safetensors_suffix(tiny
     ckpt = tmp_path / "x.ckpt"
     shutil.copyfile(tiny_ckpts["cond"], ckpt)
     before = ckpt.read_bytes()
-    from pdm.checkpoints import main as export_main
+    from pdm.checkpoints.__main__ import main as export_main
 
     for out in (ckpt, tmp_path / "w.pt"):
         with pytest.raises(SystemExit) as e:

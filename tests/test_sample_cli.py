@@ -12,7 +12,7 @@ import pytest
 
 import sample as sample_cli
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 
 
 def run_cli(*args):
@@ -214,7 +214,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(tiny_ckpts, tmp_path, capsys):
     assert code == 2 and "no CUDA GPU" in err[-1]
 
 
-def test_ctrl_c_keeps_finished_shards_and_exits_2_without_traceback(tiny_ckpts, tmp_path):
+def test_ctrl_c_keeps_finished_shards_and_exits_130_saying_what_was_kept(tiny_ckpts, tmp_path):
     out = tmp_path / "o"
     args = ["--ckpt", tiny_ckpts["uncond"], "--num-samples", "400", "--steps", "50", "--batch-size", "2",
             "--shard-size", "2", "--out", str(out)]
@@ -226,9 +226,28 @@ def test_ctrl_c_keeps_finished_shards_and_exits_2_without_traceback(tiny_ckpts, 
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     lines = [line for line in err.splitlines() if not line.startswith("images ")]
-    assert proc.returncode == 2 and "Traceback" not in err and len(lines) <= 3 and "interrupted" in lines[-1], err
+    assert proc.returncode == 130 and "Traceback" not in err and len(lines) <= 3 and "interrupted" in lines[-1], err
     kept = sorted(os.listdir(out / "shards"))
-    assert "shard_00001.npz" in kept and all(np.load(out / "shards" / k)["images"].shape[0] == 2 for k in kept if k.endswith(".npz"))
+    finished = [k for k in kept if k.endswith(".npz") and f"{k}.sha256" in kept]
+    assert "shard_00001.npz" in kept and all(np.load(out / "shards" / k)["images"].shape[0] == 2 for k in finished)
+    # the message counts what is there: "<n> of 200 shards are finished in <out> (<n> made by this run)"
+    assert f"{len(finished)} of 200 shards are finished in {out} ({len(finished)} made by this run)" in lines[-1], err
+
+
+def test_ctrl_c_before_the_first_shard_says_nothing_was_kept(tiny_ckpts, tmp_path, monkeypatch, capsys):
+    import pdm.outputs
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pdm.outputs, "make_shard", interrupted)
+    out = tmp_path / "o"
+    code, err = _run_in_process(["--ckpt", tiny_ckpts["uncond"], "--num-samples", "4", "--steps", "2", "--out", out],
+                                capsys)
+    assert code == 130 and len(err) == 1 and f"no images kept in {out}" in err[0], err
+    monkeypatch.setattr(sample_cli, "check_flags", interrupted)  # before anything is loaded
+    code, err = _run_in_process(["--ckpt", tiny_ckpts["uncond"], "--out", tmp_path / "p"], capsys)
+    assert code == 130 and "nothing was written" in err[0] and not (tmp_path / "p").exists(), err
 
 
 def test_ctrl_c_swallowed_by_a_finalizer_still_stops_at_the_next_batch(tiny_ckpts, tmp_path, monkeypatch, capsys):
@@ -253,6 +272,6 @@ def test_ctrl_c_swallowed_by_a_finalizer_still_stops_at_the_next_batch(tiny_ckpt
     with pytest.raises(SystemExit) as e:
         sample_cli.main(["--ckpt", tiny_ckpts["uncond"], "--num-samples", "8", "--steps", "3", "--batch-size", "2",
                          "--shard-size", "2", "--out", str(out)])
-    assert e.value.code == 2 and "interrupted" in capsys.readouterr().err
+    assert e.value.code == 130 and "1 of 4 shards are finished" in capsys.readouterr().err
     assert sorted(os.listdir(out / "shards")) == ["shard_00000.npz", "shard_00000.npz.sha256"] and len(calls) == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the CLI restores the handler

@@ -14,7 +14,7 @@ import torch
 import sample as sample_cli
 from pdm.nn.runtime import FixedBatch, preferred_memory_format
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT  # noqa: E402
 
 
 def run_cli(*args, launcher=(), env=None):

@@ -180,3 +180,22 @@ def test_every_solver_works_on_every_grid(reference):
 def test_adaptive_method_reports_one_row_per_accepted_step():
     res = sample(MIXTURE.model_fn(SCHEDULE), NOISE[:5], SCHEDULE, solver="dpmsolver++", order=2, method="adaptive")
     assert res.evaluated.shape == (res.timesteps.numel() - 1, 5) and bool(res.evaluated.all())
+
+
+@pytest.mark.parametrize("kw", [dict(solver="dpmsolver++", order=2), dict(solver="ipndm", order=3),
+                                dict(solver="unipc", order=2), dict(solver="dpmsolver", order=2, method="singlestep"),
+                                dict(solver="dpmsolver++", order=2, method="adaptive")])
+def test_callback_sees_every_step_with_its_state_and_x0(kw):
+    seen = []
+    res = sample(MIXTURE.model_fn(SCHEDULE), NOISE[:8], SCHEDULE, steps=8, skip_type="logSNR", callback=seen.append,
+                 **kw)
+    assert [info.i for info in seen] == list(range(res.evaluated.shape[0]))  # once per step
+    assert torch.equal(torch.stack([info.t for info in seen]), res.timesteps[:-1])
+    assert torch.equal(seen[0].x, NOISE[:8])
+    # UniPC's output at t was evaluated at the predictor's state, which its corrector then moved
+    atol = 5e-2 if kw["solver"] == "unipc" else 1e-10  # 8 steps: the correction moves x by up to ~3e-2
+    for info in seen:  # the x0 prediction at (x, t), independently from the exact eps
+        t = info.t.expand(8)
+        alpha, sigma = SCHEDULE.alpha(t)[:, None], SCHEDULE.sigma(t)[:, None]
+        x0 = (info.x - sigma * MIXTURE.model_fn(SCHEDULE)(info.x, t)) / alpha
+        assert torch.allclose(info.x0, x0, atol=atol) and bool(info.evaluated.all())

@@ -1,10 +1,10 @@
-"""Skipping by forecast: the extrapolation, the error criterion, calibrated paths, accounting."""
+"""Skipping by forecast: the extrapolation, the error criterion, accounting (calibrated paths:
+test_calibration.py)."""
 
 import pytest
 import torch
 
-from pdm.sampling import AdaptiveSkip, SkipPath, calibrate_skip_path, sample
-from pdm.sampling.calibration import refine_times
+from pdm.sampling import AdaptiveSkip, SkipPath, sample
 from pdm.sampling.skipping import OutputHistory, lagrange_extrapolate
 from pdm.schedule import VPSchedule
 from pdm.testing import GaussianMixture
@@ -97,56 +97,6 @@ def test_forecast_fill_beats_reuse_on_the_same_path():
         x = sample(GM.model_fn(S), NOISE, S, steps=40, skip_type="logSNR", skip=SkipPath(evaluate, fill=fill)).x
         err[fill] = (x - ref).pow(2).mean().sqrt().item()
     assert err["forecast"] < 0.5 * err["reuse"]
-
-
-def test_calibrated_path_saved_and_loaded_replays_bit_identically(tmp_path):
-    kw = dict(solver="dpmsolver++", order=2, skip_type="logSNR")
-    calib = torch.randn(4, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
-    on_grid = calibrate_skip_path(GM.model_fn(S), calib, S, nfe=8, steps=24, refine_sweeps=1, continuous=False, **kw)
-    assert on_grid.nfe == 8 and len(on_grid.evaluate) == 24 and on_grid.evaluate[0]
-    assert on_grid.settings == {"solver": "dpmsolver++", "order": 2, "skip_type": "logSNR", "steps": 24}
-    free = calibrate_skip_path(GM.model_fn(S), calib, S, nfe=8, steps=24, refine_sweeps=1, halvings=1, **kw)
-    assert free.nfe == 8 and free.evaluate == (True,) * 8 and len(free.settings["timesteps"]) == 9
-    assert free.settings["steps"] == 8 and "skip_type" not in free.settings
-    for path in (on_grid, free):
-        path.save(tmp_path / "path.json")
-        back = SkipPath.load(tmp_path / "path.json")
-        assert back == path and back.settings == path.settings
-        a = sample(GM.model_fn(S), NOISE, S, **{"skip_type": "logSNR", **kw, **path.sample_kwargs()})
-        b = sample(GM.model_fn(S), NOISE, S, **{"skip_type": "logSNR", **kw, **back.sample_kwargs()})
-        assert torch.equal(a.x, b.x) and a.nfe == 8
-    # the free path's grid is the kept points of the on-grid one, moved: its replay is that grid's run
-    grid = torch.tensor(free.settings["timesteps"], dtype=torch.float64)
-    c = sample(GM.model_fn(S), NOISE, S, steps=8, timesteps=grid, **kw)
-    assert torch.equal(c.x, sample(GM.model_fn(S), NOISE, S, **free.sample_kwargs()).x)
-
-
-def test_calibration_beats_the_uniform_grid_of_the_same_nfe_on_held_out_seeds():
-    kw = dict(solver="dpmsolver++", order=2, skip_type="logSNR")
-    calib = torch.randn(16, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(21))
-    held_out = torch.randn(16, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
-    on_grid = calibrate_skip_path(GM.model_fn(S), calib, S, nfe=8, steps=24, refine_sweeps=1, continuous=False, **kw)
-    free = calibrate_skip_path(GM.model_fn(S), calib, S, nfe=8, steps=24, refine_sweeps=1, halvings=2, **kw)
-    ref = sample(GM.model_fn(S), held_out, S, steps=300, solver="unipc", order=3, skip_type="logSNR").x
-    rms = lambda x: (x - ref).pow(2).mean().sqrt().item()  # noqa: E731
-    plain = rms(sample(GM.model_fn(S), held_out, S, steps=8, **kw).x)
-    errors = {name: rms(sample(GM.model_fn(S), held_out, S, **{**kw, **p.sample_kwargs()}).x)
-              for name, p in (("on_grid", on_grid), ("free", free))}
-    assert errors["on_grid"] < plain and errors["free"] < errors["on_grid"], (plain, errors)
-
-
-def test_refine_times_finds_the_best_interior_time_and_keeps_the_ends():
-    # a score with a known minimum: lambda of the middle point at 0.3 of the span
-    lam = torch.tensor([-6.0, 0.0, 4.0], dtype=torch.float64)
-    times = S.t_of_lambda(lam).double()
-    target = -6.0 + 0.3 * 10.0
-    score = lambda t: abs(float(S.lambda_(t)[1]) - target)  # noqa: E731
-    grid, best = refine_times(times, S, score, halvings=12)
-    assert grid[0] == times[0] and grid[-1] == times[-1] and bool((grid[:-1] > grid[1:]).all())
-    assert best < 10.0 * 0.5 / 2 * 2**-12 + 1e-9 and abs(float(S.lambda_(grid)[1]) - target) == pytest.approx(best)
-    # moves never cross a neighbour, however the score pulls
-    grid, _ = refine_times(times, S, lambda t: -float(S.lambda_(t)[1]), halvings=6)
-    assert float(S.lambda_(grid)[1]) < 4.0 and bool((grid[:-1] > grid[1:]).all())
 
 
 def test_skip_path_files_that_are_not_paths_are_clear_errors(tmp_path):

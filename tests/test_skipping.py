@@ -7,6 +7,7 @@ test_skip_forecast.py."""
 
 import pytest
 import torch
+from conftest import CountingModel
 
 from pdm.sampling import AdaptiveSkip, sample
 from pdm.testing import GaussianMixture
@@ -16,18 +17,6 @@ from pdm.schedule import VPSchedule
 S = VPSchedule.linear()
 GM = GaussianMixture.random(components=4, shape=(3, 4, 4), std=0.3)
 NOISE = torch.randn(6, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-
-
-class CountingModel:
-    """Wraps a model_fn and records how many rows it was given."""
-
-    def __init__(self, fn):
-        self.fn, self.rows, self.calls = fn, 0, 0
-
-    def __call__(self, x, t, **kw):
-        self.rows += x.shape[0]
-        self.calls += 1
-        return self.fn(x, t, **kw)
 
 
 @pytest.mark.parametrize("solver, order", [("ddim", 1), ("dpmsolver++", 2), ("dpmsolver", 3)])
@@ -167,26 +156,6 @@ def test_fixed_skip_path_is_replayed_exactly():
     assert res.nfe == sum(path)
     with pytest.raises(ValueError, match="first step"):
         SkipPath((False, True))
-
-
-def test_greedy_path_adds_the_least_harmful_skip_each_round():
-    from pdm.sampling import SkipPath, greedy_skip_path
-
-    steps = 10
-    kw = dict(solver="dpmsolver++", order=2)
-    hist = greedy_skip_path(GM.model_fn(S), NOISE, S, budget=3, steps=steps, **kw)
-    full = sample(GM.model_fn(S), NOISE, S, steps=steps, **kw).x
-    rms = lambda x: float((x - full).pow(2).mean().sqrt())  # noqa: E731
-    assert [sum(not e for e in p.evaluate) for p, _ in hist] == [1, 2, 3]
-    # round 1 is the best single skip: check against an exhaustive search
-    singles = []
-    for i in range(1, steps):
-        ev = [True] * steps
-        ev[i] = False
-        singles.append(rms(sample(GM.model_fn(S), NOISE, S, steps=steps, skip=SkipPath(tuple(ev), fill="reuse"), **kw).x))
-    assert hist[0][1] == pytest.approx(min(singles))
-    for path, err in hist:
-        assert rms(sample(GM.model_fn(S), NOISE, S, steps=steps, skip=path, **kw).x) == pytest.approx(err)
 
 
 def test_skipping_with_guidance_reuses_both_halves_and_calls_only_evaluated_rows():

@@ -240,14 +240,14 @@ def test_residual_block_normalises_without_affine_and_starts_as_identity():
 
 
 def test_convert_cli_writes_an_export_that_sample_py_loads_and_that_computes_the_same(tmp_path, capsys):
-    """`python -m pdm.nn convert` on an official-layout .pt (learned-variance head included): the
+    """`python -m pdm.checkpoints convert` on an official-layout .pt (learned-variance head included): the
     export rebuilds the network with exactly the converted weights and samples through sample.py."""
     import yaml
 
     import sample as sample_cli
     from pdm.checkpoints import load_model
     from pdm.nn import convert_official_state_dict
-    from pdm.nn.__main__ import main as nn_main
+    from pdm.checkpoints.__main__ import main as nn_main
 
     cfg = CONVERT_CASES["fractional_conditional"] | {"model_channels": 32}
     official = official_layout.official_state_dict(

@@ -210,6 +210,15 @@ class _HFImages(ImageSource):
         return f"{self.name} row {i}"
 
 
+def _prepare_script(name: str) -> str:
+    """The data/prepare_*.py script that writes a dataset folder like ``name``."""
+    lowered = os.path.basename(os.path.normpath(name)).lower()
+    for key, script in (("cifar", "data/prepare_cifar10.py"), ("imagenet", "data/prepare_imagenet.py")):
+        if key in lowered:
+            return script
+    return "data/prepare_cifar10.py or data/prepare_imagenet.py (whichever dataset it is)"
+
+
 class HFDataModule(_Base):
     """A Hugging Face ``datasets`` image dataset saved with ``save_to_disk`` (e.g. CIFAR-10 from
     ``uoft-cs/cifar10``, ImageNet-1k, LSUN Church). With ``allow_download`` a hub name is loaded
@@ -227,11 +236,9 @@ class HFDataModule(_Base):
 
     def _check_source(self) -> None:
         if not os.path.isdir(self.name) and not self.allow_download:
-            raise ValueError(
-                f"dataset folder {self.name!r} does not exist; make it with data/prepare_cifar10.py or "
-                "data/prepare_imagenet.py from a local copy (see data/README.md), or set data.init_args.allow_download: "
-                "true to use the Hugging Face hub"
-            )
+            raise ValueError(f"dataset folder {self.name!r} does not exist; make it with {_prepare_script(self.name)} "
+                             "from a local copy (see data/README.md), or set data.init_args.allow_download: true to "
+                             "use the Hugging Face hub")
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -107,14 +107,17 @@ def batches(images: np.ndarray, batch_size: int = 250) -> Iterable[Tensor]:
         yield torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2)
 
 
-def compute_stats(metric, images: np.ndarray, batch_size: int = 250) -> FeatureStats:
-    """Reference statistics of uint8 NHWC images."""
+def compute_stats(metric, images: np.ndarray | Iterable[np.ndarray], batch_size: int = 250) -> FeatureStats:
+    """Reference statistics of uint8 NHWC images: one array, or an iterable of batches (see
+    :func:`pdm.metrics.sources.reference_batches`)."""
     metric.reset()
     metric.reset_real_features = True
     metric.reset()
     metric.reset_real_features = False
-    for b in batches(images, batch_size):
-        metric.update(b, real=True)
+    chunks = [images] if isinstance(images, np.ndarray) else images
+    for chunk in chunks:
+        for b in batches(chunk, batch_size):
+            metric.update(b, real=True)
     return real_stats(metric)
 
 

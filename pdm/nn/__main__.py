@@ -1,7 +1,9 @@
 """PDM U-Net tools.
 
     python -m pdm.nn --patch-size 4                      # build one, run a patched forward pass
-    python -m pdm.nn convert OFFICIAL.pt OUT.safetensors --config configs/lsun_church_p4.yaml
+
+(Official weights convert with ``python -m pdm.checkpoints convert``: checkpoints sit below the
+network in the house, so the command that needs both lives there.)
 """
 
 from __future__ import annotations
@@ -15,29 +17,11 @@ import torch
 from pdm.nn import UNet
 
 
-def convert(argv: list[str]) -> None:
-    """``convert OFFICIAL.pt OUT.safetensors --config CONFIG``: official weights -> a pdm export."""
-    from pdm.checkpoints import export_official
-
-    p = argparse.ArgumentParser(prog="python -m pdm.nn convert", description=convert.__doc__)
-    p.add_argument("official", help="an official PatchDiffusion-Pytorch state dict (.pt)")
-    p.add_argument("out", help="the .safetensors file to write (sample.py --ckpt reads it)")
-    p.add_argument("--config", required=True, help="the pdm config of the same network, e.g. configs/lsun_church_p4.yaml")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    args = p.parse_args(argv)
-    try:
-        print(export_official(args.official, args.config, args.out, args.overwrite))
-    except ValueError as e:
-        print(f"python -m pdm.nn convert: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def main(argv: list[str] | None = None) -> None:
     """Print the parameter count, the patched grid and the latency of one forward pass."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["convert"]:
-        return convert(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m pdm.nn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m pdm.nn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=4)
     p.add_argument("--model-channels", type=int, default=64)

@@ -31,15 +31,17 @@ least harmful skip one at a time.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from pdm.objectives import to_eps, to_x0
+from pdm.sampling.catalog import solver_spec
 from pdm.sampling.sampler import sample
 from pdm.sampling.skipping import SkipPath
-from pdm.sampling.solvers import ExpStep, TimePoint
+from pdm.sampling.solvers import TimePoint, first_order_update, multistep_second_update
 from pdm.schedule import SKIP_TYPES, VPSchedule
 
 ErrorFn = Callable[[Tensor, Tensor], float]
@@ -50,12 +52,25 @@ def rms(a: Tensor, b: Tensor) -> float:
     return float((a - b).double().pow(2).mean().sqrt())
 
 
+def _stage(items, total: int, desc: str, progress: bool):
+    """A progress bar on stderr over one stage of the calibration (silent unless ``progress``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, total=total, desc=f"calibration: {desc}", file=sys.stderr, disable=not progress, leave=False)
+
+
+def _say(progress: bool, message: str) -> None:
+    if progress:
+        print(f"calibration: {message}", file=sys.stderr, flush=True)
+
+
 def reference_states(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, grid: Tensor,
-                     prediction: str, model_kwargs: dict[str, Tensor], substeps: int = 9) -> list[Tensor]:
+                     prediction: str, model_kwargs: dict[str, Tensor], substeps: int = 9,
+                     progress: bool = False) -> list[Tensor]:
     """x*(t_i) at every point of ``grid``: each interval solved accurately with third-order
     singlestep DPM-Solver (``substeps`` evaluations, logSNR inner grid) from the previous state."""
     states = [noise]
-    for i in range(grid.numel() - 1):
+    for i in _stage(range(grid.numel() - 1), grid.numel() - 1, "reference solution", progress):
         x = sample(model_fn, states[-1], schedule, steps=substeps, solver="dpmsolver", order=3,
                    method="singlestep_fixed", skip_type="logSNR", t_start=float(grid[i]), t_end=float(grid[i + 1]),
                    prediction=prediction, model_kwargs=model_kwargs).x
@@ -64,12 +79,13 @@ def reference_states(model_fn: Callable[..., Tensor], noise: Tensor, schedule: V
 
 
 def sensitivities(model_fn: Callable[..., Tensor], states: list[Tensor], schedule: VPSchedule, grid: Tensor,
-                  prediction: str, model_kwargs: dict[str, Tensor], scale: float = 1e-3, steps: int = 12) -> list[float]:
+                  prediction: str, model_kwargs: dict[str, Tensor], scale: float = 1e-3, steps: int = 12,
+                  progress: bool = False) -> list[float]:
     """How much of a small perturbation of x*(t_i) reaches the final sample, for each grid point:
     RMS(x_end(x* + delta) - x_end(x*)) / RMS(delta), both ends solved with UniPC-3 on logSNR."""
     g = torch.Generator(device=states[0].device).manual_seed(0)
     out = []
-    for i in range(grid.numel() - 1):
+    for i in _stage(range(grid.numel() - 1), grid.numel() - 1, "sensitivities", progress):
         delta = scale * torch.randn(states[i].shape, generator=g, dtype=states[i].dtype, device=states[i].device)
         kw = dict(steps=steps, solver="unipc", order=3, skip_type="logSNR", t_start=float(grid[i]),
                   t_end=float(grid[-1]), prediction=prediction, model_kwargs=model_kwargs)
@@ -87,15 +103,14 @@ def _local_errors(states: list[Tensor], outputs: list[Tensor], points: list[Time
     errors: dict[tuple[int, int, int], float] = {}
     for i in range(m):
         for j in range(i + 1, min(m, i + max_gap) + 1):
-            step = ExpStep(points[i], points[j], data)
-            base = step.first_order(states[i], outputs[i])
             if i == 0:
-                errors[(-1, 0, j)] = weights[j] * rms(base, states[j])
+                first = first_order_update(states[0], points[0], points[j], outputs[0], data)
+                errors[(-1, 0, j)] = weights[j] * rms(first, states[j])
                 continue
             for h in range(max(0, i - max_gap), i):
-                r0 = (points[i].lambda_ - points[h].lambda_) / step.h
-                d1 = (outputs[i] - outputs[h]) / r0
-                errors[(h, i, j)] = weights[j] * rms(base - 0.5 * step.scale * step.phi_1 * d1, states[j])
+                x_j = multistep_second_update(states[i], [points[h], points[i]], points[j], [outputs[h], outputs[i]],
+                                              data, "dpmsolver")
+                errors[(h, i, j)] = weights[j] * rms(x_j, states[j])
     return errors
 
 
@@ -169,18 +184,17 @@ def calibrate_skip_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule
                                                                  "solver_type")} | {"steps": steps}
     replay = dict(fill=fill, settings=settings)
     with torch.no_grad():
-        states = reference_states(model_fn, noise, schedule, grid, prediction, kwargs)
+        states = reference_states(model_fn, noise, schedule, grid, prediction, kwargs, progress=progress)
         target = states[-1]
 
         def score(pts: list[int]) -> float:
             path = path_from_points(pts, steps, **replay)
             return error(sample(model_fn, noise, schedule, steps=steps, skip=path, **sample_kwargs).x, target)
 
-        candidates = [_dp_path(model_fn, noise, schedule, grid, states, nfe, max_gap, sample_kwargs)]
+        candidates = [_dp_path(model_fn, noise, schedule, grid, states, nfe, max_gap, sample_kwargs, progress)]
         candidates += [_mapped_grid(schedule, grid, nfe, skip_type, sample_kwargs) for skip_type in SKIP_TYPES]
         scored = sorted((score(c), c) for c in {tuple(c) for c in candidates if len(c) == nfe + 1})
-        if progress:
-            print(f"calibration: start error {scored[0][0]:.3e} (of {len(scored)} candidates)", flush=True)
+        _say(progress, f"start error {scored[0][0]:.3e} (of {len(scored)} candidates)")
         path_points, best = _refine(list(scored[0][1]), steps, max_gap, score, refine_sweeps, progress, scored[0][0])
         if not continuous or fill != "merge":
             return path_from_points(path_points, steps, **replay)
@@ -225,7 +239,7 @@ def refine_times(times: Tensor, schedule: VPSchedule, score: Callable[[Tensor], 
         improved, sweeps = True, 0
         while improved and sweeps < 8:  # a bounded number of sweeps per step size
             improved, sweeps = False, sweeps + 1
-            for k in range(1, n):
+            for k in _stage(range(1, n), n - 1, f"times, step {step:.3g} in lambda", progress):
                 for delta in (step, -step):
                     cand = lam.clone()
                     cand[k] += delta
@@ -235,25 +249,24 @@ def refine_times(times: Tensor, schedule: VPSchedule, score: Callable[[Tensor], 
                     if e < best:
                         lam, best, improved = cand, e, True
                         break
-        if progress:
-            print(f"calibration: time step {step:.3g} in lambda, error {best:.3e}", flush=True)
+        _say(progress, f"time step {step:.3g} in lambda, error {best:.3e}")
         step /= 2
     return grid_of(lam), best
 
 
-def _dp_path(model_fn, noise, schedule, grid, states, nfe, max_gap, sample_kwargs) -> list[int]:
+def _dp_path(model_fn, noise, schedule, grid, states, nfe, max_gap, sample_kwargs, progress: bool = False) -> list[int]:
     """Stage 1: the path of least sensitivity-weighted local error."""
     prediction = sample_kwargs.get("prediction", "eps")
     kwargs = dict(sample_kwargs.get("model_kwargs") or {})
     steps = grid.numel() - 1
     points = [TimePoint.at(schedule, t) for t in grid]
-    data = sample_kwargs.get("solver", "dpmsolver++") not in ("dpmsolver", "ipndm")
+    data = solver_spec(sample_kwargs.get("solver", "dpmsolver++")).data
     convert = to_x0 if data else to_eps
     outputs = []
-    for i in range(steps):
+    for i in _stage(range(steps), steps, "network outputs", progress):
         raw = model_fn(states[i], grid[i].expand(noise.shape[0]), **kwargs).to(noise.dtype)
         outputs.append(convert(raw, states[i], points[i].alpha, points[i].sigma, prediction))
-    weights = sensitivities(model_fn, states, schedule, grid, prediction, kwargs)
+    weights = sensitivities(model_fn, states, schedule, grid, prediction, kwargs, progress=progress)
     return _cheapest_path(_local_errors(states, outputs, points, data, max_gap, weights), steps, nfe, max_gap)
 
 
@@ -271,7 +284,7 @@ def _refine(points: list[int], m: int, max_gap: int, score: Callable[[list[int]]
     """Move single kept points by 1, 2 or 4 grid steps while the true error falls (first improvement)."""
     for sweep in range(sweeps):
         improved = False
-        for k in range(1, len(points) - 1):  # the first (0) and the end (m) stay
+        for k in _stage(range(1, len(points) - 1), len(points) - 2, f"sweep {sweep + 1}", progress):  # ends stay
             for delta in (-4, -2, -1, 1, 2, 4):
                 cand = points.copy()
                 cand[k] += delta
@@ -282,8 +295,7 @@ def _refine(points: list[int], m: int, max_gap: int, score: Callable[[list[int]]
                 e = score(cand)
                 if e < best:
                     points, best, improved = cand, e, True
-        if progress:
-            print(f"calibration sweep {sweep + 1}: error {best:.3e}", flush=True)
+        _say(progress, f"sweep {sweep + 1}: error {best:.3e}")
         if not improved:
             break
     return points, best
@@ -328,7 +340,7 @@ def greedy_skip_path(
         evaluate[best[1]] = False
         history.append((SkipPath(tuple(evaluate), fill="reuse"), best[0]))
         if progress:
-            print(f"greedy: {round_ + 1} skips, skipped step {best[1] + 1}, error {best[0]:.3e}", flush=True)
+            print(f"greedy: {round_ + 1} skips, skipped step {best[1] + 1}, error {best[0]:.3e}", file=sys.stderr, flush=True)
     return history
 
 

@@ -108,20 +108,17 @@ class ModelEvaluator:
         out[rows] = values
         return out
 
-    def _convert(self, raw: Tensor, x: Tensor, point: TimePoint) -> Tensor:
-        if self.thresholding is not None:
-            x0 = to_x0(raw, x, point.alpha, point.sigma, self.prediction)
-            x0 = dynamic_threshold(x0, self.thresholding.ratio, self.thresholding.max_value)
-            return x0 if self.data else to_eps(x0, x, point.alpha, point.sigma, "x0")
-        if self.data:
-            return to_x0(raw, x, point.alpha, point.sigma, self.prediction)
-        return to_eps(raw, x, point.alpha, point.sigma, self.prediction)
+    def _convert(self, raw: Tensor, x: Tensor, point: TimePoint, data: bool | None = None) -> Tensor:
+        """``raw`` (the model's ``prediction``) at (x, point) in the data (x0) or noise (eps) form,
+        x0 dynamically thresholded when asked. ``data`` defaults to the solver's form."""
+        data = self.data if data is None else data
+        if self.thresholding is None:
+            return (to_x0 if data else to_eps)(raw, x, point.alpha, point.sigma, self.prediction)
+        x0 = to_x0(raw, x, point.alpha, point.sigma, self.prediction)
+        x0 = dynamic_threshold(x0, self.thresholding.ratio, self.thresholding.max_value)
+        return x0 if data else to_eps(x0, x, point.alpha, point.sigma, "x0")
 
     def data_prediction(self, x: Tensor, point: TimePoint) -> Tensor:
         """x0 at (x, point) for every sample, always evaluated (the final ``denoise_to_zero``)."""
-        rows = torch.arange(x.shape[0], device=x.device)
-        raw = self._call(x, point, rows)
-        x0 = to_x0(raw, x, point.alpha, point.sigma, self.prediction)
-        if self.thresholding is not None:
-            x0 = dynamic_threshold(x0, self.thresholding.ratio, self.thresholding.max_value)
-        return x0
+        raw = self._call(x, point, torch.arange(x.shape[0], device=x.device))
+        return self._convert(raw, x, point, data=True)

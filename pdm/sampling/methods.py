@@ -12,16 +12,17 @@ Each returns the final x and one row per step telling which samples called the n
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor
 
+from pdm.sampling.catalog import MultistepSolver
 from pdm.sampling.evaluator import ModelEvaluator
 from pdm.sampling.skipping import SkipController
 from pdm.sampling.solvers import (
     ExpStep,
-    MultistepSolver,
     TimePoint,
     first_order_update,
     singlestep_second_update,
@@ -29,7 +30,34 @@ from pdm.sampling.solvers import (
 )
 from pdm.schedule import VPSchedule
 
-Progress = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a ``sample(..., callback=fn)`` callback gets once per step, before the step's update
+    is applied (k-diffusion's convention): step ``i`` (0-based) starts at time ``t`` from state
+    ``x``, where the model's (possibly filled or thresholded) output is ``output`` in the solver's
+    form; ``evaluated`` tells which samples called the network for this step. (A correcting
+    solver, UniPC, evaluated ``output`` at its predictor's state; ``x`` is the corrected one.)"""
+
+    i: int
+    t: Tensor
+    x: Tensor
+    output: Tensor
+    point: TimePoint
+    data: bool
+    evaluated: Tensor
+
+    @property
+    def x0(self) -> Tensor:
+        """The data prediction at (x, t): the output itself in the data form, (x - sigma eps) / alpha
+        in the noise form."""
+        if self.data:
+            return self.output
+        return (self.x - self.point.sigma * self.output) / self.point.alpha
+
+
+Progress = Callable[[StepInfo], None]
 
 
 def multistep(x: Tensor, points: Sequence[TimePoint], solver: MultistepSolver, evaluate: ModelEvaluator,
@@ -49,7 +77,7 @@ def multistep(x: Tensor, points: Sequence[TimePoint], solver: MultistepSolver, e
         past = points[max(0, i - history):i]
         x_new = solver.predict(x, past, outputs, points[i], order, last=i == steps)
         rows.append(evaluate.end_step())
-        progress()
+        progress(StepInfo(i - 1, points[i - 1].t, x, outputs[-1], points[i - 1], solver.data, rows[-1]))
         if i == steps:
             return x_new, rows
         after = ExpStep(points[i], points[i + 1], solver.data)
@@ -75,6 +103,7 @@ def singlestep(x: Tensor, outer: Sequence[TimePoint], inner: Sequence[Sequence[T
         model_at = partial(evaluate, mask=skip.mask())
         evaluate.begin_step()
         m_s = model_at(x, s)
+        x_s = x
         if order == 1:
             x = first_order_update(x, s, t, m_s, data)
         elif order == 2:
@@ -82,7 +111,7 @@ def singlestep(x: Tensor, outer: Sequence[TimePoint], inner: Sequence[Sequence[T
         else:
             x, _ = singlestep_third_update(x, s, inner[k][0], inner[k][1], t, m_s, model_at, data, solver_type)
         rows.append(evaluate.end_step())
-        progress()
+        progress(StepInfo(k, s.t, x_s, m_s, s, data, rows[-1]))
         if k + 1 < len(orders):
             after = ExpStep(t, outer[k + 2], data)
             skip.observe(x, rows[-1], t.lambda_, after.scale * after.phi_1)
@@ -91,7 +120,7 @@ def singlestep(x: Tensor, outer: Sequence[TimePoint], inner: Sequence[Sequence[T
 
 def adaptive_step_size(x: Tensor, t_start: Tensor, t_end: Tensor, order: int, schedule: VPSchedule,
                        evaluate: ModelEvaluator, solver_type: str, atol: float, rtol: float,
-                       h_init: float) -> tuple[Tensor, list[Tensor], Tensor]:
+                       h_init: float, progress: Progress = lambda info: None) -> tuple[Tensor, list[Tensor], Tensor]:
     """DPM-Solver-12 (order 2) or -23 (order 3) with step-size control in lambda.
 
     A lower- and a higher-order try share their evaluations; the scaled difference
@@ -122,6 +151,8 @@ def adaptive_step_size(x: Tensor, t_start: Tensor, t_end: Tensor, order: int, sc
         delta = torch.clamp(rtol * torch.maximum(x_low.abs(), x_prev.abs()), min=atol)
         err = ((x_high - x_low) / delta).flatten(1).pow(2).mean(dim=1).sqrt().max()
         if bool(err <= 1.0):
+            everyone = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            progress(StepInfo(len(used) - 1, s.t, x, m_s, s, data, everyone))
             x, s, x_prev = x_high, t, x_low
             used.append(t.t.clone())
         h = torch.minimum(theta * h * err.clamp(min=1e-12) ** (-1.0 / order), lam_end - s.lambda_)

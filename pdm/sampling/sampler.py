@@ -8,39 +8,25 @@ noise's dtype; the model's output is cast to it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from pdm.objectives import TARGETS, Target
 from pdm.sampling.evaluator import ModelEvaluator, Thresholding
-from pdm.sampling.methods import adaptive_step_size, multistep, singlestep
+from pdm.sampling.methods import StepInfo, adaptive_step_size, multistep, singlestep
 from pdm.sampling.skipping import AdaptiveSkip, SkipController, SkipPath
-from pdm.sampling.solvers import (
-    IPNDM,
-    DDPMAncestral,
-    DPMSolverMultistep,
-    MultistepSolver,
-    TimePoint,
-    UniPCMultistep,
-    singlestep_orders,
-)
+from pdm.sampling.catalog import ALL_METHODS, SOLVERS, VARIANT_ALIASES, MultistepSolver, StepOptions, solver_spec
+from pdm.sampling.solvers import TimePoint, singlestep_orders
 from pdm.schedule import SKIP_TYPES, SkipType, VPSchedule
 
-Solver = Literal["ddim", "ddpm", "dpmsolver", "dpmsolver++", "unipc", "ipndm"]
+Solver = str  # a name in catalog.SOLVERS (the table is the one list of solvers)
 Method = Literal["multistep", "singlestep", "singlestep_fixed", "adaptive"]
 SolverType = Literal["dpmsolver", "taylor", "midpoint", "heun", "bh1", "bh2"]
-SOLVERS: tuple[str, ...] = get_args(Solver)
-METHODS: tuple[str, ...] = get_args(Method)
-
-# What each solver accepts: its orders, its methods, and its solver_type values (first = default).
-SOLVER_ORDERS = {"ddim": (1,), "ddpm": (1,), "dpmsolver": (1, 2, 3), "dpmsolver++": (1, 2, 3), "unipc": (1, 2, 3),
-                 "ipndm": (1, 2, 3, 4)}
-SOLVER_METHODS = {name: ("multistep",) for name in SOLVERS} | {"dpmsolver": METHODS, "dpmsolver++": METHODS}
-SOLVER_TYPES = {"dpmsolver": ("dpmsolver", "taylor"), "dpmsolver++": ("dpmsolver", "taylor"), "unipc": ("bh2", "bh1")}
-_DIFFUSERS_NAMES = {"midpoint": "dpmsolver", "heun": "taylor"}  # diffusers' names for the DPM-Solver variants
+METHODS: tuple[str, ...] = ALL_METHODS
 
 
 @dataclass
@@ -62,18 +48,18 @@ class SampleResult:
 def check_settings(solver: str = "dpmsolver++", method: str = "multistep", order: int = 2, steps: int = 20,
                    skip_type: str = "time_uniform", prediction: str = "eps", solver_type: str | None = None) -> str:
     """Raise a ValueError naming the fix for any unusable combination; return the solver_type to use."""
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    spec = solver_spec(solver)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method not in SOLVER_METHODS[solver]:
-        raise ValueError(f"method {method!r} exists only for dpmsolver and dpmsolver++; {solver} is multistep")
+    if method not in spec.methods:
+        owners = [name for name in SOLVERS if method in solver_spec(name).methods]
+        raise ValueError(f"method {method!r} exists only for {' and '.join(owners)}; {solver} is multistep")
     if skip_type not in SKIP_TYPES:
         raise ValueError(f"unknown skip_type {skip_type!r}; choose one of {', '.join(SKIP_TYPES)}")
     if prediction not in TARGETS:
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(TARGETS)}")
-    orders = SOLVER_ORDERS[solver]
-    if solver in ("ddim", "ddpm"):
+    orders = spec.orders
+    if spec.first_order:
         order = 1  # first-order samplers: the order argument does not apply
     elif order not in orders:
         raise ValueError(f"order must be {', '.join(map(str, orders[:-1]))} or {orders[-1]} for {solver}, got {order}")
@@ -84,31 +70,24 @@ def check_settings(solver: str = "dpmsolver++", method: str = "multistep", order
                          "raise --steps or lower --order")
     if method == "adaptive" and order not in (2, 3):
         raise ValueError("the adaptive method is DPM-Solver-12 or -23: use order 2 or 3")
-    types = SOLVER_TYPES.get(solver)
-    if types is None:  # ddim, ddpm, ipndm have no variants
-        if solver_type not in (None, *SOLVER_TYPES["dpmsolver"], *_DIFFUSERS_NAMES):
+    if not spec.variants:  # no variants: a DPM-Solver variant name is accepted and ignored
+        if solver_type not in (None, *solver_spec("dpmsolver").variants, *VARIANT_ALIASES):
             raise ValueError(f"solver_type {solver_type!r} does not apply to {solver}; leave it unset")
         return "dpmsolver"
     if solver_type is None:
-        return types[0]
-    canonical = solver_type if solver == "unipc" else _DIFFUSERS_NAMES.get(solver_type, solver_type)
-    if canonical not in types:
-        raise ValueError(f"unknown solver_type {solver_type!r} for {solver}; choose one of {', '.join(types)}")
+        return spec.variants[0]
+    canonical = VARIANT_ALIASES.get(solver_type, solver_type) if "dpmsolver" in spec.variants else solver_type
+    if canonical not in spec.variants:
+        raise ValueError(f"unknown solver_type {solver_type!r} for {solver}; choose one of {', '.join(spec.variants)}")
     return canonical
 
 
 def multistep_solver(solver: str, order: int, solver_type: str, lower_order_final: bool,
-                     generator: torch.Generator | None, denoise_to_zero: bool = False) -> MultistepSolver:
-    """The multistep solver object for a solver name."""
-    if solver == "ddpm":
-        return DDPMAncestral(generator, denoise_to_zero)
-    if solver == "unipc":
-        return UniPCMultistep(order, lower_order_final, solver_type)
-    if solver == "ipndm":
-        return IPNDM(order, lower_order_final)
-    if solver == "ddim":
-        return DPMSolverMultistep(1, lower_order_final, data=True, solver_type=solver_type)
-    return DPMSolverMultistep(order, lower_order_final, data=solver == "dpmsolver++", solver_type=solver_type)
+                     generator: torch.Generator | None, denoise_to_zero: bool = False,
+                     schedule: VPSchedule | None = None) -> MultistepSolver:
+    """The multistep step object of a solver (its catalog row's ``build``)."""
+    options = StepOptions(order, lower_order_final, solver_type, schedule, generator, denoise_to_zero)
+    return solver_spec(solver).build(options)
 
 
 def sample(
@@ -137,6 +116,7 @@ def sample(
     rtol: float = 0.05,
     h_init: float = 0.05,
     progress: bool = False,
+    callback: Callable[[StepInfo], None] | None = None,
 ) -> SampleResult:
     """Integrate the diffusion ODE (or the DDPM chain) from ``noise`` at t_start to t_end.
 
@@ -145,8 +125,9 @@ def sample(
         noise: x at t_start, usually standard normal; its dtype is the solver's.
         schedule: the VP schedule the model was trained with.
         steps: solver steps (multistep) or network evaluations (singlestep, adaptive aside).
-        solver: ``ddim``, ``ddpm`` (ancestral), ``dpmsolver`` (noise form), ``dpmsolver++`` (data
-            form), ``unipc`` (UniPC, data form) or ``ipndm`` (iPNDM, noise form).
+        solver: a row of :data:`pdm.sampling.catalog.SOLVER_TABLE`: ``ddim``, ``ddpm`` (ancestral),
+            ``dpmsolver`` (noise form), ``dpmsolver++`` (data form), ``unipc`` (UniPC, data form),
+            ``ipndm`` (iPNDM, noise form) or ``deis`` (tAB-DEIS, noise form).
         order: 1-3 (iPNDM: 1-4); DDIM and DDPM are first order.
         method: ``multistep``, ``singlestep`` (DPM-Solver-fast), ``singlestep_fixed`` or
             ``adaptive``; the last three exist for dpmsolver / dpmsolver++.
@@ -154,7 +135,7 @@ def sample(
             ``timesteps`` (decreasing, steps + 1 values) is given.
         prediction: what the model returns, ``eps``, ``x0`` or ``v``.
         lower_order_final: lower the order of the last steps as each solver's official code does
-            (DPM-Solver when steps < 10, UniPC always; iPNDM never does).
+            (DPM-Solver when steps < 10, UniPC always; iPNDM and DEIS never do).
         denoise_to_zero: finish with x = x0(x, t_end), one more evaluation (diffusers' sigma=0 end).
         skip: :class:`AdaptiveSkip` settings, a fixed :class:`SkipPath`, or None to evaluate every step.
         solver_type: ``dpmsolver`` (midpoint) or ``taylor`` (heun) for DPM-Solver's corrections,
@@ -166,40 +147,57 @@ def sample(
         generator: random source for the DDPM ancestral noise.
         atol, rtol, h_init: tolerances and first step (in lambda) of the adaptive method.
         progress: show a progress bar.
+        callback: ``callback(info)`` once per step, as k-diffusion's samplers do: a
+            :class:`~pdm.sampling.methods.StepInfo` with the step index ``i``, its start time
+            ``t``, the state ``x`` there, the x0 prediction ``info.x0`` and the ``evaluated`` rows
+            (e.g. to save intermediate predictions; the progress bar is one such callback).
     """
     solver_type = check_settings(solver, method, order, steps, skip_type, prediction, solver_type)
     if skip is not None and method == "adaptive":
         raise ValueError("step skipping cannot be combined with the adaptive step-size method; use multistep or singlestep")
-    order = 1 if solver in ("ddim", "ddpm") else order
+    spec = solver_spec(solver)
+    order = 1 if spec.first_order else order
     batch, device = noise.shape[0], noise.device
     grid = _grid(schedule, steps, skip_type, t_start, t_end, timesteps, noise.dtype, device)
     fine_steps, kept = grid.numel() - 1, None
     if isinstance(skip, SkipPath) and skip.fill == "merge":  # the solver runs on the kept points only
         grid, kept = _merged_grid(grid, skip, method)
         skip = None
-    evaluate = ModelEvaluator(model_fn, prediction, solver not in ("dpmsolver", "ipndm"),
+    evaluate = ModelEvaluator(model_fn, prediction, spec.data,
                               _check_model_kwargs(model_kwargs, batch),
                               Thresholding(threshold_ratio, threshold_max) if thresholding else None, batch, device,
                               None if skip is None else skip.fill, 0 if skip is None else skip.forecast_order)
     controller = SkipController(skip, batch, device, evaluate.history)
-    from tqdm.auto import tqdm
-
-    with tqdm(total=None if method == "adaptive" else grid.numel() - 1, desc="sampling", leave=False,
-              disable=not progress) as bar:
+    with _reporting(None if method == "adaptive" else grid.numel() - 1, progress, callback) as on_step:
         if method == "adaptive":
             x, rows, grid = adaptive_step_size(noise, grid[0], grid[-1], order, schedule, evaluate, solver_type, atol,
-                                               rtol, h_init)
+                                               rtol, h_init, on_step)
         elif method == "multistep":
             points = [TimePoint.at(schedule, t) for t in grid]
-            stepper = multistep_solver(solver, order, solver_type, lower_order_final, generator, denoise_to_zero)
-            x, rows = multistep(noise, points, stepper, evaluate, controller, bar.update)
+            stepper = multistep_solver(solver, order, solver_type, lower_order_final, generator, denoise_to_zero,
+                                       schedule)
+            x, rows = multistep(noise, points, stepper, evaluate, controller, on_step)
         else:
             x, rows, grid = _singlestep(noise, schedule, grid, steps, order, method, skip_type, timesteps is None,
-                                        evaluate, controller, solver_type, bar.update)
+                                        evaluate, controller, solver_type, on_step)
     if denoise_to_zero:
         x = evaluate.data_prediction(x, TimePoint.at(schedule, grid[-1]))
     return SampleResult(x=x, nfe=float(evaluate.nfe.double().mean()), evaluated=_rows(rows, kept, fine_steps, noise),
                         nfe_per_sample=evaluate.nfe.clone(), timesteps=grid)
+
+
+@contextmanager
+def _reporting(total: int | None, progress: bool, callback: Callable[[StepInfo], None] | None):
+    """The per-step hook of a run: the progress bar's tick, then the caller's ``callback``."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc="sampling", leave=False, disable=not progress) as bar:
+        def on_step(info: StepInfo) -> None:
+            bar.update()
+            if callback is not None:
+                callback(info)
+
+        yield on_step
 
 
 def _rows(rows: list[Tensor], kept: list[int] | None, fine_steps: int, noise: Tensor) -> Tensor:
@@ -247,7 +245,7 @@ def _grid(schedule: VPSchedule, steps: int, skip_type: str, t_start: float | Non
 
 def _singlestep(x: Tensor, schedule: VPSchedule, grid: Tensor, steps: int, order: int, method: str, skip_type: str,
                 own_grid: bool, evaluate: ModelEvaluator, controller: SkipController, solver_type: str,
-                progress: Callable[[], None]) -> tuple[Tensor, list[Tensor], Tensor]:
+                progress: Callable[[StepInfo], None]) -> tuple[Tensor, list[Tensor], Tensor]:
     """The official singlestep grids: outer steps and, inside each, points spaced like ``skip_type``.
 
     DPM-Solver-fast (``singlestep``) splits ``steps`` evaluations into orders summing to

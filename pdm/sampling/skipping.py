@@ -150,6 +150,28 @@ class SkipPath:
 
         atomic_write_text(path, json.dumps(asdict(self), indent=1))
 
+    def check_calibrated_for(self, checkpoints: list[str], guidance_scale: float, files: list[str] | None = None,
+                             name: str = "the skip path") -> None:
+        """Refuse (ValueError, one line naming both sides) to replay a path calibrated for other
+        checkpoints (sha256 of the files) or another guidance scale. A path without a
+        ``settings["calibrated_for"]`` record (made by hand) is accepted."""
+        made = self.settings.get("calibrated_for")
+        if not made:
+            return
+        def short(hashes) -> str:
+            return ", ".join(f"{h[:8]}..." for h in hashes)
+
+        old = sorted(made.get("checkpoints") or [])
+        if old and old != sorted(checkpoints):
+            where = " ".join(made.get("files") or []) or "another checkpoint"
+            raise ValueError(f"{name} was calibrated for {where} (sha256 {short(old)}), not {' '.join(files or [])} "
+                             f"(sha256 {short(sorted(checkpoints))}); calibrate this checkpoint, or pass "
+                             "--force-skip-path to replay it anyway")
+        scale = made.get("guidance_scale")
+        if scale is not None and float(scale) != float(guidance_scale):
+            raise ValueError(f"{name} was calibrated at --guidance-scale {scale}, not {guidance_scale}; calibrate at "
+                             f"{guidance_scale}, sample at {scale}, or pass --force-skip-path to replay it anyway")
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> SkipPath:
         """Read a path written by :meth:`save`; a malformed file is a ValueError naming it."""

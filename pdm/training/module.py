@@ -14,7 +14,7 @@ from torch import Tensor
 from pdm.checkpoints import load_checkpoint, load_net_state, network_model_fn
 from pdm.nn import UNet
 from pdm.nn.runtime import network_width, preferred_memory_format
-from pdm.objectives import TARGETS, WEIGHTINGS, Target, weighted_x0_loss
+from pdm.objectives import WEIGHTINGS, Target, check_target, weighted_x0_loss
 from pdm.schedule import ScheduleName, build_schedule
 
 NUM_LOSS_BUCKETS = 4
@@ -98,6 +98,11 @@ class PDMModule(L.LightningModule):
         self.time_range = (lo, hi)
         self.schedule = build_schedule(schedule, beta_start, beta_end, num_timesteps)
         self.net = net
+        # one image through forward(): Lightning's model summary counts the FLOPs of a forward pass
+        # with it (it printed "Total Flops 0" without); it runs once, eagerly, before training
+        c, size = net.config["in_channels"], net.config["image_size"]
+        label = (torch.zeros(1, dtype=torch.long),) if net.config.get("num_classes") else ()
+        self.example_input_array = (torch.zeros(1, c, size, size), torch.zeros(1), *label)
         # (1 - beta) products as a buffer so they follow the module's device
         self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod.float(), persistent=False)
         self._last_batch_time: float | None = None
@@ -127,17 +132,7 @@ class PDMModule(L.LightningModule):
         then compile the network if ``compile_network`` is set. This runs after the EMA callback
         has copied the module, so the EMA copy stays eager; ``configure_model`` is not used because
         Lightning's WeightAveraging warns about any module that overrides it."""
-        data = getattr(self.trainer, "datamodule", None)
-        net = self.net
-        for attr, want in (("image_size", net.image_size), ("channels", net.in_channels)):
-            have = getattr(data, attr, None)
-            if have is not None and have != want:
-                raise ValueError(f"the data has {attr}={have} but the network was built for {attr}={want}; "
-                                 f"set model.net.init_args.{'in_channels' if attr == 'channels' else attr}: {have}")
-        classes = getattr(data, "num_classes", None)
-        if classes is not None and net.num_classes is not None and classes != net.num_classes:
-            raise ValueError(f"the data has {classes} classes but the network {net.num_classes}; "
-                             f"set model.net.init_args.num_classes: {classes}")
+        check_data_fits_network(getattr(self.trainer, "datamodule", None), self.net)
         # the layout that is fastest where the network runs (channels-last on CUDA; on a CPU it
         # depends on the network's width); in place, so the optimiser keeps its parameters
         self.net.to(memory_format=preferred_memory_format(self.device, network_width(self.net)))
@@ -186,6 +181,8 @@ class PDMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["pdm_noise_seed"] = self.noise_seed
+        # the step count the learning-rate schedule decays over (train.py refuses to stretch it)
+        checkpoint["pdm_max_steps"] = self.trainer.max_steps if self._trainer is not None else None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.noise_seed = checkpoint.get("pdm_noise_seed", self.noise_seed)
@@ -283,11 +280,27 @@ class PDMModule(L.LightningModule):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def check_data_fits_network(data, net) -> None:
+    """The data's image size, channels and classes must be the network's (a mismatch would train
+    garbage): a ValueError naming the setting to change. train.py calls it before the trainer
+    exists; ``on_fit_start`` again, for modules built in code."""
+    if data is None or net is None:
+        return
+    for key, net_key in (("image_size", "image_size"), ("channels", "in_channels")):
+        have, want = getattr(data, key, None), getattr(net, net_key, None)
+        if have is not None and want is not None and have != want:
+            raise ValueError(f"the data has {key}={have} but the network was built for {net_key}={want}; "
+                             f"set model.net.init_args.{net_key}: {have} (or data.init_args.{key}: {want})")
+    classes, net_classes = getattr(data, "num_classes", None), getattr(net, "num_classes", None)
+    if classes is not None and net_classes is not None and classes != net_classes:
+        raise ValueError(f"the data has {classes} classes but the network {net_classes}; "
+                         f"set model.net.init_args.num_classes: {classes}")
+
+
 def _check_arguments(target: str, weighting: str, optimizer: str, label_dropout: float, lr: float,
                      warmup_steps: int) -> None:
     """A ValueError naming the fix for a bad training setting, before anything is built."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    check_target(target)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
     if optimizer not in ("adam", "adamw"):
