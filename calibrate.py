@@ -15,7 +15,6 @@ recorded in the file. See pdm.sampling.calibrate_skip_path.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pdm.atomic import WriteError
-from pdm.cli import check_guidance_scale, check_seed, fail, parse_device, parser
+from pdm.cli import EXIT_INTERRUPTED, check_guidance_scale, check_seed, fail, parse_device, parser
 from pdm.nn.runtime import PRECISIONS, precision_dtype
 from pdm.sampling import SOLVERS
 from pdm.sampling.catalog import all_variants, solver_spec
@@ -83,8 +82,9 @@ def main(argv: list[str] | None = None) -> dict:
         precision_dtype(args.precision, device)
         return calibrate(args, device)
     except (ValueError, WriteError) as e:
-        print(f"calibrate.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail("calibrate.py", str(e))
+    except KeyboardInterrupt:
+        fail("calibrate.py", f"interrupted; nothing was written to {args.out}", EXIT_INTERRUPTED)
 
 
 def calibrate(args: argparse.Namespace, device: torch.device) -> dict:

@@ -12,7 +12,6 @@ import torch
 
 import calibrate as calibrate_cli
 import sample as sample_cli
-from pdm.sampling import SkipPath
 
 
 from conftest import ROOT, SMALL_NET_ARGS, train_tiny

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pdm.sampling import AdaptiveSkip, SkipPath, sample
-from pdm.sampling.skipping import OutputHistory, lagrange_extrapolate
+from pdm.sampling.skipper import OutputHistory, lagrange_extrapolate
 from pdm.schedule import VPSchedule
 from pdm.testing import GaussianMixture
 

@@ -192,3 +192,22 @@ def test_skipping_with_expert_routing_calls_each_expert_on_its_own_evaluated_row
                  skip=AdaptiveSkip.official(threshold=0.05, max_skips=3))
     assert calls["high"] > 0 and calls["low"] > 0
     assert calls["high"] + calls["low"] == int(res.nfe_per_sample.sum())
+
+
+def test_a_new_criterion_is_one_class(monkeypatch):
+    # a criterion that lets every other sample skip, registered by name: the skipper adds the
+    # warm-up and max_skips, the fill and the accounting, with nothing else to change
+    from pdm.sampling.skipping import CRITERION_CLASSES, Criterion
+
+    class EveryOther(Criterion):
+        def may_skip(self, x, skipper, lam_next, weight_next):
+            return torch.arange(skipper.batch) % 2 == 1
+
+    monkeypatch.setitem(CRITERION_CLASSES, "every_other", EveryOther)
+    skip = AdaptiveSkip(threshold=1.0, max_skips=1, warmup=4, criterion="every_other", fill="reuse", forecast_order=0)
+    res = sample(GM.model_fn(S), NOISE, S, steps=12, solver="dpmsolver++", order=2, skip=skip)
+    odd, even = res.evaluated[:, 1::2], res.evaluated[:, 0::2]
+    assert bool(even.all()) and bool(odd[:4].all())  # even samples never skip; nobody during the warm-up
+    assert odd[4:].tolist() == [[False] * 3, [True] * 3] * 4  # odd ones skip every other step (max_skips 1)
+    with pytest.raises(ValueError, match="unknown skip criterion 'nope'"):
+        AdaptiveSkip(criterion="nope")

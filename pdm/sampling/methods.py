@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor
 
 from pdm.sampling.catalog import MultistepSolver
 from pdm.sampling.evaluator import ModelEvaluator
-from pdm.sampling.skipping import SkipController
+from pdm.sampling.skipper import Skipper
 from pdm.sampling.solvers import (
     ExpStep,
     TimePoint,
@@ -61,7 +60,7 @@ Progress = Callable[[StepInfo], None]
 
 
 def multistep(x: Tensor, points: Sequence[TimePoint], solver: MultistepSolver, evaluate: ModelEvaluator,
-              skip: SkipController, progress: Progress) -> tuple[Tensor, list[Tensor]]:
+              skip: Skipper, progress: Progress) -> tuple[Tensor, list[Tensor]]:
     """Step i goes from points[i-1] to points[i] with the outputs at points[i-1], points[i-2], ...
 
     The output at the new point is evaluated (or filled, if skipped) right after the step,
@@ -69,21 +68,20 @@ def multistep(x: Tensor, points: Sequence[TimePoint], solver: MultistepSolver, e
     """
     steps = len(points) - 1
     history = solver.order  # past points each update needs
-    evaluate.begin_step()
-    outputs = [evaluate(x, points[0], skip.mask())]
+    first, evaluated = skip.evaluate(evaluate.raw, x, points[0])
+    outputs = [first]
     rows: list[Tensor] = []
     for i in range(1, steps + 1):
         order = solver.order_at(i, steps)
         past = points[max(0, i - history):i]
         x_new = solver.predict(x, past, outputs, points[i], order, last=i == steps)
-        rows.append(evaluate.end_step())
-        progress(StepInfo(i - 1, points[i - 1].t, x, outputs[-1], points[i - 1], solver.data, rows[-1]))
+        rows.append(evaluated)
+        progress(StepInfo(i - 1, points[i - 1].t, x, outputs[-1], points[i - 1], solver.data, evaluated))
         if i == steps:
             return x_new, rows
         after = ExpStep(points[i], points[i + 1], solver.data)
-        skip.observe(x_new, rows[-1], points[i].lambda_, after.scale * after.phi_1)
-        evaluate.begin_step()
-        m_new = evaluate(x_new, points[i], skip.mask())
+        skip.observe(x_new, evaluated, points[i].lambda_, after.scale * after.phi_1)
+        m_new, evaluated = skip.evaluate(evaluate.raw, x_new, points[i])
         if solver.corrects:
             x_new = solver.correct(x, past, outputs, points[i], m_new, order)
         x = x_new
@@ -92,7 +90,7 @@ def multistep(x: Tensor, points: Sequence[TimePoint], solver: MultistepSolver, e
 
 
 def singlestep(x: Tensor, outer: Sequence[TimePoint], inner: Sequence[Sequence[TimePoint]], orders: Sequence[int],
-               evaluate: ModelEvaluator, skip: SkipController, solver_type: str,
+               evaluate: ModelEvaluator, skip: Skipper, solver_type: str,
                progress: Progress) -> tuple[Tensor, list[Tensor]]:
     """Step k goes from outer[k] to outer[k+1] with orders[k] evaluations at inner[k] (its
     intermediate points). A skipped step fills every evaluation inside it."""
@@ -100,8 +98,7 @@ def singlestep(x: Tensor, outer: Sequence[TimePoint], inner: Sequence[Sequence[T
     rows: list[Tensor] = []
     for k, order in enumerate(orders):
         s, t = outer[k], outer[k + 1]
-        model_at = partial(evaluate, mask=skip.mask())
-        evaluate.begin_step()
+        model_at = _StepEvaluations(skip, evaluate)
         m_s = model_at(x, s)
         x_s = x
         if order == 1:
@@ -110,12 +107,25 @@ def singlestep(x: Tensor, outer: Sequence[TimePoint], inner: Sequence[Sequence[T
             x, _ = singlestep_second_update(x, s, inner[k][0], t, m_s, model_at, data, solver_type)
         else:
             x, _ = singlestep_third_update(x, s, inner[k][0], inner[k][1], t, m_s, model_at, data, solver_type)
-        rows.append(evaluate.end_step())
+        rows.append(model_at.evaluated)
         progress(StepInfo(k, s.t, x_s, m_s, s, data, rows[-1]))
         if k + 1 < len(orders):
             after = ExpStep(t, outer[k + 2], data)
             skip.observe(x, rows[-1], t.lambda_, after.scale * after.phi_1)
     return x, rows
+
+
+class _StepEvaluations:
+    """``model_at(x, point)`` for the evaluations inside one singlestep step (one skip decision
+    for all of them); ``evaluated`` gathers which samples ran the network."""
+
+    def __init__(self, skip: Skipper, evaluate: ModelEvaluator) -> None:
+        self.skip, self.evaluate, self.evaluated = skip, evaluate, None
+
+    def __call__(self, x: Tensor, point: TimePoint) -> Tensor:
+        out, evaluated = self.skip.evaluate(self.evaluate.raw, x, point)
+        self.evaluated = evaluated if self.evaluated is None else self.evaluated | evaluated
+        return out
 
 
 def adaptive_step_size(x: Tensor, t_start: Tensor, t_end: Tensor, order: int, schedule: VPSchedule,

@@ -18,7 +18,8 @@ from torch import Tensor
 from pdm.objectives import TARGETS, Target
 from pdm.sampling.evaluator import ModelEvaluator, Thresholding
 from pdm.sampling.methods import StepInfo, adaptive_step_size, multistep, singlestep
-from pdm.sampling.skipping import AdaptiveSkip, SkipController, SkipPath
+from pdm.sampling.skipper import Skipper
+from pdm.sampling.skipping import AdaptiveSkip, SkipPath
 from pdm.sampling.catalog import ALL_METHODS, SOLVERS, VARIANT_ALIASES, MultistepSolver, StepOptions, solver_spec
 from pdm.sampling.solvers import TimePoint, singlestep_orders
 from pdm.schedule import SKIP_TYPES, SkipType, VPSchedule
@@ -163,11 +164,9 @@ def sample(
     if isinstance(skip, SkipPath) and skip.fill == "merge":  # the solver runs on the kept points only
         grid, kept = _merged_grid(grid, skip, method)
         skip = None
-    evaluate = ModelEvaluator(model_fn, prediction, spec.data,
-                              _check_model_kwargs(model_kwargs, batch),
-                              Thresholding(threshold_ratio, threshold_max) if thresholding else None, batch, device,
-                              None if skip is None else skip.fill, 0 if skip is None else skip.forecast_order)
-    controller = SkipController(skip, batch, device, evaluate.history)
+    evaluate = ModelEvaluator(model_fn, prediction, spec.data, _check_model_kwargs(model_kwargs, batch),
+                              Thresholding(threshold_ratio, threshold_max) if thresholding else None, batch, device)
+    controller = Skipper(skip, batch, device, evaluate.convert)
     with _reporting(None if method == "adaptive" else grid.numel() - 1, progress, callback) as on_step:
         if method == "adaptive":
             x, rows, grid = adaptive_step_size(noise, grid[0], grid[-1], order, schedule, evaluate, solver_type, atol,
@@ -244,7 +243,7 @@ def _grid(schedule: VPSchedule, steps: int, skip_type: str, t_start: float | Non
 
 
 def _singlestep(x: Tensor, schedule: VPSchedule, grid: Tensor, steps: int, order: int, method: str, skip_type: str,
-                own_grid: bool, evaluate: ModelEvaluator, controller: SkipController, solver_type: str,
+                own_grid: bool, evaluate: ModelEvaluator, controller: Skipper, solver_type: str,
                 progress: Callable[[StepInfo], None]) -> tuple[Tensor, list[Tensor], Tensor]:
     """The official singlestep grids: outer steps and, inside each, points spaced like ``skip_type``.
 

@@ -24,6 +24,8 @@ Criteria:
   form). The skip is taken where that error, in DPM-Solver's mixed tolerance
   max(atol, rtol |x|) with (atol, rtol) = threshold * (0.0078, 0.05), has RMS at most 1.
 Both criteria never skip during the warm-up and never more than ``max_skips`` steps in a row.
+
+This module holds the settings and the path files; :mod:`pdm.sampling.skipper` runs them.
 """
 
 from __future__ import annotations
@@ -38,9 +40,7 @@ import torch
 from torch import Tensor
 
 Fill = Literal["forecast", "reuse", "merge"]
-Criterion = Literal["error", "latent"]
 FILLS: tuple[str, ...] = get_args(Fill)
-CRITERIA: tuple[str, ...] = get_args(Criterion)
 TOLERANCE = (0.0078, 0.05)  # DPM-Solver's adaptive (atol, rtol) for data in [-1, 1], scaled by the threshold
 
 
@@ -49,6 +49,68 @@ def _check_fill(fill: str, forecast_order: int) -> None:
         raise ValueError(f"unknown fill {fill!r}; choose one of {', '.join(FILLS)}")
     if not 0 <= forecast_order <= 3:
         raise ValueError(f"forecast_order must be 0..3, got {forecast_order}")
+
+
+class Criterion:
+    """Decides, after a step, which samples may skip the coming evaluation (None: not yet known).
+
+    A new criterion is a subclass with a ``may_skip`` and its name in :data:`CRITERION_CLASSES`;
+    ``AdaptiveSkip(criterion=name)`` then runs it. ``skipper`` is the run's
+    :class:`~pdm.sampling.skipper.Skipper` (its ``batch`` and forecast ``history``)."""
+
+    def __init__(self, config: AdaptiveSkip) -> None:
+        self.config = config
+
+    def may_skip(self, x: Tensor, skipper, lam_next: Tensor | None,
+                 weight_next: Tensor | None) -> Tensor | None:
+        """(B,) bool: may each sample skip the evaluation at ``lam_next``, whose output enters the
+        next update with ``weight_next``; None while the criterion cannot tell yet."""
+        raise NotImplementedError
+
+
+class LatentCriterion(Criterion):
+    """AdaptiveDiffusion's test on the latents' third-order difference (see :mod:`~pdm.sampling.skipping`)."""
+
+    def __init__(self, config: AdaptiveSkip) -> None:
+        super().__init__(config)
+        self.latents: list[Tensor] = []  # x_{k-1}, x_k for the latent differences
+        self.diffs: list[Tensor] = []  # the last three d_k, each (B,)
+
+    def may_skip(self, x, skipper, lam_next, weight_next):
+        # d_k needs x_{k-1}; the initial noise x_0 is never used, so d_2 is the first difference
+        self.latents = (self.latents + [x])[-2:]
+        if len(self.latents) < 2:
+            return None
+        delta = (self.latents[1] - self.latents[0]).abs()
+        d_k = delta.flatten(1).mean(dim=1) if self.config.per_sample else delta.mean().expand(skipper.batch)
+        self.diffs = (self.diffs + [d_k.to(torch.float64)])[-3:]
+        if len(self.diffs) < 3:
+            return None
+        d_k, d_km1, d_km2 = self.diffs[-1], self.diffs[-2], self.diffs[-3]
+        return (d_k - 2.0 * d_km1 + d_km2).abs() <= 2.0 * self.config.threshold * d_km1
+
+
+class ErrorCriterion(Criterion):
+    """The skip's own estimated error: forecasts of orders p and p-1 disagree by about the
+    lower one's error, weighted as the coming output enters the next update."""
+
+    def may_skip(self, x, skipper, lam_next, weight_next):
+        hist = skipper.history
+        if lam_next is None or hist is None or hist.count is None or bool((hist.count < 2).any()):
+            return None
+        cfg = self.config
+        rows = torch.arange(skipper.batch, device=x.device)
+        high = hist.forecast(lam_next, cfg.forecast_order, rows)
+        low = hist.forecast(lam_next, cfg.forecast_order - 1, rows)
+        atol, rtol = (cfg.threshold * c for c in TOLERANCE)
+        tol = torch.clamp(rtol * x.abs(), min=atol)
+        rms = ((weight_next.abs() * (high - low)) / tol).flatten(1).pow(2).mean(dim=1).sqrt()
+        if not cfg.per_sample:
+            rms = rms.max().expand(skipper.batch)
+        return rms <= 1.0
+
+
+CRITERION_CLASSES: dict[str, type[Criterion]] = {"latent": LatentCriterion, "error": ErrorCriterion}
 
 
 @dataclass(frozen=True)
@@ -74,7 +136,7 @@ class AdaptiveSkip:
     max_skips: int = 2
     warmup: int = 4
     per_sample: bool = True
-    criterion: Criterion = "error"
+    criterion: str = "error"
     fill: Fill = "forecast"
     forecast_order: int = 2
 
@@ -86,8 +148,8 @@ class AdaptiveSkip:
         if self.warmup < 4:
             raise ValueError(f"skip warmup must be at least 4 steps (the criteria need three steps after the initial "
                              f"noise), got {self.warmup}")
-        if self.criterion not in CRITERIA:
-            raise ValueError(f"unknown skip criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
+        if self.criterion not in CRITERION_CLASSES:
+            raise ValueError(f"unknown skip criterion {self.criterion!r}; choose one of {', '.join(CRITERION_CLASSES)}")
         _check_fill(self.fill, self.forecast_order)
         if self.fill == "merge":
             raise ValueError("fill='merge' needs a fixed SkipPath (per-sample decisions cannot share one grid)")
@@ -184,130 +246,3 @@ class SkipPath:
             raise ValueError(f"skip path {os.fspath(path)!r} does not exist") from None
         except (OSError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{os.fspath(path)!r} is not a skip path written by SkipPath.save: {e}") from None
-
-
-def lagrange_extrapolate(lams: Tensor, values: Tensor, lam: Tensor) -> Tensor:
-    """Evaluate at ``lam`` the polynomial through (lams[j], values[j]) for each sample.
-
-    lams: (n, B) nodes; values: (n, B, ...) outputs; lam: scalar or (B,). Returns (B, ...).
-    """
-    n = lams.shape[0]
-    lam = torch.as_tensor(lam, dtype=lams.dtype, device=lams.device).expand(lams.shape[1])
-    out = torch.zeros_like(values[0])
-    for j in range(n):
-        w = torch.ones_like(lam)
-        for m in range(n):
-            if m != j:
-                w = w * (lam - lams[m]) / (lams[j] - lams[m])
-        out = out + w.reshape(-1, *([1] * (values.ndim - 2))).to(values.dtype) * values[j]
-    return out
-
-
-class OutputHistory:
-    """The last ``size`` evaluated outputs of every sample, with the lambda each was taken at."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.values: Tensor | None = None  # (size, B, ...), newest last
-        self.lams: Tensor | None = None  # (size, B)
-        self.count: Tensor | None = None  # (B,) evaluated outputs seen so far
-
-    def push(self, rows: Tensor, values: Tensor, lam: Tensor) -> None:
-        """Record the evaluated outputs ``values`` (len(rows), ...) of the samples ``rows`` at ``lam``."""
-        if self.values is None:
-            raise RuntimeError("call start(batch_like) before push")
-        self.values[:, rows] = torch.cat([self.values[1:, rows], values[None]])
-        self.lams[:, rows] = torch.cat([self.lams[1:, rows], lam.to(self.lams.dtype).expand(1, rows.numel())])
-        self.count[rows] += 1
-
-    def start(self, like: Tensor) -> None:
-        """Allocate storage for a batch shaped like ``like``."""
-        self.values = like.new_zeros((self.size, *like.shape))
-        self.lams = torch.zeros(self.size, like.shape[0], dtype=torch.float64, device=like.device)
-        self.count = torch.zeros(like.shape[0], dtype=torch.long, device=like.device)
-
-    def forecast(self, lam: Tensor, order: int, rows: Tensor) -> Tensor:
-        """Extrapolate each of ``rows`` to ``lam`` with order min(order, its evaluated outputs - 1)."""
-        out = self.values[-1, rows].clone()
-        eff = (self.count[rows] - 1).clamp(max=order, min=0)
-        for p in range(1, order + 1):
-            sel = torch.nonzero(eff == p).flatten()
-            if sel.numel():
-                r = rows[sel]
-                out[sel] = lagrange_extrapolate(self.lams[-p - 1:, r], self.values[-p - 1:, r], lam)
-        return out
-
-
-class SkipController:
-    """The skip state of one sampling run: decides which samples call the network next."""
-
-    def __init__(self, config: AdaptiveSkip | SkipPath | None, batch: int, device: torch.device,
-                 history: OutputHistory | None) -> None:
-        self.config, self.batch, self.device, self.history = config, batch, device, history
-        self.latents: list[Tensor] = []  # x_{k-1}, x_k for the latent differences
-        self.diffs: list[Tensor] = []  # the last three d_k, each (B,)
-        self.streak = torch.zeros(batch, dtype=torch.long, device=device)
-        self.next_mask: Tensor | None = None
-        self.steps_seen = 0
-
-    def mask(self) -> Tensor | None:
-        """Which samples must call the network for the coming evaluation (None: all of them)."""
-        return self.next_mask
-
-    def observe(self, x: Tensor, evaluated: Tensor, lam_next: Tensor | None = None,
-                weight_next: Tensor | None = None) -> None:
-        """Take the latents after a step and decide which samples evaluate the next one.
-
-        ``lam_next`` is the lambda of the coming evaluation and ``weight_next`` the weight its
-        output gets in the next update (both used by the error criterion).
-        """
-        self.steps_seen += 1
-        cfg = self.config
-        self.streak = torch.where(evaluated, torch.zeros_like(self.streak), self.streak + 1)
-        if cfg is None:
-            return
-        if isinstance(cfg, SkipPath):
-            k = self.steps_seen
-            flag = cfg.evaluate[k] if k < len(cfg.evaluate) else True
-            self.next_mask = torch.full((self.batch,), bool(flag), dtype=torch.bool, device=self.device)
-            return
-        if cfg.threshold == 0:
-            return
-        if cfg.criterion == "latent":
-            may_skip = self._latent_test(x, cfg)
-        else:
-            may_skip = self._error_test(x, cfg, lam_next, weight_next)
-        if may_skip is None or self.steps_seen < cfg.warmup:
-            self.next_mask = None
-            return
-        self.next_mask = ~(may_skip & (self.streak < cfg.max_skips))
-
-    def _latent_test(self, x: Tensor, cfg: AdaptiveSkip) -> Tensor | None:
-        # d_k needs x_{k-1}; the initial noise x_0 is never used, so d_2 is the first difference
-        self.latents = (self.latents + [x])[-2:]
-        if len(self.latents) < 2:
-            return None
-        delta = (self.latents[1] - self.latents[0]).abs()
-        d_k = delta.flatten(1).mean(dim=1) if cfg.per_sample else delta.mean().expand(self.batch)
-        self.diffs = (self.diffs + [d_k.to(torch.float64)])[-3:]
-        if len(self.diffs) < 3:
-            return None
-        d_k, d_km1, d_km2 = self.diffs[-1], self.diffs[-2], self.diffs[-3]
-        return (d_k - 2.0 * d_km1 + d_km2).abs() <= 2.0 * cfg.threshold * d_km1
-
-    def _error_test(self, x: Tensor, cfg: AdaptiveSkip, lam_next: Tensor | None,
-                    weight_next: Tensor | None) -> Tensor | None:
-        hist = self.history
-        if lam_next is None or hist is None or hist.count is None or bool((hist.count < 2).any()):
-            return None
-        rows = torch.arange(self.batch, device=self.device)
-        order = cfg.forecast_order
-        high = hist.forecast(lam_next, order, rows)
-        low = hist.forecast(lam_next, order - 1, rows)
-        atol, rtol = (cfg.threshold * c for c in TOLERANCE)
-        tol = torch.clamp(rtol * x.abs(), min=atol)
-        err = (weight_next.abs() * (high - low)) / tol
-        rms = err.flatten(1).pow(2).mean(dim=1).sqrt()
-        if not cfg.per_sample:
-            rms = rms.max().expand(self.batch)
-        return rms <= 1.0
