@@ -1,7 +1,7 @@
-"""Calibrate a skip path for a trained PDM: which evaluations of a fine grid to keep for a budget.
+"""Calibrate skip paths for a trained PDM: a learned time schedule per budget, checked on held-out images.
 
-    python calibrate.py --ckpt runs/digits/checkpoints/last.ckpt --nfe 10 --out digits_nfe10.json
-    python sample.py --ckpt runs/digits/checkpoints/last.ckpt --skip-path digits_nfe10.json --out samples/x
+    python calibrate.py --ckpt runs/digits/checkpoints/last.ckpt --nfe 5 10 20 --out digits_paths.json
+    python sample.py --ckpt runs/digits/checkpoints/last.ckpt --skip-path digits_paths.json --steps 10 --out samples/x
 
 The path is found on calibration noise drawn from --seed (default 1000000, a stream that
 sample.py's usual seeds never touch; images are drawn as sample.py draws image i of a seed) and
@@ -10,6 +10,11 @@ guidance scale): the search keeps --nfe points of a --steps grid, then moves tho
 the grid to where the error on the calibration images is least (--grid-points-only stops
 before that); the replay runs the network at those times only, with the solver settings
 recorded in the file. See pdm.sampling.calibrate_skip_path.
+
+The images are split: the first (1 - --validation-fraction) fit the path, the rest only check
+it. The time search stops at the step size where the validation error is least, and a path whose
+validation error is not below the best built-in grid's (same solver, same NFE) is replaced by
+that grid, with a warning. One accurate solution of all images serves every budget.
 """
 
 from __future__ import annotations
@@ -32,8 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command-line flags."""
     p = parser(__doc__)
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint or export; two for an expert pair")
-    p.add_argument("--nfe", type=int, required=True, help="network evaluations the path may spend")
+    p.add_argument("--nfe", type=int, nargs="+", required=True,
+                   help="network evaluations the path may spend; several budgets go into one file")
     p.add_argument("--out", required=True, help="the JSON file to write (refused if it exists, unless --overwrite)")
+    p.add_argument("--validation-fraction", type=float, default=0.25,
+                   help="share of the --num-seeds images that only check the paths (default 0.25; 0: none)")
     p.add_argument("--steps", type=int, default=100, help="the fine grid's steps (default 100)")
     p.add_argument("--solver", default="ipndm", choices=[s for s in SOLVERS if solver_spec(s).deterministic],
                    help="default ipndm (order 3), the best calibrated solver below 12 NFE in "
@@ -56,8 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check(args: argparse.Namespace) -> None:
     """Every check that needs no checkpoint; raises ValueError naming the fix."""
-    if not 1 <= args.nfe <= args.steps:
-        raise ValueError(f"--nfe must be in 1..--steps ({args.steps}), got {args.nfe}")
+    bad = [n for n in args.nfe if not 1 <= n <= args.steps]
+    if bad:
+        raise ValueError(f"--nfe must be in 1..--steps ({args.steps}), got {bad[0]}")
+    if not 0 <= args.validation_fraction < 1:
+        raise ValueError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
     if args.num_seeds < 1:
         raise ValueError("--num-seeds must be positive")
     check_seed(args.seed)
@@ -91,7 +102,8 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     """Load the model, draw the calibration batch, search the path and write it."""
     from pdm.checkpoints import load_for_sampling
     from pdm.outputs import file_sha256, noise_and_label
-    from pdm.sampling import calibrate_skip_path, check_settings
+    from pdm.sampling import check_settings
+    from pdm.sampling.budgets import PathFile, calibrate_budgets
 
     has_variants = bool(solver_spec(args.solver).variants)
     if args.solver_type is not None and not has_variants:
@@ -100,7 +112,8 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
                                  args.solver_type)
     variant = {"solver_type": solver_type} if has_variants else {}
     print(f"calibrate.py: loading {' and '.join(args.ckpt)} on {device}; then {args.num_seeds} images are solved "
-          f"accurately on a {args.steps}-step grid (the slow part) and a path of {args.nfe} evaluations is searched",
+          f"accurately on a {args.steps}-step grid (the slow part), then paths of {', '.join(map(str, args.nfe))} "
+          f"evaluations are searched",
           file=sys.stderr, flush=True)
     loaded = load_for_sampling(args.ckpt, args.guidance_scale, device, args.precision)
     shape = (loaded.in_channels, loaded.image_size, loaded.image_size)
@@ -109,24 +122,44 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     noise = torch.stack([n for n, _ in drawn]).to(device)
     kwargs = {"y": torch.tensor([y for _, y in drawn], device=device)} if classes else {}
     t0 = time.perf_counter()
-    path = calibrate_skip_path(loaded.model_fn, noise, loaded.schedule, args.nfe, steps=args.steps,
-                               prediction=loaded.prediction, model_kwargs=kwargs, solver=args.solver,
-                               order=args.order, skip_type=args.skip_type, continuous=not args.grid_points_only,
-                               progress=True, **variant)
-    path.settings["calibrated_for"] = {"checkpoints": sorted(file_sha256(p) for p in args.ckpt),
-                                       "files": [str(p) for p in args.ckpt],
-                                       "guidance_scale": args.guidance_scale, "precision": args.precision,
-                                       "seed": args.seed,
-                                       "num_seeds": args.num_seeds}
-    path.save(args.out)
-    kept = [i for i, e in enumerate(path.evaluate) if e]
-    summary = {"out": args.out, "nfe": path.nfe, "kept": kept, "timesteps": path.settings.get("timesteps"),
-               "seconds": round(time.perf_counter() - t0, 1)}
-    where = (f"times {', '.join(f'{t:.4g}' for t in summary['timesteps'][:-1])}" if summary["timesteps"]
-             else f"grid points {kept} of {args.steps}")
-    print(f"wrote {args.out}: {path.nfe} evaluations at {where} ({summary['seconds']} s); "
-          f"sample with --skip-path {args.out}", file=sys.stderr)
+    paths = calibrate_budgets(loaded.model_fn, noise, loaded.schedule, args.nfe, args.validation_fraction,
+                              args.steps, progress=True, continuous=not args.grid_points_only,
+                              prediction=loaded.prediction, model_kwargs=kwargs, solver=args.solver, order=args.order,
+                              skip_type=args.skip_type, **variant)
+    made_for = {"checkpoints": sorted(file_sha256(p) for p in args.ckpt), "files": [str(p) for p in args.ckpt],
+                "guidance_scale": args.guidance_scale, "precision": args.precision, "seed": args.seed,
+                "num_seeds": args.num_seeds}
+    for path in paths.values():
+        path.settings["calibrated_for"] = made_for
+    PathFile(paths, made_for).save(args.out)
+    seconds = round(time.perf_counter() - t0, 1)
+    budgets = {n: _report(n, p, args.steps) for n, p in paths.items()}
+    summary = {"out": args.out, "seconds": seconds, "budgets": budgets}
+    if len(budgets) == 1:
+        summary |= next(iter(budgets.values()))
+    print(f"wrote {args.out}: paths for {', '.join(map(str, budgets))} NFE ({seconds} s); sample with --skip-path "
+          f"{args.out} --steps N", file=sys.stderr)
     return summary
+
+
+def _report(nfe: int, path, steps: int) -> dict:
+    """One budget's summary, printed as one line on stderr (a warning when the grid was kept)."""
+    kept = [i for i, e in enumerate(path.evaluate) if e]
+    cal = path.settings.get("calibration") or {}
+    out = {"nfe": path.nfe, "kept": kept, "timesteps": path.settings.get("timesteps"), **cal}
+    errors = f"fit error {cal['fit_error']:.3e}" if "fit_error" in cal else ""
+    if "validation_error" in cal:
+        errors += (f", validation {cal['validation_error']:.3e} (built-in {cal['builtin_grid']} grid: "
+                   f"{cal['builtin_validation_error']:.3e})")
+    if cal.get("fallback"):
+        print(f"calibrate.py: warning: at {nfe} NFE the calibrated path did not beat the built-in "
+              f"{cal['builtin_grid']} grid on the validation images ({errors}); the file keeps that grid",
+              file=sys.stderr)
+        return out
+    where = (f"times {', '.join(f'{t:.4g}' for t in out['timesteps'][:-1])}" if out["timesteps"]
+             else f"grid points {kept} of {steps}")
+    print(f"calibrate.py: {nfe} NFE: {where}; {errors}", file=sys.stderr)
+    return out
 
 
 if __name__ == "__main__":

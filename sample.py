@@ -66,7 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-warmup", type=int, default=None)
     p.add_argument("--skip-shared", action="store_true", help="one skip decision per batch (official behaviour)")
     p.add_argument("--skip-official", action="store_true", help="AdaptiveDiffusion as published (latent test, reuse)")
-    p.add_argument("--skip-path", default=None, help="replay a calibrated SkipPath JSON (it fixes the solver settings)")
+    p.add_argument("--skip-path", default=None,
+                   help="replay a path file of calibrate.py (it fixes the solver settings), or 'embedded' (the "
+                        "paths inside a --ckpt export); --steps N picks the path of N evaluations")
     p.add_argument("--force-skip-path", action="store_true",
                    help="replay a --skip-path calibrated for another checkpoint or guidance scale")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available; under "
@@ -124,18 +126,16 @@ def resolve_settings(args: argparse.Namespace, given: set[str]) -> dict:
          "skip_type": args.skip_type, "solver_type": args.solver_type}
     timesteps = None
     if args.skip_path is not None:
-        path = SkipPath.load(args.skip_path)
+        path = selected_skip_path(args)  # --steps N picks the file's path of N evaluations
         timesteps = path.settings.get("timesteps")
         if timesteps is not None and args.skip_type is not None:
             raise ValueError("the skip path carries its own calibrated time grid; drop --skip-type")
         for key, value in path.settings.items():
-            if key in s:
+            if key in s and key != "steps":
                 if s[key] is not None and s[key] != value:
                     raise ValueError(f"--{key.replace('_', '-')} {s[key]} conflicts with the skip path's {value}; drop it")
                 s[key] = value
-        s["steps"] = s["steps"] or len(path.evaluate)
-        if len(path.evaluate) != s["steps"]:
-            raise ValueError(f"the skip path has {len(path.evaluate)} steps, not --steps {s['steps']}")
+        s["steps"] = len(path.evaluate)  # the path's own grid (its fine grid, for a grid-points path)
     s["steps"] = 20 if s["steps"] is None else s["steps"]
     if s["solver"] is None and s["method"] not in (None, "multistep"):
         raise ValueError(f"--method {s['method']} is a DPM-Solver method and the default solver is {DEFAULT_SOLVER}; "
@@ -163,13 +163,32 @@ def resolve_settings(args: argparse.Namespace, given: set[str]) -> dict:
     return s
 
 
+def selected_skip_path(args: argparse.Namespace) -> SkipPath:
+    """The path of --skip-path FILE for --steps N evaluations (the only one when --steps is not given)."""
+    from pdm.sampling.budgets import PathFile
+
+    if getattr(args, "_skip_path", None) is None:
+        if args.skip_path == "embedded":
+            from pdm.checkpoints import embedded_skip_paths
+
+            text = embedded_skip_paths(args.ckpt[0]) if args.ckpt and len(args.ckpt) == 1 else None
+            if text is None:
+                raise ValueError("--skip-path embedded needs one --ckpt export with paths in it (python -m "
+                                 "pdm.checkpoints CKPT OUT.safetensors --skip-paths FILE)")
+            paths = PathFile.from_json(text, f"the paths embedded in {args.ckpt[0]}")
+        else:
+            paths = PathFile.load(args.skip_path)
+        args._skip_path = paths.select(args.steps, f"--skip-path {args.skip_path}")
+    return args._skip_path
+
+
 def skip_config(args: argparse.Namespace, given: set[str]) -> AdaptiveSkip | SkipPath | None:
     """The skipping asked for, or None; flags that would do nothing are rejected."""
     tuning = {"max_skips", "skip_warmup", "skip_shared", "skip_official"} & given
     if args.skip_path is not None:
         if args.skip_threshold is not None or tuning:
             raise ValueError("a --skip-path fixes the skipped steps; drop --skip-threshold and the other skip flags")
-        return SkipPath.load(args.skip_path)
+        return selected_skip_path(args)
     if args.skip_threshold is None:
         if tuning:
             raise ValueError(f"--{sorted(tuning)[0].replace('_', '-')} does nothing without --skip-threshold; drop it "
@@ -289,7 +308,10 @@ def _sample_shards(args: argparse.Namespace, settings: dict, skip, device: torch
     out = Path(args.out)
     hashes = [file_sha256(p) for p in args.ckpt]
     if isinstance(skip, SkipPath) and not args.force_skip_path:
-        skip.check_calibrated_for(hashes, args.guidance_scale, [str(p) for p in args.ckpt], f"--skip-path {args.skip_path}")
+        # embedded paths travel with their weights: only the guidance scale can be wrong
+        made = (skip.settings.get("calibrated_for") or {}).get("checkpoints") if args.skip_path == "embedded" else None
+        skip.check_calibrated_for(made or hashes, args.guidance_scale, [str(p) for p in args.ckpt],
+                                  f"--skip-path {args.skip_path}")
     identity = run_identity(args, settings, skip, hashes)
     paths = shard_paths(out, args.num_samples, args.shard_size)
     todo = _claim(args, out, identity, paths, launch, {"device": str(device), "batch_size": args.batch_size,

@@ -200,4 +200,4 @@ def test_calibrate_speaks_from_the_first_second(tiny_ckpts, tmp_path):
     assert first.startswith("calibrate.py: loading") and "6-step grid" in first
     assert "calibration: reference solution" in rest and "calibration: sensitivities" in rest
     assert proc.stdout.read() == ""  # everything it says is on stderr
-    assert json.loads((tmp_path / "p.json").read_text())["settings"]["calibrated_for"]["files"] == [tiny_ckpts["cond"]]
+    assert json.loads((tmp_path / "p.json").read_text())["calibrated_for"]["files"] == [tiny_ckpts["cond"]]

@@ -2,13 +2,14 @@
 safetensors exports (:mod:`~pdm.checkpoints.writing`), and trained models rebuilt for sampling,
 expert pairs included (:mod:`~pdm.checkpoints.models`).
 
-    python -m pdm.checkpoints CKPT OUT.safetensors [--overwrite]        # export EMA weights
+    python -m pdm.checkpoints CKPT OUT.safetensors [--skip-paths FILE]  # export EMA weights (and paths)
     python -m pdm.checkpoints convert OFFICIAL.pt OUT.safetensors --config configs/lsun_church_p4.yaml
 """
 
 from pdm.checkpoints.models import LoadedModel, Model, load_for_sampling, load_model, network_model_fn
 from pdm.checkpoints.reading import (
     SAFETENSORS_HINT,
+    embedded_skip_paths,
     SAMPLING_KEYS,
     is_safetensors,
     load_checkpoint,
@@ -17,9 +18,16 @@ from pdm.checkpoints.reading import (
     load_safetensors,
     training_checkpoint,
 )
-from pdm.checkpoints.writing import EXPORT_FORMAT, AtomicCheckpointIO, export_official, export_safetensors
+from pdm.checkpoints.writing import (
+    EMBEDDED_PATHS_KEY,
+    EXPORT_FORMAT,
+    AtomicCheckpointIO,
+    export_official,
+    export_safetensors,
+)
 
 __all__ = [
+    "EMBEDDED_PATHS_KEY",
     "EXPORT_FORMAT",
     "SAFETENSORS_HINT",
     "SAMPLING_KEYS",
@@ -27,6 +35,7 @@ __all__ = [
     "LoadedModel",
     "Model",
     "export_official",
+    "embedded_skip_paths",
     "export_safetensors",
     "is_safetensors",
     "load_checkpoint",

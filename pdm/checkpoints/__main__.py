@@ -1,6 +1,6 @@
 """Checkpoint commands: export a training checkpoint's EMA weights, or convert official weights.
 
-    python -m pdm.checkpoints CKPT OUT.safetensors [--overwrite]
+    python -m pdm.checkpoints CKPT OUT.safetensors [--skip-paths FILE] [--overwrite]
     python -m pdm.checkpoints convert OFFICIAL.pt OUT.safetensors --config configs/lsun_church_p4.yaml
 
 Both write a safetensors file with the model's config as metadata, which ``sample.py --ckpt``
@@ -39,9 +39,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("ckpt", help="a training checkpoint (.ckpt) written by train.py")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--skip-paths", default=None,
+                   help="embed a calibrate.py path file (sample.py --skip-path embedded replays it)")
+    p.add_argument("--force", action="store_true", help="embed --skip-paths calibrated for another checkpoint")
     args = p.parse_args(argv)
+    if args.force and args.skip_paths is None:
+        fail("python -m pdm.checkpoints", "--force does nothing without --skip-paths; drop it")
     try:
-        print(export_safetensors(args.ckpt, args.out, args.overwrite))
+        print(export_safetensors(args.ckpt, args.out, args.overwrite, args.skip_paths, args.force))
     except ValueError as e:
         fail("python -m pdm.checkpoints", str(e))
 

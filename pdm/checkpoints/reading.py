@@ -117,3 +117,16 @@ def load_checkpoint_state(path: str) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"{path!r} holds no state dict of tensors")
     return obj
+
+
+def embedded_skip_paths(path: str) -> str | None:
+    """The path file embedded in an export (``python -m pdm.checkpoints ... --skip-paths``), or None."""
+    if not is_safetensors(path):
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("pdm_skip_paths")
+    except Exception:  # noqa: BLE001 - an unreadable export is reported when it is loaded
+        return None

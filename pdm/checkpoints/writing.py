@@ -4,6 +4,7 @@ weights converted onto pdm's network)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -16,6 +17,7 @@ from pdm.checkpoints.reading import SAMPLING_KEYS, load_checkpoint, load_checkpo
 from pdm.nn import UNet
 
 EXPORT_FORMAT = "pdm-ema-v2"
+EMBEDDED_PATHS_KEY = "pdm_skip_paths"  # safetensors metadata: a calibrate.py path file
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -26,11 +28,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def export_safetensors(ckpt_path: str, out_path: str, overwrite: bool = False) -> str:
+def export_safetensors(ckpt_path: str, out_path: str, overwrite: bool = False, skip_paths: str | None = None,
+                       force: bool = False) -> str:
     """Write the checkpoint's EMA network weights to safetensors, with the model config as metadata.
 
     Refuses to write over its input, to a name without ``.safetensors`` (sample.py reads
-    exports by that name) and over an existing file unless ``overwrite``.
+    exports by that name) and over an existing file unless ``overwrite``. ``skip_paths``, a path
+    file of calibrate.py for this checkpoint (``force``: for any), travels inside the export
+    (``sample.py --skip-path embedded`` replays it).
     """
     from safetensors.torch import save_file
 
@@ -47,8 +52,26 @@ def export_safetensors(ckpt_path: str, out_path: str, overwrite: bool = False) -
         raise ValueError(f"{ckpt_path!r} holds no network config; export a checkpoint written by pdm's train.py")
     tensors = {k: v.contiguous() for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     metadata = {"pdm_config": json.dumps(config), "format": EXPORT_FORMAT, "global_step": str(ckpt.get("global_step", ""))}
+    if skip_paths is not None:
+        metadata[EMBEDDED_PATHS_KEY] = _paths_for(skip_paths, ckpt_path, force)
     atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return out_path
+
+
+def _paths_for(skip_paths: str, ckpt_path: str, force: bool) -> str:
+    """The path file's text, checked to be calibrated for ``ckpt_path`` unless ``force``."""
+    from pdm.sampling.budgets import PathFile
+
+    paths = PathFile.load(skip_paths)
+    made_for = sorted(paths.calibrated_for.get("checkpoints") or [])
+    digest = hashlib.sha256()
+    with open(ckpt_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if made_for and made_for != [digest.hexdigest()] and not force:
+        raise ValueError(f"{skip_paths} was calibrated for sha256 {', '.join(h[:8] + '...' for h in made_for)}, not "
+                         f"{ckpt_path} (sha256 {digest.hexdigest()[:8]}...); calibrate this checkpoint, or pass --force")
+    return paths.to_json()
 
 
 def export_official(official_path: str, config_path: str, out_path: str, overwrite: bool = False) -> str:

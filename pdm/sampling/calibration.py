@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -45,6 +46,34 @@ from pdm.sampling.solvers import TimePoint, first_order_update, multistep_second
 from pdm.schedule import SKIP_TYPES, VPSchedule
 
 ErrorFn = Callable[[Tensor, Tensor], float]
+
+
+@dataclass
+class Reference:
+    """The accurate solution on a fine grid, computed once and shared by every budget calibrated
+    on the same images (it costs most of a calibration): the states x*(t_i) and, once the first
+    dynamic programme needs them, the solver-form outputs there and the sensitivities."""
+
+    grid: Tensor
+    states: list[Tensor]
+    outputs: list[Tensor] | None = None
+    weights: list[float] | None = None
+
+    def rows(self, index: slice) -> Reference:
+        """The same solution for the images ``index`` (outputs and weights are recomputed)."""
+        return Reference(self.grid, [s[index] for s in self.states])
+
+
+def reference_for(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, steps: int = 100,
+                  progress: bool = False, **sample_kwargs) -> Reference:
+    """:class:`Reference` states of ``noise`` on the ``steps``-step grid ``sample_kwargs`` describe."""
+    sample_kwargs = {"skip_type": "logSNR", **sample_kwargs}
+    grid = schedule.timesteps(steps, sample_kwargs["skip_type"], sample_kwargs.get("t_start"),
+                              sample_kwargs.get("t_end"), dtype=noise.dtype, device=noise.device)
+    with torch.no_grad():
+        states = reference_states(model_fn, noise, schedule, grid, sample_kwargs.get("prediction", "eps"),
+                                  dict(sample_kwargs.get("model_kwargs") or {}), progress=progress)
+    return Reference(grid, states)
 
 
 def rms(a: Tensor, b: Tensor) -> float:
@@ -150,7 +179,8 @@ def path_from_points(points: list[int], m: int, **path_kwargs) -> SkipPath:
 def calibrate_skip_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, nfe: int,
                         steps: int = 100, max_gap: int | None = None, refine_sweeps: int = 4,
                         error: ErrorFn | None = None, progress: bool = False, fill: str = "merge",
-                        continuous: bool = True, halvings: int = 5, **sample_kwargs) -> SkipPath:
+                        continuous: bool = True, halvings: int = 5, reference: Reference | None = None,
+                        validate: Callable[[Tensor], float] | None = None, **sample_kwargs) -> SkipPath:
     """The evaluations of a ``steps``-step grid to keep for a budget of ``nfe``, calibrated on ``noise``.
 
     Args:
@@ -168,6 +198,10 @@ def calibrate_skip_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule
             the path then evaluates every step of its own grid of ``nfe`` steps, recorded in
             ``settings["timesteps"]``.
         halvings: how often stage 4 halves its step (first step: half a mean gap in lambda).
+        reference: the accurate solution of ``noise`` on this grid (:func:`reference_for`), when
+            several budgets are calibrated on the same images; computed here if None.
+        validate: ``validate(times)``, the error of a time grid on validation images: stage 4
+            stops at the step size where it is least (early stopping against over-fitting).
     Returns a :class:`SkipPath` whose ``settings`` record the grid, so it replays as found
     (:meth:`SkipPath.sample_kwargs` gives the arguments of :func:`sample` that replay it).
     """
@@ -175,23 +209,20 @@ def calibrate_skip_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule
         raise ValueError(f"nfe must be in 1..steps ({steps}), got {nfe}")
     error = error or rms
     sample_kwargs = {"skip_type": "logSNR", **sample_kwargs}
-    prediction = sample_kwargs.get("prediction", "eps")
-    kwargs = dict(sample_kwargs.get("model_kwargs") or {})
     max_gap = max_gap or max(2, math.ceil(2.5 * steps / nfe))
-    grid = schedule.timesteps(steps, sample_kwargs["skip_type"], sample_kwargs.get("t_start"),
-                              sample_kwargs.get("t_end"), dtype=noise.dtype, device=noise.device)
+    reference = reference or reference_for(model_fn, noise, schedule, steps, progress, **sample_kwargs)
+    grid, states = reference.grid, reference.states
     settings = {k: v for k, v in sample_kwargs.items() if k in ("solver", "order", "skip_type", "method",
                                                                  "solver_type")} | {"steps": steps}
     replay = dict(fill=fill, settings=settings)
     with torch.no_grad():
-        states = reference_states(model_fn, noise, schedule, grid, prediction, kwargs, progress=progress)
         target = states[-1]
 
         def score(pts: list[int]) -> float:
             path = path_from_points(pts, steps, **replay)
             return error(sample(model_fn, noise, schedule, steps=steps, skip=path, **sample_kwargs).x, target)
 
-        candidates = [_dp_path(model_fn, noise, schedule, grid, states, nfe, max_gap, sample_kwargs, progress)]
+        candidates = [_dp_path(model_fn, noise, schedule, reference, nfe, max_gap, sample_kwargs, progress)]
         candidates += [_mapped_grid(schedule, grid, nfe, skip_type, sample_kwargs) for skip_type in SKIP_TYPES]
         scored = sorted((score(c), c) for c in {tuple(c) for c in candidates if len(c) == nfe + 1})
         _say(progress, f"start error {scored[0][0]:.3e} (of {len(scored)} candidates)")
@@ -208,19 +239,21 @@ def calibrate_skip_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule
             (score_times(g), g) for g in (schedule.timesteps(nfe, st, float(grid[0]), float(grid[-1]),
                                                              dtype=torch.float64) for st in SKIP_TYPES)]
         best, start = min(starts, key=lambda c: c[0])
-        times, best = refine_times(start, schedule, score_times, best, halvings, progress)
+        times, best = refine_times(start, schedule, score_times, best, halvings, progress, validate)
     settings = {k: v for k, v in settings.items() if k != "skip_type"}
     settings |= {"steps": nfe, "timesteps": [float(t) for t in times]}
     return SkipPath((True,) * nfe, fill="merge", settings=settings)
 
 
 def refine_times(times: Tensor, schedule: VPSchedule, score: Callable[[Tensor], float], best: float | None = None,
-                 halvings: int = 5, progress: bool = False) -> tuple[Tensor, float]:
+                 halvings: int = 5, progress: bool = False,
+                 validate: Callable[[Tensor], float] | None = None) -> tuple[Tensor, float]:
     """Coordinate descent on a time grid: move each interior time in lambda by +-step while the
     ``score`` of the grid falls, and halve the step (``halvings`` times) when no move helps.
 
     The ends stay; the first step is half the mean gap in lambda and no time passes (or meets) a
-    neighbour.
+    neighbour. With ``validate`` (the error on images the score does not see), the grid returned
+    is the one, among the start and the end of each step size, whose validation error is least.
     Returns the grid (decreasing times, float64) and its score.
     """
     times = times.detach().double().cpu().clone()
@@ -235,6 +268,7 @@ def refine_times(times: Tensor, schedule: VPSchedule, score: Callable[[Tensor], 
         grid[0], grid[-1] = times[0], times[-1]
         return grid
 
+    kept = (validate(grid_of(lam)), lam, best) if validate is not None else None
     for level in range(halvings + 1):
         improved, sweeps = True, 0
         while improved and sweeps < 8:  # a bounded number of sweeps per step size
@@ -249,25 +283,37 @@ def refine_times(times: Tensor, schedule: VPSchedule, score: Callable[[Tensor], 
                     if e < best:
                         lam, best, improved = cand, e, True
                         break
-        _say(progress, f"time step {step:.3g} in lambda, error {best:.3e}")
+        if kept is not None:
+            held_out = validate(grid_of(lam))
+            kept = min(kept, (held_out, lam, best), key=lambda c: c[0])
+            _say(progress, f"time step {step:.3g} in lambda, error {best:.3e}, validation {held_out:.3e}")
+        else:
+            _say(progress, f"time step {step:.3g} in lambda, error {best:.3e}")
         step /= 2
+    if kept is not None:
+        lam, best = kept[1], kept[2]
     return grid_of(lam), best
 
 
-def _dp_path(model_fn, noise, schedule, grid, states, nfe, max_gap, sample_kwargs, progress: bool = False) -> list[int]:
-    """Stage 1: the path of least sensitivity-weighted local error."""
+def _dp_path(model_fn, noise, schedule, reference: Reference, nfe, max_gap, sample_kwargs,
+             progress: bool = False) -> list[int]:
+    """Stage 1: the path of least sensitivity-weighted local error (outputs and sensitivities are
+    computed once per reference and kept there for the next budget)."""
     prediction = sample_kwargs.get("prediction", "eps")
     kwargs = dict(sample_kwargs.get("model_kwargs") or {})
+    grid, states = reference.grid, reference.states
     steps = grid.numel() - 1
     points = [TimePoint.at(schedule, t) for t in grid]
     data = solver_spec(sample_kwargs.get("solver", "dpmsolver++")).data
-    convert = to_x0 if data else to_eps
-    outputs = []
-    for i in _stage(range(steps), steps, "network outputs", progress):
-        raw = model_fn(states[i], grid[i].expand(noise.shape[0]), **kwargs).to(noise.dtype)
-        outputs.append(convert(raw, states[i], points[i].alpha, points[i].sigma, prediction))
-    weights = sensitivities(model_fn, states, schedule, grid, prediction, kwargs, progress=progress)
-    return _cheapest_path(_local_errors(states, outputs, points, data, max_gap, weights), steps, nfe, max_gap)
+    if reference.outputs is None:
+        convert = to_x0 if data else to_eps
+        reference.outputs = []
+        for i in _stage(range(steps), steps, "network outputs", progress):
+            raw = model_fn(states[i], grid[i].expand(noise.shape[0]), **kwargs).to(noise.dtype)
+            reference.outputs.append(convert(raw, states[i], points[i].alpha, points[i].sigma, prediction))
+        reference.weights = sensitivities(model_fn, states, schedule, grid, prediction, kwargs, progress=progress)
+    errors = _local_errors(states, reference.outputs, points, data, max_gap, reference.weights)
+    return _cheapest_path(errors, steps, nfe, max_gap)
 
 
 def _mapped_grid(schedule: VPSchedule, grid: Tensor, nfe: int, skip_type: str, sample_kwargs: dict) -> list[int]:

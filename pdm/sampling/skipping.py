@@ -240,6 +240,14 @@ class SkipPath:
         try:
             with open(path) as f:
                 data = json.load(f)
+            if "paths" in data:  # a path file of several budgets (pdm.sampling.budgets.PathFile)
+                if len(data["paths"]) != 1:
+                    raise ValueError(f"it holds paths for {', '.join(sorted(data['paths'], key=int))} NFE; read it "
+                                     "with pdm.sampling.budgets.PathFile.load(...).select(nfe)")
+                made_for = data.get("calibrated_for") or {}
+                data = next(iter(data["paths"].values()))
+                data["settings"] = {"calibrated_for": made_for, **(data.get("settings") or {})} if made_for else \
+                    data.get("settings")
             return cls(evaluate=tuple(data["evaluate"]), fill=data.get("fill", "merge"),
                        forecast_order=int(data.get("forecast_order", 2)), settings=dict(data.get("settings") or {}))
         except FileNotFoundError:

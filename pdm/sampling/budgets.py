@@ -1,0 +1,176 @@
+"""Calibrated paths that hold on new images, for several budgets, in one versioned file.
+
+:func:`calibrate_budgets` splits the calibration images into a fitting part and a validation
+part, solves both accurately once (in one batch), and for each budget in ``nfe`` runs
+:func:`~pdm.sampling.calibration.calibrate_skip_path` on the fitting images, stopping its time
+search where the validation error is least. It then compares the path with the built-in grids
+of the same solver and NFE *on the validation images*: when none of its error gain survives
+there, the best built-in grid is kept instead (and the report says so). Each path records its
+fitted and validation errors under ``settings["calibration"]``.
+
+:class:`PathFile` is the file: ``{"format": "pdm-skip-paths-v2", "calibrated_for": ...,
+"paths": {"5": path, "10": path}}``; a file of the first format (one :class:`SkipPath`, written
+by ``SkipPath.save``) still loads, as a file with one budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from pdm.sampling.calibration import calibrate_skip_path, reference_for, rms
+from pdm.sampling.sampler import sample
+from pdm.sampling.skipping import SkipPath
+from pdm.schedule import SKIP_TYPES, VPSchedule
+
+PATH_FILE_FORMAT = "pdm-skip-paths-v2"
+
+
+def split_rows(n: int, validation: float) -> tuple[slice, slice]:
+    """(fitting rows, validation rows) of ``n`` calibration images: the last ``validation``
+    fraction (at least one image when the fraction is positive and n >= 2) validates."""
+    if not 0.0 <= validation < 1.0:
+        raise ValueError(f"the validation fraction must be in [0, 1), got {validation}")
+    held = 0 if validation == 0 or n < 2 else min(n - 1, max(1, round(validation * n)))
+    return slice(0, n - held), slice(n - held, n)
+
+
+def calibrate_budgets(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, budgets: list[int],
+                      validation: float = 0.25, steps: int = 100, progress: bool = False, continuous: bool = True,
+                      halvings: int = 5, refine_sweeps: int = 4, **sample_kwargs) -> dict[int, SkipPath]:
+    """{nfe: path} for every budget, each fitted on the first images of ``noise`` and checked on
+    the rest (see the module docstring). ``sample_kwargs`` describe the fine grid and the solver
+    as for :func:`calibrate_skip_path` (``model_kwargs`` rows follow ``noise``)."""
+    fit, val = split_rows(noise.shape[0], validation)
+    kwargs = dict(sample_kwargs.pop("model_kwargs", None) or {})
+    grid_kw = {"skip_type": "logSNR", **sample_kwargs}
+    whole = reference_for(model_fn, noise, schedule, steps, progress, model_kwargs=kwargs, **grid_kw)
+    fit_ref = whole.rows(fit)
+    fit_kw = {k: v[fit] for k, v in kwargs.items()}
+    held = _Validation(model_fn, noise[val], schedule, whole.states[-1][val], {k: v[val] for k, v in kwargs.items()},
+                       grid_kw) if val.stop > val.start else None
+    paths = {}
+    for nfe in sorted(set(budgets)):
+        path = calibrate_skip_path(model_fn, noise[fit], schedule, nfe, steps=steps, progress=progress,
+                                   reference=fit_ref, model_kwargs=fit_kw, continuous=continuous,
+                                   halvings=halvings, refine_sweeps=refine_sweeps,
+                                   validate=None if held is None else held.times_error(nfe), **grid_kw)
+        fitted = rms(sample(model_fn, noise[fit], schedule, **{**grid_kw, **path.sample_kwargs()},
+                            model_kwargs=fit_kw).x, fit_ref.states[-1])
+        report = {"fit_images": fit.stop - fit.start, "validation_images": val.stop - val.start,
+                  "fit_error": fitted}
+        if held is not None:
+            path, report = held.check(path, nfe, report)
+        path.settings["calibration"] = report
+        paths[nfe] = path
+    return paths
+
+
+@dataclass
+class _Validation:
+    """The validation images, their accurate end states, and the errors of paths and grids there."""
+
+    model_fn: Callable[..., Tensor]
+    noise: Tensor
+    schedule: VPSchedule
+    target: Tensor
+    model_kwargs: dict[str, Tensor]
+    grid_kw: dict[str, Any]
+
+    def error(self, **kwargs) -> float:
+        run = sample(self.model_fn, self.noise, self.schedule, model_kwargs=self.model_kwargs,
+                     **{**self.grid_kw, **kwargs})
+        return rms(run.x, self.target)
+
+    def times_error(self, nfe: int) -> Callable[[Tensor], float]:
+        kw = {k: v for k, v in self.grid_kw.items() if k not in ("skip_type", "steps", "timesteps")}
+        return lambda times: rms(sample(self.model_fn, self.noise, self.schedule, steps=nfe, timesteps=times,
+                                        model_kwargs=self.model_kwargs, **kw).x, self.target)
+
+    def check(self, path: SkipPath, nfe: int, report: dict) -> tuple[SkipPath, dict]:
+        """The path, or the best built-in grid of ``nfe`` steps if that is better on validation."""
+        calibrated = self.error(**path.sample_kwargs())
+        builtin = {st: self.error(steps=nfe, skip_type=st) for st in SKIP_TYPES}
+        grid = min(builtin, key=builtin.get)
+        report |= {"validation_error": calibrated, "builtin_grid": grid, "builtin_validation_error": builtin[grid],
+                   "fallback": calibrated >= builtin[grid]}
+        if not report["fallback"]:
+            return path, report
+        settings = {k: v for k, v in path.settings.items() if k in ("solver", "order", "method", "solver_type")}
+        return SkipPath((True,) * nfe, fill="merge", settings=settings | {"steps": nfe, "skip_type": grid}), report
+
+
+@dataclass
+class PathFile:
+    """Calibrated paths for several budgets (keyed by NFE) and what they were calibrated for."""
+
+    paths: dict[int, SkipPath]
+    calibrated_for: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def budgets(self) -> list[int]:
+        return sorted(self.paths)
+
+    def select(self, nfe: int | None, name: str = "the path file") -> SkipPath:
+        """The path of ``nfe`` evaluations (None: the only one); a ValueError names the budgets."""
+        have = ", ".join(map(str, self.budgets))
+        if nfe is None:
+            if len(self.paths) == 1:
+                return next(iter(self.paths.values()))
+            raise ValueError(f"{name} holds paths for {have} NFE; choose one with --steps N")
+        if nfe not in self.paths:
+            raise ValueError(f"{name} has no path for {nfe} NFE (it holds {have}); pass --steps with one of those, "
+                             f"or calibrate {nfe} with calibrate.py --nfe {nfe}")
+        return self.paths[nfe]
+
+    def to_json(self) -> str:
+        paths = {str(n): asdict(p) for n, p in sorted(self.paths.items())}
+        return json.dumps({"format": PATH_FILE_FORMAT, "calibrated_for": self.calibrated_for, "paths": paths}, indent=1)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the file (atomically)."""
+        from pdm.atomic import atomic_write_text
+
+        atomic_write_text(path, self.to_json())
+
+    @classmethod
+    def from_json(cls, text: str, name: str) -> PathFile:
+        """Parse either format; a malformed text is a ValueError naming ``name``."""
+        try:
+            data = json.loads(text)
+            if "format" not in data and "evaluate" in data:  # the first format: one SkipPath
+                one = _path_from_dict(data)
+                return cls({one.nfe: one}, dict(one.settings.get("calibrated_for") or {}))
+            if data.get("format") != PATH_FILE_FORMAT:
+                raise ValueError(f"unknown format {data.get('format')!r}")
+            made_for = dict(data.get("calibrated_for") or {})
+            paths = {int(n): _path_from_dict(p, made_for) for n, p in data["paths"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{name} is not a path file written by calibrate.py: {e}") from None
+        if not paths:
+            raise ValueError(f"{name} holds no paths")
+        return cls(paths, made_for)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PathFile:
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            raise ValueError(f"skip path {os.fspath(path)!r} does not exist") from None
+        except OSError as e:
+            raise ValueError(f"cannot read skip path {os.fspath(path)!r}: {e.strerror}") from None
+        return cls.from_json(text, repr(os.fspath(path)))
+
+
+def _path_from_dict(data: dict, calibrated_for: dict | None = None) -> SkipPath:
+    settings = dict(data.get("settings") or {})
+    if calibrated_for and "calibrated_for" not in settings:
+        settings["calibrated_for"] = calibrated_for
+    return SkipPath(evaluate=tuple(data["evaluate"]), fill=data.get("fill", "merge"),
+                    forecast_order=int(data.get("forecast_order", 2)), settings=settings)

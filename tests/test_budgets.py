@@ -1,0 +1,119 @@
+"""Calibrated paths that hold on new images (issue #23, parts 1 and 3): a held-out validation
+split, the fallback to a built-in grid, several budgets in one versioned file, the previous file
+format, budget selection and refusals through sample.py, and paths embedded in an export."""
+
+import json
+
+import pytest
+import torch
+
+import calibrate as calibrate_cli
+import sample as sample_cli
+from pdm.sampling import SkipPath, sample
+from pdm.sampling.budgets import PathFile, calibrate_budgets, split_rows
+from pdm.schedule import VPSchedule
+from pdm.testing import GaussianMixture
+
+S = VPSchedule.linear()
+GM = GaussianMixture.random(components=4, shape=(3, 4, 4), std=0.3)
+KW = dict(solver="ipndm", order=3, skip_type="logSNR")
+
+
+def _noise(n, seed):
+    return torch.randn(n, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_split_keeps_the_last_images_for_validation():
+    assert split_rows(32, 0.25) == (slice(0, 24), slice(24, 32))
+    assert split_rows(3, 0.1) == (slice(0, 2), slice(2, 3))  # at least one image validates
+    assert split_rows(1, 0.25) == (slice(0, 1), slice(1, 1)) and split_rows(8, 0.0) == (slice(0, 8), slice(8, 8))
+    with pytest.raises(ValueError, match="validation fraction"):
+        split_rows(8, 1.0)
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    # 32 images fit, 32 validate: fewer validation images estimate the error too loosely (with 6
+    # of them, a held-out error 1.3x the validation error was seen)
+    return calibrate_budgets(GM.model_fn(S), _noise(64, 31), S, [5, 8], validation=0.5, steps=24, halvings=2, **KW)
+
+
+def test_held_out_error_is_close_to_the_validation_error_on_the_exact_mixture(calibrated):
+    # the figure that counts is the error on images the search never saw: within 1.25x of the
+    # validation error, and never worse than the built-in grid it was checked against
+    new = _noise(64, 97)
+    ref = sample(GM.model_fn(S), new, S, steps=300, solver="unipc", order=3, skip_type="logSNR").x
+    for nfe, path in calibrated.items():
+        report = path.settings["calibration"]
+        assert report["fit_images"] == 32 and report["validation_images"] == 32 and path.nfe == nfe
+        held_out = (sample(GM.model_fn(S), new, S, **{**KW, **path.sample_kwargs()}).x - ref).pow(2).mean().sqrt()
+        assert float(held_out) <= 1.25 * report["validation_error"], (nfe, float(held_out), report)  # 1.01, 1.05
+        assert report["validation_error"] <= report["builtin_validation_error"] and not report["fallback"]
+
+
+def test_a_path_that_loses_on_validation_is_replaced_by_the_built_in_grid(monkeypatch):
+    # force the loss: make every candidate path worse on validation than the grids
+    import pdm.sampling.budgets as budgets
+
+    real = budgets._Validation.error
+
+    def rigged(self, **kwargs):
+        return real(self, **kwargs) * (10.0 if "timesteps" in kwargs else 1.0)
+
+    monkeypatch.setattr(budgets._Validation, "error", rigged)
+    paths = calibrate_budgets(GM.model_fn(S), _noise(8, 5), S, [4], steps=12, halvings=1, **KW)
+    path = paths[4]
+    report = path.settings["calibration"]
+    assert report["fallback"] and path.settings["skip_type"] == report["builtin_grid"]
+    assert "timesteps" not in path.settings and path.evaluate == (True,) * 4 and path.settings["steps"] == 4
+
+
+def test_several_budgets_in_one_file_and_the_first_format_still_loads(calibrated, tmp_path):
+    PathFile(calibrated, {"guidance_scale": 1.0}).save(tmp_path / "p.json")
+    back = PathFile.load(tmp_path / "p.json")
+    assert back.budgets == [5, 8] and json.loads((tmp_path / "p.json").read_text())["format"] == "pdm-skip-paths-v2"
+    for nfe, path in calibrated.items():
+        again = back.select(nfe)
+        assert again == path and again.settings["timesteps"] == path.settings["timesteps"]
+        a = sample(GM.model_fn(S), _noise(4, 1), S, **{**KW, **path.sample_kwargs()}).x
+        b = sample(GM.model_fn(S), _noise(4, 1), S, **{**KW, **again.sample_kwargs()}).x
+        assert torch.equal(a, b)  # replayed bit-identically from the file
+    with pytest.raises(ValueError, match=r"has no path for 6 NFE \(it holds 5, 8\)"):
+        back.select(6)
+    with pytest.raises(ValueError, match="choose one with --steps N"):
+        back.select(None)
+    calibrated[5].save(tmp_path / "old.json")  # the previous format: one SkipPath
+    old = PathFile.load(tmp_path / "old.json")
+    assert old.budgets == [5] and old.select(None) == calibrated[5]
+    assert SkipPath.load(tmp_path / "old.json") == calibrated[5]
+
+
+def test_sample_picks_the_budget_refuses_a_missing_one_and_replays_embedded_paths(tiny_ckpts, tmp_path, capsys):
+    from pdm.checkpoints.__main__ import main as export_main
+
+    paths = tmp_path / "paths.json"
+    summary = calibrate_cli.main(["--ckpt", tiny_ckpts["cond"], "--nfe", "3", "5", "--steps", "8", "--num-seeds", "4",
+                                  "--out", str(paths), "--grid-points-only"])
+    assert sorted(summary["budgets"]) == [3, 5] and all("fit_error" in b for b in summary["budgets"].values())
+    for nfe in (3, 5):
+        stats = sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--skip-path", str(paths), "--steps", str(nfe),
+                                 "--num-samples", "2", "--out", str(tmp_path / f"s{nfe}")])
+        assert stats["nfe"] == nfe
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--skip-path", str(paths), "--steps", "4", "--num-samples", "2",
+                         "--out", str(tmp_path / "s4")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "no path for 4 NFE (it holds 3, 5)" in err[0]
+    export = tmp_path / "model.safetensors"
+    export_main([tiny_ckpts["cond"], str(export), "--skip-paths", str(paths)])
+    stats = sample_cli.main(["--ckpt", str(export), "--skip-path", "embedded", "--steps", "5", "--num-samples", "2",
+                             "--out", str(tmp_path / "e5")])
+    assert stats["nfe"] == 5
+    with pytest.raises(SystemExit) as e:  # embedded paths were calibrated at guidance 1.0
+        sample_cli.main(["--ckpt", str(export), "--skip-path", "embedded", "--steps", "5", "--num-samples", "2",
+                         "--guidance-scale", "2", "--out", str(tmp_path / "e5g")])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:  # paths of another checkpoint are not embedded
+        export_main([tiny_ckpts["uncond"], str(tmp_path / "other.safetensors"), "--skip-paths", str(paths)])
+    assert e.value.code == 2 and "calibrated for sha256" in capsys.readouterr().err
