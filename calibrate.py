@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="the network's precision while calibrating (calibrate with the precision you sample in)")
+    p.add_argument("--coefficients", action="store_true",
+                   help="also learn one solver coefficient per step (pdm.sampling.coefficients; measured: helps "
+                        "at 5 NFE, can hurt rare images from 8; see benchmarks/RESULTS.md)")
     p.add_argument("--grid-points-only", action="store_true",
                    help="keep the evaluations on the --steps grid (skip the continuous time search)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -125,7 +128,7 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     paths = calibrate_budgets(loaded.model_fn, noise, loaded.schedule, args.nfe, args.validation_fraction,
                               args.steps, progress=True, continuous=not args.grid_points_only,
                               prediction=loaded.prediction, model_kwargs=kwargs, solver=args.solver, order=args.order,
-                              skip_type=args.skip_type, **variant)
+                              skip_type=args.skip_type, coefficients=args.coefficients, **variant)
     made_for = {"checkpoints": sorted(file_sha256(p) for p in args.ckpt), "files": [str(p) for p in args.ckpt],
                 "guidance_scale": args.guidance_scale, "precision": args.precision, "seed": args.seed,
                 "num_seeds": args.num_seeds}

@@ -136,6 +136,7 @@ def resolve_settings(args: argparse.Namespace, given: set[str]) -> dict:
                     raise ValueError(f"--{key.replace('_', '-')} {s[key]} conflicts with the skip path's {value}; drop it")
                 s[key] = value
         s["steps"] = len(path.evaluate)  # the path's own grid (its fine grid, for a grid-points path)
+        s["corrections"] = path.settings.get("corrections")  # learned coefficients, if calibrated with them
     s["steps"] = 20 if s["steps"] is None else s["steps"]
     if s["solver"] is None and s["method"] not in (None, "multistep"):
         raise ValueError(f"--method {s['method']} is a DPM-Solver method and the default solver is {DEFAULT_SOLVER}; "

@@ -117,3 +117,30 @@ def test_sample_picks_the_budget_refuses_a_missing_one_and_replays_embedded_path
     with pytest.raises(SystemExit) as e:  # paths of another checkpoint are not embedded
         export_main([tiny_ckpts["uncond"], str(tmp_path / "other.safetensors"), "--skip-paths", str(paths)])
     assert e.value.code == 2 and "calibrated for sha256" in capsys.readouterr().err
+
+
+def test_learned_coefficients_start_from_the_plain_solver_and_replay_bit_identically(tmp_path):
+    from pdm.sampling.coefficients import fit_corrections
+
+    noise, new = _noise(16, 41), _noise(4, 42)
+    zero = sample(GM.model_fn(S), new, S, steps=6, corrections=[0.0] * 6, **KW).x
+    assert torch.equal(zero, sample(GM.model_fn(S), new, S, steps=6, **KW).x)  # c = 0 is the plain solver
+    # the fit only moves away from 0 where the fitted error falls, and stays within its bound
+    calls = []
+    best, c = fit_corrections(lambda c: calls.append(c) or sum((x - 0.1 * i) ** 2 for i, x in enumerate(c)), 4, None,
+                              limit=0.25)[::-1]
+    # the quadratic's minimum is c_i = 0.1 i; the last step size is 0.125 / 8, and 0.3 is past the bound
+    assert c[0] == 0.0 and all(abs(c[i] - 0.1 * i) <= 0.125 / 8 for i in (1, 2)) and c[3] == 0.25
+    assert calls[0] == [0.0] * 4 and best < sum((0.1 * i) ** 2 for i in range(4))
+    paths = calibrate_budgets(GM.model_fn(S), noise, S, [5], validation=0.25, steps=12, halvings=1, coefficients=True,
+                              **KW)
+    path = paths[5]
+    report = path.settings["calibration"]
+    assert report["fit_error"] <= report["fit_error_times_only"] and "validation_error_times_only" in report
+    PathFile(paths).save(tmp_path / "c.json")
+    again = PathFile.load(tmp_path / "c.json").select(5)
+    assert again.settings.get("corrections") == path.settings.get("corrections")
+    a = sample(GM.model_fn(S), new, S, **{**KW, **path.sample_kwargs()}).x
+    assert torch.equal(a, sample(GM.model_fn(S), new, S, **{**KW, **again.sample_kwargs()}).x)
+    with pytest.raises(ValueError, match="multistep method only"):
+        sample(GM.model_fn(S), new, S, steps=6, corrections=[0.1] * 6, method="singlestep", solver="dpmsolver++")

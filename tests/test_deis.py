@@ -111,4 +111,4 @@ def test_both_command_lines_offer_deis_from_the_table(tiny_ckpts, tmp_path):
     assert settings["solver_type"] is None  # DEIS has no variants
     summary = calibrate_cli.main(["--ckpt", tiny_ckpts["cond"], "--nfe", "3", "--steps", "6", "--num-seeds", "2",
                                   "--solver", "deis", "--grid-points-only", "--out", str(tmp_path / "p.json")])
-    assert summary["nfe"] == 3 and json.loads((tmp_path / "p.json").read_text())["settings"]["solver"] == "deis"
+    assert summary["nfe"] == 3 and json.loads((tmp_path / "p.json").read_text())["paths"]["3"]["settings"]["solver"] == "deis"

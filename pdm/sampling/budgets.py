@@ -24,6 +24,7 @@ from typing import Any
 from torch import Tensor
 
 from pdm.sampling.calibration import calibrate_skip_path, reference_for, rms
+from pdm.sampling.coefficients import fit_corrections
 from pdm.sampling.sampler import sample
 from pdm.sampling.skipping import SkipPath
 from pdm.schedule import SKIP_TYPES, VPSchedule
@@ -42,10 +43,13 @@ def split_rows(n: int, validation: float) -> tuple[slice, slice]:
 
 def calibrate_budgets(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, budgets: list[int],
                       validation: float = 0.25, steps: int = 100, progress: bool = False, continuous: bool = True,
-                      halvings: int = 5, refine_sweeps: int = 4, **sample_kwargs) -> dict[int, SkipPath]:
+                      halvings: int = 5, refine_sweeps: int = 4, coefficients: bool = False,
+                      **sample_kwargs) -> dict[int, SkipPath]:
     """{nfe: path} for every budget, each fitted on the first images of ``noise`` and checked on
     the rest (see the module docstring). ``sample_kwargs`` describe the fine grid and the solver
-    as for :func:`calibrate_skip_path` (``model_kwargs`` rows follow ``noise``)."""
+    as for :func:`calibrate_skip_path` (``model_kwargs`` rows follow ``noise``). With
+    ``coefficients`` each path also learns per-step solver corrections
+    (:mod:`pdm.sampling.coefficients`), fitted after its times."""
     fit, val = split_rows(noise.shape[0], validation)
     kwargs = dict(sample_kwargs.pop("model_kwargs", None) or {})
     grid_kw = {"skip_type": "logSNR", **sample_kwargs}
@@ -60,15 +64,31 @@ def calibrate_budgets(model_fn: Callable[..., Tensor], noise: Tensor, schedule: 
                                    reference=fit_ref, model_kwargs=fit_kw, continuous=continuous,
                                    halvings=halvings, refine_sweeps=refine_sweeps,
                                    validate=None if held is None else held.times_error(nfe), **grid_kw)
-        fitted = rms(sample(model_fn, noise[fit], schedule, **{**grid_kw, **path.sample_kwargs()},
-                            model_kwargs=fit_kw).x, fit_ref.states[-1])
+        def fit_error(corrections=None) -> float:
+            kw = {**grid_kw, **path.sample_kwargs(), "corrections": corrections}
+            return rms(sample(model_fn, noise[fit], schedule, model_kwargs=fit_kw, **kw).x, fit_ref.states[-1])
+
         report = {"fit_images": fit.stop - fit.start, "validation_images": val.stop - val.start,
-                  "fit_error": fitted}
+                  "fit_error": fit_error()}
+        if coefficients:
+            report |= _learn_corrections(path, fit_error, held)
         if held is not None:
             path, report = held.check(path, nfe, report)
         path.settings["calibration"] = report
         paths[nfe] = path
     return paths
+
+
+def _learn_corrections(path: SkipPath, fit_error: Callable, held: _Validation | None) -> dict:
+    """Fit the path's per-step corrections (stored in its settings); the errors before and after."""
+    validate = None if held is None else (lambda c: held.error(**{**path.sample_kwargs(), "corrections": c}))
+    before = {"fit_error_times_only": fit_error()}
+    if held is not None:
+        before["validation_error_times_only"] = held.error(**path.sample_kwargs())
+    corrections, fitted = fit_corrections(fit_error, path.nfe, validate)
+    if any(corrections):
+        path.settings["corrections"] = corrections
+    return before | {"fit_error": fitted}
 
 
 @dataclass

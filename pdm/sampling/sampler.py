@@ -7,7 +7,7 @@ noise's dtype; the model's output is cast to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from pdm.objectives import TARGETS, Target
+from pdm.sampling.coefficients import CorrectedSolver
 from pdm.sampling.evaluator import ModelEvaluator, Thresholding
 from pdm.sampling.methods import StepInfo, adaptive_step_size, multistep, singlestep
 from pdm.sampling.skipper import Skipper
@@ -85,10 +86,19 @@ def check_settings(solver: str = "dpmsolver++", method: str = "multistep", order
 
 def multistep_solver(solver: str, order: int, solver_type: str, lower_order_final: bool,
                      generator: torch.Generator | None, denoise_to_zero: bool = False,
-                     schedule: VPSchedule | None = None) -> MultistepSolver:
-    """The multistep step object of a solver (its catalog row's ``build``)."""
+                     schedule: VPSchedule | None = None, corrections: Sequence[float] | None = None) -> MultistepSolver:
+    """The multistep step object of a solver (its catalog row's ``build``), with learned
+    per-step ``corrections`` when given."""
     options = StepOptions(order, lower_order_final, solver_type, schedule, generator, denoise_to_zero)
-    return solver_spec(solver).build(options)
+    stepper = solver_spec(solver).build(options)
+    return CorrectedSolver(stepper, corrections) if corrections else stepper
+
+
+def _check_method_options(method: str, skip, corrections: Sequence[float] | None) -> None:
+    if corrections and method != "multistep":
+        raise ValueError("learned corrections apply to the multistep method only")
+    if skip is not None and method == "adaptive":
+        raise ValueError("step skipping cannot be combined with the adaptive step-size method; use multistep or singlestep")
 
 
 def sample(
@@ -118,6 +128,7 @@ def sample(
     h_init: float = 0.05,
     progress: bool = False,
     callback: Callable[[StepInfo], None] | None = None,
+    corrections: Sequence[float] | None = None,
 ) -> SampleResult:
     """Integrate the diffusion ODE (or the DDPM chain) from ``noise`` at t_start to t_end.
 
@@ -152,10 +163,11 @@ def sample(
             :class:`~pdm.sampling.methods.StepInfo` with the step index ``i``, its start time
             ``t``, the state ``x`` there, the x0 prediction ``info.x0`` and the ``evaluated`` rows
             (e.g. to save intermediate predictions; the progress bar is one such callback).
+        corrections: learned per-step scalings of the multistep correction
+            (:mod:`pdm.sampling.coefficients`; a calibrated path carries them), or None.
     """
     solver_type = check_settings(solver, method, order, steps, skip_type, prediction, solver_type)
-    if skip is not None and method == "adaptive":
-        raise ValueError("step skipping cannot be combined with the adaptive step-size method; use multistep or singlestep")
+    _check_method_options(method, skip, corrections)
     spec = solver_spec(solver)
     order = 1 if spec.first_order else order
     batch, device = noise.shape[0], noise.device
@@ -174,7 +186,7 @@ def sample(
         elif method == "multistep":
             points = [TimePoint.at(schedule, t) for t in grid]
             stepper = multistep_solver(solver, order, solver_type, lower_order_final, generator, denoise_to_zero,
-                                       schedule)
+                                       schedule, corrections)
             x, rows = multistep(noise, points, stepper, evaluate, controller, on_step)
         else:
             x, rows, grid = _singlestep(noise, schedule, grid, steps, order, method, skip_type, timesteps is None,

@@ -166,7 +166,7 @@ class AdaptiveSkip:
 
 
 # The settings of a SkipPath that are arguments of sample() (others, e.g. "calibrated_for", are notes).
-REPLAY_SETTINGS = ("steps", "solver", "order", "method", "skip_type", "solver_type", "timesteps")
+REPLAY_SETTINGS = ("steps", "solver", "order", "method", "skip_type", "solver_type", "timesteps", "corrections")
 
 
 @dataclass(frozen=True)
