@@ -29,6 +29,19 @@ class CountingModel:
         return self.fn(x, t, **kw)
 
 
+def run_main(module, args, capsys) -> tuple[int, list[str]]:
+    """A script's ``main(argv)`` in this process: (exit code, stderr lines without blank lines and
+    progress output)."""
+    capsys.readouterr()
+    try:
+        module.main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.splitlines()
+    return code, [line for line in err if line.strip() and not line.startswith(("images ", "calibration: ", "\r"))]
+
+
 TINY_NET = dict(in_channels=1, image_size=16, patch_size=4, model_channels=32, channel_mult=(1,), num_res_blocks=1,
                 attention_resolutions=())
 NET_KEYS = set(TINY_NET) | {"num_classes", "dropout"}

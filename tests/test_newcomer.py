@@ -14,22 +14,10 @@ import calibrate as calibrate_cli
 import sample as sample_cli
 
 
-from conftest import ROOT, SMALL_NET_ARGS, train_tiny
+from conftest import ROOT, SMALL_NET_ARGS, run_main, train_tiny
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
 SMALL = [*SMALL_NET_ARGS, "--data.init_args.batch_size", "16",
          "--trainer.enable_progress_bar", "false"]
-
-
-def _main(module, args, capsys) -> tuple[int, list[str]]:
-    """A script's main() in this process: (exit code, stderr lines without progress bars)."""
-    capsys.readouterr()
-    try:
-        module.main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err.splitlines()
-    return code, [line for line in err if line.strip() and not line.startswith(("images ", "calibration: ", "\r"))]
 
 
 def _train(args, cwd, timeout=300) -> subprocess.CompletedProcess:
@@ -44,7 +32,7 @@ def _train(args, cwd, timeout=300) -> subprocess.CompletedProcess:
     (calibrate_cli, ["--nfe", "4", "--num-seed", "2"]),  # --num-seeds
 ])
 def test_abbreviated_flags_are_refused_not_guessed(module, args, tiny_ckpts, tmp_path, capsys):
-    code, err = _main(module, ["--ckpt", tiny_ckpts["cond"], "--out", tmp_path / "o.json", *args], capsys)
+    code, err = run_main(module, ["--ckpt", tiny_ckpts["cond"], "--out", tmp_path / "o.json", *args], capsys)
     assert code == 2 and "unrecognized arguments" in err[-1] and args[-2] in err[-1], err
     assert not (tmp_path / "o.json").exists()
 
@@ -54,7 +42,7 @@ def test_abbreviated_flags_are_refused_by_train_and_the_module_clis(tmp_path, ca
     assert res.returncode == 2 and "max_step" in res.stderr and not (tmp_path / "runs").exists(), res.stderr[-800:]
     from pdm.metrics import __main__ as metrics_cli
 
-    code, err = _main(metrics_cli, ["ref-stats", "--images", "digits", "--out", tmp_path / "r.npz",
+    code, err = run_main(metrics_cli, ["ref-stats", "--images", "digits", "--out", tmp_path / "r.npz",
                                     "--feature", "digits", "--image-siz", "8"], capsys)
     assert code == 2 and "--image-siz" in err[-1] and not (tmp_path / "r.npz").exists()
     res = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare_cifar10.py"), "--sourc", "x"],
@@ -114,7 +102,7 @@ def test_the_smoke_overlay_writes_nothing_at_all(tmp_path):
 @pytest.mark.parametrize("module", [sample_cli, calibrate_cli])
 def test_negative_guidance_is_refused(module, tiny_ckpts, tmp_path, capsys):
     extra = ["--nfe", "4"] if module is calibrate_cli else []
-    code, err = _main(module, ["--ckpt", tiny_ckpts["cond"], "--out", tmp_path / "o.json", "--guidance-scale", "-1",
+    code, err = run_main(module, ["--ckpt", tiny_ckpts["cond"], "--out", tmp_path / "o.json", "--guidance-scale", "-1",
                                *extra], capsys)
     assert code == 2 and len(err) == 1 and "--guidance-scale must be >= 0" in err[0], err
 
@@ -122,19 +110,19 @@ def test_negative_guidance_is_refused(module, tiny_ckpts, tmp_path, capsys):
 # 4, 5 ------------------------------------------------------------------------------------------
 def test_a_skip_path_replays_only_for_the_checkpoint_and_scale_it_was_calibrated_for(tiny_ckpts, tmp_path, capsys):
     path = tmp_path / "p.json"
-    assert _main(calibrate_cli, ["--ckpt", tiny_ckpts["cond"], "--nfe", "3", "--steps", "6", "--num-seeds", "2",
+    assert run_main(calibrate_cli, ["--ckpt", tiny_ckpts["cond"], "--nfe", "3", "--steps", "6", "--num-seeds", "2",
                                  "--grid-points-only", "--out", path], capsys)[0] == 0
     base = ["--num-samples", "2", "--skip-path", path]
-    code, err = _main(sample_cli, ["--ckpt", tiny_ckpts["uncond"], *base, "--out", tmp_path / "a"], capsys)
+    code, err = run_main(sample_cli, ["--ckpt", tiny_ckpts["uncond"], *base, "--out", tmp_path / "a"], capsys)
     assert code == 2 and len(err) == 1 and f"calibrated for {tiny_ckpts['cond']} (sha256" in err[0], err
     assert tiny_ckpts["uncond"] in err[0] and "--force-skip-path" in err[0] and not (tmp_path / "a").exists()
-    code, err = _main(sample_cli, ["--ckpt", tiny_ckpts["cond"], *base, "--guidance-scale", "1.5",
+    code, err = run_main(sample_cli, ["--ckpt", tiny_ckpts["cond"], *base, "--guidance-scale", "1.5",
                                    "--out", tmp_path / "b"], capsys)
     assert code == 2 and len(err) == 1 and "calibrated at --guidance-scale 1.0, not 1.5" in err[0], err
-    code, _ = _main(sample_cli, ["--ckpt", tiny_ckpts["cond"], *base, "--guidance-scale", "1.5", "--force-skip-path",
+    code, _ = run_main(sample_cli, ["--ckpt", tiny_ckpts["cond"], *base, "--guidance-scale", "1.5", "--force-skip-path",
                                  "--out", tmp_path / "b"], capsys)
     assert code == 0 and np.load(tmp_path / "b" / "samples.npz")["arr_0"].shape[0] == 2
-    code, err = _main(sample_cli, ["--ckpt", tiny_ckpts["cond"], "--force-skip-path", "--out", tmp_path / "c"], capsys)
+    code, err = run_main(sample_cli, ["--ckpt", tiny_ckpts["cond"], "--force-skip-path", "--out", tmp_path / "c"], capsys)
     assert code == 2 and "--force-skip-path does nothing without --skip-path" in err[-1]
 
 
@@ -143,9 +131,9 @@ def test_a_changed_checkpoint_is_named_by_its_file(tiny_ckpts, tmp_path, capsys)
     last.parent.mkdir()
     shutil.copy(tiny_ckpts["cond"], last)
     args = ["--ckpt", last, "--num-samples", "2", "--steps", "2", "--out", tmp_path / "s"]
-    assert _main(sample_cli, args, capsys)[0] == 0
+    assert run_main(sample_cli, args, capsys)[0] == 0
     shutil.copy(tiny_ckpts["uncond"], last)  # training went on: last.ckpt moved
-    code, err = _main(sample_cli, args, capsys)
+    code, err = run_main(sample_cli, args, capsys)
     assert code == 2 and len(err) == 1 and f"checkpoint {last} changed since (sha256" in err[0], err
     assert "last.ckpt moves with training" in err[0] and "--overwrite" in err[0]
 
@@ -165,12 +153,12 @@ def test_ref_stats_reads_what_the_prepare_scripts_write(tmp_path, capsys):
     datasets.DatasetDict({"train": ds}).save_to_disk(str(tmp_path / "cifar10"))  # prepare_cifar10.py's layout
     np.savez(tmp_path / "same.npz", arr_0=images)
     for src, out in ((tmp_path / "cifar10", "hf.npz"), (tmp_path / "same.npz", "npz.npz")):
-        code, err = _main(metrics_cli, ["ref-stats", "--images", src, "--out", tmp_path / out, "--feature", "digits"],
+        code, err = run_main(metrics_cli, ["ref-stats", "--images", src, "--out", tmp_path / out, "--feature", "digits"],
                           capsys)
         assert code == 0, err
     a, b = np.load(tmp_path / "hf.npz"), np.load(tmp_path / "npz.npz")
     assert int(a["n"]) == 6 and np.allclose(a["mu"], b["mu"]) and np.allclose(a["sigma"], b["sigma"])
-    code, err = _main(metrics_cli, ["ref-stats", "--images", tmp_path / "cifar10", "--split", "test",
+    code, err = run_main(metrics_cli, ["ref-stats", "--images", tmp_path / "cifar10", "--split", "test",
                                     "--out", tmp_path / "t.npz", "--feature", "digits"], capsys)
     assert code == 2 and "no split 'test' (splits: train)" in err[-1]
 

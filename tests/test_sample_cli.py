@@ -12,7 +12,7 @@ import pytest
 
 import sample as sample_cli
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, run_main  # noqa: E402
 
 
 def run_cli(*args):
@@ -114,14 +114,7 @@ BASE = ["--num-samples", "5", "--steps", "3", "--shard-size", "2", "--batch-size
 
 def _run_in_process(args, capsys):
     """sample.py's main in this process: (exit code, stderr lines)."""
-    capsys.readouterr()
-    try:
-        sample_cli.main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("images ")]
-    return code, err
+    return run_main(sample_cli, args, capsys)
 
 
 @pytest.mark.parametrize("change", [
