@@ -4,6 +4,7 @@ Samplers see only a ``model_fn(x, t, **model_kwargs)`` and a schedule, never a n
 """
 
 from pdm.sampling.catalog import SOLVER_TABLE, SolverSpec
+from pdm.sampling.budgets import PathFile, calibrate_budgets
 from pdm.sampling.calibration import calibrate_skip_path, greedy_skip_path
 from pdm.sampling.guidance import classifier_free_guidance, dynamic_threshold, expert_router
 from pdm.sampling.methods import StepInfo
@@ -13,6 +14,7 @@ from pdm.sampling.solvers import singlestep_orders
 
 __all__ = [
     "AdaptiveSkip",
+    "PathFile",
     "METHODS",
     "SOLVERS",
     "SOLVER_TABLE",
@@ -20,6 +22,7 @@ __all__ = [
     "SampleResult",
     "SkipPath",
     "StepInfo",
+    "calibrate_budgets",
     "calibrate_skip_path",
     "check_settings",
     "classifier_free_guidance",
