@@ -108,25 +108,24 @@ class _Interrupt:
 
     def kept(self, out: str) -> str:
         """What an interrupted run leaves in ``out``, in words."""
-        from pdm.outputs import hash_path
+        from pdm.outputs import is_recorded
 
         if self.paths is None:
             return "interrupted before any image was made; nothing was written"
-        done = sum(p.exists() and hash_path(p).exists() for p in self.paths)
+        done = sum(map(is_recorded, self.paths))
         if done == 0:
             return f"interrupted before the first shard was finished; no images kept in {out}"
         return (f"interrupted; {done} of {len(self.paths)} shards are finished in {out} ({self.made} made by this run); "
                 "re-run the same command to resume")
 
 
-def resolve_settings(args: argparse.Namespace, given: set[str]) -> dict:
+def resolve_settings(args: argparse.Namespace, given: set[str], path: SkipPath | None = None) -> dict:
     """The solver settings of the run, from the flags (or a skip path), with every flag that
     would do nothing in its context rejected. Raises ValueError naming the fix."""
     s = {"steps": args.steps, "solver": args.solver, "order": args.order, "method": args.method,
          "skip_type": args.skip_type, "solver_type": args.solver_type}
     timesteps = None
-    if args.skip_path is not None:
-        path = selected_skip_path(args)  # --steps N picks the file's path of N evaluations
+    if path is not None:  # --skip-path: its path for --steps N evaluations
         timesteps = path.settings.get("timesteps")
         if timesteps is not None and args.skip_type is not None:
             raise ValueError("the skip path carries its own calibrated time grid; drop --skip-type")
@@ -168,28 +167,27 @@ def selected_skip_path(args: argparse.Namespace) -> SkipPath:
     """The path of --skip-path FILE for --steps N evaluations (the only one when --steps is not given)."""
     from pdm.sampling.budgets import PathFile
 
-    if getattr(args, "_skip_path", None) is None:
-        if args.skip_path == "embedded":
-            from pdm.checkpoints import embedded_skip_paths
+    if args.skip_path == "embedded":
+        from pdm.checkpoints import embedded_skip_paths
 
-            text = embedded_skip_paths(args.ckpt[0]) if args.ckpt and len(args.ckpt) == 1 else None
-            if text is None:
-                raise ValueError("--skip-path embedded needs one --ckpt export with paths in it (python -m "
-                                 "pdm.checkpoints CKPT OUT.safetensors --skip-paths FILE)")
-            paths = PathFile.from_json(text, f"the paths embedded in {args.ckpt[0]}")
-        else:
-            paths = PathFile.load(args.skip_path)
-        args._skip_path = paths.select(args.steps, f"--skip-path {args.skip_path}")
-    return args._skip_path
+        text = embedded_skip_paths(args.ckpt[0]) if args.ckpt and len(args.ckpt) == 1 else None
+        if text is None:
+            raise ValueError("--skip-path embedded needs one --ckpt export with paths in it (python -m "
+                             "pdm.checkpoints CKPT OUT.safetensors --skip-paths FILE)")
+        paths = PathFile.from_json(text, f"the paths embedded in {args.ckpt[0]}")
+    else:
+        paths = PathFile.load(args.skip_path)
+    return paths.select(args.steps, f"--skip-path {args.skip_path}")
 
 
-def skip_config(args: argparse.Namespace, given: set[str]) -> AdaptiveSkip | SkipPath | None:
+def skip_config(args: argparse.Namespace, given: set[str],
+                path: SkipPath | None = None) -> AdaptiveSkip | SkipPath | None:
     """The skipping asked for, or None; flags that would do nothing are rejected."""
     tuning = {"max_skips", "skip_warmup", "skip_shared", "skip_official"} & given
     if args.skip_path is not None:
         if args.skip_threshold is not None or tuning:
             raise ValueError("a --skip-path fixes the skipped steps; drop --skip-threshold and the other skip flags")
-        return selected_skip_path(args)
+        return path
     if args.skip_threshold is None:
         if tuning:
             raise ValueError(f"--{sorted(tuning)[0].replace('_', '-')} does nothing without --skip-threshold; drop it "
@@ -215,8 +213,9 @@ def check_flags(args: argparse.Namespace, given: set[str]) -> tuple[dict, Adapti
         raise ValueError("--force-skip-path does nothing without --skip-path; drop it")
     if args.compile_mode is not None and not args.compile:
         raise ValueError("--compile-mode does nothing without --compile; add --compile or drop it")
-    settings = resolve_settings(args, given)
-    skip = skip_config(args, given)
+    path = selected_skip_path(args) if args.skip_path is not None else None
+    settings = resolve_settings(args, given, path)
+    skip = skip_config(args, given, path)
     if skip is not None and settings["method"] == "adaptive":
         raise ValueError("step skipping cannot be combined with --method adaptive; use multistep or singlestep")
     device = parse_device(args.device)
@@ -295,7 +294,7 @@ def sample_run(args: argparse.Namespace, settings: dict, skip, device: torch.dev
 def _sample_shards(args: argparse.Namespace, settings: dict, skip, device: torch.device, launch: Launch,
                    interrupt: _Interrupt) -> dict:
     from pdm.checkpoints import load_for_sampling
-    from pdm.outputs import file_sha256, hash_path, make_shard, shard_paths, write_outputs
+    from pdm.outputs import file_sha256, is_recorded, make_shard, shard_paths, write_outputs
 
     loaded = load_for_sampling(args.ckpt, args.guidance_scale, device, args.precision,
                                compile_mode(args), args.batch_size)
@@ -329,7 +328,7 @@ def _sample_shards(args: argparse.Namespace, settings: dict, skip, device: torch
         interrupt.made += 1
     done = sum(launch.gather(done))
     # a cheap count here; write_outputs checks every shard's hash before it merges them
-    missing = sum(not (p.exists() and hash_path(p).exists()) for p in paths) if launch.rank == 0 else 0
+    missing = sum(not is_recorded(p) for p in paths) if launch.rank == 0 else 0
     if missing:
         if launch.rank == 0:
             print(f"part {args.shard_index} of {args.num_shards} done: {len(paths) - missing} of {len(paths)} shards "

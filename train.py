@@ -14,7 +14,6 @@ error and exit code 2.
 
 import argparse
 import logging
-import math
 import os
 import sys
 import warnings
@@ -25,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from pdm.atomic import WriteError
 from pdm.checkpoints import AtomicCheckpointIO, training_checkpoint
 from pdm.training import PDMModule, Preemption
-from pdm.training.module import check_data_fits_network
+from pdm.training.module import check_data_fits_network, lr_factor
 
 CHECKPOINT_CALLBACKS = ("pdm.training.RunCheckpoint", "lightning.pytorch.callbacks.ModelCheckpoint", "ModelCheckpoint",
                         "RunCheckpoint")
@@ -42,7 +41,8 @@ class PDMCLI(LightningCLI):
             cfg = self.config[subcommand]
             cfg.ckpt_path = _resolve_resume(cfg)
             if cfg.ckpt_path is not None and cfg.ckpt_path not in ("hpc", "best", "registry"):
-                path = _last_checkpoint(cfg) if cfg.ckpt_path == "last" else os.fspath(cfg.ckpt_path)
+                path = (max(_last_checkpoints(cfg), key=os.path.getmtime) if cfg.ckpt_path == "last"
+                        else os.fspath(cfg.ckpt_path))
                 _check_resumable(path, training_checkpoint(path), cfg)
         super()._parse_ckpt_path()
 
@@ -81,11 +81,10 @@ def _checkpoint_folders(cfg) -> list[str]:
     return folders
 
 
-def _last_checkpoint(cfg) -> str:
-    """The file ``--ckpt_path last`` resumes: the newest ``last*.ckpt`` of the run's folders."""
-    found = [os.path.join(d, f) for d in _checkpoint_folders(cfg) if os.path.isdir(d)
-             for f in os.listdir(d) if f.startswith("last") and f.endswith(".ckpt")]
-    return max(found, key=os.path.getmtime)
+def _last_checkpoints(cfg) -> list[str]:
+    """The ``last*.ckpt`` files of the run's checkpoint folders (``--ckpt_path last`` takes the newest)."""
+    return [os.path.join(d, f) for d in _checkpoint_folders(cfg) if os.path.isdir(d)
+            for f in os.listdir(d) if f.startswith("last") and f.endswith(".ckpt")]
 
 
 def _resolve_resume(cfg):
@@ -94,13 +93,11 @@ def _resolve_resume(cfg):
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path not in ("last", "auto"):
         return ckpt_path
-    folders = _checkpoint_folders(cfg)
-    has_last = any(os.path.isdir(d) and any(f.startswith("last") and f.endswith(".ckpt") for f in os.listdir(d))
-                   for d in folders)
+    has_last = bool(_last_checkpoints(cfg))
     if ckpt_path == "auto":
         return "last" if has_last else None
     if not has_last:
-        where = ", ".join(folders) or "(no checkpoint callback is configured)"
+        where = ", ".join(_checkpoint_folders(cfg)) or "(no checkpoint callback is configured)"
         raise ValueError(f"--ckpt_path last: there is no last.ckpt to resume in {where}; drop --ckpt_path to start "
                          "this run, or use --ckpt_path auto in job scripts (resume when there is one)")
     return "last"
@@ -117,10 +114,8 @@ def _check_resumable(path: str, ckpt: dict, cfg) -> None:
     if max_steps is None or max_steps < 0:
         return
     if cosine and made_for is not None and max_steps != made_for:
-        warmup = max(1, int(model.get("warmup_steps") or 1))
         lr = float(model.get("lr") or 0.0)
-        progress = min(1.0, max(0.0, (step - warmup) / max(1, max_steps - warmup)))
-        now = lr * 0.5 * (1 + math.cos(math.pi * progress))
+        now = lr * lr_factor(step, int(model.get("warmup_steps") or 1), "cosine", max_steps)
         raise ValueError(f"{path} was trained with a cosine learning-rate decay ending at step {made_for}; resuming at "
                          f"step {step} with --trainer.max_steps {max_steps} would stretch it (learning rate {now:.1e} "
                          f"of {lr:.1e}). Resume with --trainer.max_steps {made_for}, or train on from its weights in "

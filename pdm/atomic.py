@@ -10,6 +10,7 @@ names the folder and its free space; the previous version of the file is untouch
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -75,3 +76,12 @@ def _describe(path: Path, error: OSError) -> str:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pdm.atomic import atomic_write, atomic_write_text
+from pdm.atomic import atomic_write, atomic_write_text, file_sha256
 from pdm.images import save_grid, to_uint8
 
 PIXEL_CODE = ("sampling", "nn", "schedule.py", "patching.py", "objectives.py", "checkpoints", "outputs.py")
@@ -44,15 +44,6 @@ def noise_and_label(seed: int, index: int, shape: tuple[int, ...], num_classes: 
     if labels:
         return noise, labels[index % len(labels)]
     return noise, int(torch.randint(0, num_classes, (1,), generator=g))
-
-
-def file_sha256(path: str) -> str:
-    """The SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def code_fingerprint() -> str:
@@ -166,6 +157,11 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def hash_path(shard: Path) -> Path:
     """Where a shard's content hash is recorded."""
     return shard.with_name(shard.name + ".sha256")
+
+
+def is_recorded(shard: Path) -> bool:
+    """Whether a shard and its hash file exist (a cheap check; :func:`shard_state` reads the bytes)."""
+    return shard.exists() and hash_path(shard).exists()
 
 
 def shard_state(shard: Path) -> str:

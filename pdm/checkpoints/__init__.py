@@ -8,6 +8,7 @@ expert pairs included (:mod:`~pdm.checkpoints.models`).
 
 from pdm.checkpoints.models import LoadedModel, Model, load_for_sampling, load_model, network_model_fn
 from pdm.checkpoints.reading import (
+    EMBEDDED_PATHS_KEY,
     SAFETENSORS_HINT,
     embedded_skip_paths,
     SAMPLING_KEYS,
@@ -19,7 +20,6 @@ from pdm.checkpoints.reading import (
     training_checkpoint,
 )
 from pdm.checkpoints.writing import (
-    EMBEDDED_PATHS_KEY,
     EXPORT_FORMAT,
     AtomicCheckpointIO,
     export_official,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 SAMPLING_KEYS = ("schedule", "beta_start", "beta_end", "num_timesteps", "target", "time_range")
+EMBEDDED_PATHS_KEY = "pdm_skip_paths"  # safetensors metadata: a calibrate.py path file
 SAFETENSORS_HINT = "export weights with `python -m pdm.checkpoints CKPT OUT.safetensors`"
 
 
@@ -127,6 +128,6 @@ def embedded_skip_paths(path: str) -> str | None:
 
     try:
         with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get("pdm_skip_paths")
+            return (f.metadata() or {}).get(EMBEDDED_PATHS_KEY)
     except Exception:  # noqa: BLE001 - an unreadable export is reported when it is loaded
         return None

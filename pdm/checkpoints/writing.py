@@ -4,7 +4,6 @@ weights converted onto pdm's network)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
@@ -12,12 +11,11 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from pdm.atomic import atomic_write
-from pdm.checkpoints.reading import SAMPLING_KEYS, load_checkpoint, load_checkpoint_state
+from pdm.atomic import atomic_write, file_sha256
+from pdm.checkpoints.reading import EMBEDDED_PATHS_KEY, SAMPLING_KEYS, load_checkpoint, load_checkpoint_state
 from pdm.nn import UNet
 
 EXPORT_FORMAT = "pdm-ema-v2"
-EMBEDDED_PATHS_KEY = "pdm_skip_paths"  # safetensors metadata: a calibrate.py path file
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -64,13 +62,10 @@ def _paths_for(skip_paths: str, ckpt_path: str, force: bool) -> str:
 
     paths = PathFile.load(skip_paths)
     made_for = sorted(paths.calibrated_for.get("checkpoints") or [])
-    digest = hashlib.sha256()
-    with open(ckpt_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if made_for and made_for != [digest.hexdigest()] and not force:
+    digest = file_sha256(ckpt_path)
+    if made_for and made_for != [digest] and not force:
         raise ValueError(f"{skip_paths} was calibrated for sha256 {', '.join(h[:8] + '...' for h in made_for)}, not "
-                         f"{ckpt_path} (sha256 {digest.hexdigest()[:8]}...); calibrate this checkpoint, or pass --force")
+                         f"{ckpt_path} (sha256 {digest[:8]}...); calibrate this checkpoint, or pass --force")
     return paths.to_json()
 
 

@@ -164,12 +164,12 @@ class PathFile:
         try:
             data = json.loads(text)
             if "format" not in data and "evaluate" in data:  # the first format: one SkipPath
-                one = _path_from_dict(data)
+                one = SkipPath.from_dict(data)
                 return cls({one.nfe: one}, dict(one.settings.get("calibrated_for") or {}))
             if data.get("format") != PATH_FILE_FORMAT:
                 raise ValueError(f"unknown format {data.get('format')!r}")
             made_for = dict(data.get("calibrated_for") or {})
-            paths = {int(n): _path_from_dict(p, made_for) for n, p in data["paths"].items()}
+            paths = {int(n): SkipPath.from_dict(p, made_for) for n, p in data["paths"].items()}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{name} is not a path file written by calibrate.py: {e}") from None
         if not paths:
@@ -186,11 +186,3 @@ class PathFile:
         except OSError as e:
             raise ValueError(f"cannot read skip path {os.fspath(path)!r}: {e.strerror}") from None
         return cls.from_json(text, repr(os.fspath(path)))
-
-
-def _path_from_dict(data: dict, calibrated_for: dict | None = None) -> SkipPath:
-    settings = dict(data.get("settings") or {})
-    if calibrated_for and "calibrated_for" not in settings:
-        settings["calibrated_for"] = calibrated_for
-    return SkipPath(evaluate=tuple(data["evaluate"]), fill=data.get("fill", "merge"),
-                    forecast_order=int(data.get("forecast_order", 2)), settings=settings)

@@ -101,8 +101,10 @@ class Skipper:
         mask = self.next_mask
         everyone = mask is None or self.fill is None or bool(mask.all())
         rows = torch.arange(self.batch, device=x.device) if everyone else torch.nonzero(mask).flatten()
-        evaluated = torch.zeros(self.batch, dtype=torch.bool, device=x.device)
-        evaluated[rows] = True
+        if everyone:
+            evaluated = torch.ones(self.batch, dtype=torch.bool, device=x.device)
+        else:
+            evaluated = mask.clone()
         raw = call(x, point, rows)
         if self.fill == "reuse":
             self.raw_cache = raw if self.raw_cache is None or everyone else self._scatter(self.raw_cache, rows, raw)

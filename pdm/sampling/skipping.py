@@ -235,6 +235,16 @@ class SkipPath:
                              f"{guidance_scale}, sample at {scale}, or pass --force-skip-path to replay it anyway")
 
     @classmethod
+    def from_dict(cls, data: dict, calibrated_for: dict | None = None) -> SkipPath:
+        """A path from its :meth:`save` form; ``calibrated_for`` (a path file's record) is added to
+        its settings unless they hold one."""
+        settings = dict(data.get("settings") or {})
+        if calibrated_for and "calibrated_for" not in settings:
+            settings["calibrated_for"] = calibrated_for
+        return cls(evaluate=tuple(data["evaluate"]), fill=data.get("fill", "merge"),
+                   forecast_order=int(data.get("forecast_order", 2)), settings=settings)
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> SkipPath:
         """Read a path written by :meth:`save`; a malformed file is a ValueError naming it."""
         try:
@@ -244,12 +254,8 @@ class SkipPath:
                 if len(data["paths"]) != 1:
                     raise ValueError(f"it holds paths for {', '.join(sorted(data['paths'], key=int))} NFE; read it "
                                      "with pdm.sampling.budgets.PathFile.load(...).select(nfe)")
-                made_for = data.get("calibrated_for") or {}
-                data = next(iter(data["paths"].values()))
-                data["settings"] = {"calibrated_for": made_for, **(data.get("settings") or {})} if made_for else \
-                    data.get("settings")
-            return cls(evaluate=tuple(data["evaluate"]), fill=data.get("fill", "merge"),
-                       forecast_order=int(data.get("forecast_order", 2)), settings=dict(data.get("settings") or {}))
+                return cls.from_dict(next(iter(data["paths"].values())), data.get("calibrated_for"))
+            return cls.from_dict(data)
         except FileNotFoundError:
             raise ValueError(f"skip path {os.fspath(path)!r} does not exist") from None
         except (OSError, KeyError, TypeError, ValueError) as e:

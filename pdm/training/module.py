@@ -269,15 +269,20 @@ class PDMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _lr_factor(self, step: int) -> float:
-        """Linear warm-up, then constant (PDM) or a cosine decay to 0 at max_steps."""
-        warmup = max(1, self.hparams.warmup_steps)
-        if step < warmup or self.hparams.get("lr_decay", "none") == "none":
-            return min(1.0, (step + 1) / warmup)
         total = getattr(self._trainer, "max_steps", -1) if self._trainer is not None else -1
-        if total is None or total <= warmup:
-            return 1.0
-        progress = min(1.0, (step - warmup) / (total - warmup))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return lr_factor(step, self.hparams.warmup_steps, self.hparams.get("lr_decay", "none"), total)
+
+
+def lr_factor(step: int, warmup_steps: int, lr_decay: str, max_steps: int | None) -> float:
+    """The learning rate's factor at ``step``: linear warm-up, then constant (PDM, ``lr_decay``
+    "none") or a cosine decay to 0 at ``max_steps``."""
+    warmup = max(1, warmup_steps)
+    if step < warmup or lr_decay == "none":
+        return min(1.0, (step + 1) / warmup)
+    if max_steps is None or max_steps <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (max_steps - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def check_data_fits_network(data, net) -> None:
