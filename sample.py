@@ -27,7 +27,7 @@ import torch
 from pdm.atomic import WriteError
 from pdm.cli import EXIT_INTERRUPTED, check_guidance_scale, check_seed, fail, given_flags, parse_device, parser
 from pdm.launch import Launch, detect
-from pdm.nn.runtime import COMPILE_MODES, PRECISIONS, precision_dtype
+from pdm.nn.runtime import COMPILE_MODES, PRECISIONS, check_compile, precision_dtype
 from pdm.sampling import METHODS, SOLVERS, AdaptiveSkip, SkipPath, check_settings
 from pdm.sampling.catalog import SOLVER_TABLE, all_variants, solver_spec
 from pdm.schedule import SKIP_TYPES
@@ -220,6 +220,8 @@ def check_flags(args: argparse.Namespace, given: set[str]) -> tuple[dict, Adapti
         raise ValueError("step skipping cannot be combined with --method adaptive; use multistep or singlestep")
     device = parse_device(args.device)
     precision_dtype(args.precision, device)
+    if args.compile:
+        check_compile(args.precision, device)
     return settings, skip, device
 
 

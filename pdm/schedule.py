@@ -75,6 +75,17 @@ class VPSchedule:
         n = self.num_timesteps
         self.t_array = torch.arange(1, n + 1, dtype=torch.float64, device="cpu") / n
         self.log_alpha_array = 0.5 * torch.log(self.alphas_cumprod)
+        self._knot_copies: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def _knots(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """(t_array, log_alpha_array) on ``like``'s device in its dtype, copied there once: a
+        copy per call would be a host-to-device transfer, and a GPU synchronisation, for every
+        coefficient a sampler asks for."""
+        key = (like.device, like.dtype)
+        if key not in self._knot_copies:
+            self._knot_copies[key] = (self.t_array.to(like.device, like.dtype),
+                                      self.log_alpha_array.to(like.device, like.dtype))
+        return self._knot_copies[key]
 
     # construction ------------------------------------------------------------------------
     @classmethod
@@ -107,7 +118,7 @@ class VPSchedule:
     def log_alpha(self, t: Tensor) -> Tensor:
         """log alpha(t), piecewise-linear in t between the discrete knots."""
         t = _as_float(t)
-        return interp_linear(t, self.t_array, self.log_alpha_array)
+        return interp_linear(t, *self._knots(t))
 
     def alpha(self, t: Tensor) -> Tensor:
         """alpha(t) = sqrt(alphā at t)."""
@@ -132,7 +143,8 @@ class VPSchedule:
         lam = _as_float(lam)
         # log alpha = -0.5 log(1 + exp(-2 lambda)), then invert the monotone knots.
         log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lam), -2.0 * lam)
-        return interp_linear(log_alpha, self.log_alpha_array.flip(0), self.t_array.flip(0))
+        t_knots, log_alpha_knots = self._knots(log_alpha)
+        return interp_linear(log_alpha, log_alpha_knots.flip(0), t_knots.flip(0))
 
     def t_of_snr(self, snr: float | Tensor) -> Tensor:
         """The time at which SNR(t) equals ``snr``."""

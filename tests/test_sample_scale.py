@@ -70,6 +70,22 @@ def test_fp16_on_a_cpu_is_a_one_line_error(tiny_ckpts, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_compiled_bf16_on_a_cpu_is_refused_before_any_work(tiny_ckpts, tmp_path):
+    # Inductor's vectorised CPU kernels turn whole samples of the bf16 LSUN/ImageNet networks
+    # into NaN (benchmarks/RESULTS.md); the refusal names both ways that work.
+    res = run_cli("--ckpt", tiny_ckpts["uncond"], "--out", tmp_path / "x", "--precision", "bf16", "--compile",
+                  "--device", "cpu")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "--compile with fp32" in res.stderr and "without --compile" in res.stderr
+    assert not (tmp_path / "x").exists()
+    from pdm.nn import UNet
+    from pdm.nn.runtime import compile_network
+
+    with pytest.raises(ValueError, match="NaN images"):
+        compile_network(UNet(in_channels=1, image_size=8, model_channels=32, channel_mult=(1,),
+                             num_res_blocks=1).to(torch.bfloat16), 2)
+
+
 def test_solver_state_stays_fp32_while_the_network_runs_bf16(tiny_ckpts):
     from pdm.checkpoints import load_for_sampling, load_model
 
@@ -270,3 +286,57 @@ def test_the_plain_multistep_loop_reads_nothing_back_per_step(settings):
             sample(model_fn, torch.randn(4, 1, 4, 4), schedule, steps=steps, **settings)
         counts[steps] = counter.count
     assert counts[20] == counts[5] <= 2  # a constant few (reading nfe out at the end), none per step
+
+
+class _HostTraffic:
+    """A dispatch mode counting what would stall a GPU: values read back to the host (``item``,
+    ``bool``, error checks, ``nonzero``) and tensors copied from the host to the device. The
+    "device" is ``meta``, so it runs on any machine; a read returns 0 instead of failing."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        aten = torch.ops.aten
+        reads_ops = {aten._local_scalar_dense.default, aten._linalg_check_errors.default, aten.nonzero.default}
+
+        class Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.reads, self.copies = [], []
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in reads_ops:
+                    self.reads.append(str(func))
+                    if func is aten._local_scalar_dense.default:
+                        return 0
+                out = func(*args, **kwargs)
+                inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+                outs = out if isinstance(out, (tuple, list)) else [out]
+                if any(a.device.type == "cpu" for a in inputs) and any(
+                        isinstance(o, torch.Tensor) and o.device.type == "meta" for o in outs):
+                    self.copies.append(str(func))
+                return out
+
+        return Mode()
+
+
+@pytest.mark.parametrize("solver,order", [("ipndm", 4), ("dpmsolver++", 2), ("dpmsolver", 3), ("unipc", 3),
+                                          ("deis", 3), ("ddim", 1)])
+def test_the_multistep_loop_never_waits_for_the_device(solver, order):
+    # On a GPU a host read or a pageable host-to-device copy synchronises: once per run is fine,
+    # once per step serialises the sampler with the network. Counted on a 5- and a 20-step run,
+    # each with a fresh schedule: the counts must not grow with the steps.
+    from pdm.sampling import sample
+    from pdm.schedule import build_schedule
+
+    counts = {}
+    for steps in (5, 20):
+        schedule = build_schedule("linear", 1e-4, 0.02, 1000)
+        noise = torch.empty(3, 3, 8, 8, device="meta")
+        with _HostTraffic() as traffic:
+            sample(lambda x, t: 0.1 * x, noise, schedule, steps=steps, solver=solver, order=order)
+        counts[steps] = (len(traffic.reads), len(traffic.copies))
+    assert counts[20] == counts[5], f"{solver}: host reads / host-to-device copies {counts[5]} at 5 steps, " \
+                                    f"{counts[20]} at 20"
+    assert counts[20][0] <= 1  # the mean NFE read out at the end

@@ -71,6 +71,20 @@ def precision_dtype(precision: str, device: str | torch.device) -> torch.dtype:
     return _DTYPES[precision]
 
 
+def check_compile(precision: str, device: str | torch.device) -> None:
+    """A ValueError naming the fix when ``torch.compile`` of a network in ``precision`` on
+    ``device`` is known to compute wrong numbers.
+
+    On a CPU, Inductor's vectorised C++ kernels turn whole samples of our bf16 U-Net into NaN (a
+    fused GroupNorm + scale-shift; the LSUN and ImageNet networks with torch 2.14, while the
+    same graph unvectorised, or in fp32, is right): compiled half precision is refused there.
+    """
+    if precision in ("bf16", "fp16") and torch.device(device).type == "cpu":
+        raise ValueError(f"--compile with --precision {precision} on a CPU gives NaN images (PyTorch Inductor's "
+                         "vectorised CPU kernels mis-compile the bf16 network); on a CPU use --compile with fp32, or "
+                         f"--precision {precision} without --compile")
+
+
 def autocast(device: str | torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     """Autocast to ``dtype`` on ``device``, or nothing for fp32."""
     if dtype == torch.float32:
@@ -115,5 +129,8 @@ def compile_network(net: nn.Module, batch: int, mode: str = "default") -> Callab
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+    param = next(net.parameters(), None)
+    if param is not None:
+        check_compile({torch.bfloat16: "bf16", torch.float16: "fp16"}.get(param.dtype, "fp32"), param.device)
     compiled = torch.compile(net, mode=None if mode == "default" else mode, dynamic=False)
     return FixedBatch(compiled, batch)

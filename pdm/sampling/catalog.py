@@ -134,15 +134,23 @@ class DEIS(MultistepSolver):
     def __init__(self, order: int, schedule: VPSchedule) -> None:
         super().__init__(order, False)
         self.schedule = schedule
+        self._quadrature: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def order_at(self, i: int, steps: int) -> int:
         return min(self.order, i)
+
+    def quadrature(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Gauss-Legendre nodes and weights on ``device``, copied there once (not per step: each
+        copy would be a host-to-device transfer and a GPU synchronisation)."""
+        if device not in self._quadrature:
+            self._quadrature[device] = (self.NODES.to(device), self.WEIGHTS.to(device))
+        return self._quadrature[device]
 
     def coefficients(self, points: Sequence[TimePoint], t: TimePoint) -> Tensor:
         """C_j of the last ``len(points)`` outputs (oldest first) for the step points[-1] -> t, in float64."""
         s = points[-1]
         lam_s, lam_t = s.lambda_.double(), t.lambda_.double()
-        nodes, weights = self.NODES.to(lam_s.device), self.WEIGHTS.to(lam_s.device)
+        nodes, weights = self.quadrature(lam_s.device)
         lam = 0.5 * (lam_t - lam_s) * nodes + 0.5 * (lam_t + lam_s)
         tau = self.schedule.t_of_lambda(lam).double()
         drho = -torch.exp(-lam) * weights * 0.5 * (lam_t - lam_s)  # quadrature weights of drho

@@ -199,6 +199,12 @@ def _unipc_differences(points: Sequence[TimePoint], outputs: Sequence[Tensor], o
     return rks, diffs
 
 
+def _solve(a: Tensor, b: Tensor) -> Tensor:
+    """a^-1 b without reading an error flag back to the host (``torch.linalg.solve`` does, a GPU
+    synchronisation per step); UniPC's systems are Vandermonde in distinct ratios, never singular."""
+    return torch.linalg.solve_ex(a, b, check_errors=False)[0]
+
+
 def unipc_predict(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor], order: int,
                   variant: str) -> Tensor:
     """The predictor UniP-p (order p) from points[-1] to t, from the last p data predictions."""
@@ -209,7 +215,7 @@ def unipc_predict(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs:
         return x_t
     one = torch.ones_like(step.h)
     r, b, b_h = _unipc_system(torch.stack(rks + [one]), step, variant)
-    rhos = one.new_tensor([0.5]) if order == 2 else torch.linalg.solve(r[:-1, :-1], b[:-1])
+    rhos = torch.full_like(one, 0.5)[None] if order == 2 else _solve(r[:-1, :-1], b[:-1])
     return x_t - step.scale * b_h * sum(rho * d for rho, d in zip(rhos, diffs))
 
 
@@ -222,7 +228,7 @@ def unipc_correct(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs:
     rks, diffs = _unipc_differences(points, outputs, order, step.h)
     one = torch.ones_like(step.h)
     r, b, b_h = _unipc_system(torch.stack(rks + [one]), step, variant)
-    rhos = one.new_tensor([0.5]) if order == 1 else torch.linalg.solve(r, b)
+    rhos = torch.full_like(one, 0.5)[None] if order == 1 else _solve(r, b)
     correction = sum(rho * d for rho, d in zip(rhos[:-1], diffs)) + rhos[-1] * (m_t - outputs[-1])
     return step.first_order(x, outputs[-1]) - step.scale * b_h * correction
 
