@@ -144,3 +144,19 @@ def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_o
     best = min(rms(bench.run(SCORE_SEEDS[:6], steps=4, **kw).x, ref) for _, _, kw in settings())
     assert nfe == 4 and float(plain.split()[0]) == float(f"{best:.3e}")
     assert float(ratio) == pytest.approx(float(held) / float(plain.split()[0]), abs=0.01)
+
+
+def test_kernel_kinds_sort_the_h200_profiles_kernels():
+    # names as the H200 profile of the compiled LSUN step printed them (benchmarks/RESULTS.md)
+    from benchmarks.train_throughput import kernel_kind
+
+    assert kernel_kind("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64") == \
+        "convolution"
+    assert kernel_kind("triton_red_fused__to_copy_clone_mul_native_group_norm_native_group_norm_backward_silu") == \
+        "norm+activation"
+    assert kernel_kind("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+                       "direct_copy_kernel_cuda") == "copy/layout"
+    assert kernel_kind("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64") == "attention"
+    assert kernel_kind("void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata, FusedAdam") == \
+        "optimizer+EMA"
+    assert kernel_kind("triton_poi_fused_add_mul_3") == "fused pointwise/reduction"
