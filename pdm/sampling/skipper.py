@@ -109,7 +109,10 @@ class Skipper:
         if self.fill == "reuse":
             self.raw_cache = raw if self.raw_cache is None or everyone else self._scatter(self.raw_cache, rows, raw)
             return self.convert(self.raw_cache, x, point), evaluated
-        out = self.convert(raw, x[rows], point) if rows.numel() else x.new_zeros((0, *x.shape[1:]))
+        if everyone:  # no gather: x[arange] would copy the whole batch at every evaluation
+            out = self.convert(raw, x, point)
+        else:
+            out = self.convert(raw, x[rows], point) if rows.numel() else x.new_zeros((0, *x.shape[1:]))
         if self.history is None:
             return out, evaluated
         if self.history.values is None:

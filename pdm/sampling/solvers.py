@@ -187,16 +187,10 @@ def _unipc_system(rks: Tensor, step: ExpStep, variant: str) -> tuple[Tensor, Ten
     return torch.stack(rows), torch.stack(b), b_h
 
 
-def _unipc_differences(points: Sequence[TimePoint], outputs: Sequence[Tensor], order: int,
-                       h: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-    """Ratios r_k = (lambda_{s_k} - lambda_{s_0}) / h and differences D_k = (m_k - m_0) / r_k of the history."""
-    s0, m0 = points[-1], outputs[-1]
-    rks, diffs = [], []
-    for k in range(1, order):
-        rk = (points[-1 - k].lambda_ - s0.lambda_) / h
-        rks.append(rk)
-        diffs.append((outputs[-1 - k] - m0) / rk)
-    return rks, diffs
+def _unipc_ratios(points: Sequence[TimePoint], order: int, h: Tensor) -> list[Tensor]:
+    """Ratios r_k = (lambda_{s_k} - lambda_{s_0}) / h, k = 1 .. order-1, of the history."""
+    s0 = points[-1]
+    return [(points[-1 - k].lambda_ - s0.lambda_) / h for k in range(1, order)]
 
 
 def _solve(a: Tensor, b: Tensor) -> Tensor:
@@ -205,18 +199,40 @@ def _solve(a: Tensor, b: Tensor) -> Tensor:
     return torch.linalg.solve_ex(a, b, check_errors=False)[0]
 
 
+def _combine(x: Tensor, ratio: Tensor, terms: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+    """ratio x + sum_j c_j m_j with scalar (0-d) c_j: one pass over the batch per term."""
+    out = ratio * x
+    for c, m in terms:
+        out = out.addcmul_(c, m)
+    return out
+
+
+def _unipc_step(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor], rhos: Tensor,
+                rks: Sequence[Tensor], step: ExpStep, b_h: Tensor, m_t: Tensor | None = None) -> Tensor:
+    """x_t = DDIM(x, m_0) - alpha_t B(h) (sum_k rho_k D_k [+ rho_t (m_t - m_0)]), D_k = (m_k - m_0) / r_k,
+    evaluated as one linear combination of x and the outputs (the difference form costs two
+    passes over the batch per term; this one, one)."""
+    w = -step.scale * b_h
+    coefs = [w * rho / rk for rho, rk in zip(rhos, rks)]  # of m_1 .. m_{p-1}
+    terms = [(c, outputs[-1 - k]) for k, c in enumerate(coefs, 1)]
+    if m_t is not None:
+        coefs.append(w * rhos[-1])
+        terms.append((coefs[-1], m_t))
+    c0 = -step.scale * step.phi_1 - sum(coefs)
+    return _combine(x, step.ratio, [(c0, outputs[-1]), *terms])
+
+
 def unipc_predict(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor], order: int,
                   variant: str) -> Tensor:
     """The predictor UniP-p (order p) from points[-1] to t, from the last p data predictions."""
     step = ExpStep(points[-1], t, data=True)
-    rks, diffs = _unipc_differences(points, outputs, order, step.h)
-    x_t = step.first_order(x, outputs[-1])
-    if not diffs:
-        return x_t
+    rks = _unipc_ratios(points, order, step.h)
+    if not rks:
+        return step.first_order(x, outputs[-1])
     one = torch.ones_like(step.h)
     r, b, b_h = _unipc_system(torch.stack(rks + [one]), step, variant)
     rhos = torch.full_like(one, 0.5)[None] if order == 2 else _solve(r[:-1, :-1], b[:-1])
-    return x_t - step.scale * b_h * sum(rho * d for rho, d in zip(rhos, diffs))
+    return _unipc_step(x, points, t, outputs, rhos, rks, step, b_h)
 
 
 def unipc_correct(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor], m_t: Tensor,
@@ -225,12 +241,11 @@ def unipc_correct(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs:
     output at the predicted point, too. It raises the order by one and costs no evaluation,
     since m_t is the output the next predictor needs anyway."""
     step = ExpStep(points[-1], t, data=True)
-    rks, diffs = _unipc_differences(points, outputs, order, step.h)
+    rks = _unipc_ratios(points, order, step.h)
     one = torch.ones_like(step.h)
     r, b, b_h = _unipc_system(torch.stack(rks + [one]), step, variant)
     rhos = torch.full_like(one, 0.5)[None] if order == 1 else _solve(r, b)
-    correction = sum(rho * d for rho, d in zip(rhos[:-1], diffs)) + rhos[-1] * (m_t - outputs[-1])
-    return step.first_order(x, outputs[-1]) - step.scale * b_h * correction
+    return _unipc_step(x, points, t, outputs, rhos, rks, step, b_h, m_t)
 
 
 # --- iPNDM (Zhang & Chen 2022, DEIS; Liu et al. 2022, PNDM) ------------------------------------------
