@@ -1,5 +1,5 @@
 """Calibrated paths that hold on new images (issue #23, parts 1 and 3): a held-out validation
-split, the fallback to a built-in grid, several budgets in one versioned file, the previous file
+split, the fallback to the best plain setting, several budgets in one versioned file, the previous file
 format, budget selection and refusals through sample.py, and paths embedded in an export."""
 
 import json
@@ -66,6 +66,28 @@ def test_a_path_that_loses_on_validation_is_replaced_by_the_built_in_grid(monkey
     report = path.settings["calibration"]
     assert report["fallback"] and path.settings["skip_type"] == report["builtin_grid"]
     assert "timesteps" not in path.settings and path.evaluate == (True,) * 4 and path.settings["steps"] == 4
+
+
+def test_the_fallback_is_the_best_plain_setting_of_any_solver(monkeypatch):
+    # a path that loses on validation is replaced by the most accurate plain setting there, even
+    # one of another solver than the calibrated one: here DEIS-3 on the edm grid is made the best
+    import pdm.sampling.budgets as budgets
+
+    real = budgets._Validation.error
+
+    def rigged(self, **kwargs):
+        favoured = kwargs.get("solver") == "deis" and kwargs.get("order") == 3 and kwargs.get("skip_type") == "edm"
+        return real(self, **kwargs) * (10.0 if "timesteps" in kwargs else 0.01 if favoured else 1.0)
+
+    monkeypatch.setattr(budgets._Validation, "error", rigged)
+    path = calibrate_budgets(GM.model_fn(S), _noise(8, 5), S, [4], steps=12, halvings=1, **KW)[4]
+    report = path.settings["calibration"]
+    assert report["fallback"] and report["builtin_setting"] == "deis-3 edm"
+    assert {k: path.settings[k] for k in ("solver", "order", "skip_type", "steps")} == \
+        {"solver": "deis", "order": 3, "skip_type": "edm", "steps": 4}
+    kwargs = path.sample_kwargs()  # replays as that plain setting: every step evaluated
+    plain = sample(GM.model_fn(S), _noise(3, 6), S, steps=4, solver="deis", order=3, skip_type="edm")
+    assert torch.equal(sample(GM.model_fn(S), _noise(3, 6), S, **kwargs).x, plain.x) and plain.nfe == 4
 
 
 def test_several_budgets_in_one_file_and_the_first_format_still_loads(calibrated, tmp_path):

@@ -3,9 +3,9 @@
 :func:`calibrate_budgets` splits the calibration images into a fitting part and a validation
 part, solves both accurately once (in one batch), and for each budget in ``nfe`` runs
 :func:`~pdm.sampling.calibration.calibrate_skip_path` on the fitting images, stopping its time
-search where the validation error is least. It then compares the path with the built-in grids
-of the same solver and NFE *on the validation images*: when none of its error gain survives
-there, the best built-in grid is kept instead (and the report says so). Each path records its
+search where the validation error is least. It then compares the path with every plain setting
+of the same NFE (each solver, order, variant and built-in grid) *on the validation images*: when
+none of its error gain survives there, the best of those is kept instead (and the report says so). Each path records its
 fitted and validation errors under ``settings["calibration"]``.
 
 :class:`PathFile` is the file: ``{"format": "pdm-skip-paths-v2", "calibrated_for": ...,
@@ -24,10 +24,11 @@ from typing import Any
 from torch import Tensor
 
 from pdm.sampling.calibration import calibrate_skip_path, reference_for, rms
+from pdm.sampling.catalog import plain_settings
 from pdm.sampling.coefficients import fit_corrections
 from pdm.sampling.sampler import sample
 from pdm.sampling.skipping import SkipPath
-from pdm.schedule import SKIP_TYPES, VPSchedule
+from pdm.schedule import VPSchedule
 
 PATH_FILE_FORMAT = "pdm-skip-paths-v2"
 
@@ -113,16 +114,18 @@ class _Validation:
                                         model_kwargs=self.model_kwargs, **kw).x, self.target)
 
     def check(self, path: SkipPath, nfe: int, report: dict) -> tuple[SkipPath, dict]:
-        """The path, or the best built-in grid of ``nfe`` steps if that is better on validation."""
+        """The path, or the best plain setting of ``nfe`` steps (every solver, order, variant and
+        built-in grid: :func:`~pdm.sampling.catalog.plain_settings`) if that is better on validation."""
         calibrated = self.error(**path.sample_kwargs())
-        builtin = {st: self.error(steps=nfe, skip_type=st) for st in SKIP_TYPES}
-        grid = min(builtin, key=builtin.get)
-        report |= {"validation_error": calibrated, "builtin_grid": grid, "builtin_validation_error": builtin[grid],
-                   "fallback": calibrated >= builtin[grid]}
+        plain = {label: (self.error(**kw), kw) for label, kw in plain_settings(nfe)}
+        best = min(plain, key=lambda label: plain[label][0])
+        error, settings = plain[best]
+        report |= {"validation_error": calibrated, "builtin_setting": best, "builtin_grid": settings["skip_type"],
+                   "builtin_validation_error": error, "fallback": calibrated >= error}
         if not report["fallback"]:
             return path, report
-        settings = {k: v for k, v in path.settings.items() if k in ("solver", "order", "method", "solver_type")}
-        return SkipPath((True,) * nfe, fill="merge", settings=settings | {"steps": nfe, "skip_type": grid}), report
+        settings = {k: v for k, v in settings.items() if v is not None}
+        return SkipPath((True,) * nfe, fill="merge", settings=settings), report
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pdm.sampling.solvers import (
     unipc_correct,
     unipc_predict,
 )
-from pdm.schedule import VPSchedule
+from pdm.schedule import SKIP_TYPES, VPSchedule
 
 
 class MultistepSolver:
@@ -269,3 +269,21 @@ def all_variants() -> tuple[str, ...]:
     """Every ``solver_type`` value some solver takes (diffusers' aliases included), for CLI choices."""
     found = [v for spec in SOLVER_TABLE.values() for v in spec.variants] + list(VARIANT_ALIASES)
     return tuple(dict.fromkeys(found))
+
+
+def plain_settings(nfe: int) -> list[tuple[str, dict]]:
+    """(label, ``sample`` kwargs) of every plain multistep setting at ``nfe`` steps: each
+    deterministic solver at each order it has from 2 (DDIM at 1), in each of its variants, on
+    each built-in grid. What a calibrated path must beat before it is kept."""
+    out = []
+    for spec in SOLVER_TABLE.values():
+        if not spec.deterministic:
+            continue
+        orders = spec.orders if spec.first_order else tuple(o for o in spec.orders if o >= 2)
+        for order in orders:
+            for variant in spec.variants or (None,):
+                for grid in SKIP_TYPES:
+                    label = f"{spec.name}-{order}{' ' + variant if variant else ''} {grid}"
+                    out.append((label, {"solver": spec.name, "order": order, "solver_type": variant,
+                                        "method": "multistep", "steps": nfe, "skip_type": grid}))
+    return out
