@@ -1,7 +1,8 @@
 """A calibrate.py path file on held-out seeds: its error against the best plain setting.
 
     python benchmarks/calibration_holdout.py --ckpt runs/digits/checkpoints/step0000800.ckpt \
-        --paths digits_paths.json [--guidance-scale 1.5] [--seeds 48]
+        --paths times=digits_paths.json [times+coef=coef_paths.json] [--guidance-scale 1.5] [--seeds 48] \
+        [--plot benchmarks/results/calibration_holdout.png]
 
 For every budget N in the file: the path's RMS error per pixel against an accurate ODE solution
 (UniPC-3, 500 logSNR steps) on scoring seeds that calibration never uses, beside the best plain
@@ -21,40 +22,81 @@ from benchmarks.solver_accuracy import settings  # noqa: E402
 from pdm.sampling.budgets import PathFile  # noqa: E402
 
 
-def holdout_rows(bench, paths: PathFile, seeds) -> list[list]:
-    """One row per budget: NFE, fit, validation, held-out, best plain (and which), ratio."""
-    ref, ref_err = bench.reference(seeds)
+def holdout_rows(bench, paths: PathFile, seeds, label: str = "", plain_cache: dict | None = None,
+                 ref=None) -> list[list]:
+    """One row per budget: label, NFE, fit, validation, held-out, best plain (and which), ratio."""
+    if ref is None:
+        ref, ref_err = bench.reference(seeds)
+        print(f"reference's own error {ref_err:.1e}", file=sys.stderr)
+    plain_cache = {} if plain_cache is None else plain_cache
     rows = []
     for nfe in paths.budgets:
         path = paths.select(nfe)
         held = rms(bench.run(seeds, **path.sample_kwargs()).x, ref)
-        plain = min((rms(bench.run(seeds, steps=nfe, **kw).x, ref), f"{family} {grid}") for family, grid, kw in settings())
+        if nfe not in plain_cache:
+            plain_cache[nfe] = min((rms(bench.run(seeds, steps=nfe, **kw).x, ref), f"{family} {grid}")
+                                   for family, grid, kw in settings())
+        plain = plain_cache[nfe]
         report = path.settings.get("calibration") or {}
-        rows.append([nfe, f"{report.get('fit_error', float('nan')):.3e}", f"{report.get('validation_error', float('nan')):.3e}",
-                     f"{held:.3e}", f"{plain[0]:.3e} ({plain[1]})", f"{held / plain[0]:.2f}",
-                     "yes" if report.get("fallback") else "no", "yes" if path.settings.get("corrections") else "no"])
-    print(f"reference's own error {ref_err:.1e}", file=sys.stderr)
+        kept = report.get("builtin_setting", report.get("builtin_grid", "")) if report.get("fallback") else "no"
+        rows.append([label, nfe, f"{report.get('fit_error', float('nan')):.3e}",
+                     f"{report.get('validation_error', float('nan')):.3e}", f"{held:.3e}",
+                     f"{plain[0]:.3e} ({plain[1]})", f"{held / plain[0]:.2f}", kept,
+                     "yes" if path.settings.get("corrections") else "no"])
     return rows
+
+
+def plot(rows: list[list], out: Path, title: str) -> None:
+    """Held-out error against NFE: the best plain setting and every labelled path file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plain = sorted({(r[1], float(r[5].split()[0])) for r in rows})
+    ax.plot([n for n, _ in plain], [e for _, e in plain], "k--o", label="best plain setting (chosen on these seeds)")
+    for label in dict.fromkeys(r[0] for r in rows):
+        pts = sorted((r[1], float(r[4])) for r in rows if r[0] == label)
+        ax.plot([n for n, _ in pts], [e for _, e in pts], "-o", label=label)
+    ax.set(xlabel="NFE", ylabel="RMS error per pixel vs accurate ODE solution", yscale="log", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--ckpt", required=True, help="the checkpoint the paths were calibrated for")
-    p.add_argument("--paths", required=True, help="a calibrate.py path file")
+    p.add_argument("--paths", required=True, nargs="+", metavar="[LABEL=]FILE",
+                   help="calibrate.py path files, each optionally labelled (e.g. times=a.json times+coef=b.json)")
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--seeds", type=int, default=48, help="held-out scoring seeds")
+    p.add_argument("--plot", default=None, help="also draw held-out error vs NFE into this PNG")
     args = p.parse_args()
-    paths = PathFile.load(args.paths)
-    made = float((paths.calibrated_for or {}).get("guidance_scale", args.guidance_scale))
-    if made != args.guidance_scale:
-        raise SystemExit(f"calibration_holdout.py: error: {args.paths} was calibrated at guidance {made}, not "
-                         f"{args.guidance_scale}")
+    files = [(a.split("=", 1) if "=" in a else (Path(a).stem, a)) for a in args.paths]
+    loaded = []
+    for label, name in files:
+        paths = PathFile.load(name)
+        made = float((paths.calibrated_for or {}).get("guidance_scale", args.guidance_scale))
+        if made != args.guidance_scale:
+            raise SystemExit(f"calibration_holdout.py: error: {name} was calibrated at guidance {made}, not "
+                             f"{args.guidance_scale}")
+        loaded.append((label, paths))
     bench = digits_bench(args.ckpt, guidance_scale=args.guidance_scale)
-    rows = holdout_rows(bench, paths, SCORE_SEEDS[: args.seeds])
+    seeds = SCORE_SEEDS[: args.seeds]
+    ref, ref_err = bench.reference(seeds)
+    print(f"reference's own error {ref_err:.1e}", file=sys.stderr)
+    cache: dict = {}
+    rows = [row for label, paths in loaded for row in holdout_rows(bench, paths, seeds, label, cache, ref)]
     print(f"machine: {machine()}; guidance {args.guidance_scale}; {args.seeds} held-out seeds\n")
-    print(markdown_table(["NFE", "fit", "validation", "held-out", "best plain (held-out seeds)", "ratio",
-                          "built-in kept", "coefficients"], rows))
+    print(markdown_table(["paths", "NFE", "fit", "validation", "held-out", "best plain (held-out seeds)", "ratio",
+                          "plain setting kept", "coefficients"], rows))
+    if args.plot:
+        plot(rows, Path(args.plot), f"digits, guidance {args.guidance_scale}, {args.seeds} held-out seeds")
+        print(f"wrote {args.plot}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -128,8 +128,8 @@ def test_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
     assert (tmp_path / "gpu_suite" / "sample_throughput_cpu_tiny.json").exists()
 
 
-def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_on_held_out_seeds():
-    from benchmarks.calibration_holdout import holdout_rows
+def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_on_held_out_seeds(tmp_path):
+    from benchmarks.calibration_holdout import holdout_rows, plot
     from benchmarks.common import CALIBRATION_SEEDS, SCORE_SEEDS, mixture_bench, rms
     from benchmarks.solver_accuracy import settings
     from pdm.sampling.budgets import PathFile, calibrate_budgets
@@ -138,12 +138,14 @@ def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_o
     calib = CALIBRATION_SEEDS[:8]
     paths = calibrate_budgets(bench.model_fn, bench.noise(calib), bench.schedule, [4], steps=12, halvings=1,
                               prediction=bench.prediction, solver="ipndm", order=3)
-    rows = holdout_rows(bench, PathFile(paths), SCORE_SEEDS[:6])
-    nfe, _, _, held, plain, ratio = rows[0][:6]
+    rows = holdout_rows(bench, PathFile(paths), SCORE_SEEDS[:6], label="times")
+    label, nfe, _, _, held, plain, ratio = rows[0][:7]
     ref, _ = bench.reference(SCORE_SEEDS[:6])
     best = min(rms(bench.run(SCORE_SEEDS[:6], steps=4, **kw).x, ref) for _, _, kw in settings())
     assert nfe == 4 and float(plain.split()[0]) == float(f"{best:.3e}")
-    assert float(ratio) == pytest.approx(float(held) / float(plain.split()[0]), abs=0.01)
+    assert float(ratio) == pytest.approx(float(held) / float(plain.split()[0]), abs=0.01) and label == "times"
+    plot(rows, tmp_path / "holdout.png", "mixture")
+    assert (tmp_path / "holdout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_kernel_kinds_sort_the_h200_profiles_kernels():
