@@ -57,8 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="the network's precision while calibrating (calibrate with the precision you sample in)")
     p.add_argument("--coefficients", action="store_true",
-                   help="also learn one solver coefficient per step (pdm.sampling.coefficients; measured: helps "
-                        "at 5 NFE, can hurt rare images from 8; see benchmarks/RESULTS.md)")
+                   help="also learn one solver coefficient per step (pdm.sampling.coefficients; measured on "
+                        "digits: helps at 5 and 20 NFE, with and without guidance; on the exact mixture it "
+                        "sent rare images into another mode from 8 NFE; see benchmarks/RESULTS.md)")
     p.add_argument("--grid-points-only", action="store_true",
                    help="keep the evaluations on the --steps grid (skip the continuous time search)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
