@@ -14,7 +14,8 @@ recorded in the file. See pdm.sampling.calibrate_skip_path.
 The images are split: the first (1 - --validation-fraction) fit the path, the rest only check
 it. The time search stops at the step size where the validation error is least, and a path whose
 validation error is not below that of the best plain setting of the same NFE (every solver,
-order, variant and built-in grid) is replaced by that setting, with a warning. One accurate solution of all images serves every budget.
+order, variant and built-in grid) is replaced by that setting, with a warning. One accurate
+solution of all images serves every budget.
 """
 
 from __future__ import annotations
@@ -153,11 +154,11 @@ def _report(nfe: int, path, steps: int) -> dict:
     out = {"nfe": path.nfe, "kept": kept, "timesteps": path.settings.get("timesteps"), **cal}
     errors = f"fit error {cal['fit_error']:.3e}" if "fit_error" in cal else ""
     if "validation_error" in cal:
-        best = cal.get("builtin_setting", f"{cal['builtin_grid']} grid")
-        errors += f", validation {cal['validation_error']:.3e} (best plain, {best}: {cal['builtin_validation_error']:.3e})"
+        errors += (f", validation {cal['validation_error']:.3e} (best plain, {cal['builtin_setting']}: "
+                   f"{cal['builtin_validation_error']:.3e})")
     if cal.get("fallback"):
         print(f"calibrate.py: warning: at {nfe} NFE the calibrated path did not beat the best plain setting "
-              f"({cal.get('builtin_setting', cal['builtin_grid'])}) on the validation images ({errors}); the file "
+              f"({cal['builtin_setting']}) on the validation images ({errors}); the file "
               "keeps that setting", file=sys.stderr)
         return out
     where = (f"times {', '.join(f'{t:.4g}' for t in out['timesteps'][:-1])}" if out["timesteps"]

@@ -102,7 +102,6 @@ def run_variant(paths: list[str], guidance: float, device: torch.device, batch: 
     t0 = time.perf_counter()
     warm_up()
     warmup = time.perf_counter() - t0
-    x = None
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sample as sample_cli
 from pdm.nn.runtime import FixedBatch, preferred_memory_format
@@ -288,37 +289,32 @@ def test_the_plain_multistep_loop_reads_nothing_back_per_step(settings):
     assert counts[20] == counts[5] <= 2  # a constant few (reading nfe out at the end), none per step
 
 
-class _HostTraffic:
+_ATEN = torch.ops.aten
+_HOST_READS = {_ATEN._local_scalar_dense.default, _ATEN._linalg_check_errors.default, _ATEN.nonzero.default}
+
+
+class _HostTraffic(TorchDispatchMode):
     """A dispatch mode counting what would stall a GPU: values read back to the host (``item``,
     ``bool``, error checks, ``nonzero``) and tensors copied from the host to the device. The
     "device" is ``meta``, so it runs on any machine; a read returns 0 instead of failing."""
 
-    def __new__(cls):
-        from torch.utils._python_dispatch import TorchDispatchMode
+    def __init__(self):
+        super().__init__()
+        self.reads, self.copies = [], []
 
-        aten = torch.ops.aten
-        reads_ops = {aten._local_scalar_dense.default, aten._linalg_check_errors.default, aten.nonzero.default}
-
-        class Mode(TorchDispatchMode):
-            def __init__(self):
-                super().__init__()
-                self.reads, self.copies = [], []
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if func in reads_ops:
-                    self.reads.append(str(func))
-                    if func is aten._local_scalar_dense.default:
-                        return 0
-                out = func(*args, **kwargs)
-                inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-                outs = out if isinstance(out, (tuple, list)) else [out]
-                if any(a.device.type == "cpu" for a in inputs) and any(
-                        isinstance(o, torch.Tensor) and o.device.type == "meta" for o in outs):
-                    self.copies.append(str(func))
-                return out
-
-        return Mode()
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _HOST_READS:
+            self.reads.append(str(func))
+            if func is _ATEN._local_scalar_dense.default:
+                return 0
+        out = func(*args, **kwargs)
+        inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        if any(a.device.type == "cpu" for a in inputs) and any(
+                isinstance(o, torch.Tensor) and o.device.type == "meta" for o in outs):
+            self.copies.append(str(func))
+        return out
 
 
 @pytest.mark.parametrize("solver,order", [("ipndm", 4), ("dpmsolver++", 2), ("dpmsolver", 3), ("unipc", 3),

@@ -131,6 +131,6 @@ def compile_network(net: nn.Module, batch: int, mode: str = "default") -> Callab
         raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     param = next(net.parameters(), None)
     if param is not None:
-        check_compile({torch.bfloat16: "bf16", torch.float16: "fp16"}.get(param.dtype, "fp32"), param.device)
+        check_compile(next((name for name, dtype in _DTYPES.items() if dtype == param.dtype), "fp32"), param.device)
     compiled = torch.compile(net, mode=None if mode == "default" else mode, dynamic=False)
     return FixedBatch(compiled, batch)

@@ -5,8 +5,8 @@ part, solves both accurately once (in one batch), and for each budget in ``nfe``
 :func:`~pdm.sampling.calibration.calibrate_skip_path` on the fitting images, stopping its time
 search where the validation error is least. It then compares the path with every plain setting
 of the same NFE (each solver, order, variant and built-in grid) *on the validation images*: when
-none of its error gain survives there, the best of those is kept instead (and the report says so). Each path records its
-fitted and validation errors under ``settings["calibration"]``.
+none of its error gain survives there, the best of those is kept instead (and the report says
+so). Each path records its fitted and validation errors under ``settings["calibration"]``.
 
 :class:`PathFile` is the file: ``{"format": "pdm-skip-paths-v2", "calibrated_for": ...,
 "paths": {"5": path, "10": path}}``; a file of the first format (one :class:`SkipPath`, written

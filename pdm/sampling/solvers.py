@@ -207,8 +207,8 @@ def _combine(x: Tensor, ratio: Tensor, terms: Sequence[tuple[Tensor, Tensor]]) -
     return out
 
 
-def _unipc_step(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor], rhos: Tensor,
-                rks: Sequence[Tensor], step: ExpStep, b_h: Tensor, m_t: Tensor | None = None) -> Tensor:
+def _unipc_step(x: Tensor, outputs: Sequence[Tensor], rhos: Tensor, rks: Sequence[Tensor], step: ExpStep, b_h: Tensor,
+                m_t: Tensor | None = None) -> Tensor:
     """x_t = DDIM(x, m_0) - alpha_t B(h) (sum_k rho_k D_k [+ rho_t (m_t - m_0)]), D_k = (m_k - m_0) / r_k,
     evaluated as one linear combination of x and the outputs (the difference form costs two
     passes over the batch per term; this one, one)."""
@@ -232,7 +232,7 @@ def unipc_predict(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs:
     one = torch.ones_like(step.h)
     r, b, b_h = _unipc_system(torch.stack(rks + [one]), step, variant)
     rhos = torch.full_like(one, 0.5)[None] if order == 2 else _solve(r[:-1, :-1], b[:-1])
-    return _unipc_step(x, points, t, outputs, rhos, rks, step, b_h)
+    return _unipc_step(x, outputs, rhos, rks, step, b_h)
 
 
 def unipc_correct(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor], m_t: Tensor,
@@ -245,7 +245,7 @@ def unipc_correct(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs:
     one = torch.ones_like(step.h)
     r, b, b_h = _unipc_system(torch.stack(rks + [one]), step, variant)
     rhos = torch.full_like(one, 0.5)[None] if order == 1 else _solve(r, b)
-    return _unipc_step(x, points, t, outputs, rhos, rks, step, b_h, m_t)
+    return _unipc_step(x, outputs, rhos, rks, step, b_h, m_t)
 
 
 # --- iPNDM (Zhang & Chen 2022, DEIS; Liu et al. 2022, PNDM) ------------------------------------------
