@@ -24,8 +24,9 @@ from pdm.sampling.budgets import PathFile  # noqa: E402
 
 
 def holdout_rows(bench, paths: PathFile, seeds, label: str = "", plain_cache: dict | None = None,
-                 ref=None) -> list[list]:
-    """One row per budget: label, NFE, fit, validation, held-out, best plain (and which), ratio."""
+                 ref=None, fd_samples: int = 0) -> list[list]:
+    """One row per budget: label, NFE, fit, validation, held-out, best plain (and which), ratio;
+    with ``fd_samples``, FD-8x8/floor and classifier accuracy of that many samples of each."""
     if ref is None:
         ref, ref_err = bench.reference(seeds)
         print(f"reference's own error {ref_err:.1e}", file=sys.stderr)
@@ -36,8 +37,9 @@ def holdout_rows(bench, paths: PathFile, seeds, label: str = "", plain_cache: di
         x = bench.run(seeds, **path.sample_kwargs()).x
         held, held_median = rms(x, ref), per_image_median(x, ref)
         if nfe not in plain_cache:
-            plain_cache[nfe] = min((rms(x, ref), per_image_median(x, ref), f"{family} {grid}")
-                                   for family, grid, kw in settings() for x in [bench.run(seeds, steps=nfe, **kw).x])
+            plain_cache[nfe] = min(((rms(x, ref), per_image_median(x, ref), f"{family} {grid}", kw)
+                                    for family, grid, kw in settings() for x in [bench.run(seeds, steps=nfe, **kw).x]),
+                                   key=lambda p: p[0])
         plain = plain_cache[nfe]
         report = path.settings.get("calibration") or {}
         kept = report.get("builtin_setting", report.get("builtin_grid", "")) if report.get("fallback") else "no"
@@ -46,6 +48,14 @@ def holdout_rows(bench, paths: PathFile, seeds, label: str = "", plain_cache: di
                      f"{plain[0]:.3e} ({plain[2]})", f"{held / plain[0]:.2f}", kept,
                      "yes" if path.settings.get("corrections") else "no",
                      f"{held_median:.2e} / {plain[1]:.2e}", f"{held_median / plain[1]:.2f}"])
+        if fd_samples:
+            from benchmarks.skip_tradeoff import fd_row
+
+            if len(plain) == 4:
+                plain_cache[nfe] = plain = (*plain, fd_row(bench, {"steps": nfe, **plain[3]}, fd_samples))
+            mine = fd_row(bench, path.sample_kwargs(), fd_samples)
+            rows[-1] += [f"{mine['fd_ratio']:.2f} / {plain[4]['fd_ratio']:.2f}",
+                         f"{mine['accuracy']:.3f} / {plain[4]['accuracy']:.3f}"]
     return rows
 
 
@@ -83,7 +93,12 @@ def main() -> None:
                    help="calibrate.py path files, each optionally labelled (e.g. times=a.json times+coef=b.json)")
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--seeds", type=int, default=48, help="held-out scoring seeds")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first scoring seed (a block never looked at before gives an untouched check)")
     p.add_argument("--plot", default=None, help="also draw held-out error vs NFE into this PNG")
+    p.add_argument("--fd-samples", type=int, default=0,
+                   help="also FD-8x8/floor and classifier accuracy of this many samples (seeds 20000 on) per budget, "
+                        "for each path and the best plain setting (the issue asks 1000)")
     args = p.parse_args()
     files = [(a.split("=", 1) if "=" in a else (Path(a).stem, a)) for a in args.paths]
     loaded = []
@@ -95,17 +110,20 @@ def main() -> None:
                              f"{args.guidance_scale}")
         loaded.append((label, paths))
     bench = digits_bench(args.ckpt, guidance_scale=args.guidance_scale)
-    seeds = SCORE_SEEDS[: args.seeds]
+    seeds = SCORE_SEEDS[args.first_seed:args.first_seed + args.seeds]
     ref, ref_err = bench.reference(seeds)
     print(f"reference's own error {ref_err:.1e}", file=sys.stderr)
     cache: dict = {}
-    rows = [row for label, paths in loaded for row in holdout_rows(bench, paths, seeds, label, cache, ref)]
-    print(f"machine: {machine()}; guidance {args.guidance_scale}; {args.seeds} held-out seeds\n")
+    rows = [row for label, paths in loaded
+            for row in holdout_rows(bench, paths, seeds, label, cache, ref, args.fd_samples)]
+    print(f"machine: {machine()}; guidance {args.guidance_scale}; {args.seeds} held-out seeds from {args.first_seed}\n")
     print(markdown_table(["paths", "NFE", "fit", "validation", "held-out", "best plain (held-out seeds)", "ratio",
-                          "plain setting kept", "coefficients", "median per image: path / that plain", "ratio"],
+                          "plain setting kept", "coefficients", "median per image: path / that plain", "ratio"]
+                         + (["FD-8x8/floor: path / plain", "accuracy: path / plain"] if args.fd_samples else []),
                          rows))
     if args.plot:
-        plot(rows, Path(args.plot), f"digits, guidance {args.guidance_scale}, {args.seeds} held-out seeds")
+        plot(rows, Path(args.plot),
+             f"digits, guidance {args.guidance_scale}, {args.seeds} held-out seeds from {args.first_seed}")
         print(f"wrote {args.plot}", file=sys.stderr)
 
 

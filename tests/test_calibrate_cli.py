@@ -20,7 +20,11 @@ def test_calibrated_path_is_written_and_replayed_by_sample(tiny_ckpts, tmp_path)
     assert path.nfe == 4 == summary["nfe"] and path.evaluate == (True,) * 4 and summary["timesteps"] == times
     assert len(times) == 5 and all(a > b for a, b in zip(times, times[1:]))
     assert path.settings["solver"] == "ipndm" and path.settings["steps"] == 4
-    assert path.settings["calibrated_for"]["seed"] == 1_000_000 and len(path.settings["calibrated_for"]["checkpoints"]) == 1
+    made = path.settings["calibrated_for"]
+    assert made["seed"] == 1_000_000 and len(made["checkpoints"]) == 1
+    # by default 8 x 4 candidates were screened; the file names the images drawn and the hard ones
+    assert made["screened"] == 32 and len(made["images"]) == 4 == len(set(made["images"]))
+    assert len(made["hard_images"]) == 1 and set(made["hard_images"]) <= set(made["images"])
     stats = sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--num-samples", "3", "--skip-path", str(out),
                              "--out", str(tmp_path / "s"), "--device", "cpu"])
     assert stats["nfe"] == 4
@@ -53,6 +57,8 @@ def test_grid_points_only_keeps_evaluations_on_the_fine_grid(tiny_ckpts, tmp_pat
         (["--nfe", "0"], "--nfe must be in 1..--steps"),
         (["--nfe", "200"], "--nfe must be in 1..--steps"),
         (["--nfe", "5", "--seed", "-1"], "--seed must be in"),
+        (["--nfe", "5", "--screen", "3"], "--screen (3) must be at least --num-seeds (32)"),
+        (["--nfe", "5", "--hard-fraction", "1"], "--hard-fraction must be in [0, 1)"),
         (["--nfe", "5", "--guidance-scale", "nan"], "finite"),
         (["--nfe", "5", "--out", "@existing"], "exists; pass --overwrite"),
         (["--nfe", "5", "--out", "@dir/p.txt"], "should name a .json file"),

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from pdm.sampling.calibration import calibrate_skip_path, reference_for, rms
@@ -42,32 +43,39 @@ def split_rows(n: int, validation: float) -> tuple[slice, slice]:
     return slice(0, n - held), slice(n - held, n)
 
 
+@torch.no_grad()  # every error is a float; no run needs a graph
 def calibrate_budgets(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, budgets: list[int],
                       validation: float = 0.25, steps: int = 100, progress: bool = False, continuous: bool = True,
                       halvings: int = 5, refine_sweeps: int = 4, coefficients: bool = False,
-                      **sample_kwargs) -> dict[int, SkipPath]:
+                      weights: Tensor | None = None, **sample_kwargs) -> dict[int, SkipPath]:
     """{nfe: path} for every budget, each fitted on the first images of ``noise`` and checked on
     the rest (see the module docstring). ``sample_kwargs`` describe the fine grid and the solver
     as for :func:`calibrate_skip_path` (``model_kwargs`` rows follow ``noise``). With
     ``coefficients`` each path also learns per-step solver corrections
-    (:mod:`pdm.sampling.coefficients`), fitted after its times."""
+    (:mod:`pdm.sampling.coefficients`), fitted after its times. ``weights`` (one per row of
+    ``noise``; :func:`pdm.sampling.screening.stratified_draw`) make every error a weighted RMS,
+    each part's weights normalised to sum to 1; None weighs images equally."""
     fit, val = split_rows(noise.shape[0], validation)
+    if weights is not None and weights.shape != (noise.shape[0],):
+        raise ValueError(f"need one weight per calibration image ({noise.shape[0]}), got shape {tuple(weights.shape)}")
+    w_fit, w_val = (None, None) if weights is None else (_normalised(weights[fit]), _normalised(weights[val]))
     kwargs = dict(sample_kwargs.pop("model_kwargs", None) or {})
     grid_kw = {"skip_type": "logSNR", **sample_kwargs}
     whole = reference_for(model_fn, noise, schedule, steps, progress, model_kwargs=kwargs, **grid_kw)
     fit_ref = whole.rows(fit)
     fit_kw = {k: v[fit] for k, v in kwargs.items()}
     held = _Validation(model_fn, noise[val], schedule, whole.states[-1][val], {k: v[val] for k, v in kwargs.items()},
-                       grid_kw) if val.stop > val.start else None
+                       grid_kw, w_val) if val.stop > val.start else None
     paths = {}
     for nfe in sorted(set(budgets)):
         path = calibrate_skip_path(model_fn, noise[fit], schedule, nfe, steps=steps, progress=progress,
                                    reference=fit_ref, model_kwargs=fit_kw, continuous=continuous,
                                    halvings=halvings, refine_sweeps=refine_sweeps,
+                                   error=lambda a, b: rms(a, b, w_fit),
                                    validate=None if held is None else held.times_error(nfe), **grid_kw)
         def fit_error(corrections=None) -> float:
             kw = {**grid_kw, **path.sample_kwargs(), "corrections": corrections}
-            return rms(sample(model_fn, noise[fit], schedule, model_kwargs=fit_kw, **kw).x, fit_ref.states[-1])
+            return rms(sample(model_fn, noise[fit], schedule, model_kwargs=fit_kw, **kw).x, fit_ref.states[-1], w_fit)
 
         report = {"fit_images": fit.stop - fit.start, "validation_images": val.stop - val.start,
                   "fit_error": fit_error()}
@@ -78,6 +86,15 @@ def calibrate_budgets(model_fn: Callable[..., Tensor], noise: Tensor, schedule: 
         path.settings["calibration"] = report
         paths[nfe] = path
     return paths
+
+
+def _normalised(weights: Tensor) -> Tensor | None:
+    """Weights summing to 1 (None for an empty part)."""
+    if weights.numel() == 0:
+        return None
+    if (weights < 0).any() or float(weights.sum()) <= 0:
+        raise ValueError("calibration weights must be non-negative with a positive sum")
+    return weights.double() / weights.double().sum()
 
 
 def _learn_corrections(path: SkipPath, fit_error: Callable, held: _Validation | None) -> dict:
@@ -102,16 +119,17 @@ class _Validation:
     target: Tensor
     model_kwargs: dict[str, Tensor]
     grid_kw: dict[str, Any]
+    weights: Tensor | None = None
 
     def error(self, **kwargs) -> float:
         run = sample(self.model_fn, self.noise, self.schedule, model_kwargs=self.model_kwargs,
                      **{**self.grid_kw, **kwargs})
-        return rms(run.x, self.target)
+        return rms(run.x, self.target, self.weights)
 
     def times_error(self, nfe: int) -> Callable[[Tensor], float]:
         kw = {k: v for k, v in self.grid_kw.items() if k not in ("skip_type", "steps", "timesteps")}
         return lambda times: rms(sample(self.model_fn, self.noise, self.schedule, steps=nfe, timesteps=times,
-                                        model_kwargs=self.model_kwargs, **kw).x, self.target)
+                                        model_kwargs=self.model_kwargs, **kw).x, self.target, self.weights)
 
     def check(self, path: SkipPath, nfe: int, report: dict) -> tuple[SkipPath, dict]:
         """The path, or the best plain setting of ``nfe`` steps (every solver, order, variant and

@@ -76,9 +76,13 @@ def reference_for(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSc
     return Reference(grid, states)
 
 
-def rms(a: Tensor, b: Tensor) -> float:
-    """RMS difference per pixel."""
-    return float((a - b).double().pow(2).mean().sqrt())
+def rms(a: Tensor, b: Tensor, weights: Tensor | None = None) -> float:
+    """RMS difference per pixel; with ``weights`` (one per image, summing to 1) the square root
+    of the weighted mean of the images' mean squared differences (:mod:`pdm.sampling.screening`)."""
+    if weights is None:
+        return float((a - b).double().pow(2).mean().sqrt())
+    per_image = (a - b).double().flatten(1).pow(2).mean(1)
+    return float((weights.to(per_image) * per_image).sum().sqrt())
 
 
 def _stage(items, total: int, desc: str, progress: bool):
