@@ -8,7 +8,9 @@ For every budget N in the file: the path's RMS error per pixel against an accura
 (UniPC-3, 500 logSNR steps) on scoring seeds that calibration never uses, beside the best plain
 setting of benchmarks/solver_accuracy.py (every solver, order and grid) at N NFE chosen on those
 same seeds, and the fitted / validation errors calibrate.py recorded; beside the RMS over images,
-the median of the per-image errors (one hard image can carry the RMS). Prints a Markdown table.
+the median of the per-image errors (one hard image can carry the RMS). With --fd-samples N, also
+FD-8x8 (as a multiple of the real-vs-real floor) and classifier accuracy of N samples per budget,
+for each path and that plain setting. Prints a Markdown table.
 """
 
 from __future__ import annotations

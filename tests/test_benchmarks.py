@@ -167,3 +167,21 @@ def test_kernel_kinds_sort_the_h200_profiles_kernels():
     assert kernel_kind("void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata, FusedAdam") == \
         "optimizer+EMA"
     assert kernel_kind("triton_poi_fused_add_mul_3") == "fused pointwise/reduction"
+
+
+def test_calibration_holdout_adds_fd_and_accuracy_of_samples_per_budget(tiny_ckpts):
+    # --fd-samples: FD-8x8/floor and classifier accuracy for the path and the best plain setting
+    from benchmarks.calibration_holdout import holdout_rows
+    from benchmarks.common import CALIBRATION_SEEDS, SCORE_SEEDS, digits_bench
+    from pdm.sampling.budgets import PathFile, calibrate_budgets
+
+    bench = digits_bench(tiny_ckpts["cond"])
+    calib = CALIBRATION_SEEDS[:4]
+    paths = calibrate_budgets(bench.model_fn, bench.noise(calib), bench.schedule, [3], steps=6, halvings=0,
+                              refine_sweeps=1, continuous=False, prediction=bench.prediction,
+                              model_kwargs=bench.kwargs(calib), solver="ipndm", order=3)
+    rows = holdout_rows(bench, PathFile(paths), SCORE_SEEDS[:4], label="times", fd_samples=40)
+    fd, accuracy = rows[0][-2:]
+    mine, plain = (float(v) for v in fd.split(" / "))
+    assert mine > 0 and plain > 0
+    assert all(0.0 <= float(v) <= 1.0 for v in accuracy.split(" / "))
