@@ -11,13 +11,11 @@ the grid to where the error on the calibration images is least (--grid-points-on
 before that); the replay runs the network at those times only, with the solver settings
 recorded in the file. See pdm.sampling.calibrate_skip_path.
 
-The calibration images are not a plain random draw: --screen candidates (default 8 x
---num-seeds) are solved cheaply to find the ones few steps get most wrong, a --hard-fraction of
-the images comes from those, the rest at random, and every error is a weighted RMS that still
-estimates the mean over all images (pdm.sampling.screening). Without it a rare kind of hard
-image was usually missing, and a path fitted without it lost on new images (at 20 NFE on
-digits, one image in 48 carried most of a calibrated path's error). The images are split:
-(1 - --validation-fraction) of them fit the path, the rest only check it. The time search stops at the step size where the validation error is least, and a path whose
+With --screen N the calibration images are not a plain random draw: N candidates are solved
+cheaply to find the ones few steps get most wrong, a --hard-fraction of the images comes from
+those, the rest at random, and every error is a weighted RMS that still estimates the mean over
+all images (pdm.sampling.screening). The images are split: (1 - --validation-fraction) of them
+fit the path, the rest only check it. The time search stops at the step size where the validation error is least, and a path whose
 validation error is not below that of the best plain setting of the same NFE (every solver,
 order, variant and built-in grid) is replaced by that setting, with a warning. One accurate
 solution of all images serves every budget.
@@ -59,10 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance-scale", type=float, default=1.0, help="calibrate for this classifier-free guidance")
     p.add_argument("--num-seeds", type=int, default=32, help="calibration images (default 32)")
     p.add_argument("--screen", type=int, default=None,
-                   help="candidate images screened for the hard tail (default 8 x --num-seeds; equal to "
-                        "--num-seeds: no screening); see pdm.sampling.screening")
+                   help="screen this many candidate images for the hard tail and draw the --num-seeds from them "
+                        "(stratified, weighted; e.g. 8 x --num-seeds; default: no screening). Measured on digits "
+                        "it did not protect new images from the rare flips that carry the RMS (benchmarks/RESULTS.md)")
     p.add_argument("--hard-fraction", type=float, default=0.25,
-                   help="share of the calibration and of the validation images taken from the hardest "
+                   help="with --screen: share of the calibration and of the validation images taken from the hardest "
                         "screened candidates, weighted so the error still estimates the mean (default 0.25)")
     p.add_argument("--seed", type=int, default=1_000_000, help="calibration noise stream (keep it apart from scored seeds)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -139,7 +138,7 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     loaded = load_for_sampling(args.ckpt, args.guidance_scale, device, args.precision)
     shape = (loaded.in_channels, loaded.image_size, loaded.image_size)
     classes = list(range(loaded.num_classes)) if loaded.num_classes else None
-    screen = 8 * args.num_seeds if args.screen is None else args.screen
+    screen = args.num_seeds if args.screen is None else args.screen
     drawn = [noise_and_label(args.seed, i, shape, loaded.num_classes, classes) for i in range(screen)]
     noise = torch.stack([n for n, _ in drawn]).to(device)
     kwargs = {"y": torch.tensor([y for _, y in drawn], device=device)} if classes else {}
@@ -157,7 +156,8 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     paths = calibrate_budgets(loaded.model_fn, noise, loaded.schedule, args.nfe, args.validation_fraction,
                               args.steps, progress=True, continuous=not args.grid_points_only,
                               prediction=loaded.prediction, model_kwargs=kwargs, solver=args.solver, order=args.order,
-                              skip_type=args.skip_type, coefficients=args.coefficients, weights=draw.weights,
+                              skip_type=args.skip_type, coefficients=args.coefficients,
+                              weights=draw.weights if screen > args.num_seeds else None,
                               **variant)
     made_for = {"checkpoints": sorted(file_sha256(p) for p in args.ckpt), "files": [str(p) for p in args.ckpt],
                 "guidance_scale": args.guidance_scale, "precision": args.precision, "seed": args.seed,

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -151,6 +152,16 @@ def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_o
     assert float(ratio) == pytest.approx(float(held) / float(plain.split()[0]), abs=0.01) and label == "times"
     plot(rows, tmp_path / "holdout.png", "mixture")
     assert (tmp_path / "holdout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the trusted column: the same RMS over the images kept, the best plain setting chosen there again
+    from benchmarks.calibration_holdout import trusted_images
+
+    keep = trusted_images(torch.tensor([1e-4, 2e-4, 1.5e-4, 3e-2, 1e-4, 1.9e-3]))
+    assert keep.tolist() == [True, True, True, False, True, False]  # 10x the median (1.5e-4)
+    x = bench.run(SCORE_SEEDS[:6], **paths[4].sample_kwargs()).x
+    both, ratio = holdout_rows(bench, PathFile(paths), SCORE_SEEDS[:6], label="times", ref=ref, trusted=keep)[0][-2:]
+    mine, plain_there = (float(v.split()[0]) for v in both.split(" / "))
+    best_there = min(rms(bench.run(SCORE_SEEDS[:6], steps=4, **kw).x[keep], ref[keep]) for _, _, kw in settings())
+    assert mine == float(f"{rms(x[keep], ref[keep]):.2e}") and plain_there == float(f"{best_there:.2e}")
 
 
 def test_kernel_kinds_sort_the_h200_profiles_kernels():

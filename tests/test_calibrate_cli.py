@@ -13,7 +13,7 @@ from pdm.sampling import SkipPath
 def test_calibrated_path_is_written_and_replayed_by_sample(tiny_ckpts, tmp_path):
     out = tmp_path / "path.json"
     summary = calibrate_cli.main(["--ckpt", tiny_ckpts["cond"], "--nfe", "4", "--steps", "12", "--num-seeds", "4",
-                                  "--out", str(out), "--device", "cpu"])
+                                  "--screen", "32", "--out", str(out), "--device", "cpu"])
     path = SkipPath.load(out)
     # the default search frees the kept times from the fine grid: a 4-step grid of its own
     times = path.settings["timesteps"]
@@ -22,7 +22,7 @@ def test_calibrated_path_is_written_and_replayed_by_sample(tiny_ckpts, tmp_path)
     assert path.settings["solver"] == "ipndm" and path.settings["steps"] == 4
     made = path.settings["calibrated_for"]
     assert made["seed"] == 1_000_000 and len(made["checkpoints"]) == 1
-    # by default 8 x 4 candidates were screened; the file names the images drawn and the hard ones
+    # 32 candidates were screened; the file names the images drawn and the hard ones
     assert made["screened"] == 32 and len(made["images"]) == 4 == len(set(made["images"]))
     assert len(made["hard_images"]) == 1 and set(made["hard_images"]) <= set(made["images"])
     stats = sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--num-samples", "3", "--skip-path", str(out),
