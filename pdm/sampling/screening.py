@@ -6,8 +6,8 @@ depends strongly on the steps taken at high noise) is usually absent, and the fi
 be much worse than a built-in grid on exactly those images: measured on 48 held-out digits
 seeds at 20 NFE, one image carried most of the calibrated path's RMS error (benchmarks/RESULTS.md).
 
-The cure is stratified sampling, the textbook way to estimate a mean dominated by a rare
-stratum. :func:`screening_scores` solves ``N`` candidate images cheaply twice (a few-step
+The remedy tried here is stratified sampling, the textbook way to estimate a mean dominated by a
+rare stratum. :func:`screening_scores` solves ``N`` candidate images cheaply twice (a few-step
 solve and a finer one) and takes their disagreement as a score of how hard each image is.
 :func:`stratified_draw` then puts the ``k`` highest-scoring candidates (the *hard stratum*)
 into the calibration set beside images drawn at random from the other ``N - k``, and gives every
@@ -15,6 +15,11 @@ image the weight that makes the weighted mean squared error an unbiased estimate
 over all images: a hard image stands for itself (k/N of the mass shared by the k of them), a
 random one for (N - k)/m of the candidates. The fitting and the validation images are drawn
 this way separately, so both see the tail and both estimate the same population error.
+
+Measured on digits (benchmarks/RESULTS.md) it did not protect new images: the images that carry
+the held-out RMS were rarer than 1 in 256 candidates, and a few-step error does not tell them from
+images that are merely far from the fine solution. calibrate.py therefore screens only when
+asked (``--screen``).
 """
 
 from __future__ import annotations
