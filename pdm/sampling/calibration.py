@@ -77,12 +77,10 @@ def reference_for(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSc
 
 
 def rms(a: Tensor, b: Tensor, weights: Tensor | None = None) -> float:
-    """RMS difference per pixel; with ``weights`` (one per image, summing to 1) the square root
-    of the weighted mean of the images' mean squared differences (:mod:`pdm.sampling.screening`)."""
-    if weights is None:
-        return float((a - b).double().pow(2).mean().sqrt())
-    per_image = (a - b).double().flatten(1).pow(2).mean(1)
-    return float((weights.to(per_image) * per_image).sum().sqrt())
+    """RMS difference per pixel; with ``weights`` (one per image, summing to 1), the root of the
+    weighted mean of the images' mean squares (:mod:`pdm.sampling.screening`)."""
+    d = (a - b).double().pow(2)
+    return float(d.mean().sqrt() if weights is None else (weights.to(d) * d.flatten(1).mean(1)).sum().sqrt())
 
 
 def _stage(items, total: int, desc: str, progress: bool):
