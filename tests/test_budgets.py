@@ -166,3 +166,22 @@ def test_learned_coefficients_start_from_the_plain_solver_and_replay_bit_identic
     assert torch.equal(a, sample(GM.model_fn(S), new, S, **{**KW, **again.sample_kwargs()}).x)
     with pytest.raises(ValueError, match="multistep method only"):
         sample(GM.model_fn(S), new, S, steps=6, corrections=[0.1] * 6, method="singlestep", solver="dpmsolver++")
+
+
+def test_the_plain_setting_is_chosen_on_every_calibration_image():
+    # 8 validation images chose plain settings that lost on new seeds; the choice now uses all
+    # of them (nothing of a plain setting was fitted), the comparison with the path validation only
+    from pdm.sampling.catalog import plain_settings
+
+    noise = _noise(16, 7)
+    path = calibrate_budgets(GM.model_fn(S), noise, S, [4], steps=12, halvings=1, **KW)[4]
+    report = path.settings["calibration"]
+    assert report["builtin_chosen_on"] == 16 and report["validation_images"] == 4
+    ref = sample(GM.model_fn(S), noise, S, steps=300, solver="unipc", order=3, skip_type="logSNR").x
+    errors = {label: float((sample(GM.model_fn(S), noise, S, **kw).x - ref).pow(2).mean().sqrt())
+              for label, kw in plain_settings(4)}
+    assert errors[report["builtin_setting"]] <= 1.02 * min(errors.values())
+    assert report["builtin_error_all_images"] == pytest.approx(errors[report["builtin_setting"]], rel=0.02)
+    chosen = dict(plain_settings(4))[report["builtin_setting"]]
+    validation_only = float((sample(GM.model_fn(S), noise[12:], S, **chosen).x - ref[12:]).pow(2).mean().sqrt())
+    assert report["builtin_validation_error"] == pytest.approx(validation_only, rel=0.02)
