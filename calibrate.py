@@ -17,8 +17,8 @@ those, the rest at random, and every error is a weighted RMS that still estimate
 all images (pdm.sampling.screening). The images are split: (1 - --validation-fraction) of them
 fit the path, the rest only check it. The time search stops at the step size where the
 validation error is least, and a path whose validation error is not below that of the best
-plain setting of the same NFE (every solver, order, variant and built-in grid) is replaced by
-that setting, with a warning. One accurate solution of all images serves every budget.
+plain setting of the same NFE (every solver, order, variant and built-in grid; chosen on all the
+images) is replaced by that setting, with a warning. One accurate solution of all images serves every budget.
 """
 
 from __future__ import annotations
