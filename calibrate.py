@@ -145,19 +145,20 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     t0 = time.perf_counter()
     fit_rows, val_rows = split_rows(args.num_seeds, args.validation_fraction)
     n_fit, n_val = fit_rows.stop - fit_rows.start, val_rows.stop - val_rows.start
-    if screen > args.num_seeds:
+    screened = screen > args.num_seeds  # else the draw takes every candidate, in order, unweighted
+    if screened:
         print(f"calibrate.py: screening {screen} candidate images for the hard tail", file=sys.stderr, flush=True)
         scores = screening_scores(loaded.model_fn, noise, loaded.schedule, kwargs, loaded.prediction, progress=True)
     else:
         scores = torch.zeros(screen)
-    draw = stratified_draw(scores, n_fit, n_val, args.hard_fraction if screen > args.num_seeds else 0.0, args.seed)
+    draw = stratified_draw(scores, n_fit, n_val, args.hard_fraction, args.seed)
     rows = torch.tensor(draw.indices, device=device)
     noise, kwargs = noise[rows], {k: v[rows] for k, v in kwargs.items()}
     paths = calibrate_budgets(loaded.model_fn, noise, loaded.schedule, args.nfe, args.validation_fraction,
                               args.steps, progress=True, continuous=not args.grid_points_only,
                               prediction=loaded.prediction, model_kwargs=kwargs, solver=args.solver, order=args.order,
                               skip_type=args.skip_type, coefficients=args.coefficients,
-                              weights=draw.weights if screen > args.num_seeds else None,
+                              weights=draw.weights if screened else None,
                               **variant)
     made_for = {"checkpoints": sorted(file_sha256(p) for p in args.ckpt), "files": [str(p) for p in args.ckpt],
                 "guidance_scale": args.guidance_scale, "precision": args.precision, "seed": args.seed,

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import SCORE_SEEDS, digits_bench, machine, markdown_table, rms  # noqa: E402
+from benchmarks.common import SCORE_SEEDS, digits_bench, machine, markdown_table, per_image_rms, rms  # noqa: E402
 from benchmarks.solver_accuracy import settings  # noqa: E402
 from torch import Tensor  # noqa: E402
 from pdm.sampling.budgets import PathFile  # noqa: E402
@@ -82,7 +82,7 @@ def trusted_images(disagreement: Tensor, factor: float = 10.0) -> Tensor:
 def per_image_median(x, ref) -> float:
     """The median over images of each image's RMS error: what a typical image sees, where the RMS
     over images can be one image's (at 20 NFE on digits, one seed in 48 carried most of it)."""
-    return float((x - ref).double().flatten(1).pow(2).mean(1).sqrt().median())
+    return float(per_image_rms(x, ref).median())
 
 
 def plot(rows: list[list], out: Path, title: str) -> None:

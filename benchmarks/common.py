@@ -112,7 +112,12 @@ class Bench:
         two independent solutions (large where the ODE itself is ill-conditioned)."""
         a = self.run(seeds, steps=500, solver="unipc", order=3, skip_type="logSNR").x
         b = self.run(seeds, steps=600, solver="dpmsolver", order=3, method="singlestep_fixed", skip_type="logSNR").x
-        return a, (a.double() - b.double()).flatten(1).pow(2).mean(1).sqrt()
+        return a, per_image_rms(a, b)
+
+
+def per_image_rms(a: Tensor, b: Tensor) -> Tensor:
+    """Each image's RMS difference per pixel (float64, one value per image)."""
+    return (a.double() - b.double()).flatten(1).pow(2).mean(1).sqrt()
 
 
 def rms(a: Tensor, b: Tensor) -> float:
