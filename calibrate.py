@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from pdm.atomic import WriteError
 from pdm.cli import EXIT_INTERRUPTED, check_guidance_scale, check_seed, fail, parse_device, parser
 from pdm.nn.runtime import PRECISIONS, precision_dtype
 from pdm.sampling import SOLVERS
+from pdm.sampling.calibration import TIME_SEARCHES
 from pdm.sampling.catalog import all_variants, solver_spec
 
 
@@ -47,10 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validation-fraction", type=float, default=0.25,
                    help="share of the --num-seeds images that only check the paths (default 0.25; 0: none)")
     p.add_argument("--steps", type=int, default=100, help="the fine grid's steps (default 100)")
-    p.add_argument("--solver", default="ipndm", choices=[s for s in SOLVERS if solver_spec(s).deterministic],
-                   help="default ipndm (order 3), the best calibrated solver below 12 NFE in "
-                        "benchmarks/skip_tradeoff.py; from 12 NFE --solver unipc --solver-type bh1 was better")
-    p.add_argument("--order", type=int, default=3)
+    p.add_argument("--solver", default="auto", choices=["auto", *(s for s in SOLVERS if solver_spec(s).deterministic)],
+                   help="the solver the path replays with; default auto: iPNDM-3 below 16 NFE, UniPC-3 bh1 from 16 "
+                        "(the better of the two on learned times at each budget on digits, benchmarks/RESULTS.md)")
+    p.add_argument("--order", type=int, default=None, help="the named --solver's order (default 3)")
     p.add_argument("--solver-type", default=None, choices=all_variants(),
                    help="the solver's variant (bh1/bh2 for UniPC, dpmsolver/taylor for DPM-Solver)")
     p.add_argument("--skip-type", default="logSNR", help="the fine grid (default logSNR)")
@@ -67,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="the network's precision while calibrating (calibrate with the precision you sample in)")
+    p.add_argument("--time-search", default="free", choices=TIME_SEARCHES,
+                   help="how the times move off the fine grid: free (each on its own; default), warp (three smooth "
+                        "warp coefficients of the best start grid, whatever the NFE) or warp+free")
     p.add_argument("--coefficients", action="store_true",
                    help="also learn one solver coefficient per step (pdm.sampling.coefficients; measured on "
                         "digits: helps at 5 and 20 NFE, with and without guidance; on the exact mixture it "
@@ -121,16 +126,10 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     """Load the model, draw the calibration batch, search the path and write it."""
     from pdm.checkpoints import load_for_sampling
     from pdm.outputs import file_sha256, noise_and_label
-    from pdm.sampling import check_settings
     from pdm.sampling.budgets import PathFile, calibrate_budgets, split_rows
     from pdm.sampling.screening import screening_scores, stratified_draw
 
-    has_variants = bool(solver_spec(args.solver).variants)
-    if args.solver_type is not None and not has_variants:
-        raise ValueError(f"--solver-type does nothing with --solver {args.solver}; drop it")
-    solver_type = check_settings(args.solver, "multistep", args.order, args.steps, args.skip_type, "eps",
-                                 args.solver_type)
-    variant = {"solver_type": solver_type} if has_variants else {}
+    solver_for, solver = _solvers(args)
     print(f"calibrate.py: loading {' and '.join(args.ckpt)} on {device}; then {args.num_seeds} images are solved "
           f"accurately on a {args.steps}-step grid (the slow part), then paths of {', '.join(map(str, args.nfe))} "
           f"evaluations are searched",
@@ -156,14 +155,14 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     noise, kwargs = noise[rows], {k: v[rows] for k, v in kwargs.items()}
     paths = calibrate_budgets(loaded.model_fn, noise, loaded.schedule, args.nfe, args.validation_fraction,
                               args.steps, progress=True, continuous=not args.grid_points_only,
-                              prediction=loaded.prediction, model_kwargs=kwargs, solver=args.solver, order=args.order,
-                              skip_type=args.skip_type, coefficients=args.coefficients,
-                              weights=draw.weights if screened else None,
-                              **variant)
+                              prediction=loaded.prediction, model_kwargs=kwargs, skip_type=args.skip_type,
+                              coefficients=args.coefficients, weights=draw.weights if screened else None,
+                              time_search=args.time_search, solver_for=solver_for, **solver)
     made_for = {"checkpoints": sorted(file_sha256(p) for p in args.ckpt), "files": [str(p) for p in args.ckpt],
                 "guidance_scale": args.guidance_scale, "precision": args.precision, "seed": args.seed,
                 "num_seeds": args.num_seeds, "screened": screen, "hard_fraction": args.hard_fraction,
-                "images": draw.indices, "hard_images": draw.hard}
+                "images": draw.indices, "hard_images": draw.hard, "time_search": args.time_search,
+                "solver": args.solver}
     for path in paths.values():
         path.settings["calibrated_for"] = made_for
     PathFile(paths, made_for).save(args.out)
@@ -175,6 +174,25 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     print(f"wrote {args.out}: paths for {', '.join(map(str, budgets))} NFE ({seconds} s); sample with --skip-path "
           f"{args.out} --steps N", file=sys.stderr)
     return summary
+
+
+def _solvers(args: argparse.Namespace) -> tuple[Callable[[int], dict] | None, dict]:
+    """(per-budget solver settings or None, the settings for every budget), checked; ValueError
+    naming the fix for a flag that does not apply."""
+    from pdm.sampling import check_settings
+    from pdm.sampling.budgets import auto_solver
+
+    if args.solver == "auto":
+        if args.order is not None or args.solver_type is not None:
+            raise ValueError("--order and --solver-type need a named --solver (auto chooses iPNDM-3 below 16 NFE "
+                             "and UniPC-3 bh1 from 16); add e.g. --solver unipc")
+        return auto_solver, auto_solver(min(args.nfe))
+    order = 3 if args.order is None else args.order
+    has_variants = bool(solver_spec(args.solver).variants)
+    if args.solver_type is not None and not has_variants:
+        raise ValueError(f"--solver-type does nothing with --solver {args.solver}; drop it")
+    solver_type = check_settings(args.solver, "multistep", order, args.steps, args.skip_type, "eps", args.solver_type)
+    return None, {"solver": args.solver, "order": order} | ({"solver_type": solver_type} if has_variants else {})
 
 
 def _report(nfe: int, path, steps: int) -> dict:

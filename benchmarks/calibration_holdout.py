@@ -3,6 +3,12 @@
     python benchmarks/calibration_holdout.py --ckpt runs/digits/checkpoints/step0000800.ckpt \
         --paths times=digits_paths.json [times+coef=coef_paths.json] [--guidance-scale 1.5] [--seeds 48] \
         [--plot benchmarks/results/calibration_holdout.png]
+    python benchmarks/calibration_holdout.py --mixture [--nfe 5 10 20]
+
+With --mixture the model is the exact Gaussian mixture of the other benchmarks (closed-form
+eps, no checkpoint): its paths are calibrated here, with calibrate.py's defaults (32 images of the
+calibration seeds, a quarter validating, a 100-step logSNR grid, the solver chosen per budget as
+``--solver auto`` does), then scored alike.
 
 For every budget N in the file: the path's RMS error per pixel against an accurate ODE solution
 (UniPC-3, 500 logSNR steps) on scoring seeds that calibration never uses, beside the best plain
@@ -20,13 +26,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import SCORE_SEEDS, digits_bench, machine, markdown_table, per_image_rms, rms  # noqa: E402
+from benchmarks.common import (CALIBRATION_SEEDS, SCORE_SEEDS, Bench, digits_bench, machine,  # noqa: E402
+                               markdown_table, mixture_bench, per_image_rms, rms)
 from benchmarks.solver_accuracy import settings  # noqa: E402
 from torch import Tensor  # noqa: E402
-from pdm.sampling.budgets import PathFile  # noqa: E402
+from pdm.sampling.budgets import PathFile, auto_solver, calibrate_budgets  # noqa: E402
 
 
 def holdout_rows(bench, paths: PathFile, seeds, label: str = "", plain_cache: dict | None = None,
@@ -71,6 +79,22 @@ def holdout_rows(bench, paths: PathFile, seeds, label: str = "", plain_cache: di
     return rows
 
 
+def calibrate_here(bench: Bench, budgets: list[int], num_seeds: int = 32, **calibration_kwargs) -> PathFile:
+    """Paths for ``budgets`` calibrated in this process on the first ``num_seeds`` calibration
+    seeds (for a model without a checkpoint, e.g. the exact mixture), with calibrate.py's
+    defaults unless ``calibration_kwargs`` say otherwise; the seconds it took are recorded."""
+    kwargs = {"solver_for": None if "solver" in calibration_kwargs else auto_solver, **auto_solver(min(budgets)),
+              **calibration_kwargs}
+    seeds = CALIBRATION_SEEDS[:num_seeds]
+    t0 = time.perf_counter()
+    paths = calibrate_budgets(bench.model_fn, bench.noise(seeds), bench.schedule, budgets,
+                              prediction=bench.prediction, model_kwargs=bench.kwargs(seeds), **kwargs)
+    seconds = round(time.perf_counter() - t0, 1)
+    print(f"calibrated {bench.name} for {budgets} NFE in {seconds} s", file=sys.stderr)
+    return PathFile(paths, {"model": bench.name, "num_seeds": num_seeds, "seconds": seconds,
+                            "settings": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str))}})
+
+
 def trusted_images(disagreement: Tensor, factor: float = 10.0) -> Tensor:
     """The images whose two independent reference solutions agree to within ``factor`` times the
     median disagreement: elsewhere the ODE is ill-conditioned (seen on digits: one image in 200
@@ -108,9 +132,12 @@ def plot(rows: list[list], out: Path, title: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--ckpt", required=True, help="the checkpoint the paths were calibrated for")
-    p.add_argument("--paths", required=True, nargs="+", metavar="[LABEL=]FILE",
+    p.add_argument("--ckpt", default=None, help="the checkpoint the paths were calibrated for")
+    p.add_argument("--paths", nargs="+", default=[], metavar="[LABEL=]FILE",
                    help="calibrate.py path files, each optionally labelled (e.g. times=a.json times+coef=b.json)")
+    p.add_argument("--mixture", action="store_true",
+                   help="the exact Gaussian mixture instead of --ckpt: calibrate its paths here (--nfe), then score")
+    p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20], help="with --mixture: the budgets (5 10 20)")
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--seeds", type=int, default=48, help="held-out scoring seeds")
     p.add_argument("--first-seed", type=int, default=0,
@@ -120,6 +147,10 @@ def main() -> None:
                    help="also FD-8x8/floor and classifier accuracy of this many samples (seeds 20000 on) per budget, "
                         "for each path and the best plain setting (the issue asks 1000)")
     args = p.parse_args()
+    if args.mixture == bool(args.ckpt) or (args.ckpt and not args.paths) or (args.mixture and args.paths):
+        p.error("give either --ckpt with --paths (a checkpoint's path files) or --mixture (calibrated here)")
+    if args.mixture and args.guidance_scale != 1.0:
+        p.error("the mixture has no classes to guide; drop --guidance-scale")
     files = [(a.split("=", 1) if "=" in a else (Path(a).stem, a)) for a in args.paths]
     loaded = []
     for label, name in files:
@@ -129,7 +160,11 @@ def main() -> None:
             raise SystemExit(f"calibration_holdout.py: error: {name} was calibrated at guidance {made}, not "
                              f"{args.guidance_scale}")
         loaded.append((label, paths))
-    bench = digits_bench(args.ckpt, guidance_scale=args.guidance_scale)
+    if args.mixture:
+        bench = mixture_bench()
+        loaded.append(("mixture, calibrated here", calibrate_here(bench, args.nfe)))
+    else:
+        bench = digits_bench(args.ckpt, guidance_scale=args.guidance_scale)
     seeds = SCORE_SEEDS[args.first_seed:args.first_seed + args.seeds]
     ref, disagreement = bench.reference_per_image(seeds)
     trusted = trusted_images(disagreement)
@@ -139,15 +174,14 @@ def main() -> None:
     cache: dict = {}
     rows = [row for label, paths in loaded
             for row in holdout_rows(bench, paths, seeds, label, cache, ref, args.fd_samples, trusted)]
-    print(f"machine: {machine()}; guidance {args.guidance_scale}; {args.seeds} held-out seeds from {args.first_seed}\n")
+    print(f"machine: {machine()}; {bench.name}; {args.seeds} held-out seeds from {args.first_seed}\n")
     print(markdown_table(["paths", "NFE", "fit", "validation", "held-out", "best plain (held-out seeds)", "ratio",
                           "plain setting kept", "coefficients", "median per image: path / that plain", "ratio",
                           "RMS, trusted reference only: path / best plain there", "ratio"]
                          + (["FD-8x8/floor: path / plain", "accuracy: path / plain"] if args.fd_samples else []),
                          rows))
     if args.plot:
-        plot(rows, Path(args.plot),
-             f"digits, guidance {args.guidance_scale}, {args.seeds} held-out seeds from {args.first_seed}")
+        plot(rows, Path(args.plot), f"{bench.name}, {args.seeds} held-out seeds from {args.first_seed}")
         print(f"wrote {args.plot}", file=sys.stderr)
 
 

@@ -135,15 +135,19 @@ def test_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
 
 
 def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_on_held_out_seeds(tmp_path):
-    from benchmarks.calibration_holdout import holdout_rows, plot
+    from benchmarks.calibration_holdout import calibrate_here, holdout_rows, plot
     from benchmarks.common import CALIBRATION_SEEDS, SCORE_SEEDS, mixture_bench, rms
     from benchmarks.solver_accuracy import settings
     from pdm.sampling.budgets import PathFile, calibrate_budgets
 
     bench = mixture_bench()
     calib = CALIBRATION_SEEDS[:8]
+    # --mixture calibrates in the process, on the calibration seeds, as calibrate.py would
+    made = calibrate_here(bench, [4], num_seeds=8, steps=12, halvings=1)
     paths = calibrate_budgets(bench.model_fn, bench.noise(calib), bench.schedule, [4], steps=12, halvings=1,
                               prediction=bench.prediction, solver="ipndm", order=3)
+    assert made.paths[4].settings["timesteps"] == paths[4].settings["timesteps"]
+    assert made.calibrated_for["num_seeds"] == 8 and made.calibrated_for["seconds"] > 0
     rows = holdout_rows(bench, PathFile(paths), SCORE_SEEDS[:6], label="times")
     label, nfe, _, _, held, plain, ratio = rows[0][:7]
     ref, _ = bench.reference(SCORE_SEEDS[:6])

@@ -63,7 +63,9 @@ def test_grid_points_only_keeps_evaluations_on_the_fine_grid(tiny_ckpts, tmp_pat
         (["--nfe", "5", "--out", "@existing"], "exists; pass --overwrite"),
         (["--nfe", "5", "--out", "@dir/p.txt"], "should name a .json file"),
         (["--nfe", "5", "--out", "@dir/missing/p.json"], "does not exist"),
-        (["--nfe", "5", "--solver-type", "bh1"], "--solver-type does nothing with --solver ipndm"),
+        (["--nfe", "5", "--solver-type", "bh1"], "--order and --solver-type need a named --solver"),
+        (["--nfe", "5", "--order", "2"], "--order and --solver-type need a named --solver"),
+        (["--nfe", "5", "--solver", "ipndm", "--solver-type", "bh1"], "--solver-type does nothing with --solver ipndm"),
         (["--nfe", "5", "--solver", "unipc", "--solver-type", "taylor"], "solver_type"),
         (["--nfe", "5", "--precision", "fp16", "--device", "cpu"], "fp16 needs a GPU"),
     ],
@@ -88,3 +90,18 @@ def test_solver_type_is_calibrated_and_recorded_for_the_replay(tiny_ckpts, tmp_p
     path = SkipPath.load(out)
     assert path.settings["solver"] == "unipc" and path.settings["solver_type"] == "bh1"
     assert path.sample_kwargs()["solver_type"] == "bh1"
+
+
+def test_auto_solver_calibrates_ipndm_below_16_nfe_and_unipc_bh1_from_16(tiny_ckpts, tmp_path):
+    from pdm.sampling.budgets import PathFile
+
+    out = tmp_path / "paths.json"
+    calibrate_cli.main(["--ckpt", tiny_ckpts["cond"], "--nfe", "3", "16", "--steps", "20", "--num-seeds", "2", "--validation-fraction", "0",
+                        "--out", str(out), "--device", "cpu", "--time-search", "warp"])
+    paths = PathFile.load(out)
+    low, high = paths.select(3).settings, paths.select(16).settings
+    assert (low["solver"], low["order"]) == ("ipndm", 3)
+    assert (high["solver"], high["order"], high["solver_type"]) == ("unipc", 3, "bh1")
+    assert paths.calibrated_for["solver"] == "auto" and paths.calibrated_for["time_search"] == "warp"
+    # the warp spends its evaluations on its own grid of N steps, as the free search does
+    assert len(high["timesteps"]) == 17 and high["steps"] == 16

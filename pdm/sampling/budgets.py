@@ -34,6 +34,20 @@ from pdm.schedule import VPSchedule
 PATH_FILE_FORMAT = "pdm-skip-paths-v2"
 
 
+AUTO_SWITCH_NFE = 16
+
+
+def auto_solver(nfe: int) -> dict:
+    """The solver calibrate.py's ``--solver auto`` calibrates for a budget of ``nfe``: iPNDM-3
+    below 16 NFE, UniPC-3 (bh1) from 16. Measured on digits (benchmarks/RESULTS.md): on learned
+    times iPNDM-3 was the better of the two at 5 and 10 NFE and UniPC-3 bh1 at 20 and 25 NFE
+    with and without guidance (at 20 NFE on 48 held-out seeds 0.84x the best plain error against
+    iPNDM-3's 1.32x); at 12 and 15 the choice varied with guidance."""
+    if nfe < AUTO_SWITCH_NFE:
+        return {"solver": "ipndm", "order": 3, "solver_type": None}
+    return {"solver": "unipc", "order": 3, "solver_type": "bh1"}
+
+
 def split_rows(n: int, validation: float) -> tuple[slice, slice]:
     """(fitting rows, validation rows) of ``n`` calibration images: the last ``validation``
     fraction (at least one image when the fraction is positive and n >= 2) validates."""
@@ -47,14 +61,18 @@ def split_rows(n: int, validation: float) -> tuple[slice, slice]:
 def calibrate_budgets(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, budgets: list[int],
                       validation: float = 0.25, steps: int = 100, progress: bool = False, continuous: bool = True,
                       halvings: int = 5, refine_sweeps: int = 4, coefficients: bool = False,
-                      weights: Tensor | None = None, **sample_kwargs) -> dict[int, SkipPath]:
+                      weights: Tensor | None = None, time_search: str = "free",
+                      solver_for: Callable[[int], dict] | None = None, **sample_kwargs) -> dict[int, SkipPath]:
     """{nfe: path} for every budget, each fitted on the first images of ``noise`` and checked on
     the rest (see the module docstring). ``sample_kwargs`` describe the fine grid and the solver
     as for :func:`calibrate_skip_path` (``model_kwargs`` rows follow ``noise``). With
     ``coefficients`` each path also learns per-step solver corrections
     (:mod:`pdm.sampling.coefficients`), fitted after its times. ``weights`` (one per row of
     ``noise``; :func:`pdm.sampling.screening.stratified_draw`) make every error a weighted RMS,
-    each part's weights normalised to sum to 1; None weighs images equally."""
+    each part's weights normalised to sum to 1; None weighs images equally. ``time_search``
+    chooses the continuous search of the times (``free``, ``warp`` or ``warp+free``; see
+    :func:`~pdm.sampling.calibration.calibrate_skip_path`). ``solver_for(nfe)`` (e.g.
+    :func:`auto_solver`) gives each budget's solver settings, over those of ``sample_kwargs``."""
     fit, val = split_rows(noise.shape[0], validation)
     if weights is not None and weights.shape != (noise.shape[0],):
         raise ValueError(f"need one weight per calibration image ({noise.shape[0]}), got shape {tuple(weights.shape)}")
@@ -69,11 +87,13 @@ def calibrate_budgets(model_fn: Callable[..., Tensor], noise: Tensor, schedule: 
     fitting = _Validation(model_fn, noise[fit], schedule, fit_ref.states[-1], fit_kw, grid_kw, w_fit)
     paths = {}
     for nfe in sorted(set(budgets)):
+        solver = {} if solver_for is None else solver_for(nfe)
         path = calibrate_skip_path(model_fn, noise[fit], schedule, nfe, steps=steps, progress=progress,
                                    reference=fit_ref, model_kwargs=fit_kw, continuous=continuous,
-                                   halvings=halvings, refine_sweeps=refine_sweeps,
+                                   halvings=halvings, refine_sweeps=refine_sweeps, time_search=time_search,
                                    error=lambda a, b: rms(a, b, w_fit),
-                                   validate=None if held is None else held.times_error(nfe), **grid_kw)
+                                   validate=None if held is None else held.times_error(nfe, solver),
+                                   **{**grid_kw, **solver})
         def fit_error(corrections=None) -> float:
             kw = {**grid_kw, **path.sample_kwargs(), "corrections": corrections}
             return rms(sample(model_fn, noise[fit], schedule, model_kwargs=fit_kw, **kw).x, fit_ref.states[-1], w_fit)
@@ -127,8 +147,9 @@ class _Validation:
                      **{**self.grid_kw, **kwargs})
         return rms(run.x, self.target, self.weights)
 
-    def times_error(self, nfe: int) -> Callable[[Tensor], float]:
-        kw = {k: v for k, v in self.grid_kw.items() if k not in ("skip_type", "steps", "timesteps")}
+    def times_error(self, nfe: int, solver: dict | None = None) -> Callable[[Tensor], float]:
+        kw = {k: v for k, v in {**self.grid_kw, **(solver or {})}.items()
+              if k not in ("skip_type", "steps", "timesteps")}
         return lambda times: rms(sample(self.model_fn, self.noise, self.schedule, steps=nfe, timesteps=times,
                                         model_kwargs=self.model_kwargs, **kw).x, self.target, self.weights)
 

@@ -20,9 +20,11 @@ The search has three stages:
    built-in grids of ``nfe`` steps (so the result never loses to them on the calibration
    seeds), the times leave the fine grid: each moves
    in lambda by a step that halves whenever no move lowers the true error (coordinate descent),
-   so the result is a time grid of ``nfe`` steps tuned to the model and the solver. Measured on
-   the digits model this stage takes the error well below what grid points of a 100-step grid
-   allow (benchmarks/RESULTS.md).
+   so the result is a time grid of ``nfe`` steps tuned to the model and the solver (or, with
+   ``time_search="warp"``, stages 1-3 are skipped and three smooth warp coefficients of the
+   best built-in grid move instead, :mod:`pdm.sampling.time_search`). Measured on the digits
+   model this stage takes the error well below what grid points of a 100-step grid allow
+   (benchmarks/RESULTS.md).
 
 :func:`greedy_skip_path` is AdaptiveDiffusion's yardstick (Ye et al. 2024, Sec. 3): add the
 least harmful skip one at a time.
@@ -43,9 +45,11 @@ from pdm.sampling.catalog import solver_spec
 from pdm.sampling.sampler import sample
 from pdm.sampling.skipping import SkipPath
 from pdm.sampling.solvers import TimePoint, first_order_update, multistep_second_update
+from pdm.sampling.time_search import _say, _stage, refine_times, refine_warp
 from pdm.schedule import SKIP_TYPES, VPSchedule
 
 ErrorFn = Callable[[Tensor, Tensor], float]
+TIME_SEARCHES = ("free", "warp", "warp+free")
 
 
 @dataclass
@@ -81,18 +85,6 @@ def rms(a: Tensor, b: Tensor, weights: Tensor | None = None) -> float:
     weighted mean of the images' mean squares (:mod:`pdm.sampling.screening`)."""
     d = (a - b).double().pow(2)
     return float(d.mean().sqrt() if weights is None else (weights.to(d) * d.flatten(1).mean(1)).sum().sqrt())
-
-
-def _stage(items, total: int, desc: str, progress: bool):
-    """A progress bar on stderr over one stage of the calibration (silent unless ``progress``)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(items, total=total, desc=f"calibration: {desc}", file=sys.stderr, disable=not progress, leave=False)
-
-
-def _say(progress: bool, message: str) -> None:
-    if progress:
-        print(f"calibration: {message}", file=sys.stderr, flush=True)
 
 
 def reference_states(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, grid: Tensor,
@@ -182,7 +174,8 @@ def calibrate_skip_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule
                         steps: int = 100, max_gap: int | None = None, refine_sweeps: int = 4,
                         error: ErrorFn | None = None, progress: bool = False, fill: str = "merge",
                         continuous: bool = True, halvings: int = 5, reference: Reference | None = None,
-                        validate: Callable[[Tensor], float] | None = None, **sample_kwargs) -> SkipPath:
+                        validate: Callable[[Tensor], float] | None = None, time_search: str = "free",
+                        **sample_kwargs) -> SkipPath:
     """The evaluations of a ``steps``-step grid to keep for a budget of ``nfe``, calibrated on ``noise``.
 
     Args:
@@ -204,9 +197,15 @@ def calibrate_skip_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule
             several budgets are calibrated on the same images; computed here if None.
         validate: ``validate(times)``, the error of a time grid on validation images: stage 4
             stops at the step size where it is least (early stopping against over-fitting).
+        time_search: stage 4's search: ``free`` (each time on its own, from the best of stage 3's
+            path and the built-in grids), ``warp`` (three smooth warp coefficients of the best
+            built-in grid, :mod:`pdm.sampling.time_search`; stages 1-3 are skipped, so only the
+            reference's end states are needed) or ``warp+free`` (the warp, then the free search).
     Returns a :class:`SkipPath` whose ``settings`` record the grid, so it replays as found
     (:meth:`SkipPath.sample_kwargs` gives the arguments of :func:`sample` that replay it).
     """
+    if time_search not in TIME_SEARCHES:
+        raise ValueError(f"time_search must be one of {', '.join(TIME_SEARCHES)}, got {time_search!r}")
     if not 1 <= nfe <= steps:
         raise ValueError(f"nfe must be in 1..steps ({steps}), got {nfe}")
     error = error or rms
@@ -224,77 +223,34 @@ def calibrate_skip_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule
             path = path_from_points(pts, steps, **replay)
             return error(sample(model_fn, noise, schedule, steps=steps, skip=path, **sample_kwargs).x, target)
 
-        candidates = [_dp_path(model_fn, noise, schedule, reference, nfe, max_gap, sample_kwargs, progress)]
-        candidates += [_mapped_grid(schedule, grid, nfe, skip_type, sample_kwargs) for skip_type in SKIP_TYPES]
-        scored = sorted((score(c), c) for c in {tuple(c) for c in candidates if len(c) == nfe + 1})
-        _say(progress, f"start error {scored[0][0]:.3e} (of {len(scored)} candidates)")
-        path_points, best = _refine(list(scored[0][1]), steps, max_gap, score, refine_sweeps, progress, scored[0][0])
-        if not continuous or fill != "merge":
-            return path_from_points(path_points, steps, **replay)
+        smooth = time_search != "free" and continuous and fill == "merge"
+        if not smooth:  # the warps start from a smooth built-in grid: no fine-grid path is needed
+            candidates = [_dp_path(model_fn, noise, schedule, reference, nfe, max_gap, sample_kwargs, progress)]
+            candidates += [_mapped_grid(schedule, grid, nfe, skip_type, sample_kwargs) for skip_type in SKIP_TYPES]
+            scored = sorted((score(c), c) for c in {tuple(c) for c in candidates if len(c) == nfe + 1})
+            _say(progress, f"start error {scored[0][0]:.3e} (of {len(scored)} candidates)")
+            path_points, best = _refine(list(scored[0][1]), steps, max_gap, score, refine_sweeps, progress,
+                                        scored[0][0])
+            if not continuous or fill != "merge":
+                return path_from_points(path_points, steps, **replay)
 
         def score_times(times: Tensor) -> float:
             kw = {k: v for k, v in sample_kwargs.items() if k not in ("steps", "timesteps")}
             return error(sample(model_fn, noise, schedule, steps=nfe, timesteps=times, **kw).x, target)
 
         # the search starts from the best of the path found so far and the exact built-in grids
-        starts = [(best, grid[path_points])] + [
-            (score_times(g), g) for g in (schedule.timesteps(nfe, st, float(grid[0]), float(grid[-1]),
-                                                             dtype=torch.float64) for st in SKIP_TYPES)]
-        best, start = min(starts, key=lambda c: c[0])
-        times, best = refine_times(start, schedule, score_times, best, halvings, progress, validate)
+        starts = [] if smooth else [(best, grid[path_points])]
+        starts += [(score_times(g), g) for g in (schedule.timesteps(nfe, st, float(grid[0]), float(grid[-1]),
+                                                                    dtype=torch.float64) for st in SKIP_TYPES)]
+        best, times = min(starts, key=lambda c: c[0])
+        if time_search in ("warp", "warp+free"):
+            times, best, _ = refine_warp(times, schedule, score_times, best, halvings=halvings, validate=validate)
+            _say(progress, f"smooth warp of the grid: error {best:.3e}")
+        if time_search in ("free", "warp+free"):
+            times, best = refine_times(times, schedule, score_times, best, halvings, progress, validate)
     settings = {k: v for k, v in settings.items() if k != "skip_type"}
     settings |= {"steps": nfe, "timesteps": [float(t) for t in times]}
     return SkipPath((True,) * nfe, fill="merge", settings=settings)
-
-
-def refine_times(times: Tensor, schedule: VPSchedule, score: Callable[[Tensor], float], best: float | None = None,
-                 halvings: int = 5, progress: bool = False,
-                 validate: Callable[[Tensor], float] | None = None) -> tuple[Tensor, float]:
-    """Coordinate descent on a time grid: move each interior time in lambda by +-step while the
-    ``score`` of the grid falls, and halve the step (``halvings`` times) when no move helps.
-
-    The ends stay; the first step is half the mean gap in lambda and no time passes (or meets) a
-    neighbour. With ``validate`` (the error on images the score does not see), the grid returned
-    is the one, among the start and the end of each step size, whose validation error is least.
-    Returns the grid (decreasing times, float64) and its score.
-    """
-    times = times.detach().double().cpu().clone()
-    lam = schedule.lambda_(times)
-    n = lam.numel() - 1
-    best = score(times) if best is None else best
-    step = 0.5 * float(lam[-1] - lam[0]) / n
-    margin = 1e-3 * step  # neighbours stay apart (a move of whole steps can land on one)
-
-    def grid_of(lams: Tensor) -> Tensor:
-        grid = schedule.t_of_lambda(lams).double()
-        grid[0], grid[-1] = times[0], times[-1]
-        return grid
-
-    kept = (validate(grid_of(lam)), lam, best) if validate is not None else None
-    for level in range(halvings + 1):
-        improved, sweeps = True, 0
-        while improved and sweeps < 8:  # a bounded number of sweeps per step size
-            improved, sweeps = False, sweeps + 1
-            for k in _stage(range(1, n), n - 1, f"times, step {step:.3g} in lambda", progress):
-                for delta in (step, -step):
-                    cand = lam.clone()
-                    cand[k] += delta
-                    if not lam[k - 1] + margin < cand[k] < lam[k + 1] - margin:
-                        continue
-                    e = score(grid_of(cand))
-                    if e < best:
-                        lam, best, improved = cand, e, True
-                        break
-        if kept is not None:
-            held_out = validate(grid_of(lam))
-            kept = min(kept, (held_out, lam, best), key=lambda c: c[0])
-            _say(progress, f"time step {step:.3g} in lambda, error {best:.3e}, validation {held_out:.3e}")
-        else:
-            _say(progress, f"time step {step:.3g} in lambda, error {best:.3e}")
-        step /= 2
-    if kept is not None:
-        lam, best = kept[1], kept[2]
-    return grid_of(lam), best
 
 
 def _dp_path(model_fn, noise, schedule, reference: Reference, nfe, max_gap, sample_kwargs,
