@@ -8,8 +8,11 @@ sample.py's usual seeds never touch; images are drawn as sample.py draws image i
 classes cycling through every label. It is a learned time schedule for this model (and this
 guidance scale): the search keeps --nfe points of a --steps grid, then moves those times off
 the grid to where the error on the calibration images is least (--grid-points-only stops
-before that); the replay runs the network at those times only, with the solver settings
-recorded in the file. See pdm.sampling.calibrate_skip_path.
+before that; --time-search warp instead moves three smooth warp coefficients of the best
+built-in grid: cheaper, and on digits as good at 5 NFE only); the replay runs the network at
+those times only, with the solver settings recorded in the file. The solver is chosen per
+budget (--solver auto: iPNDM-3 below 16 NFE, UniPC-3 bh1 from 16) unless named. See
+pdm.sampling.calibrate_skip_path.
 
 With --screen N the calibration images are not a plain random draw: N candidates are solved
 cheaply to find the ones few steps get most wrong, a --hard-fraction of the images comes from
@@ -141,19 +144,20 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     drawn = [noise_and_label(args.seed, i, shape, loaded.num_classes, classes) for i in range(screen)]
     noise = torch.stack([n for n, _ in drawn]).to(device)
     kwargs = {"y": torch.tensor([y for _, y in drawn], device=device)} if classes else {}
+    model_fn = CountedModel(loaded.model_fn)
     t0 = time.perf_counter()
     fit_rows, val_rows = split_rows(args.num_seeds, args.validation_fraction)
     n_fit, n_val = fit_rows.stop - fit_rows.start, val_rows.stop - val_rows.start
     screened = screen > args.num_seeds  # else the draw takes every candidate, in order, unweighted
     if screened:
         print(f"calibrate.py: screening {screen} candidate images for the hard tail", file=sys.stderr, flush=True)
-        scores = screening_scores(loaded.model_fn, noise, loaded.schedule, kwargs, loaded.prediction, progress=True)
+        scores = screening_scores(model_fn, noise, loaded.schedule, kwargs, loaded.prediction, progress=True)
     else:
         scores = torch.zeros(screen)
     draw = stratified_draw(scores, n_fit, n_val, args.hard_fraction, args.seed)
     rows = torch.tensor(draw.indices, device=device)
     noise, kwargs = noise[rows], {k: v[rows] for k, v in kwargs.items()}
-    paths = calibrate_budgets(loaded.model_fn, noise, loaded.schedule, args.nfe, args.validation_fraction,
+    paths = calibrate_budgets(model_fn, noise, loaded.schedule, args.nfe, args.validation_fraction,
                               args.steps, progress=True, continuous=not args.grid_points_only,
                               prediction=loaded.prediction, model_kwargs=kwargs, skip_type=args.skip_type,
                               coefficients=args.coefficients, weights=draw.weights if screened else None,
@@ -168,12 +172,26 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     PathFile(paths, made_for).save(args.out)
     seconds = round(time.perf_counter() - t0, 1)
     budgets = {n: _report(n, p, args.steps) for n, p in paths.items()}
-    summary = {"out": args.out, "seconds": seconds, "budgets": budgets}
+    summary = {"out": args.out, "seconds": seconds, "budgets": budgets, "image_evaluations": model_fn.rows,
+               "image_evaluations_per_image": round(model_fn.rows / args.num_seeds, 1)}
     if len(budgets) == 1:
         summary |= next(iter(budgets.values()))
-    print(f"wrote {args.out}: paths for {', '.join(map(str, budgets))} NFE ({seconds} s); sample with --skip-path "
-          f"{args.out} --steps N", file=sys.stderr)
+    print(f"wrote {args.out}: paths for {', '.join(map(str, budgets))} NFE ({seconds} s, {model_fn.rows} network "
+          f"evaluations of one image); sample with --skip-path {args.out} --steps N", file=sys.stderr)
     return summary
+
+
+class CountedModel:
+    """The model function, counting the images it evaluates (a batch of B counts B; with guidance
+    each counts once, though the guided network runs twice). The calibration's cost is this count
+    times the time one image takes: it grows with the network only through that time."""
+
+    def __init__(self, model_fn: Callable[..., torch.Tensor]) -> None:
+        self.model_fn, self.rows = model_fn, 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.rows += x.shape[0]
+        return self.model_fn(x, t, **kwargs)
 
 
 def _solvers(args: argparse.Namespace) -> tuple[Callable[[int], dict] | None, dict]:

@@ -20,6 +20,10 @@ def test_calibrated_path_is_written_and_replayed_by_sample(tiny_ckpts, tmp_path)
     assert path.nfe == 4 == summary["nfe"] and path.evaluate == (True,) * 4 and summary["timesteps"] == times
     assert len(times) == 5 and all(a > b for a, b in zip(times, times[1:]))
     assert path.settings["solver"] == "ipndm" and path.settings["steps"] == 4
+    # the cost in network evaluations of one image: at least the accurate solution of 4 images
+    # on the 12-step grid, and the screening of 32 candidates besides
+    assert summary["image_evaluations"] > 12 * 4 + 32 and summary["image_evaluations_per_image"] == round(
+        summary["image_evaluations"] / 4, 1)
     made = path.settings["calibrated_for"]
     assert made["seed"] == 1_000_000 and len(made["checkpoints"]) == 1
     # 32 candidates were screened; the file names the images drawn and the hard ones
