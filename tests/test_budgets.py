@@ -185,3 +185,19 @@ def test_the_plain_setting_is_chosen_on_every_calibration_image():
     chosen = dict(plain_settings(4))[report["builtin_setting"]]
     validation_only = float((sample(GM.model_fn(S), noise[12:], S, **chosen).x - ref[12:]).pow(2).mean().sqrt())
     assert report["builtin_validation_error"] == pytest.approx(validation_only, rel=0.02)
+
+
+def test_each_budget_gets_its_own_solver_and_budgets_do_not_leak_into_each_other():
+    # auto: iPNDM-3 (noise form) below 16 NFE, UniPC-3 bh1 (data form) from 16; the shared
+    # reference must give the 16-NFE search the same start whether a 4-NFE budget came first or not
+    from pdm.sampling.budgets import auto_solver
+
+    noise = _noise(8, 17)
+    both = calibrate_budgets(GM.model_fn(S), noise, S, [4, 16], steps=24, halvings=1, refine_sweeps=1,
+                             solver_for=auto_solver, **auto_solver(4))
+    alone = calibrate_budgets(GM.model_fn(S), noise, S, [16], steps=24, halvings=1, refine_sweeps=1,
+                              solver_for=auto_solver, **auto_solver(4))
+    assert (both[4].settings["solver"], both[16].settings["solver"]) == ("ipndm", "unipc")
+    assert both[16].settings["solver_type"] == "bh1"
+    assert both[16].settings["calibration"]["fallback"] == alone[16].settings["calibration"]["fallback"]
+    assert both[16].settings.get("timesteps") == alone[16].settings.get("timesteps")

@@ -56,7 +56,8 @@ TIME_SEARCHES = ("free", "warp", "warp+free")
 class Reference:
     """The accurate solution on a fine grid, computed once and shared by every budget calibrated
     on the same images (it costs most of a calibration): the states x*(t_i) and, once the first
-    dynamic programme needs them, the solver-form outputs there and the sensitivities."""
+    dynamic programme needs them, the network's outputs there (as the model predicts, so that
+    budgets calibrated with solvers of either form share them) and the sensitivities."""
 
     grid: Tensor
     states: list[Tensor]
@@ -264,13 +265,13 @@ def _dp_path(model_fn, noise, schedule, reference: Reference, nfe, max_gap, samp
     points = [TimePoint.at(schedule, t) for t in grid]
     data = solver_spec(sample_kwargs.get("solver", "dpmsolver++")).data
     if reference.outputs is None:
-        convert = to_x0 if data else to_eps
-        reference.outputs = []
-        for i in _stage(range(steps), steps, "network outputs", progress):
-            raw = model_fn(states[i], grid[i].expand(noise.shape[0]), **kwargs).to(noise.dtype)
-            reference.outputs.append(convert(raw, states[i], points[i].alpha, points[i].sigma, prediction))
+        reference.outputs = [model_fn(states[i], grid[i].expand(noise.shape[0]), **kwargs).to(noise.dtype)
+                             for i in _stage(range(steps), steps, "network outputs", progress)]
         reference.weights = sensitivities(model_fn, states, schedule, grid, prediction, kwargs, progress=progress)
-    errors = _local_errors(states, reference.outputs, points, data, max_gap, reference.weights)
+    convert = to_x0 if data else to_eps  # the solver's form (a budget before may have used the other)
+    outputs = [convert(raw, states[i], points[i].alpha, points[i].sigma, prediction)
+               for i, raw in enumerate(reference.outputs)]
+    errors = _local_errors(states, outputs, points, data, max_gap, reference.weights)
     return _cheapest_path(errors, steps, nfe, max_gap)
 
 
