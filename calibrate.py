@@ -40,6 +40,7 @@ from pdm.nn.runtime import PRECISIONS, precision_dtype
 from pdm.sampling import SOLVERS
 from pdm.sampling.calibration import TIME_SEARCHES
 from pdm.sampling.catalog import all_variants, solver_spec
+from pdm.sampling.evaluator import CountingModel
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -144,7 +145,7 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     drawn = [noise_and_label(args.seed, i, shape, loaded.num_classes, classes) for i in range(screen)]
     noise = torch.stack([n for n, _ in drawn]).to(device)
     kwargs = {"y": torch.tensor([y for _, y in drawn], device=device)} if classes else {}
-    model_fn = CountedModel(loaded.model_fn)
+    model_fn = CountingModel(loaded.model_fn)  # the cost: these evaluations x one image's time
     t0 = time.perf_counter()
     fit_rows, val_rows = split_rows(args.num_seeds, args.validation_fraction)
     n_fit, n_val = fit_rows.stop - fit_rows.start, val_rows.stop - val_rows.start
@@ -179,19 +180,6 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     print(f"wrote {args.out}: paths for {', '.join(map(str, budgets))} NFE ({seconds} s, {model_fn.rows} network "
           f"evaluations of one image); sample with --skip-path {args.out} --steps N", file=sys.stderr)
     return summary
-
-
-class CountedModel:
-    """The model function, counting the images it evaluates (a batch of B counts B; with guidance
-    each counts once, though the guided network runs twice). The calibration's cost is this count
-    times the time one image takes: it grows with the network only through that time."""
-
-    def __init__(self, model_fn: Callable[..., torch.Tensor]) -> None:
-        self.model_fn, self.rows = model_fn, 0
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
-        self.rows += x.shape[0]
-        return self.model_fn(x, t, **kwargs)
 
 
 def _solvers(args: argparse.Namespace) -> tuple[Callable[[int], dict] | None, dict]:

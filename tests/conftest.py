@@ -17,18 +17,6 @@ SMALL_NET_ARGS = ["--model.net.init_args.model_channels", "16", "--model.net.ini
                   "--model.net.init_args.attention_resolutions", "[]"]
 
 
-class CountingModel:
-    """Wraps a ``model_fn`` and records how many calls it got and how many rows they held."""
-
-    def __init__(self, fn):
-        self.fn, self.rows, self.calls = fn, 0, 0
-
-    def __call__(self, x, t, **kw):
-        self.rows += x.shape[0]
-        self.calls += 1
-        return self.fn(x, t, **kw)
-
-
 def run_main(module, args, capsys) -> tuple[int, list[str]]:
     """A script's ``main(argv)`` in this process: (exit code, stderr lines without blank lines and
     progress output)."""

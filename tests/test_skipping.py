@@ -7,9 +7,9 @@ test_skip_forecast.py."""
 
 import pytest
 import torch
-from conftest import CountingModel
 
 from pdm.sampling import AdaptiveSkip, sample
+from pdm.sampling.evaluator import CountingModel
 from pdm.testing import GaussianMixture
 from pdm.sampling.solvers import TimePoint, first_order_update
 from pdm.schedule import VPSchedule

@@ -21,6 +21,20 @@ from pdm.sampling.solvers import TimePoint
 ModelFn = Callable[..., Tensor]
 
 
+class CountingModel:
+    """A ``model_fn`` that records how many calls it got and how many images (rows) they held:
+    what a calibration or a test spends, whoever calls the model (with guidance each image counts
+    once, though the guided network runs twice)."""
+
+    def __init__(self, fn: ModelFn) -> None:
+        self.fn, self.rows, self.calls = fn, 0, 0
+
+    def __call__(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
+        self.rows += x.shape[0]
+        self.calls += 1
+        return self.fn(x, t, **kwargs)
+
+
 @dataclass(frozen=True)
 class Thresholding:
     """Imagen's dynamic thresholding of x0: clamp at the ``ratio`` quantile of |x0| (at least
