@@ -201,3 +201,43 @@ def test_each_budget_gets_its_own_solver_and_budgets_do_not_leak_into_each_other
     assert both[16].settings["solver_type"] == "bh1"
     assert both[16].settings["calibration"]["fallback"] == alone[16].settings["calibration"]["fallback"]
     assert both[16].settings.get("timesteps") == alone[16].settings.get("timesteps")
+
+
+def test_the_model_remembers_repeated_calls_and_forgets_the_oldest():
+    from pdm.sampling.evaluator import CountingModel, RecallingModel
+
+    counted = CountingModel(GM.model_fn(S))
+    model = RecallingModel(counted, max_bytes=2 * 4 * 3 * 4 * 4 * 8)  # two outputs of 4 float64 images
+    x, t = _noise(4, 1), torch.full((4,), 0.5, dtype=torch.float64)
+    first = model(x, t)
+    again = model(x.clone(), t.clone())
+    assert torch.equal(first, again) and counted.calls == 1 and model.hits == 1
+    again.add_(1.0)  # a caller changing its answer in place does not change the memory
+    assert torch.equal(model(x, t), first) and counted.calls == 1
+    nudged = x.clone()
+    nudged[0, 0, 0, 0] = torch.nextafter(nudged[0, 0, 0, 0], torch.tensor(2.0, dtype=torch.float64))
+    model(nudged, t)  # one ulp in one pixel is another input
+    model(x, t - 0.1)  # so is another time; this third output pushes out the oldest (x at 0.5)...
+    assert counted.calls == 3
+    model(nudged, t)  # ...but not the newer two
+    assert counted.calls == 3
+    model(x, t)
+    assert counted.calls == 4
+
+
+def test_remembered_calls_give_the_same_paths_with_fewer_evaluations(monkeypatch):
+    # candidate paths repeat the current path's network calls up to the step they change: answered
+    # from memory, a calibration must find exactly the same path while the network runs less
+    import pdm.sampling.budgets as budgets
+    from pdm.sampling.evaluator import CountingModel
+
+    noise = _noise(8, 23)
+    runs = {}
+    for label, recall in (("plain", lambda fn: fn), ("recalled", budgets.RecallingModel)):
+        monkeypatch.setattr(budgets, "RecallingModel", recall)
+        counted = CountingModel(GM.model_fn(S))
+        paths = calibrate_budgets(counted, noise, S, [5, 8], steps=24, halvings=2, refine_sweeps=2,
+                                  coefficients=True, **KW)
+        runs[label] = (PathFile(paths).to_json(), counted.rows)
+    assert runs["recalled"][0] == runs["plain"][0]
+    assert runs["recalled"][1] < 0.8 * runs["plain"][1]

@@ -27,6 +27,7 @@ from torch import Tensor
 from pdm.sampling.calibration import calibrate_skip_path, reference_for, rms
 from pdm.sampling.catalog import plain_settings
 from pdm.sampling.coefficients import fit_corrections
+from pdm.sampling.evaluator import RecallingModel
 from pdm.sampling.sampler import sample
 from pdm.sampling.skipping import SkipPath
 from pdm.schedule import VPSchedule
@@ -74,6 +75,7 @@ def calibrate_budgets(model_fn: Callable[..., Tensor], noise: Tensor, schedule: 
     :func:`~pdm.sampling.calibration.calibrate_skip_path`). ``solver_for(nfe)`` (e.g.
     :func:`auto_solver`) gives each budget's solver settings, over those of ``sample_kwargs``."""
     fit, val = split_rows(noise.shape[0], validation)
+    model_fn = RecallingModel(model_fn)  # candidates repeat the current path's calls until they differ
     if weights is not None and weights.shape != (noise.shape[0],):
         raise ValueError(f"need one weight per calibration image ({noise.shape[0]}), got shape {tuple(weights.shape)}")
     w_fit, w_val = (None, None) if weights is None else (_normalised(weights[fit]), _normalised(weights[val]))
