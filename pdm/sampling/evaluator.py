@@ -44,7 +44,8 @@ class RecallingModel:
     A calibration scores many candidate paths that differ from the current best in one time or
     one coefficient: until that step every candidate's trajectory is the current one's, bit for
     bit, so its network calls there are repeats. Answered from memory they cost nothing, and the
-    result is exactly the one without memory (the network is deterministic on the same input).
+    result is exactly the one without memory (on CPU the network is deterministic on the same input;
+    with non-deterministic GPU kernels the remembered output is one the network gave for it).
     Inputs are recognised by a BLAKE2 digest of their bytes; the oldest entries are forgotten
     beyond ``max_bytes`` of remembered outputs. ``hits`` counts the calls answered from memory."""
 
