@@ -41,6 +41,7 @@ from pdm.sampling import SOLVERS
 from pdm.sampling.calibration import TIME_SEARCHES
 from pdm.sampling.catalog import all_variants, solver_spec
 from pdm.sampling.evaluator import CountingModel
+from pdm.sampling.teleport import Teleport
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,6 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also learn one solver coefficient per step (pdm.sampling.coefficients; measured on "
                         "digits: helps at 5 and 20 NFE, with and without guidance; on the exact mixture it "
                         "sent rare images into another mode from 8 NFE; see benchmarks/RESULTS.md)")
+    p.add_argument("--teleport-data", default=None, metavar="CONFIG",
+                   help="also let each path start below t_max from the ODE solved in closed form for a Gaussian "
+                        "of the training data (pdm.sampling.teleport; Wang & Vastola 2023): CONFIG is the training "
+                        "config whose data section names the data (e.g. configs/digits.yaml); the Gaussian goes "
+                        "into the path file")
+    p.add_argument("--teleport-rank", type=int, default=16,
+                   help="principal directions kept per class for the teleport's Gaussian (default 16; on digits 8 did "
+                        "as well as all 1024)")
+    p.add_argument("--teleport-images", type=int, default=20_000,
+                   help="training images the Gaussian is fitted to, at most (default 20000)")
     p.add_argument("--grid-points-only", action="store_true",
                    help="keep the evaluations on the --steps grid (skip the continuous time search)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -101,6 +112,14 @@ def check(args: argparse.Namespace) -> None:
         raise ValueError(f"--hard-fraction must be in [0, 1), got {args.hard_fraction}")
     check_seed(args.seed)
     check_guidance_scale(args.guidance_scale)
+    if args.teleport_data is not None:
+        if not Path(args.teleport_data).is_file():
+            raise ValueError(f"--teleport-data {args.teleport_data!r} does not exist; name the training config "
+                             "(YAML) the model was trained with, e.g. configs/digits.yaml")
+        if args.teleport_rank < 1 or args.teleport_images < 2:
+            raise ValueError("--teleport-rank must be positive and --teleport-images at least 2")
+        if args.grid_points_only:
+            raise ValueError("--teleport-data moves the first time off the grid; drop --grid-points-only")
     out = Path(args.out)
     if out.suffix != ".json":
         raise ValueError(f"--out {args.out!r} should name a .json file")
@@ -158,11 +177,12 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     draw = stratified_draw(scores, n_fit, n_val, args.hard_fraction, args.seed)
     rows = torch.tensor(draw.indices, device=device)
     noise, kwargs = noise[rows], {k: v[rows] for k, v in kwargs.items()}
+    teleport = None if args.teleport_data is None else Teleport(_gaussian(args, loaded, shape), args.guidance_scale)
     paths = calibrate_budgets(model_fn, noise, loaded.schedule, args.nfe, args.validation_fraction,
                               args.steps, progress=True, continuous=not args.grid_points_only,
                               prediction=loaded.prediction, model_kwargs=kwargs, skip_type=args.skip_type,
                               coefficients=args.coefficients, weights=draw.weights if screened else None,
-                              time_search=args.time_search, solver_for=solver_for, **solver)
+                              time_search=args.time_search, solver_for=solver_for, teleport=teleport, **solver)
     made_for = {"checkpoints": sorted(file_sha256(p) for p in args.ckpt), "files": [str(p) for p in args.ckpt],
                 "guidance_scale": args.guidance_scale, "precision": args.precision, "seed": args.seed,
                 "num_seeds": args.num_seeds, "screened": screen, "hard_fraction": args.hard_fraction,
@@ -170,7 +190,11 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
                 "solver": args.solver}
     for path in paths.values():
         path.settings["calibrated_for"] = made_for
-    PathFile(paths, made_for).save(args.out)
+    if teleport is not None:
+        made_for["teleport_data"] = {"config": args.teleport_data, "rank": args.teleport_rank,
+                                     "images": args.teleport_images}
+    teleporting = any(p.teleport is not None for p in paths.values())
+    PathFile(paths, made_for, teleport.data if teleporting else None).save(args.out)
     seconds = round(time.perf_counter() - t0, 1)
     budgets = {n: _report(n, p, args.steps) for n, p in paths.items()}
     summary = {"out": args.out, "seconds": seconds, "budgets": budgets, "image_evaluations": model_fn.rows,
@@ -180,6 +204,37 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
     print(f"wrote {args.out}: paths for {', '.join(map(str, budgets))} NFE ({seconds} s, {model_fn.rows} network "
           f"evaluations of one image); sample with --skip-path {args.out} --steps N", file=sys.stderr)
     return summary
+
+
+def _gaussian(args: argparse.Namespace, loaded, shape: tuple[int, ...]):
+    """The Gaussian of the training data named by --teleport-data, rounded as the file stores it."""
+    import importlib
+
+    import yaml
+
+    from pdm.sampling.teleport import GaussianData
+
+    section = (yaml.safe_load(Path(args.teleport_data).read_text()) or {}).get("data")
+    if not section or "class_path" not in section:
+        raise ValueError(f"--teleport-data {args.teleport_data!r} has no data section with a class_path; name the "
+                         "training config the model was trained with")
+    module, _, name = section["class_path"].rpartition(".")
+    data = getattr(importlib.import_module(module), name)(**(section.get("init_args") or {}))
+    print(f"calibrate.py: fitting the teleport's Gaussian to up to {args.teleport_images} images of "
+          f"{section['class_path']}", file=sys.stderr, flush=True)
+    data.setup("fit")
+    xs, ys, n = [], [], 0
+    for x, y in data.train_dataloader():
+        xs.append(x.double()), ys.append(torch.as_tensor(y))
+        n += x.shape[0]
+        if n >= args.teleport_images:
+            break
+    x, y = torch.cat(xs)[:args.teleport_images], torch.cat(ys)[:args.teleport_images]
+    if tuple(x.shape[1:]) != shape:
+        raise ValueError(f"--teleport-data {args.teleport_data!r} gives images of shape {tuple(x.shape[1:])}, the "
+                         f"model makes {shape}; name the config it was trained with")
+    fitted = GaussianData.fit(x, y if loaded.num_classes else None, loaded.num_classes, args.teleport_rank)
+    return GaussianData.from_dict(fitted.to_dict())  # calibrate with exactly what the file replays
 
 
 def _solvers(args: argparse.Namespace) -> tuple[Callable[[int], dict] | None, dict]:

@@ -136,6 +136,8 @@ def resolve_settings(args: argparse.Namespace, given: set[str], path: SkipPath |
                 s[key] = value
         s["steps"] = len(path.evaluate)  # the path's own grid (its fine grid, for a grid-points path)
         s["corrections"] = path.settings.get("corrections")  # learned coefficients, if calibrated with them
+        if path.teleport is not None:  # the path starts below t_max from its Gaussian's closed-form ODE
+            s["teleport"] = path.teleport
     s["steps"] = 20 if s["steps"] is None else s["steps"]
     if s["solver"] is None and s["method"] not in (None, "multistep"):
         raise ValueError(f"--method {s['method']} is a DPM-Solver method and the default solver is {DEFAULT_SOLVER}; "
@@ -230,6 +232,11 @@ def compile_mode(args: argparse.Namespace) -> str | None:
     return (args.compile_mode or "default") if args.compile else None
 
 
+def _plain(settings: dict) -> dict:
+    """``settings`` as JSON reads them back (a teleport as its description)."""
+    return json.loads(json.dumps(settings, default=repr))
+
+
 def run_identity(args: argparse.Namespace, settings: dict, skip, ckpt_hashes: list[str]) -> dict:
     """Everything that decides which images land in the shards (see :mod:`pdm.outputs`)."""
     from pdm import __version__
@@ -237,7 +244,7 @@ def run_identity(args: argparse.Namespace, settings: dict, skip, ckpt_hashes: li
 
     skip_desc = None if skip is None else {"kind": type(skip).__name__, **json.loads(json.dumps(skip.__dict__, default=str))}
     return {"pdm_version": __version__, "code": code_fingerprint(), "checkpoints": sorted(ckpt_hashes),
-            "settings": {**settings, "denoise_to_zero": args.denoise_to_zero, "thresholding": args.thresholding,
+            "settings": {**_plain(settings), "denoise_to_zero": args.denoise_to_zero, "thresholding": args.thresholding,
                          "guidance_scale": args.guidance_scale, "labels": args.labels, "seed": args.seed,
                          "skip": skip_desc, "precision": args.precision,
                          "compile": compile_mode(args)},

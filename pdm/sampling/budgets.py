@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from pdm.sampling.coefficients import fit_corrections
 from pdm.sampling.evaluator import RecallingModel
 from pdm.sampling.sampler import sample
 from pdm.sampling.skipping import SkipPath
+from pdm.sampling.teleport import GaussianData, Teleport
 from pdm.schedule import VPSchedule
 
 PATH_FILE_FORMAT = "pdm-skip-paths-v2"
@@ -63,7 +64,8 @@ def calibrate_budgets(model_fn: Callable[..., Tensor], noise: Tensor, schedule: 
                       validation: float = 0.25, steps: int = 100, progress: bool = False, continuous: bool = True,
                       halvings: int = 5, refine_sweeps: int = 4, coefficients: bool = False,
                       weights: Tensor | None = None, time_search: str = "free",
-                      solver_for: Callable[[int], dict] | None = None, **sample_kwargs) -> dict[int, SkipPath]:
+                      solver_for: Callable[[int], dict] | None = None, teleport: Teleport | None = None,
+                      **sample_kwargs) -> dict[int, SkipPath]:
     """{nfe: path} for every budget, each fitted on the first images of ``noise`` and checked on
     the rest (see the module docstring). ``sample_kwargs`` describe the fine grid and the solver
     as for :func:`calibrate_skip_path` (``model_kwargs`` rows follow ``noise``). With
@@ -73,7 +75,10 @@ def calibrate_budgets(model_fn: Callable[..., Tensor], noise: Tensor, schedule: 
     each part's weights normalised to sum to 1; None weighs images equally. ``time_search``
     chooses the continuous search of the times (``free``, ``warp`` or ``warp+free``; see
     :func:`~pdm.sampling.calibration.calibrate_skip_path`). ``solver_for(nfe)`` (e.g.
-    :func:`auto_solver`) gives each budget's solver settings, over those of ``sample_kwargs``."""
+    :func:`auto_solver`) gives each budget's solver settings, over those of ``sample_kwargs``.
+    With ``teleport`` (:class:`~pdm.sampling.teleport.Teleport`) the time search may also move
+    each path's first time below t_max, the teleport carrying the images there without the
+    network; errors are still measured against the accurate solution from t_max."""
     fit, val = split_rows(noise.shape[0], validation)
     model_fn = RecallingModel(model_fn)  # candidates repeat the current path's calls until they differ
     if weights is not None and weights.shape != (noise.shape[0],):
@@ -94,8 +99,8 @@ def calibrate_budgets(model_fn: Callable[..., Tensor], noise: Tensor, schedule: 
                                    reference=fit_ref, model_kwargs=fit_kw, continuous=continuous,
                                    halvings=halvings, refine_sweeps=refine_sweeps, time_search=time_search,
                                    error=lambda a, b: rms(a, b, w_fit),
-                                   validate=None if held is None else held.times_error(nfe, solver),
-                                   **{**grid_kw, **solver})
+                                   validate=None if held is None else held.times_error(nfe, solver, teleport),
+                                   teleport=teleport, **{**grid_kw, **solver})
         def fit_error(corrections=None) -> float:
             kw = {**grid_kw, **path.sample_kwargs(), "corrections": corrections}
             return rms(sample(model_fn, noise[fit], schedule, model_kwargs=fit_kw, **kw).x, fit_ref.states[-1], w_fit)
@@ -149,9 +154,10 @@ class _Validation:
                      **{**self.grid_kw, **kwargs})
         return rms(run.x, self.target, self.weights)
 
-    def times_error(self, nfe: int, solver: dict | None = None) -> Callable[[Tensor], float]:
+    def times_error(self, nfe: int, solver: dict | None = None,
+                    teleport: Teleport | None = None) -> Callable[[Tensor], float]:
         kw = {k: v for k, v in {**self.grid_kw, **(solver or {})}.items()
-              if k not in ("skip_type", "steps", "timesteps")}
+              if k not in ("skip_type", "steps", "timesteps")} | {"teleport": teleport}
         return lambda times: rms(sample(self.model_fn, self.noise, self.schedule, steps=nfe, timesteps=times,
                                         model_kwargs=self.model_kwargs, **kw).x, self.target, self.weights)
 
@@ -181,12 +187,23 @@ class _Validation:
         return SkipPath((True,) * nfe, fill="merge", settings=settings), report
 
 
+def _with_teleport(path: SkipPath, gaussian: GaussianData | None, name: str) -> SkipPath:
+    """The path with its :class:`Teleport` rebuilt from the file's Gaussian, when it teleports."""
+    record = path.settings.get("teleport")
+    if not record:
+        return path
+    if gaussian is None or gaussian.digest() != record.get("gaussian_sha256"):
+        raise ValueError(f"{name}: a path teleports with a Gaussian the file does not hold")
+    return replace(path, teleport=Teleport(gaussian, float(record["guidance_scale"]), int(record["rk_steps"])))
+
+
 @dataclass
 class PathFile:
     """Calibrated paths for several budgets (keyed by NFE) and what they were calibrated for."""
 
     paths: dict[int, SkipPath]
     calibrated_for: dict[str, Any] = field(default_factory=dict)
+    gaussian: GaussianData | None = None  # the data Gaussian of the paths that teleport
 
     @property
     def budgets(self) -> list[int]:
@@ -205,8 +222,11 @@ class PathFile:
         return self.paths[nfe]
 
     def to_json(self) -> str:
-        paths = {str(n): asdict(p) for n, p in sorted(self.paths.items())}
-        return json.dumps({"format": PATH_FILE_FORMAT, "calibrated_for": self.calibrated_for, "paths": paths}, indent=1)
+        paths = {str(n): p.to_dict() for n, p in sorted(self.paths.items())}
+        data = {"format": PATH_FILE_FORMAT, "calibrated_for": self.calibrated_for, "paths": paths}
+        if self.gaussian is not None:
+            data["gaussian"] = self.gaussian.to_dict()
+        return json.dumps(data, indent=1)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the file (atomically)."""
@@ -226,11 +246,13 @@ class PathFile:
                 raise ValueError(f"unknown format {data.get('format')!r}")
             made_for = dict(data.get("calibrated_for") or {})
             paths = {int(n): SkipPath.from_dict(p, made_for) for n, p in data["paths"].items()}
+            gaussian = GaussianData.from_dict(data["gaussian"]) if "gaussian" in data else None
+            paths = {n: _with_teleport(p, gaussian, name) for n, p in paths.items()}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{name} is not a path file written by calibrate.py: {e}") from None
         if not paths:
             raise ValueError(f"{name} holds no paths")
-        return cls(paths, made_for)
+        return cls(paths, made_for, gaussian)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PathFile:

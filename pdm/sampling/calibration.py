@@ -240,18 +240,52 @@ def calibrate_skip_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule
             return error(sample(model_fn, noise, schedule, steps=nfe, timesteps=times, **kw).x, target)
 
         # the search starts from the best of the path found so far and the exact built-in grids
+        # (with a teleport, also the built-in grids from a few later starts)
+        teleport = sample_kwargs.get("teleport")
+        firsts = [float(grid[0])] + ([] if teleport is None else _teleport_starts(schedule, float(grid[0])))
         starts = [] if smooth else [(best, grid[path_points])]
-        starts += [(score_times(g), g) for g in (schedule.timesteps(nfe, st, float(grid[0]), float(grid[-1]),
-                                                                    dtype=torch.float64) for st in SKIP_TYPES)]
+        starts += [(score_times(g), g) for g in (schedule.timesteps(nfe, st, t0, float(grid[-1]), dtype=torch.float64)
+                                                 for st in SKIP_TYPES for t0 in firsts)]
         best, times = min(starts, key=lambda c: c[0])
+        if teleport is not None:  # teleport to the best grid's second time and spend its first
+            for _ in range(nfe - 1):  # evaluation on splitting one of its steps (the best split)
+                e, later = min(((score_times(g), g) for g in _first_moved_inside(times, schedule)),
+                               key=lambda c: c[0])
+                if e >= best:
+                    break
+                best, times = e, later
         if time_search in ("warp", "warp+free"):
             times, best, _ = refine_warp(times, schedule, score_times, best, halvings=halvings, validate=validate)
             _say(progress, f"smooth warp of the grid: error {best:.3e}")
         if time_search in ("free", "warp+free"):
-            times, best = refine_times(times, schedule, score_times, best, halvings, progress, validate)
+            times, best = refine_times(times, schedule, score_times, best, halvings, progress, validate,
+                                       free_start=teleport is not None)
     settings = {k: v for k, v in settings.items() if k != "skip_type"}
     settings |= {"steps": nfe, "timesteps": [float(t) for t in times]}
-    return SkipPath((True,) * nfe, fill="merge", settings=settings)
+    teleport = sample_kwargs.get("teleport") if float(times[0]) < schedule.t_max else None
+    if teleport is not None:
+        settings["teleport"] = teleport.record()
+    return SkipPath((True,) * nfe, fill="merge", settings=settings, teleport=teleport)
+
+
+def _first_moved_inside(times: Tensor, schedule: VPSchedule) -> list[Tensor]:
+    """The grids that start at ``times[1]`` and split one of its steps in two (at its middle in
+    lambda): one grid per step."""
+    lam = schedule.lambda_(times[1:].double())
+    grids = []
+    for k in range(lam.numel() - 1):
+        split = torch.cat([lam[:k + 1], ((lam[k] + lam[k + 1]) / 2).reshape(1), lam[k + 1:]])
+        grid = schedule.t_of_lambda(split).double()
+        grid[0], grid[-1] = times[1], times[-1]
+        grids.append(grid)
+    return grids
+
+
+def _teleport_starts(schedule: VPSchedule, t_first: float) -> list[float]:
+    """Later first times for a teleporting search to start from: 0.5 to 3 above the first
+    time's half log-SNR (on digits the best plain grids gained most from 1.5 to 2.5 above t_max's)."""
+    lam0 = float(schedule.lambda_(torch.tensor(t_first, dtype=torch.float64)))
+    return [float(schedule.t_of_lambda(torch.tensor(lam0 + d, dtype=torch.float64))) for d in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)]
 
 
 def _dp_path(model_fn, noise, schedule, reference: Reference, nfe, max_gap, sample_kwargs,

@@ -129,6 +129,7 @@ def sample(
     progress: bool = False,
     callback: Callable[[StepInfo], None] | None = None,
     corrections: Sequence[float] | None = None,
+    teleport: Callable[..., Tensor] | None = None,
 ) -> SampleResult:
     """Integrate the diffusion ODE (or the DDPM chain) from ``noise`` at t_start to t_end.
 
@@ -165,6 +166,9 @@ def sample(
             (e.g. to save intermediate predictions; the progress bar is one such callback).
         corrections: learned per-step scalings of the multistep correction
             (:mod:`pdm.sampling.coefficients`; a calibrated path carries them), or None.
+        teleport: a :class:`~pdm.sampling.teleport.Teleport`: ``noise`` is then x at the
+            schedule's t_max, carried without the network to the grid's first time (a
+            calibrated path that teleports starts below t_max), where the solver starts.
     """
     solver_type = check_settings(solver, method, order, steps, skip_type, prediction, solver_type)
     _check_method_options(method, skip, corrections)
@@ -172,6 +176,10 @@ def sample(
     order = 1 if spec.first_order else order
     batch, device = noise.shape[0], noise.device
     grid = _grid(schedule, steps, skip_type, t_start, t_end, timesteps, noise.dtype, device)
+    if teleport is not None:
+        if method == "adaptive":
+            raise ValueError("a teleport starts a fixed grid; it cannot be combined with the adaptive method")
+        noise = teleport(noise, schedule, float(grid[0]), (model_kwargs or {}).get("y"))
     fine_steps, kept = grid.numel() - 1, None
     if isinstance(skip, SkipPath) and skip.fill == "merge":  # the solver runs on the kept points only
         grid, kept = _merged_grid(grid, skip, method)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import torch
@@ -185,6 +185,7 @@ class SkipPath:
     fill: Fill = "merge"
     forecast_order: int = 2
     settings: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    teleport: Any = field(default=None, compare=False, hash=False)  # a pdm.sampling.teleport.Teleport
 
     def __post_init__(self) -> None:
         if not self.evaluate or not self.evaluate[0]:
@@ -204,13 +205,23 @@ class SkipPath:
         kw = {k: v for k, v in self.settings.items() if k in REPLAY_SETTINGS}
         if "timesteps" in kw:
             kw["timesteps"] = torch.tensor(kw["timesteps"], dtype=torch.float64)
+        if self.teleport is not None:
+            kw["teleport"] = self.teleport
         return kw | {"skip": self}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (a teleport's Gaussian is stored once per path file, not here)."""
+        return {"evaluate": list(self.evaluate), "fill": self.fill, "forecast_order": self.forecast_order,
+                "settings": self.settings}
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the path and its settings as JSON (atomically)."""
         from pdm.atomic import atomic_write_text
 
-        atomic_write_text(path, json.dumps(asdict(self), indent=1))
+        if self.teleport is not None:
+            raise ValueError("a teleporting path is saved in a path file (pdm.sampling.budgets.PathFile), "
+                             "which stores its Gaussian")
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     def check_calibrated_for(self, checkpoints: list[str], guidance_scale: float, files: list[str] | None = None,
                              name: str = "the skip path") -> None:

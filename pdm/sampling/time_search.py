@@ -31,12 +31,14 @@ from pdm.schedule import VPSchedule
 
 def refine_times(times: Tensor, schedule: VPSchedule, score: Callable[[Tensor], float], best: float | None = None,
                  halvings: int = 5, progress: bool = False,
-                 validate: Callable[[Tensor], float] | None = None) -> tuple[Tensor, float]:
+                 validate: Callable[[Tensor], float] | None = None,
+                 free_start: bool = False) -> tuple[Tensor, float]:
     """Coordinate descent on a time grid: move each interior time in lambda by +-step while the
     ``score`` of the grid falls, and halve the step (``halvings`` times) when no move helps.
 
-    The ends stay; the first step is half the mean gap in lambda and no time passes (or meets) a
-    neighbour. With ``validate`` (the error on images the score does not see), the grid returned
+    The ends stay (with ``free_start`` the first time moves too, never above the schedule's
+    t_max: a teleporting sampler starts where its grid does, :mod:`pdm.sampling.teleport`); the
+    first step is half the mean gap in lambda and no time passes (or meets) a neighbour. With ``validate`` (the error on images the score does not see), the grid returned
     is the one, among the start and the end of each step size, whose validation error is least.
     Returns the grid (decreasing times, float64) and its score.
     """
@@ -47,21 +49,34 @@ def refine_times(times: Tensor, schedule: VPSchedule, score: Callable[[Tensor], 
     step = 0.5 * float(lam[-1] - lam[0]) / n
     margin = 1e-3 * step  # neighbours stay apart (a move of whole steps can land on one)
 
+    lam_top = float(schedule.lambda_(torch.tensor(schedule.t_max, dtype=torch.float64)))
+    lam_first = float(lam[0])
+
     def grid_of(lams: Tensor) -> Tensor:
         grid = schedule.t_of_lambda(lams).double()
-        grid[0], grid[-1] = times[0], times[-1]
+        grid[-1] = times[-1]
+        if not free_start or float(lams[0]) == lam_first:
+            grid[0] = times[0]  # exactly where it started (t_max itself: no teleport)
+        elif float(lams[0]) <= lam_top:
+            grid[0] = schedule.t_max
         return grid
+
+    def allowed(cand: Tensor, k: int) -> bool:
+        if k == 0:
+            return lam_top <= float(cand[0]) < float(lam[1]) - margin
+        return float(lam[k - 1]) + margin < float(cand[k]) < float(lam[k + 1]) - margin
 
     kept = (validate(grid_of(lam)), lam, best) if validate is not None else None
     for level in range(halvings + 1):
         improved, sweeps = True, 0
         while improved and sweeps < 8:  # a bounded number of sweeps per step size
             improved, sweeps = False, sweeps + 1
-            for k in _stage(range(1, n), n - 1, f"times, step {step:.3g} in lambda", progress):
+            first = 0 if free_start else 1
+            for k in _stage(range(first, n), n - first, f"times, step {step:.3g} in lambda", progress):
                 for delta in (step, -step):
                     cand = lam.clone()
-                    cand[k] += delta
-                    if not lam[k - 1] + margin < cand[k] < lam[k + 1] - margin:
+                    cand[k] = max(float(cand[k]) + delta, lam_top) if k == 0 else cand[k] + delta
+                    if float(cand[k]) == float(lam[k]) or not allowed(cand, k):
                         continue
                     e = score(grid_of(cand))
                     if e < best:
