@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (CALIBRATION_SEEDS, SCORE_SEEDS, Bench, digits_bench, machine,  # noqa: E402
                                markdown_table, mixture_bench, per_image_rms, rms)
 from benchmarks.solver_accuracy import settings  # noqa: E402
+import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 from pdm.sampling.budgets import PathFile, auto_solver, calibrate_budgets  # noqa: E402
 
@@ -138,6 +139,8 @@ def main() -> None:
     p.add_argument("--mixture", action="store_true",
                    help="the exact Gaussian mixture instead of --ckpt: calibrate its paths here (--nfe), then score")
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20], help="with --mixture: the budgets (5 10 20)")
+    p.add_argument("--teleport", action="store_true",
+                   help="with --mixture: also calibrate with a teleport (a Gaussian fitted to 20,000 mixture samples)")
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--seeds", type=int, default=48, help="held-out scoring seeds")
     p.add_argument("--first-seed", type=int, default=0,
@@ -163,6 +166,13 @@ def main() -> None:
     if args.mixture:
         bench = mixture_bench()
         loaded.append(("mixture, calibrated here", calibrate_here(bench, args.nfe)))
+        if args.teleport:
+            from pdm.sampling.teleport import GaussianData, Teleport
+
+            gm = bench.extra["mixture"]
+            fitted = GaussianData.fit(gm.sample(20_000, torch.Generator().manual_seed(0)), rank=16)
+            teleport = Teleport(GaussianData.from_dict(fitted.to_dict()))
+            loaded.append(("mixture, calibrated here with a teleport", calibrate_here(bench, args.nfe, teleport=teleport)))
     else:
         bench = digits_bench(args.ckpt, guidance_scale=args.guidance_scale)
     seeds = SCORE_SEEDS[args.first_seed:args.first_seed + args.seeds]

@@ -129,7 +129,7 @@ def mixture_bench() -> Bench:
     """The exact Gaussian-mixture model on 3x8x8 'images' (closed-form eps)."""
     schedule = VPSchedule.linear()
     gm = GaussianMixture.random(components=8, shape=(3, 8, 8), std=0.25, seed=0)
-    return Bench("mixture", gm.model_fn(schedule), schedule, "eps", (3, 8, 8))
+    return Bench("mixture", gm.model_fn(schedule), schedule, "eps", (3, 8, 8), extra={"mixture": gm})
 
 
 def find_digits_checkpoint(explicit: str | None = None) -> str | None:

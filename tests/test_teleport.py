@@ -192,7 +192,7 @@ def test_calibrate_and_sample_cli_carry_the_teleport(tiny_ckpts, tmp_path, monke
     noise = torch.stack([n for n, _ in drawn])
     kw = PathFile.load(file).select(3).sample_kwargs()
     run = lambda **k: sample(loaded.model_fn, noise, loaded.schedule, prediction=loaded.prediction,  # noqa: E731
-                             model_kwargs={"y": torch.tensor([4, 4])}, **k).x
+                             model_kwargs={"y": torch.tensor([4, 4])}, **k).x.detach()
     assert np.abs(images.astype(int) - to_uint8(run(**kw)).astype(int)).max() <= 1
     without = {k: v for k, v in kw.items() if k != "teleport"}
     assert float((run(**kw) - run(**without)).abs().max()) > 1e-3  # the teleport changes the images

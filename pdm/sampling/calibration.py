@@ -246,26 +246,41 @@ def calibrate_skip_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule
         starts = [] if smooth else [(best, grid[path_points])]
         starts += [(score_times(g), g) for g in (schedule.timesteps(nfe, st, t0, float(grid[-1]), dtype=torch.float64)
                                                  for st in SKIP_TYPES for t0 in firsts)]
-        best, times = min(starts, key=lambda c: c[0])
-        if teleport is not None:  # teleport to the best grid's second time and spend its first
-            for _ in range(nfe - 1):  # evaluation on splitting one of its steps (the best split)
-                e, later = min(((score_times(g), g) for g in _first_moved_inside(times, schedule)),
-                               key=lambda c: c[0])
-                if e >= best:
-                    break
-                best, times = e, later
-        if time_search in ("warp", "warp+free"):
-            times, best, _ = refine_warp(times, schedule, score_times, best, halvings=halvings, validate=validate)
-            _say(progress, f"smooth warp of the grid: error {best:.3e}")
-        if time_search in ("free", "warp+free"):
-            times, best = refine_times(times, schedule, score_times, best, halvings, progress, validate,
-                                       free_start=teleport is not None)
+        searches = [min(starts, key=lambda c: c[0])]
+        if teleport is not None:  # a second search, from the best start below t_max: the local moves
+            searches.append(_teleported_start(starts, searches[0], schedule, score_times, nfe))  # rarely get there
+        found = []
+        for best, times in searches:
+            if time_search in ("warp", "warp+free"):
+                times, best, _ = refine_warp(times, schedule, score_times, best, halvings=halvings, validate=validate)
+                _say(progress, f"smooth warp of the grid: error {best:.3e}")
+            if time_search in ("free", "warp+free"):
+                times, best = refine_times(times, schedule, score_times, best, halvings, progress, validate,
+                                           free_start=teleport is not None)
+            found.append((validate(times) if validate is not None else best, best, times))
+        _, best, times = min(found, key=lambda c: c[0])  # kept by validation error when there is one
     settings = {k: v for k, v in settings.items() if k != "skip_type"}
     settings |= {"steps": nfe, "timesteps": [float(t) for t in times]}
     teleport = sample_kwargs.get("teleport") if float(times[0]) < schedule.t_max else None
     if teleport is not None:
         settings["teleport"] = teleport.record()
     return SkipPath((True,) * nfe, fill="merge", settings=settings, teleport=teleport)
+
+
+def _teleported_start(starts: list[tuple[float, Tensor]], best_start: tuple[float, Tensor], schedule: VPSchedule,
+                      score_times: Callable[[Tensor], float], nfe: int) -> tuple[float, Tensor]:
+    """The best start that teleports: the built-in grids from later first times, and the best
+    start's grid teleported to its second time with the freed evaluation splitting one of its
+    steps (repeated while that helps)."""
+    tele = [c for c in starts if float(c[1][0]) < schedule.t_max]
+    best, times = best_start
+    for _ in range(nfe - 1):
+        e, later = min(((score_times(g), g) for g in _first_moved_inside(times, schedule)), key=lambda c: c[0])
+        tele.append((e, later))
+        if e >= best and times is not best_start[1]:
+            break
+        best, times = e, later
+    return min(tele, key=lambda c: c[0])
 
 
 def _first_moved_inside(times: Tensor, schedule: VPSchedule) -> list[Tensor]:
