@@ -45,7 +45,7 @@ from pdm.sampling.catalog import solver_spec
 from pdm.sampling.sampler import sample
 from pdm.sampling.skipping import SkipPath
 from pdm.sampling.solvers import TimePoint, first_order_update, multistep_second_update
-from pdm.sampling.time_search import _say, _stage, refine_times, refine_warp
+from pdm.sampling.time_search import _say, _stage, refine_times, refine_warp, teleport_starts, teleported_start
 from pdm.schedule import SKIP_TYPES, VPSchedule
 
 ErrorFn = Callable[[Tensor, Tensor], float]
@@ -242,23 +242,15 @@ def calibrate_skip_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule
         # the search starts from the best of the path found so far and the exact built-in grids
         # (with a teleport, also the built-in grids from a few later starts)
         teleport = sample_kwargs.get("teleport")
-        firsts = [float(grid[0])] + ([] if teleport is None else _teleport_starts(schedule, float(grid[0])))
+        firsts = [float(grid[0])] + ([] if teleport is None else teleport_starts(schedule, float(grid[0])))
         starts = [] if smooth else [(best, grid[path_points])]
         starts += [(score_times(g), g) for g in (schedule.timesteps(nfe, st, t0, float(grid[-1]), dtype=torch.float64)
                                                  for st in SKIP_TYPES for t0 in firsts)]
         searches = [min(starts, key=lambda c: c[0])]
         if teleport is not None:  # a second search, from the best start below t_max: the local moves
-            searches.append(_teleported_start(starts, searches[0], schedule, score_times, nfe))  # rarely get there
-        found = []
-        for best, times in searches:
-            if time_search in ("warp", "warp+free"):
-                times, best, _ = refine_warp(times, schedule, score_times, best, halvings=halvings, validate=validate)
-                _say(progress, f"smooth warp of the grid: error {best:.3e}")
-            if time_search in ("free", "warp+free"):
-                times, best = refine_times(times, schedule, score_times, best, halvings, progress, validate,
-                                           free_start=teleport is not None)
-            found.append((validate(times) if validate is not None else best, best, times))
-        _, best, times = min(found, key=lambda c: c[0])  # kept by validation error when there is one
+            searches.append(teleported_start(starts, searches[0], schedule, score_times, nfe))  # rarely get there
+        best, times = _refined(searches, schedule, score_times, time_search, halvings, progress, validate,
+                               teleport is not None)
     settings = {k: v for k, v in settings.items() if k != "skip_type"}
     settings |= {"steps": nfe, "timesteps": [float(t) for t in times]}
     teleport = sample_kwargs.get("teleport") if float(times[0]) < schedule.t_max else None
@@ -267,40 +259,23 @@ def calibrate_skip_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule
     return SkipPath((True,) * nfe, fill="merge", settings=settings, teleport=teleport)
 
 
-def _teleported_start(starts: list[tuple[float, Tensor]], best_start: tuple[float, Tensor], schedule: VPSchedule,
-                      score_times: Callable[[Tensor], float], nfe: int) -> tuple[float, Tensor]:
-    """The best start that teleports: the built-in grids from later first times, and the best
-    start's grid teleported to its second time with the freed evaluation splitting one of its
-    steps (repeated while that helps)."""
-    tele = [c for c in starts if float(c[1][0]) < schedule.t_max]
-    best, times = best_start
-    for _ in range(nfe - 1):
-        e, later = min(((score_times(g), g) for g in _first_moved_inside(times, schedule)), key=lambda c: c[0])
-        tele.append((e, later))
-        if e >= best and times is not best_start[1]:
-            break
-        best, times = e, later
-    return min(tele, key=lambda c: c[0])
-
-
-def _first_moved_inside(times: Tensor, schedule: VPSchedule) -> list[Tensor]:
-    """The grids that start at ``times[1]`` and split one of its steps in two (at its middle in
-    lambda): one grid per step."""
-    lam = schedule.lambda_(times[1:].double())
-    grids = []
-    for k in range(lam.numel() - 1):
-        split = torch.cat([lam[:k + 1], ((lam[k] + lam[k + 1]) / 2).reshape(1), lam[k + 1:]])
-        grid = schedule.t_of_lambda(split).double()
-        grid[0], grid[-1] = times[1], times[-1]
-        grids.append(grid)
-    return grids
-
-
-def _teleport_starts(schedule: VPSchedule, t_first: float) -> list[float]:
-    """Later first times for a teleporting search to start from: 0.5 to 3 above the first
-    time's half log-SNR (on digits the best plain grids gained most from 1.5 to 2.5 above t_max's)."""
-    lam0 = float(schedule.lambda_(torch.tensor(t_first, dtype=torch.float64)))
-    return [float(schedule.t_of_lambda(torch.tensor(lam0 + d, dtype=torch.float64))) for d in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)]
+def _refined(searches: list[tuple[float, Tensor]], schedule: VPSchedule, score_times: Callable[[Tensor], float],
+             time_search: str, halvings: int, progress: bool, validate: Callable[[Tensor], float] | None,
+             free_start: bool) -> tuple[float, Tensor]:
+    """Stage 4 from each (error, grid) start; of several results the one with the least
+    validation error (the least fitting error without validation images)."""
+    found = []
+    for best, times in searches:
+        if time_search in ("warp", "warp+free"):
+            times, best, _ = refine_warp(times, schedule, score_times, best, halvings=halvings, validate=validate)
+            _say(progress, f"smooth warp of the grid: error {best:.3e}")
+        if time_search in ("free", "warp+free"):
+            times, best = refine_times(times, schedule, score_times, best, halvings, progress, validate,
+                                       free_start=free_start)
+        found.append((best, times))
+    if len(found) == 1 or validate is None:
+        return min(found, key=lambda c: c[0])
+    return min(found, key=lambda c: validate(c[1]))
 
 
 def _dp_path(model_fn, noise, schedule, reference: Reference, nfe, max_gap, sample_kwargs,

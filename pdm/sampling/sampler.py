@@ -176,10 +176,7 @@ def sample(
     order = 1 if spec.first_order else order
     batch, device = noise.shape[0], noise.device
     grid = _grid(schedule, steps, skip_type, t_start, t_end, timesteps, noise.dtype, device)
-    if teleport is not None:
-        if method == "adaptive":
-            raise ValueError("a teleport starts a fixed grid; it cannot be combined with the adaptive method")
-        noise = teleport(noise, schedule, float(grid[0]), (model_kwargs or {}).get("y"))
+    noise = noise if teleport is None else _teleported(teleport, noise, schedule, grid, method, model_kwargs)
     fine_steps, kept = grid.numel() - 1, None
     if isinstance(skip, SkipPath) and skip.fill == "merge":  # the solver runs on the kept points only
         grid, kept = _merged_grid(grid, skip, method)
@@ -203,6 +200,14 @@ def sample(
         x = evaluate.data_prediction(x, TimePoint.at(schedule, grid[-1]))
     return SampleResult(x=x, nfe=float(evaluate.nfe.double().mean()), evaluated=_rows(rows, kept, fine_steps, noise),
                         nfe_per_sample=evaluate.nfe.clone(), timesteps=grid)
+
+
+def _teleported(teleport: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, grid: Tensor, method: str,
+                model_kwargs: dict[str, Tensor] | None) -> Tensor:
+    """``noise`` (at t_max) carried by the teleport to the grid's first time."""
+    if method == "adaptive":
+        raise ValueError("a teleport starts a fixed grid; it cannot be combined with the adaptive method")
+    return teleport(noise, schedule, float(grid[0]), (model_kwargs or {}).get("y"))
 
 
 @contextmanager

@@ -178,3 +178,39 @@ def _stage(items, total: int, desc: str, progress: bool):
 def _say(progress: bool, message: str) -> None:
     if progress:
         print(f"calibration: {message}", file=sys.stderr, flush=True)
+
+
+def teleported_start(starts: list[tuple[float, Tensor]], best_start: tuple[float, Tensor], schedule: VPSchedule,
+                      score_times: Callable[[Tensor], float], nfe: int) -> tuple[float, Tensor]:
+    """The best start that teleports: the built-in grids from later first times, and the best
+    start's grid teleported to its second time with the freed evaluation splitting one of its
+    steps (repeated while that helps)."""
+    tele = [c for c in starts if float(c[1][0]) < schedule.t_max]
+    best, times = best_start
+    for _ in range(nfe - 1):
+        e, later = min(((score_times(g), g) for g in _first_moved_inside(times, schedule)), key=lambda c: c[0])
+        tele.append((e, later))
+        if e >= best and times is not best_start[1]:
+            break
+        best, times = e, later
+    return min(tele, key=lambda c: c[0])
+
+
+def _first_moved_inside(times: Tensor, schedule: VPSchedule) -> list[Tensor]:
+    """The grids that start at ``times[1]`` and split one of its steps in two (at its middle in
+    lambda): one grid per step."""
+    lam = schedule.lambda_(times[1:].double())
+    grids = []
+    for k in range(lam.numel() - 1):
+        split = torch.cat([lam[:k + 1], ((lam[k] + lam[k + 1]) / 2).reshape(1), lam[k + 1:]])
+        grid = schedule.t_of_lambda(split).double()
+        grid[0], grid[-1] = times[1], times[-1]
+        grids.append(grid)
+    return grids
+
+
+def teleport_starts(schedule: VPSchedule, t_first: float) -> list[float]:
+    """Later first times for a teleporting search to start from: 0.5 to 3 above the first
+    time's half log-SNR (on digits the best plain grids gained most from 1.5 to 2.5 above t_max's)."""
+    lam0 = float(schedule.lambda_(torch.tensor(t_first, dtype=torch.float64)))
+    return [float(schedule.t_of_lambda(torch.tensor(lam0 + d, dtype=torch.float64))) for d in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)]
