@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "warp coefficients of the best start grid, whatever the NFE) or warp+free")
     p.add_argument("--coefficients", action="store_true",
                    help="also learn one solver coefficient per step (pdm.sampling.coefficients; measured on "
-                        "digits: helps at 5 and 20 NFE, with and without guidance; on the exact mixture it "
+                        "digits: helps at 5, 10 and 20 NFE, with and without guidance; on the exact mixture it "
                         "sent rare images into another mode from 8 NFE; see benchmarks/RESULTS.md)")
     p.add_argument("--teleport-data", default=None, metavar="CONFIG",
                    help="also let each path start below t_max from the ODE solved in closed form for a Gaussian "
