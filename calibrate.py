@@ -41,7 +41,7 @@ from pdm.sampling import SOLVERS
 from pdm.sampling.calibration import TIME_SEARCHES
 from pdm.sampling.catalog import all_variants, solver_spec
 from pdm.sampling.evaluator import CountingModel
-from pdm.sampling.teleport import Teleport
+from pdm.sampling.teleport import GaussianData, Teleport
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -211,8 +211,6 @@ def _gaussian(args: argparse.Namespace, loaded, shape: tuple[int, ...]):
     import importlib
 
     import yaml
-
-    from pdm.sampling.teleport import GaussianData
 
     section = (yaml.safe_load(Path(args.teleport_data).read_text()) or {}).get("data")
     if not section or "class_path" not in section:

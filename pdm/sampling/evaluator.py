@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -37,6 +38,22 @@ class CountingModel:
         return self.fn(x, t, **kwargs)
 
 
+def input_digest(named: Iterable[tuple[str, Any]]) -> bytes:
+    """BLAKE2 digest of named inputs: each tensor's dtype, shape, device and bytes (others by repr),
+    so two calls get the same digest exactly when their inputs are the same bit for bit."""
+    h = hashlib.blake2b(digest_size=20)
+    for name, value in named:
+        h.update(name.encode())
+        if isinstance(value, Tensor):
+            h.update(f"{value.dtype}{tuple(value.shape)}{value.device}".encode())
+            flat = value.detach().cpu().reshape(-1)
+            dense = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)  # an expanded t has stride 0
+            h.update(dense.view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(value).encode())
+    return h.digest()
+
+
 class RecallingModel:
     """A ``model_fn`` that remembers its outputs for the last inputs it saw and answers a repeated
     call (the same x, t and model arguments, bit for bit) from memory instead of the network.
@@ -55,17 +72,7 @@ class RecallingModel:
 
     @staticmethod
     def _key(x: Tensor, t: Tensor, kwargs: dict) -> bytes:
-        h = hashlib.blake2b(digest_size=20)
-        for name, value in (("x", x), ("t", t), *sorted(kwargs.items())):
-            h.update(name.encode())
-            if isinstance(value, Tensor):
-                h.update(f"{value.dtype}{tuple(value.shape)}{value.device}".encode())
-                flat = value.detach().cpu().reshape(-1)
-                dense = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)  # an expanded t has stride 0
-                h.update(dense.view(torch.uint8).numpy().tobytes())
-            else:
-                h.update(repr(value).encode())
-        return h.digest()
+        return input_digest((("x", x), ("t", t), *sorted(kwargs.items())))
 
     def __call__(self, x: Tensor, t: Tensor, **kwargs) -> Tensor:
         key = self._key(x, t, kwargs)

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from pdm.sampling.evaluator import input_digest
 from pdm.schedule import VPSchedule
 
 GAUSSIAN_FORMAT = "pdm-gaussian-v1"
@@ -115,9 +117,7 @@ class GaussianData:
         if data.get("format") != GAUSSIAN_FORMAT:
             raise ValueError(f"unknown Gaussian format {data.get('format')!r}")
         shape, k = tuple(int(s) for s in data["shape"]), int(data["rank"])
-        d = 1
-        for s in shape:
-            d *= s
+        d = math.prod(shape)
         num_classes = data.get("num_classes")
         r = (num_classes or 0) + 1
         return cls(_unpack(data["means"], (r, d)), _unpack(data["basis"], (r, d, k)),
@@ -151,7 +151,7 @@ class Teleport:
             raise ValueError(f"cannot teleport from t = {t0} up to t = {t_to}")
         if t_to == t0:
             return noise
-        key = _digest(noise, y, t_to)  # a calibration teleports the same images to the same time often
+        key = input_digest((("noise", noise), ("y", y), ("t", float(t_to))))  # a calibration repeats these
         if key in self._memory:
             return self._memory[key].clone()
         x = noise.flatten(1).double().cpu()
@@ -217,15 +217,6 @@ def _moments(flat: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     total = float((flat - mu).pow(2).sum() / (n - 1))
     residual = torch.tensor(max(total - float(variances.sum()), 0.0) / max(d - k, 1), dtype=torch.float64)
     return mu, basis, variances, residual
-
-
-def _digest(noise: Tensor, y: Tensor | None, t: float) -> tuple:
-    h = hashlib.blake2b(digest_size=16)
-    for a in (noise, y):
-        if a is not None:
-            h.update(str((a.dtype, tuple(a.shape))).encode())
-            h.update(a.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest(), float(t)
 
 
 def _pack(t: Tensor) -> str:

@@ -187,10 +187,10 @@ def teleported_start(starts: list[tuple[float, Tensor]], best_start: tuple[float
     steps (repeated while that helps)."""
     tele = [c for c in starts if float(c[1][0]) < schedule.t_max]
     best, times = best_start
-    for _ in range(nfe - 1):
+    for i in range(nfe - 1):  # the first move is always a candidate; later ones while they help
         e, later = min(((score_times(g), g) for g in _first_moved_inside(times, schedule)), key=lambda c: c[0])
         tele.append((e, later))
-        if e >= best and times is not best_start[1]:
+        if i > 0 and e >= best:
             break
         best, times = e, later
     return min(tele, key=lambda c: c[0])
