@@ -36,6 +36,7 @@ from benchmarks.solver_accuracy import settings  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 from pdm.sampling.budgets import PathFile, auto_solver, calibrate_budgets  # noqa: E402
+from pdm.sampling.sampler import sample  # noqa: E402
 
 
 def holdout_rows(bench, paths: PathFile, seeds, label: str = "", plain_cache: dict | None = None,
@@ -96,6 +97,45 @@ def calibrate_here(bench: Bench, budgets: list[int], num_seeds: int = 32, **cali
                             "settings": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str))}})
 
 
+def carried_errors(bench: Bench, seeds, ref: Tensor, sample_kwargs: dict) -> tuple[list[float], Tensor]:
+    """Where a sampler's error is made: each step's start time, and per image (rows) the error it
+    would end with if solved accurately (UniPC-3, 200 logSNR steps) from the sampler's state at
+    that time, then the sampler's own end error (last column, time 0). A jump between two
+    columns is error made in that step; a fall is error undone by the steps after."""
+    states = []
+    run = bench.run(seeds, **sample_kwargs, callback=lambda s: states.append((float(s.t.flatten()[0]), s.x.clone())))
+    times, errors = [], []
+    for t, x in states:
+        with torch.no_grad():
+            end = ref if t >= bench.schedule.t_max - 1e-9 else sample(
+                bench.model_fn, x, bench.schedule, steps=200, solver="unipc", order=3, skip_type="logSNR",
+                prediction=bench.prediction, model_kwargs=bench.kwargs(seeds), t_start=t).x
+        times.append(t), errors.append(per_image_rms(end, ref))
+    return times + [0.0], torch.stack(errors + [per_image_rms(run.x, ref)], dim=1)
+
+
+def worst_images(bench: Bench, paths: PathFile, label: str, seeds, ref: Tensor, disagreement: Tensor,
+                 plain_cache: dict, k: int) -> None:
+    """Print (stderr) the ``k`` held-out images with the largest error of each budget's path: the
+    path's and the best plain setting's error there, the references' disagreement, and the step
+    in which each sampler made most of its error (:func:`carried_errors`)."""
+    for nfe in paths.budgets:
+        kwargs = {"path": paths.select(nfe).sample_kwargs(), "plain": {"steps": nfe, **plain_cache[nfe]["best"][3]}}
+        worst = per_image_rms(bench.run(seeds, **kwargs["path"]).x, ref).argsort(descending=True)[:k].tolist()
+        rows = [seeds[i] for i in worst]
+        lines = {}
+        for name, kw in kwargs.items():
+            times, carried = carried_errors(bench, rows, ref[worst], kw)
+            jump = (carried[:, 1:] - carried[:, :-1]).argmax(dim=1)
+            lines[name] = [(float(carried[j, -1]), times[s], times[s + 1]) for j, s in enumerate(jump.tolist())]
+        print(f"{label}, {nfe} NFE: the {k} held-out images the path gets most wrong (best plain: "
+              f"{plain_cache[nfe]['best'][2]}); error, and the step that made most of it", file=sys.stderr)
+        for j, i in enumerate(worst):
+            (pe, pa, pb), (qe, qa, qb) = lines["path"][j], lines["plain"][j]
+            print(f"  seed {seeds[i]}: path {pe:.1e} (t {pa:.3f} -> {pb:.3f}), plain {qe:.1e} (t {qa:.3f} -> {qb:.3f}), "
+                  f"references differ by {float(disagreement[i]):.1e}", file=sys.stderr)
+
+
 def trusted_images(disagreement: Tensor, factor: float = 10.0) -> Tensor:
     """The images whose two independent reference solutions agree to within ``factor`` times the
     median disagreement: elsewhere the ODE is ill-conditioned (seen on digits: one image in 200
@@ -141,6 +181,8 @@ def main() -> None:
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20], help="with --mixture: the budgets (5 10 20)")
     p.add_argument("--teleport", action="store_true",
                    help="with --mixture: also calibrate with a teleport (a Gaussian fitted to 20,000 mixture samples)")
+    p.add_argument("--coefficients", action="store_true",
+                   help="with --mixture: also calibrate times + per-step coefficients (calibrate.py --coefficients)")
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--seeds", type=int, default=48, help="held-out scoring seeds")
     p.add_argument("--first-seed", type=int, default=0,
@@ -149,6 +191,9 @@ def main() -> None:
     p.add_argument("--fd-samples", type=int, default=0,
                    help="also FD-8x8/floor and classifier accuracy of this many samples (seeds 20000 on) per budget, "
                         "for each path and the best plain setting (the issue asks 1000)")
+    p.add_argument("--worst", type=int, default=0, metavar="K",
+                   help="also name (stderr) the K held-out images each path gets most wrong, beside the best plain "
+                        "setting's error there, and the step in which each made most of its error")
     args = p.parse_args()
     if args.mixture == bool(args.ckpt) or (args.ckpt and not args.paths) or (args.mixture and args.paths):
         p.error("give either --ckpt with --paths (a checkpoint's path files) or --mixture (calibrated here)")
@@ -166,6 +211,9 @@ def main() -> None:
     if args.mixture:
         bench = mixture_bench()
         loaded.append(("mixture, calibrated here", calibrate_here(bench, args.nfe)))
+        if args.coefficients:
+            loaded.append(("mixture, calibrated here with coefficients",
+                           calibrate_here(bench, args.nfe, coefficients=True)))
         if args.teleport:
             from pdm.sampling.teleport import GaussianData, Teleport
 
@@ -184,6 +232,9 @@ def main() -> None:
     cache: dict = {}
     rows = [row for label, paths in loaded
             for row in holdout_rows(bench, paths, seeds, label, cache, ref, args.fd_samples, trusted)]
+    if args.worst:
+        for label, paths in loaded:
+            worst_images(bench, paths, label, seeds, ref, disagreement, cache, args.worst)
     print(f"machine: {machine()}; {bench.name}; {args.seeds} held-out seeds from {args.first_seed}\n")
     print(markdown_table(["paths", "NFE", "fit", "validation", "held-out", "best plain (held-out seeds)", "ratio",
                           "plain setting kept", "coefficients", "median per image: path / that plain", "ratio",

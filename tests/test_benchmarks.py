@@ -200,3 +200,33 @@ def test_calibration_holdout_adds_fd_and_accuracy_of_samples_per_budget(tiny_ckp
     mine, plain = (float(v) for v in fd.split(" / "))
     assert mine > 0 and plain > 0
     assert all(0.0 <= float(v) <= 1.0 for v in accuracy.split(" / "))
+
+
+def test_carried_errors_say_in_which_step_a_sampler_made_its_error(capsys):
+    # --worst: each step's state solved accurately to the end; checked against DDIM stopped early
+    from benchmarks.calibration_holdout import carried_errors, worst_images
+    from benchmarks.common import SCORE_SEEDS, mixture_bench, per_image_rms
+    from pdm.sampling import sample
+    from pdm.sampling.budgets import PathFile
+    from pdm.sampling.skipping import SkipPath
+
+    bench, seeds = mixture_bench(), SCORE_SEEDS[:5]
+    ref, disagreement = bench.reference_per_image(seeds)
+    kw = dict(steps=4, solver="dpmsolver", order=1, skip_type="time_uniform")
+    times, carried = carried_errors(bench, seeds, ref, kw)
+    grid = bench.schedule.timesteps(4, "time_uniform").tolist()
+    assert times == pytest.approx(grid[:-1] + [0.0]) and carried.shape == (5, 5)
+    assert torch.all(carried[:, 0] == 0)  # nothing made before the first step
+    assert torch.allclose(carried[:, -1], per_image_rms(bench.run(seeds, **kw).x, ref))
+    two = bench.run(seeds, steps=2, solver="dpmsolver", order=1, timesteps=torch.tensor(grid[:3], dtype=torch.float64)).x
+    end = sample(bench.model_fn, two, bench.schedule, steps=200, solver="unipc", order=3, skip_type="logSNR",
+                 prediction=bench.prediction, t_start=grid[2]).x
+    assert torch.allclose(carried[:, 2], per_image_rms(end, ref), rtol=1e-6, atol=1e-12)
+    path = SkipPath((True,) * 4, fill="merge", settings={"solver": "ipndm", "order": 3, "steps": 4,
+                                                          "skip_type": "logSNR"})
+    cache = {4: {"best": (0.0, 0.0, "DDIM time_uniform", kw)}}
+    worst_images(bench, PathFile({4: path}), "ipndm", seeds, ref, disagreement, cache, k=2)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and "ipndm, 4 NFE" in lines[0] and all("references differ by" in l for l in lines[1:])
+    errors = per_image_rms(bench.run(seeds, steps=4, solver="ipndm", order=3, skip_type="logSNR").x, ref)
+    assert lines[1].split(":")[0].strip() == f"seed {seeds[int(errors.argmax())]}"

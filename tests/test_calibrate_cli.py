@@ -25,7 +25,7 @@ def test_calibrated_path_is_written_and_replayed_by_sample(tiny_ckpts, tmp_path)
     assert summary["image_evaluations"] > 12 * 4 + 32 and summary["image_evaluations_per_image"] == round(
         summary["image_evaluations"] / 4, 1)
     made = path.settings["calibrated_for"]
-    assert made["seed"] == 1_000_000 and len(made["checkpoints"]) == 1
+    assert made["seed"] == 1_000_000 and len(made["checkpoints"]) == 1 and made["coefficients"] is False
     # 32 candidates were screened; the file names the images drawn and the hard ones
     assert made["screened"] == 32 and len(made["images"]) == 4 == len(set(made["images"]))
     assert len(made["hard_images"]) == 1 and set(made["hard_images"]) <= set(made["images"])
