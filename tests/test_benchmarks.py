@@ -161,6 +161,8 @@ def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_o
 
     keep = trusted_images(torch.tensor([1e-4, 2e-4, 1.5e-4, 3e-2, 1e-4, 1.9e-3]))
     assert keep.tolist() == [True, True, True, False, True, False]  # 10x the median (1.5e-4)
+    # references that agree to far below any error measured leave nothing out (the exact mixture)
+    assert trusted_images(torch.tensor([1e-7, 1.2e-7, 1e-7, 1.3e-5, 9e-5])).all()
     x = bench.run(SCORE_SEEDS[:6], **paths[4].sample_kwargs()).x
     both, ratio = holdout_rows(bench, PathFile(paths), SCORE_SEEDS[:6], label="times", ref=ref, trusted=keep)[0][-2:]
     mine, plain_there = (float(v.split()[0]) for v in both.split(" / "))
