@@ -232,3 +232,27 @@ def test_carried_errors_say_in_which_step_a_sampler_made_its_error(capsys):
     assert len(lines) == 3 and "ipndm, 4 NFE" in lines[0] and all("references differ by" in l for l in lines[1:])
     errors = per_image_rms(bench.run(seeds, steps=4, solver="ipndm", order=3, skip_type="logSNR").x, ref)
     assert lines[1].split(":")[0].strip() == f"seed {seeds[int(errors.argmax())]}"
+
+
+def test_calibration_holdout_scores_several_blocks_each_on_its_own(capsys):
+    # --blocks: each block of seeds gets its own reference and best plain setting, and the ratio
+    # per block with its median is printed: one block of 200 can be decided by one image
+    import argparse
+
+    from benchmarks.calibration_holdout import holdout_rows, score_blocks
+    from benchmarks.common import SCORE_SEEDS, mixture_bench
+    from pdm.sampling.budgets import PathFile
+    from pdm.sampling.skipping import SkipPath
+
+    bench = mixture_bench()
+    path = SkipPath((True,) * 4, fill="merge", settings={"solver": "ipndm", "order": 3, "steps": 4,
+                                                          "skip_type": "logSNR"})
+    paths = PathFile({4: path})
+    args = argparse.Namespace(blocks=2, seeds=3, first_seed=30, fd_samples=0, worst=0)
+    rows = score_blocks(bench, [("ipndm", paths)], args)
+    assert [r[0] for r in rows] == ["ipndm [seeds 30-32]", "ipndm [seeds 33-35]"]
+    for row, first in zip(rows, (30, 33)):  # the same as scoring that block alone
+        alone = holdout_rows(bench, paths, SCORE_SEEDS[first:first + 3], "ipndm")[0]
+        assert row[4:7] == alone[4:7]
+    err = capsys.readouterr().err
+    assert f"ratio to the best plain setting per block {rows[0][6]}, {rows[1][6]}; median" in err
