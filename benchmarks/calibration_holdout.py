@@ -19,7 +19,10 @@ images whose two independent reference solutions agree (where they do not, the O
 ill-conditioned and no smaller error can be measured; the left-out images are named on stderr,
 and the best plain setting is chosen again on the rest). With --fd-samples N, also
 FD-8x8 (as a multiple of the real-vs-real floor) and classifier accuracy of N samples per budget,
-for each path and that plain setting. Prints a Markdown table.
+for each path and that plain setting. Prints a Markdown table. With --blocks B, B consecutive
+blocks of --seeds seeds are scored each on its own and the ratio per block is printed with its
+median (one or two images per 200 can decide a block's RMS); with --worst K, the K images each
+path gets most wrong are named with the step in which each sampler made its error.
 """
 
 from __future__ import annotations
@@ -123,10 +126,10 @@ def worst_images(bench: Bench, paths: PathFile, label: str, seeds, ref: Tensor, 
     for nfe in paths.budgets:
         kwargs = {"path": paths.select(nfe).sample_kwargs(), "plain": {"steps": nfe, **plain_cache[nfe]["best"][3]}}
         worst = per_image_rms(bench.run(seeds, **kwargs["path"]).x, ref).argsort(descending=True)[:k].tolist()
-        rows = [seeds[i] for i in worst]
+        hard_seeds = [seeds[i] for i in worst]
         lines = {}
         for name, kw in kwargs.items():
-            times, carried = carried_errors(bench, rows, ref[worst], kw)
+            times, carried = carried_errors(bench, hard_seeds, ref[worst], kw)
             jump = (carried[:, 1:] - carried[:, :-1]).argmax(dim=1)
             lines[name] = [(float(carried[j, -1]), times[s], times[s + 1]) for j, s in enumerate(jump.tolist())]
         print(f"{label}, {nfe} NFE: the {k} held-out images the path gets most wrong (best plain: "
