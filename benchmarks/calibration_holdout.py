@@ -177,6 +177,31 @@ def plot(rows: list[list], out: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_blocks(rows: list[list], labels: list[str], out: Path, title: str) -> None:
+    """Ratio to the best plain setting against NFE, one dot per block and path, each path's median
+    over the blocks joined by a line; the issue's 0.5x target and parity dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for k, label in enumerate(labels):
+        mine = [(r[1], float(r[6])) for r in rows if r[0].startswith(f"{label} [")]
+        nfes = sorted({n for n, _ in mine})
+        shift = (k - (len(labels) - 1) / 2) * 0.25  # keep the dots of several paths apart
+        ax.plot([n + shift for n, _ in mine], [x for _, x in mine], "o", alpha=0.5, color=f"C{k}")
+        ax.plot(nfes, [statistics.median(x for n2, x in mine if n2 == n) for n in nfes], "-", color=f"C{k}",
+                label=f"{label} (median over blocks)")
+    ax.axhline(1.0, color="k", ls="--", lw=1, label="best plain setting of each block")
+    ax.axhline(0.5, color="grey", ls=":", lw=1, label="0.5x target")
+    ax.set(xlabel="NFE", ylabel="held-out RMS / best plain RMS", title=title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
 def score_blocks(bench: Bench, loaded: list[tuple[str, PathFile]], args: argparse.Namespace) -> list[list]:
     """The rows of every path file on ``args.blocks`` consecutive blocks of ``args.seeds`` seeds
     (each block its own reference, trusted images and best plain settings; FD only on the first);
@@ -228,7 +253,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=48, help="held-out scoring seeds")
     p.add_argument("--first-seed", type=int, default=0,
                    help="the first scoring seed (a block never looked at before gives an untouched check)")
-    p.add_argument("--plot", default=None, help="also draw held-out error vs NFE into this PNG")
+    p.add_argument("--plot", default=None,
+                   help="also draw held-out error vs NFE into this PNG (with --blocks: the ratio per block)")
     p.add_argument("--fd-samples", type=int, default=0,
                    help="also FD-8x8/floor and classifier accuracy of this many samples (seeds 20000 on) per budget, "
                         "for each path and the best plain setting (the issue asks 1000)")
@@ -279,8 +305,11 @@ def main() -> None:
                          + (["FD-8x8/floor: path / plain", "accuracy: path / plain"] if args.fd_samples else []),
                          rows))
     if args.plot:
-        first = [r for r in rows if args.blocks == 1 or f"[seeds {args.first_seed}-" in r[0]]  # one block drawn
-        plot(first, Path(args.plot), f"{bench.name}, {args.seeds} held-out seeds from {args.first_seed}")
+        if args.blocks > 1:
+            plot_blocks(rows, [label for label, _ in loaded], Path(args.plot),
+                        f"{bench.name}, {args.blocks} blocks of {args.seeds} seeds from {args.first_seed}")
+        else:
+            plot(rows, Path(args.plot), f"{bench.name}, {args.seeds} held-out seeds from {args.first_seed}")
         print(f"wrote {args.plot}", file=sys.stderr)
 
 

@@ -234,7 +234,7 @@ def test_carried_errors_say_in_which_step_a_sampler_made_its_error(capsys):
     assert lines[1].split(":")[0].strip() == f"seed {seeds[int(errors.argmax())]}"
 
 
-def test_calibration_holdout_scores_several_blocks_each_on_its_own(capsys):
+def test_calibration_holdout_scores_several_blocks_each_on_its_own(capsys, tmp_path):
     # --blocks: each block of seeds gets its own reference and best plain setting, and the ratio
     # per block with its median is printed: one block of 200 can be decided by one image
     import argparse
@@ -256,3 +256,7 @@ def test_calibration_holdout_scores_several_blocks_each_on_its_own(capsys):
         assert row[4:7] == alone[4:7]
     err = capsys.readouterr().err
     assert f"ratio to the best plain setting per block {rows[0][6]}, {rows[1][6]}; median" in err
+    from benchmarks.calibration_holdout import plot_blocks
+
+    plot_blocks(rows, ["ipndm"], tmp_path / "blocks.png", "mixture")
+    assert (tmp_path / "blocks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
