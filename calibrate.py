@@ -192,11 +192,11 @@ def calibrate(args: argparse.Namespace, device: torch.device) -> dict:
                 "num_seeds": args.num_seeds, "screened": screen, "hard_fraction": args.hard_fraction,
                 "images": draw.indices, "hard_images": draw.hard, "time_search": args.time_search,
                 "solver": args.solver, "coefficients": args.coefficients}
-    for path in paths.values():
-        path.settings["calibrated_for"] = made_for
     if teleport is not None:
         made_for["teleport_data"] = {"config": args.teleport_data, "rank": args.teleport_rank,
                                      "images": args.teleport_images}
+    for path in paths.values():
+        path.settings["calibrated_for"] = made_for
     teleporting = any(p.teleport is not None for p in paths.values())
     PathFile(paths, made_for, teleport.data if teleporting else None).save(args.out)
     seconds = round(time.perf_counter() - t0, 1)
