@@ -15,9 +15,9 @@ For every budget N in the file: the path's RMS error per pixel against an accura
 setting of benchmarks/solver_accuracy.py (every solver, order and grid) at N NFE chosen on those
 same seeds, and the fitted / validation errors calibrate.py recorded; beside the RMS over images,
 the median of the per-image errors (one hard image can carry the RMS), and the RMS over the
-images whose two independent reference solutions agree (where they do not, the ODE is
-ill-conditioned and no smaller error can be measured; the left-out images are named on stderr,
-and the best plain setting is chosen again on the rest). With --fd-samples N, also
+images whose two independent reference solutions agree (where they do not, no smaller error
+can be measured; the left-out images are named on stderr, and the best plain setting is chosen
+again on the rest). With --fd-samples N, also
 FD-8x8 (as a multiple of the real-vs-real floor) and classifier accuracy of N samples per budget,
 for each path and that plain setting. Prints a Markdown table. With --blocks B, B consecutive
 blocks of --seeds seeds are scored each on its own and the ratio per block is printed with its
@@ -142,9 +142,10 @@ def worst_images(bench: Bench, paths: PathFile, label: str, seeds, ref: Tensor, 
 
 def trusted_images(disagreement: Tensor, factor: float = 10.0, negligible: float = 1e-4) -> Tensor:
     """The images whose two independent reference solutions agree to within ``factor`` times the
-    median disagreement: elsewhere the ODE is ill-conditioned (seen on digits: one image in 200
-    whose references differ by 2.7e-2, 100x the median), no error below that disagreement can
-    be measured there, and one such image can carry the RMS over hundreds. A disagreement below
+    median disagreement: elsewhere no error below that disagreement can be measured, and one
+    such image can carry the RMS over hundreds. Both references must be about equally accurate
+    (:meth:`benchmarks.common.Bench.reference_per_image`), or this leaves out the images the
+    weaker one finds hard, which are the samplers' hard images too. A disagreement below
     ``negligible`` (an eightieth of one 8-bit level of images in [-1, 1]) never leaves an image out:
     on the exact mixture the references agree to 1e-7, and 10x that excluded images whose errors
     are a hundred thousand times larger."""
