@@ -156,15 +156,20 @@ def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_o
     assert float(ratio) == pytest.approx(float(held) / float(plain.split()[0]), abs=0.01) and label == "times"
     plot(rows, tmp_path / "holdout.png", "mixture")
     assert (tmp_path / "holdout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the trusted column: the same RMS over the images kept, the best plain setting chosen there again
+    # the trusted column: images whose references disagree by more than a tenth of the error
+    # measured there (and by more than 1e-4) are left out; the best plain setting is chosen again
     from benchmarks.calibration_holdout import trusted_images
 
-    keep = trusted_images(torch.tensor([1e-4, 2e-4, 1.5e-4, 3e-2, 1e-4, 1.9e-3]))
-    assert keep.tolist() == [True, True, True, False, True, False]  # 10x the median (1.5e-4)
-    # references that agree to far below any error measured leave nothing out (the exact mixture)
-    assert trusted_images(torch.tensor([1e-7, 1.2e-7, 1e-7, 1.3e-5, 9e-5])).all()
+    errors = torch.tensor([1e-2, 1e-2, 2e-3, 1e-1, 5e-5, 1e-3])
+    keep = trusted_images(torch.tensor([3e-4, 2e-3, 1.5e-4, 3e-2, 9e-5, 1.9e-4]), errors)
+    assert keep.tolist() == [True, False, True, False, True, False]
+    # references far apart against the median disagreement but far below the errors stay in
+    assert trusted_images(torch.tensor([1e-5, 1e-5, 1e-5, 3.6e-4]), torch.tensor([1e-3, 1e-3, 1e-3, 0.1])).all()
     x = bench.run(SCORE_SEEDS[:6], **paths[4].sample_kwargs()).x
-    both, ratio = holdout_rows(bench, PathFile(paths), SCORE_SEEDS[:6], label="times", ref=ref, trusted=keep)[0][-2:]
+    disagreement = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0])  # two images no error can be measured on
+    keep = torch.tensor([True, True, False, True, True, False])
+    both, ratio = holdout_rows(bench, PathFile(paths), SCORE_SEEDS[:6], label="times", ref=ref,
+                               disagreement=disagreement)[0][-2:]
     mine, plain_there = (float(v.split()[0]) for v in both.split(" / "))
     best_there = min(rms(bench.run(SCORE_SEEDS[:6], steps=4, **kw).x[keep], ref[keep]) for _, _, kw in settings())
     assert mine == float(f"{rms(x[keep], ref[keep]):.2e}") and plain_there == float(f"{best_there:.2e}")
@@ -242,7 +247,7 @@ def test_carried_errors_say_in_which_step_a_sampler_made_its_error(capsys):
     assert torch.allclose(carried[:, 2], per_image_rms(end, ref), rtol=1e-6, atol=1e-12)
     path = SkipPath((True,) * 4, fill="merge", settings={"solver": "ipndm", "order": 3, "steps": 4,
                                                           "skip_type": "logSNR"})
-    cache = {4: {"best": (0.0, 0.0, "DDIM time_uniform", kw)}}
+    cache = {4: {"best": ("DDIM time_uniform", kw, torch.zeros(5))}}
     worst_images(bench, PathFile({4: path}), "ipndm", seeds, ref, disagreement, cache, k=2)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and "ipndm, 4 NFE" in lines[0] and all("references differ by" in l for l in lines[1:])
