@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (CALIBRATION_SEEDS, SCORE_SEEDS, Bench, digits_bench, machine,  # noqa: E402
-                               markdown_table, mixture_bench, per_image_rms, rms)
+                               markdown_table, mixture_bench, per_image_rms)
 from benchmarks.solver_accuracy import settings  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -160,12 +160,6 @@ def trusted_images(disagreement: Tensor, errors: Tensor, fraction: float = 0.1,
     relative to the median disagreement instead of to the errors measured, this once left out
     the samplers' hardest images (digits: references 3.6e-4 apart, errors of 0.1)."""
     return (disagreement <= fraction * errors) | (disagreement <= negligible)
-
-
-def per_image_median(x, ref) -> float:
-    """The median over images of each image's RMS error: what a typical image sees, where the RMS
-    over images can be one image's (at 20 NFE on digits, one seed in 48 carried most of it)."""
-    return float(per_image_rms(x, ref).median())
 
 
 def plot(rows: list[list], out: Path, title: str) -> None:
