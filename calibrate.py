@@ -81,10 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--coefficients", action="store_true",
                    help="after the times, learn one solver coefficient per step (pdm.sampling.coefficients; kept only "
                         "where the validation images gain). Held out on digits it helped at 5, 10 and 20 NFE with and "
-                        "without guidance; on a small exact mixture at 8 "
-                        "NFE it halved the median image's error but not the RMS over 1,280 new images (1.06x times "
-                        "only) and new images' error was 1.37x the validation error (times only: within "
-                        "1.25x); see benchmarks/RESULTS.md")
+                        "without guidance; on a small exact mixture at 8 NFE it halved the median image's error but "
+                        "not the RMS over 1,280 new images (1.06x times only) and new images' error was 1.37x the "
+                        "validation error (times only: within 1.25x); see benchmarks/RESULTS.md")
     p.add_argument("--teleport-data", default=None, metavar="CONFIG",
                    help="also let each path start below t_max from the ODE solved in closed form for a Gaussian "
                         "of the training data (pdm.sampling.teleport; Wang & Vastola 2023): CONFIG is the training "
