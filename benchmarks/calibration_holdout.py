@@ -34,16 +34,26 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import (CALIBRATION_SEEDS, SCORE_SEEDS, Bench, digits_bench, machine,  # noqa: E402
-                               markdown_table, mixture_bench, per_image_rms)
-from benchmarks.solver_accuracy import settings  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
-from pdm.sampling.budgets import PathFile, auto_solver, calibrate_budgets  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    CALIBRATION_SEEDS,
+    SCORE_SEEDS,
+    Bench,
+    digits_bench,
+    machine,
+    markdown_table,
+    mixture_bench,
+    per_image_rms,
+)
+from benchmarks.solver_accuracy import settings  # noqa: E402
+from pdm.calibration import auto_solver, calibrate_budgets  # noqa: E402
+from pdm.sampling import ScheduleFile  # noqa: E402
 from pdm.sampling.sampler import sample  # noqa: E402
 
 
-def holdout_rows(bench, paths: PathFile, seeds, label: str = "", plain_cache: dict | None = None,
+def holdout_rows(bench, paths: ScheduleFile, seeds, label: str = "", plain_cache: dict | None = None,
                  ref=None, fd_samples: int = 0, disagreement: Tensor | None = None) -> list[list]:
     """One row per budget: label, NFE, fit, validation, held-out, best plain (and which), ratio,
     medians; with ``disagreement`` (per image, of two reference solutions), the RMS over the
@@ -58,19 +68,19 @@ def holdout_rows(bench, paths: PathFile, seeds, label: str = "", plain_cache: di
     rows = []
     for nfe in paths.budgets:
         path = paths.select(nfe)
-        mine = per_image_rms(bench.run(seeds, **path.sample_kwargs()).x, ref)
+        mine = per_image_rms(bench.run(seeds, **path.sample_kwargs(bench.schedule)).x, ref)
         if nfe not in plain_cache:
             runs = [(f"{family} {grid}", kw, per_image_rms(bench.run(seeds, steps=nfe, **kw).x, ref))
                     for family, grid, kw in settings()]
             plain_cache[nfe] = {"runs": runs, "best": min(runs, key=lambda r: float(r[2].pow(2).mean()))}
         name, plain_kw, theirs = plain_cache[nfe]["best"]
         held, plain_rms = float(mine.pow(2).mean().sqrt()), float(theirs.pow(2).mean().sqrt())
-        report = path.settings.get("calibration") or {}
+        report = path.calibration
         kept = report.get("builtin_setting", report.get("builtin_grid", "")) if report.get("fallback") else "no"
         rows.append([label, nfe, f"{report.get('fit_error', float('nan')):.3e}",
                      f"{report.get('validation_error', float('nan')):.3e}", f"{held:.3e}",
                      f"{plain_rms:.3e} ({name})", f"{held / plain_rms:.2f}", kept,
-                     "yes" if path.settings.get("corrections") else "no",
+                     "yes" if path.settings.corrections else "no",
                      f"{float(mine.median()):.2e} / {float(theirs.median()):.2e}",
                      f"{float(mine.median() / theirs.median()):.2f}"])
         if disagreement is not None:
@@ -88,13 +98,13 @@ def holdout_rows(bench, paths: PathFile, seeds, label: str = "", plain_cache: di
 
             if "fd" not in plain_cache[nfe]:
                 plain_cache[nfe]["fd"] = fd_row(bench, {"steps": nfe, **plain_kw}, fd_samples)
-            ours, fd_plain = fd_row(bench, path.sample_kwargs(), fd_samples), plain_cache[nfe]["fd"]
+            ours, fd_plain = fd_row(bench, path.sample_kwargs(bench.schedule), fd_samples), plain_cache[nfe]["fd"]
             rows[-1] += [f"{ours['fd_ratio']:.2f} / {fd_plain['fd_ratio']:.2f}",
                          f"{ours['accuracy']:.3f} / {fd_plain['accuracy']:.3f}"]
     return rows
 
 
-def calibrate_here(bench: Bench, budgets: list[int], num_seeds: int = 32, **calibration_kwargs) -> PathFile:
+def calibrate_here(bench: Bench, budgets: list[int], num_seeds: int = 32, **calibration_kwargs) -> ScheduleFile:
     """Paths for ``budgets`` calibrated in this process on the first ``num_seeds`` calibration
     seeds (for a model without a checkpoint, e.g. the exact mixture), with calibrate.py's
     defaults unless ``calibration_kwargs`` say otherwise; the seconds it took are recorded."""
@@ -106,7 +116,7 @@ def calibrate_here(bench: Bench, budgets: list[int], num_seeds: int = 32, **cali
                               prediction=bench.prediction, model_kwargs=bench.kwargs(seeds), **kwargs)
     seconds = round(time.perf_counter() - t0, 1)
     print(f"calibrated {bench.name} for {budgets} NFE in {seconds} s", file=sys.stderr)
-    return PathFile(paths, {"model": bench.name, "num_seeds": num_seeds, "seconds": seconds,
+    return ScheduleFile(paths, {"model": bench.name, "num_seeds": num_seeds, "seconds": seconds,
                             "settings": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str))}})
 
 
@@ -127,13 +137,13 @@ def carried_errors(bench: Bench, seeds, ref: Tensor, sample_kwargs: dict) -> tup
     return times + [0.0], torch.stack(errors + [per_image_rms(run.x, ref)], dim=1)
 
 
-def worst_images(bench: Bench, paths: PathFile, label: str, seeds, ref: Tensor, disagreement: Tensor,
+def worst_images(bench: Bench, paths: ScheduleFile, label: str, seeds, ref: Tensor, disagreement: Tensor,
                  plain_cache: dict, k: int) -> None:
     """Print (stderr) the ``k`` held-out images with the largest error of each budget's path: the
     path's and the best plain setting's error there, the references' disagreement, and the step
     in which each sampler made most of its error (:func:`carried_errors`)."""
     for nfe in paths.budgets:
-        kwargs = {"path": paths.select(nfe).sample_kwargs(), "plain": {"steps": nfe, **plain_cache[nfe]["best"][1]}}
+        kwargs = {"path": paths.select(nfe).sample_kwargs(bench.schedule), "plain": {"steps": nfe, **plain_cache[nfe]["best"][1]}}
         worst = per_image_rms(bench.run(seeds, **kwargs["path"]).x, ref).argsort(descending=True)[:k].tolist()
         hard_seeds = [seeds[i] for i in worst]
         lines = {}
@@ -207,7 +217,7 @@ def plot_blocks(rows: list[list], labels: list[str], out: Path, title: str) -> N
     plt.close(fig)
 
 
-def score_blocks(bench: Bench, loaded: list[tuple[str, PathFile]], args: argparse.Namespace) -> list[list]:
+def score_blocks(bench: Bench, loaded: list[tuple[str, ScheduleFile]], args: argparse.Namespace) -> list[list]:
     """The rows of every path file on ``args.blocks`` consecutive blocks of ``args.seeds`` seeds
     (each block its own reference and best plain settings; FD only on the first);
     with several blocks each label names its block, and stderr gets, per path and budget, the
@@ -277,7 +287,7 @@ def main() -> None:
     files = [(a.split("=", 1) if "=" in a else (Path(a).stem, a)) for a in args.paths]
     loaded = []
     for label, name in files:
-        paths = PathFile.load(name)
+        paths = ScheduleFile.load(name)
         made = float((paths.calibrated_for or {}).get("guidance_scale", args.guidance_scale))
         if made != args.guidance_scale:
             raise SystemExit(f"calibration_holdout.py: error: {name} was calibrated at guidance {made}, not "
@@ -290,10 +300,11 @@ def main() -> None:
             loaded.append(("mixture, calibrated here with coefficients",
                            calibrate_here(bench, args.nfe, coefficients=True)))
         if args.teleport:
+            from pdm.calibration import fit_gaussian
             from pdm.sampling.teleport import GaussianData, Teleport
 
             gm = bench.extra["mixture"]
-            fitted = GaussianData.fit(gm.sample(20_000, torch.Generator().manual_seed(0)), rank=16)
+            fitted = fit_gaussian(gm.sample(20_000, torch.Generator().manual_seed(0)), rank=16)
             teleport = Teleport(GaussianData.from_dict(fitted.to_dict()))
             loaded.append(("mixture, calibrated here with a teleport", calibrate_here(bench, args.nfe, teleport=teleport)))
     else:

@@ -20,14 +20,20 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import HERE, config_module, machine, markdown_table, write_json  # noqa: E402
 from pdm.images import save_grid, to_uint8  # noqa: E402
-from pdm.metrics import FeatureStats, digits_fd_metric, fid_against, make_fid, measure_step_cost  # noqa: E402
-from pdm.metrics import digits_fd_baseline  # noqa: E402
+from pdm.metrics import (  # noqa: E402
+    FeatureStats,
+    digits_fd_baseline,  # noqa: E402
+    digits_fd_metric,
+    fid_against,
+    make_fid,
+    measure_step_cost,
+)
+from pdm.sampling import Settings  # noqa: E402
 from pdm.training import EMA  # noqa: E402
 from pdm.training.callbacks import sample_images  # noqa: E402
 
@@ -58,7 +64,7 @@ def run_one(cfg: dict, patch_size: int, args, out: Path) -> dict:
     train_seconds = time.perf_counter() - start
     model.eval()
     t0 = time.perf_counter()
-    x, _ = sample_images(model, args.num_samples, steps=args.steps, seed=1)  # EMA weights were copied in at train end
+    x, _ = sample_images(model, args.num_samples, Settings(steps=args.steps), seed=1)  # EMA weights were copied in at train end
     sample_seconds = time.perf_counter() - t0
     images = to_uint8(x)
     save_grid(images[:100], out / f"patch_ablation_P{patch_size}.png", columns=10, scale=2)

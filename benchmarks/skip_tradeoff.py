@@ -8,7 +8,7 @@ classifier-free guidance 1.5) and each NFE budget:
     the best on the scoring seeds (an optimistic baseline: chosen where it is scored);
   - adaptive skipping (pdm's AdaptiveSkip: error criterion, forecast fill) and the official
     AdaptiveDiffusion criterion (latent test, reuse), over base grids and thresholds;
-  - calibrated paths, one per solver: the learned time schedule of calibrate_skip_path (points
+  - calibrated paths, one per solver: the learned time schedule of calibrate_schedule (points
     of a 100-step logSNR grid, then moved off it by the continuous time search).
 Every skip configuration is selected on CALIBRATION_SEEDS (the threshold, the base grid, the
 solver, the calibrated path itself) and then scored once on SCORE_SEEDS; the two seed sets are
@@ -31,11 +31,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
-    CALIBRATION_SEEDS, HERE, SCORE_SEEDS, Bench, digits_bench, find_digits_checkpoint, machine, markdown_table,
-    mixture_bench, rms, to_uint8, write_json,
+    CALIBRATION_SEEDS,
+    HERE,
+    SCORE_SEEDS,
+    Bench,
+    digits_bench,
+    find_digits_checkpoint,
+    machine,
+    markdown_table,
+    mixture_bench,
+    rms,
+    to_uint8,
+    write_json,
 )
 from benchmarks.solver_accuracy import settings  # noqa: E402
-from pdm.sampling import AdaptiveSkip, calibrate_skip_path  # noqa: E402
+from pdm.calibration import calibrate_schedule  # noqa: E402
+from pdm.sampling import AdaptiveSkip  # noqa: E402
 
 BUDGETS = (5, 8, 10, 12, 15, 20, 25)  # 5 and 8: the learned time schedule at the low-NFE frontier
 THRESHOLDS = {"adaptive": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "official": (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)}
@@ -45,7 +56,7 @@ CALIBRATED = {"iPNDM-3": dict(solver="ipndm", order=3), "iPNDM-4": dict(solver="
               "UniPC-3 bh1": dict(solver="unipc", order=3, solver_type="bh1")}
 FINE_STEPS = 100
 MODELS = ("mixture", "digits", "digits_cfg1.5")
-HALVINGS = 3  # of the continuous time search (calibrate_skip_path's default is 5)
+HALVINGS = 3  # of the continuous time search (calibrate_schedule's default is 5)
 
 
 def score_seeds(n: int) -> range:
@@ -115,7 +126,7 @@ def calibrated(bench: Bench, calib, calib_ref, score, score_ref, budget: int, ha
     tried = []
     for label, kw in CALIBRATED.items():
         t0 = time.perf_counter()
-        path = calibrate_skip_path(bench.model_fn, bench.noise(calib), bench.schedule, nfe=budget, steps=FINE_STEPS,
+        path = calibrate_schedule(bench.model_fn, bench.noise(calib), bench.schedule, nfe=budget, steps=FINE_STEPS,
                                    prediction=bench.prediction, model_kwargs=bench.kwargs(calib), skip_type="logSNR",
                                    halvings=halvings, **kw)
         c, s = bench.run(calib, **path.sample_kwargs()), bench.run(score, **path.sample_kwargs())
@@ -123,7 +134,7 @@ def calibrated(bench: Bench, calib, calib_ref, score, score_ref, budget: int, ha
         tried.append({"setting": f"calibrated {label}, {budget}-NFE path", "budget": budget,
                       "calib_error": rms(c.x, calib_ref), "val_error": v,
                       "nfe": s.nfe, "error": rms(s.x, score_ref), "seconds": time.perf_counter() - t0,
-                      "path": {"evaluate": list(path.evaluate), "fill": path.fill, "settings": path.settings}})
+                      "path": path.to_dict()})
     return tried
 
 
@@ -186,10 +197,9 @@ def _plain_args(best: dict) -> dict:
 
 
 def _calibrated_args(bench: Bench, calib, chosen: dict) -> dict:
-    from pdm.sampling import SkipPath
+    from pdm.sampling import LearnedSchedule
 
-    p = chosen["path"]
-    return SkipPath(tuple(p["evaluate"]), fill=p["fill"], settings=p["settings"]).sample_kwargs()
+    return LearnedSchedule.from_dict(chosen["path"]).sample_kwargs(bench.schedule)
 
 
 def images_per_second(bench: Bench, result: dict, budget: int = 10, batch: int = 250, rounds: int = 3) -> dict:

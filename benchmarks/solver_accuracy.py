@@ -19,8 +19,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402
-    HERE, SCORE_SEEDS, Bench, digits_bench, find_digits_checkpoint, machine, markdown_table, mixture_bench, rms,
-    to_uint8, write_json,
+    HERE,
+    SCORE_SEEDS,
+    Bench,
+    digits_bench,
+    find_digits_checkpoint,
+    machine,
+    markdown_table,
+    mixture_bench,
+    rms,
+    to_uint8,
+    write_json,
 )
 
 NFES = (4, 5, 6, 8, 10, 15, 20, 25)

@@ -24,6 +24,7 @@ from benchmarks.common import CONFIGS, HERE, config_module, machine, markdown_ta
 from pdm.metrics import measure_step_cost  # noqa: E402
 from pdm.nn import UNet  # noqa: E402
 
+
 def from_config(name: str, **override) -> tuple[UNet, dict]:
     """The network of ``configs/{name}.yaml`` (arguments overridden) and its arguments."""
     net = config_module(name, **override).net

@@ -26,6 +26,7 @@ from benchmarks.common import HERE, config_module, machine, markdown_table, writ
 from pdm.metrics import count_flops, peak_bf16_flops  # noqa: E402
 from pdm.nn.runtime import network_width, preferred_memory_format  # noqa: E402
 
+
 def measure(name: str, batch: int, args) -> dict:
     """Images/s and MFU of one config's training step at this batch size."""
     device = torch.device(args.device)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import sys
 import tarfile
-from functools import partial
 import tempfile
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

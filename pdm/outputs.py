@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pdm.atomic import atomic_write, atomic_write_text, file_sha256
+from pdm.atomic import WriteError, atomic_write, atomic_write_text, file_sha256
 from pdm.images import save_grid, to_uint8
 
 PIXEL_CODE = ("sampling", "nn", "schedule.py", "patching.py", "objectives.py", "checkpoints", "outputs.py")
@@ -270,3 +270,92 @@ def merge_parts(parts: list[Path], out: Path) -> dict:
     conditional = bool((first["labels"] >= 0).all())
     return write_outputs(out, [out / "shards" / n for n in names], conditional, first["images"].shape[1], 0,
                          identity["settings"].get("skip") is not None)
+
+
+class Interrupt:
+    """SIGINT handling that cannot be lost: the handler records the interrupt before raising
+    KeyboardInterrupt, and every batch checks the record. (Python swallows an exception raised
+    while a finalizer runs, so a bare handler would let such a Ctrl-C pass unnoticed.) Once the
+    run has claimed its shards it knows them, so the exit message can say what was kept."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.run: Run | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if an interrupt arrived (even one swallowed on the way)."""
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def kept(self, out: str) -> str:
+        """What an interrupted run leaves in ``out``, in words."""
+        if self.run is None:
+            return "interrupted before any image was made; nothing was written"
+        paths = [self.run.paths[k] for k in self.run.mine]
+        done = sum(map(is_recorded, paths))
+        if done == 0:
+            return f"interrupted before the first shard was finished; no images kept in {out}"
+        return (f"interrupted; {done} of {len(paths)} shards are finished in {out} ({self.run.made} made by this "
+                "run); re-run the same command to resume")
+
+
+class Run:
+    """One invocation's part of a sampling run's folder: the shards it owns (every
+    ``num_shards``-th from ``shard_index``), which of them are unfinished, and the loop that makes
+    them. Under torchrun or srun (``launch``) rank 0 prepares the folder and the ranks deal the
+    unfinished shards out round-robin."""
+
+    def __init__(self, out: Path, num_samples: int, shard_size: int, num_shards: int, shard_index: int,
+                 launch) -> None:
+        self.out, self.num_samples, self.shard_size, self.launch = out, num_samples, shard_size, launch
+        self.num_shards, self.shard_index = num_shards, shard_index
+        self.paths = shard_paths(out, num_samples, shard_size)
+        self.mine = [k for k in range(len(self.paths)) if k % num_shards == shard_index]
+        self.todo: list[int] = []
+        self.made = 0
+
+    def claim(self, identity: dict, overwrite: bool, ckpt_files: list[str], info: dict) -> None:
+        """Rank 0 makes the folder this run's (or refuses, for every rank) and reads which shards
+        are unfinished; every rank gets the same list before any rank writes."""
+        refused, states = None, None
+        if self.launch.rank == 0:
+            try:
+                prepare_out(self.out, identity, overwrite, ckpt_files)
+                write_manifest(self.out, identity, info)
+                states = {k: shard_state(self.paths[k]) for k in self.mine}
+            except (ValueError, WriteError) as e:  # every rank stops with rank 0's one line
+                refused = str(e)
+        refused, states = self.launch.broadcast((refused, states))
+        if refused is not None:
+            raise ValueError(refused)
+        self.todo = [k for k in self.mine if states[k] != "finished"]
+        if self.launch.rank == 0:
+            for k in (k for k in self.todo if states[k] == "damaged"):
+                print(f"{self.paths[k].name} does not match its recorded hash (damaged or unfinished); remaking it",
+                      file=sys.stderr)
+
+    def make(self, batch: Callable[[torch.Tensor, dict], Any], shape: tuple[int, ...], num_classes: int | None,
+             seed: int, labels: list[int] | None, batch_size: int, device: torch.device) -> int:
+        """Make this rank's unfinished shards with ``batch(noise, model_kwargs)``; the images made
+        by all ranks together."""
+        done = 0
+        for k in self.todo[self.launch.rank::self.launch.world_size]:
+            indices = range(k * self.shard_size, min((k + 1) * self.shard_size, self.num_samples))
+            done += make_shard(self.paths[k], indices, shape, num_classes, seed, labels, batch_size, device, batch)
+            self.made += 1
+        return sum(self.launch.gather(done))
+
+    def missing(self) -> int:
+        """Shards of the whole run not yet finished (rank 0 counts; a part's run says how to merge)."""
+        if self.launch.rank != 0:
+            return 0
+        missing = sum(not is_recorded(p) for p in self.paths)  # write_outputs checks every hash
+        if missing:
+            print(f"part {self.shard_index} of {self.num_shards} done: {len(self.paths) - missing} of "
+                  f"{len(self.paths)} shards in {self.out}; when every part is done, join them with "
+                  "`python sample.py --merge PART_DIR ... --out DIR`", file=sys.stderr)
+        return missing

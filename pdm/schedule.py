@@ -89,17 +89,17 @@ class VPSchedule:
 
     # construction ------------------------------------------------------------------------
     @classmethod
-    def linear(cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000) -> "VPSchedule":
+    def linear(cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000) -> VPSchedule:
         """DDPM's linear schedule (PDM's default; FFHQ-1024 uses beta_end = 0.025)."""
         return cls(linear_betas(beta_start, beta_end, num_timesteps), name="linear")
 
     @classmethod
-    def cosine(cls, num_timesteps: int = 1000) -> "VPSchedule":
+    def cosine(cls, num_timesteps: int = 1000) -> VPSchedule:
         """iDDPM's cosine schedule, discretised to ``num_timesteps`` betas."""
         return cls(cosine_betas(num_timesteps), name="cosine")
 
     @classmethod
-    def from_betas(cls, betas: Tensor) -> "VPSchedule":
+    def from_betas(cls, betas: Tensor) -> VPSchedule:
         """Any discrete schedule given by its betas."""
         return cls(betas, name="custom")
 

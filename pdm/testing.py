@@ -32,7 +32,7 @@ class GaussianMixture:
         self.log_weights = torch.log(w / w.sum())
 
     @classmethod
-    def random(cls, components: int = 4, shape: tuple[int, ...] = (3, 4, 4), std: float = 0.3, seed: int = 0) -> "GaussianMixture":
+    def random(cls, components: int = 4, shape: tuple[int, ...] = (3, 4, 4), std: float = 0.3, seed: int = 0) -> GaussianMixture:
         """A reproducible mixture with means drawn in [-0.7, 0.7] (data-like, inside [-1, 1])."""
         g = torch.Generator().manual_seed(seed)
         means = (torch.rand((components, *shape), generator=g, dtype=torch.float64) * 1.4 - 0.7)

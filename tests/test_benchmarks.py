@@ -138,7 +138,8 @@ def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_o
     from benchmarks.calibration_holdout import calibrate_here, holdout_rows, plot
     from benchmarks.common import CALIBRATION_SEEDS, SCORE_SEEDS, mixture_bench, rms
     from benchmarks.solver_accuracy import settings
-    from pdm.sampling.budgets import PathFile, calibrate_budgets
+    from pdm.calibration import calibrate_budgets
+    from pdm.sampling import ScheduleFile
 
     bench = mixture_bench()
     calib = CALIBRATION_SEEDS[:8]
@@ -146,9 +147,9 @@ def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_o
     made = calibrate_here(bench, [4], num_seeds=8, steps=12, halvings=1)
     paths = calibrate_budgets(bench.model_fn, bench.noise(calib), bench.schedule, [4], steps=12, halvings=1,
                               prediction=bench.prediction, solver="ipndm", order=3)
-    assert made.paths[4].settings["timesteps"] == paths[4].settings["timesteps"]
+    assert made.schedules[4].settings.timesteps == paths[4].settings.timesteps
     assert made.calibrated_for["num_seeds"] == 8 and made.calibrated_for["seconds"] > 0
-    rows = holdout_rows(bench, PathFile(paths), SCORE_SEEDS[:6], label="times")
+    rows = holdout_rows(bench, ScheduleFile(paths), SCORE_SEEDS[:6], label="times")
     label, nfe, _, _, held, plain, ratio = rows[0][:7]
     ref, _ = bench.reference(SCORE_SEEDS[:6])
     best = min(rms(bench.run(SCORE_SEEDS[:6], steps=4, **kw).x, ref) for _, _, kw in settings())
@@ -168,7 +169,7 @@ def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_o
     x = bench.run(SCORE_SEEDS[:6], **paths[4].sample_kwargs()).x
     disagreement = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0])  # two images no error can be measured on
     keep = torch.tensor([True, True, False, True, True, False])
-    both, ratio = holdout_rows(bench, PathFile(paths), SCORE_SEEDS[:6], label="times", ref=ref,
+    both, ratio = holdout_rows(bench, ScheduleFile(paths), SCORE_SEEDS[:6], label="times", ref=ref,
                                disagreement=disagreement)[0][-2:]
     mine, plain_there = (float(v.split()[0]) for v in both.split(" / "))
     best_there = min(rms(bench.run(SCORE_SEEDS[:6], steps=4, **kw).x[keep], ref[keep]) for _, _, kw in settings())
@@ -211,14 +212,15 @@ def test_calibration_holdout_adds_fd_and_accuracy_of_samples_per_budget(tiny_ckp
     # --fd-samples: FD-8x8/floor and classifier accuracy for the path and the best plain setting
     from benchmarks.calibration_holdout import holdout_rows
     from benchmarks.common import CALIBRATION_SEEDS, SCORE_SEEDS, digits_bench
-    from pdm.sampling.budgets import PathFile, calibrate_budgets
+    from pdm.calibration import calibrate_budgets
+    from pdm.sampling import ScheduleFile
 
     bench = digits_bench(tiny_ckpts["cond"])
     calib = CALIBRATION_SEEDS[:4]
     paths = calibrate_budgets(bench.model_fn, bench.noise(calib), bench.schedule, [3], steps=6, halvings=0,
                               refine_sweeps=1, continuous=False, prediction=bench.prediction,
                               model_kwargs=bench.kwargs(calib), solver="ipndm", order=3)
-    rows = holdout_rows(bench, PathFile(paths), SCORE_SEEDS[:4], label="times", fd_samples=40)
+    rows = holdout_rows(bench, ScheduleFile(paths), SCORE_SEEDS[:4], label="times", fd_samples=40)
     fd, accuracy = rows[0][-2:]
     mine, plain = (float(v) for v in fd.split(" / "))
     assert mine > 0 and plain > 0
@@ -229,9 +231,7 @@ def test_carried_errors_say_in_which_step_a_sampler_made_its_error(capsys):
     # --worst: each step's state solved accurately to the end; checked against DDIM stopped early
     from benchmarks.calibration_holdout import carried_errors, worst_images
     from benchmarks.common import SCORE_SEEDS, mixture_bench, per_image_rms
-    from pdm.sampling import sample
-    from pdm.sampling.budgets import PathFile
-    from pdm.sampling.skipping import SkipPath
+    from pdm.sampling import LearnedSchedule, ScheduleFile, Settings, sample
 
     bench, seeds = mixture_bench(), SCORE_SEEDS[:5]
     ref, disagreement = bench.reference_per_image(seeds)
@@ -245,12 +245,11 @@ def test_carried_errors_say_in_which_step_a_sampler_made_its_error(capsys):
     end = sample(bench.model_fn, two, bench.schedule, steps=200, solver="unipc", order=3, skip_type="logSNR",
                  prediction=bench.prediction, t_start=grid[2]).x
     assert torch.allclose(carried[:, 2], per_image_rms(end, ref), rtol=1e-6, atol=1e-12)
-    path = SkipPath((True,) * 4, fill="merge", settings={"solver": "ipndm", "order": 3, "steps": 4,
-                                                          "skip_type": "logSNR"})
+    path = LearnedSchedule(Settings(steps=4, solver="ipndm", order=3, grid="logSNR"))
     cache = {4: {"best": ("DDIM time_uniform", kw, torch.zeros(5))}}
-    worst_images(bench, PathFile({4: path}), "ipndm", seeds, ref, disagreement, cache, k=2)
+    worst_images(bench, ScheduleFile({4: path}), "ipndm", seeds, ref, disagreement, cache, k=2)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and "ipndm, 4 NFE" in lines[0] and all("references differ by" in l for l in lines[1:])
+    assert len(lines) == 3 and "ipndm, 4 NFE" in lines[0] and all("references differ by" in line for line in lines[1:])
     errors = per_image_rms(bench.run(seeds, steps=4, solver="ipndm", order=3, skip_type="logSNR").x, ref)
     assert lines[1].split(":")[0].strip() == f"seed {seeds[int(errors.argmax())]}"
 
@@ -262,13 +261,10 @@ def test_calibration_holdout_scores_several_blocks_each_on_its_own(capsys, tmp_p
 
     from benchmarks.calibration_holdout import holdout_rows, score_blocks
     from benchmarks.common import SCORE_SEEDS, mixture_bench
-    from pdm.sampling.budgets import PathFile
-    from pdm.sampling.skipping import SkipPath
+    from pdm.sampling import LearnedSchedule, ScheduleFile, Settings
 
     bench = mixture_bench()
-    path = SkipPath((True,) * 4, fill="merge", settings={"solver": "ipndm", "order": 3, "steps": 4,
-                                                          "skip_type": "logSNR"})
-    paths = PathFile({4: path})
+    paths = ScheduleFile({4: LearnedSchedule(Settings(steps=4, solver="ipndm", order=3, grid="logSNR"))})
     args = argparse.Namespace(blocks=2, seeds=3, first_seed=30, fd_samples=0, worst=0)
     rows = score_blocks(bench, [("ipndm", paths)], args)
     assert [r[0] for r in rows] == ["ipndm [seeds 30-32]", "ipndm [seeds 33-35]"]

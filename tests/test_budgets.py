@@ -1,6 +1,6 @@
-"""Calibrated paths that hold on new images (issue #23, parts 1 and 3): a held-out validation
-split, the fallback to the best plain setting, several budgets in one versioned file, the previous file
-format, budget selection and refusals through sample.py, and paths embedded in an export."""
+"""Learned schedules that hold on new images: a held-out validation split, the fallback to the best
+plain setting, several budgets in one versioned file, budget selection and refusals through
+sample.py, and schedules embedded in an export (earlier file versions: test_schedule_files.py)."""
 
 import json
 
@@ -9,10 +9,12 @@ import torch
 
 import calibrate as calibrate_cli
 import sample as sample_cli
-from pdm.sampling import SkipPath, sample
-from pdm.sampling.budgets import PathFile, calibrate_budgets, split_rows
+from pdm.calibration import calibrate_budgets, split_rows
+from pdm.sampling import LearnedSchedule, ScheduleFile, Settings, sample
 from pdm.schedule import VPSchedule
 from pdm.testing import GaussianMixture
+
+OLD = Settings(solver="dpmsolver++", order=2, grid="time_uniform")  # the sampler these tests were written for
 
 S = VPSchedule.linear()
 GM = GaussianMixture.random(components=4, shape=(3, 4, 4), std=0.3)
@@ -48,7 +50,7 @@ def test_held_out_error_is_close_to_the_validation_error_on_the_exact_mixture(ca
     new = torch.cat([_noise(64, seed) for seed in range(97, 113)])
     ref = sample(GM.model_fn(S), new, S, steps=300, solver="unipc", order=3, skip_type="logSNR").x
     for nfe, path in calibrated.items():
-        report = path.settings["calibration"]
+        report = path.calibration
         assert report["fit_images"] == 32 and report["validation_images"] == 32 and path.nfe == nfe
         per_image = (sample(GM.model_fn(S), new, S, **{**KW, **path.sample_kwargs()}).x - ref).flatten(1).pow(2).mean(1)
         blocks = per_image.view(16, 64).mean(1).sqrt()
@@ -60,7 +62,7 @@ def test_held_out_error_is_close_to_the_validation_error_on_the_exact_mixture(ca
 
 def test_a_path_that_loses_on_validation_is_replaced_by_the_built_in_grid(monkeypatch):
     # force the loss: make every candidate path worse on validation than the grids
-    import pdm.sampling.budgets as budgets
+    import pdm.calibration.budgets as budgets
 
     real = budgets._Validation.error
 
@@ -70,15 +72,15 @@ def test_a_path_that_loses_on_validation_is_replaced_by_the_built_in_grid(monkey
     monkeypatch.setattr(budgets._Validation, "error", rigged)
     paths = calibrate_budgets(GM.model_fn(S), _noise(8, 5), S, [4], steps=12, halvings=1, **KW)
     path = paths[4]
-    report = path.settings["calibration"]
-    assert report["fallback"] and path.settings["skip_type"] == report["builtin_grid"]
-    assert "timesteps" not in path.settings and path.evaluate == (True,) * 4 and path.settings["steps"] == 4
+    report = path.calibration
+    assert report["fallback"] and path.settings.grid == report["builtin_grid"]
+    assert path.settings.timesteps is None and path.grid_points is None and path.settings.steps == 4 == path.nfe
 
 
 def test_the_fallback_is_the_best_plain_setting_of_any_solver(monkeypatch):
     # a path that loses on validation is replaced by the most accurate plain setting there, even
     # one of another solver than the calibrated one: here DEIS-3 on the edm grid is made the best
-    import pdm.sampling.budgets as budgets
+    import pdm.calibration.budgets as budgets
 
     real = budgets._Validation.error
 
@@ -88,33 +90,32 @@ def test_the_fallback_is_the_best_plain_setting_of_any_solver(monkeypatch):
 
     monkeypatch.setattr(budgets._Validation, "error", rigged)
     path = calibrate_budgets(GM.model_fn(S), _noise(8, 5), S, [4], steps=12, halvings=1, **KW)[4]
-    report = path.settings["calibration"]
+    report = path.calibration
     assert report["fallback"] and report["builtin_setting"] == "deis-3 edm"
-    assert {k: path.settings[k] for k in ("solver", "order", "skip_type", "steps")} == \
-        {"solver": "deis", "order": 3, "skip_type": "edm", "steps": 4}
+    s = path.settings
+    assert (s.solver, s.order, s.grid, s.steps) == ("deis", 3, "edm", 4)
     kwargs = path.sample_kwargs()  # replays as that plain setting: every step evaluated
     plain = sample(GM.model_fn(S), _noise(3, 6), S, steps=4, solver="deis", order=3, skip_type="edm")
     assert torch.equal(sample(GM.model_fn(S), _noise(3, 6), S, **kwargs).x, plain.x) and plain.nfe == 4
 
 
-def test_several_budgets_in_one_file_and_the_first_format_still_loads(calibrated, tmp_path):
-    PathFile(calibrated, {"guidance_scale": 1.0}).save(tmp_path / "p.json")
-    back = PathFile.load(tmp_path / "p.json")
-    assert back.budgets == [5, 8] and json.loads((tmp_path / "p.json").read_text())["format"] == "pdm-skip-paths-v2"
+def test_several_budgets_in_one_file(calibrated, tmp_path):
+    ScheduleFile(calibrated, {"guidance_scale": 1.0}).save(tmp_path / "p.json")
+    back = ScheduleFile.load(tmp_path / "p.json")
+    assert back.budgets == [5, 8] and json.loads((tmp_path / "p.json").read_text())["format"] == "pdm-schedule-v3"
     for nfe, path in calibrated.items():
         again = back.select(nfe)
-        assert again == path and again.settings["timesteps"] == path.settings["timesteps"]
+        assert again == path and again.settings.timesteps == path.settings.timesteps
         a = sample(GM.model_fn(S), _noise(4, 1), S, **{**KW, **path.sample_kwargs()}).x
         b = sample(GM.model_fn(S), _noise(4, 1), S, **{**KW, **again.sample_kwargs()}).x
         assert torch.equal(a, b)  # replayed bit-identically from the file
-    with pytest.raises(ValueError, match=r"has no path for 6 NFE \(it holds 5, 8\)"):
+    with pytest.raises(ValueError, match=r"has no schedule for 6 NFE \(it holds 5, 8\)"):
         back.select(6)
     with pytest.raises(ValueError, match="choose one with --steps N"):
         back.select(None)
-    calibrated[5].save(tmp_path / "old.json")  # the previous format: one SkipPath
-    old = PathFile.load(tmp_path / "old.json")
-    assert old.budgets == [5] and old.select(None) == calibrated[5]
-    assert SkipPath.load(tmp_path / "old.json") == calibrated[5]
+    calibrated[5].save(tmp_path / "one.json")  # one budget alone
+    assert ScheduleFile.load(tmp_path / "one.json").budgets == [5]
+    assert LearnedSchedule.load(tmp_path / "one.json") == calibrated[5]
 
 
 def test_sample_picks_the_budget_refuses_a_missing_one_and_replays_embedded_paths(tiny_ckpts, tmp_path, capsys):
@@ -122,34 +123,34 @@ def test_sample_picks_the_budget_refuses_a_missing_one_and_replays_embedded_path
 
     paths = tmp_path / "paths.json"
     summary = calibrate_cli.main(["--ckpt", tiny_ckpts["cond"], "--nfe", "3", "5", "--steps", "8", "--num-seeds", "4",
-                                  "--out", str(paths), "--grid-points-only"])
+                                  "--out", str(paths)])
     assert sorted(summary["budgets"]) == [3, 5] and all("fit_error" in b for b in summary["budgets"].values())
     for nfe in (3, 5):
-        stats = sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--skip-path", str(paths), "--steps", str(nfe),
+        stats = sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--schedule", str(paths), "--steps", str(nfe),
                                  "--num-samples", "2", "--out", str(tmp_path / f"s{nfe}")])
         assert stats["nfe"] == nfe
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--skip-path", str(paths), "--steps", "4", "--num-samples", "2",
+        sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--schedule", str(paths), "--steps", "4", "--num-samples", "2",
                          "--out", str(tmp_path / "s4")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and "no path for 4 NFE (it holds 3, 5)" in err[0]
+    assert e.value.code == 2 and len(err) == 1 and "no schedule for 4 NFE (it holds 3, 5)" in err[0]
     export = tmp_path / "model.safetensors"
-    export_main([tiny_ckpts["cond"], str(export), "--skip-paths", str(paths)])
-    stats = sample_cli.main(["--ckpt", str(export), "--skip-path", "embedded", "--steps", "5", "--num-samples", "2",
+    export_main([tiny_ckpts["cond"], str(export), "--schedule", str(paths)])
+    stats = sample_cli.main(["--ckpt", str(export), "--schedule", "embedded", "--steps", "5", "--num-samples", "2",
                              "--out", str(tmp_path / "e5")])
     assert stats["nfe"] == 5
     with pytest.raises(SystemExit) as e:  # embedded paths were calibrated at guidance 1.0
-        sample_cli.main(["--ckpt", str(export), "--skip-path", "embedded", "--steps", "5", "--num-samples", "2",
+        sample_cli.main(["--ckpt", str(export), "--schedule", "embedded", "--steps", "5", "--num-samples", "2",
                          "--guidance-scale", "2", "--out", str(tmp_path / "e5g")])
     assert e.value.code == 2
     with pytest.raises(SystemExit) as e:  # paths of another checkpoint are not embedded
-        export_main([tiny_ckpts["uncond"], str(tmp_path / "other.safetensors"), "--skip-paths", str(paths)])
+        export_main([tiny_ckpts["uncond"], str(tmp_path / "other.safetensors"), "--schedule", str(paths)])
     assert e.value.code == 2 and "calibrated for sha256" in capsys.readouterr().err
 
 
 def test_learned_coefficients_start_from_the_plain_solver_and_replay_bit_identically(tmp_path):
-    from pdm.sampling.coefficients import fit_corrections
+    from pdm.calibration.coefficients import fit_corrections
 
     noise, new = _noise(16, 41), _noise(4, 42)
     zero = sample(GM.model_fn(S), new, S, steps=6, corrections=[0.0] * 6, **KW).x
@@ -164,15 +165,15 @@ def test_learned_coefficients_start_from_the_plain_solver_and_replay_bit_identic
     paths = calibrate_budgets(GM.model_fn(S), noise, S, [5], validation=0.25, steps=12, halvings=1, coefficients=True,
                               **KW)
     path = paths[5]
-    report = path.settings["calibration"]
+    report = path.calibration
     assert report["fit_error"] <= report["fit_error_times_only"] and "validation_error_times_only" in report
-    PathFile(paths).save(tmp_path / "c.json")
-    again = PathFile.load(tmp_path / "c.json").select(5)
-    assert again.settings.get("corrections") == path.settings.get("corrections")
+    ScheduleFile(paths).save(tmp_path / "c.json")
+    again = ScheduleFile.load(tmp_path / "c.json").select(5)
+    assert again.settings.corrections == path.settings.corrections
     a = sample(GM.model_fn(S), new, S, **{**KW, **path.sample_kwargs()}).x
     assert torch.equal(a, sample(GM.model_fn(S), new, S, **{**KW, **again.sample_kwargs()}).x)
     with pytest.raises(ValueError, match="multistep method only"):
-        sample(GM.model_fn(S), new, S, steps=6, corrections=[0.1] * 6, method="singlestep", solver="dpmsolver++")
+        sample(GM.model_fn(S), new, S, OLD, steps=6, corrections=[0.1] * 6, method="singlestep", solver="dpmsolver++")
 
 
 def test_the_plain_setting_is_chosen_on_every_calibration_image():
@@ -182,7 +183,7 @@ def test_the_plain_setting_is_chosen_on_every_calibration_image():
 
     noise = _noise(16, 7)
     path = calibrate_budgets(GM.model_fn(S), noise, S, [4], steps=12, halvings=1, **KW)[4]
-    report = path.settings["calibration"]
+    report = path.calibration
     assert report["builtin_chosen_on"] == 16 and report["validation_images"] == 4
     ref = sample(GM.model_fn(S), noise, S, steps=300, solver="unipc", order=3, skip_type="logSNR").x
     errors = {label: float((sample(GM.model_fn(S), noise, S, **kw).x - ref).pow(2).mean().sqrt())
@@ -197,21 +198,21 @@ def test_the_plain_setting_is_chosen_on_every_calibration_image():
 def test_each_budget_gets_its_own_solver_and_budgets_do_not_leak_into_each_other():
     # auto: iPNDM-3 (noise form) below 16 NFE, UniPC-3 bh1 (data form) from 16; the shared
     # reference must give the 16-NFE search the same start whether a 4-NFE budget came first or not
-    from pdm.sampling.budgets import auto_solver
+    from pdm.calibration import auto_solver
 
     noise = _noise(8, 17)
     both = calibrate_budgets(GM.model_fn(S), noise, S, [4, 16], steps=24, halvings=1, refine_sweeps=1,
                              solver_for=auto_solver, **auto_solver(4))
     alone = calibrate_budgets(GM.model_fn(S), noise, S, [16], steps=24, halvings=1, refine_sweeps=1,
                               solver_for=auto_solver, **auto_solver(4))
-    assert (both[4].settings["solver"], both[16].settings["solver"]) == ("ipndm", "unipc")
-    assert both[16].settings["solver_type"] == "bh1"
-    assert both[16].settings["calibration"]["fallback"] == alone[16].settings["calibration"]["fallback"]
-    assert both[16].settings.get("timesteps") == alone[16].settings.get("timesteps")
+    assert (both[4].settings.solver, both[16].settings.solver) == ("ipndm", "unipc")
+    assert both[16].settings.variant == "bh1"
+    assert both[16].calibration["fallback"] == alone[16].calibration["fallback"]
+    assert both[16].settings.timesteps == alone[16].settings.timesteps
 
 
 def test_the_model_remembers_repeated_calls_and_forgets_the_oldest():
-    from pdm.sampling.evaluator import CountingModel, RecallingModel
+    from pdm.calibration import CountingModel, RecallingModel
 
     counted = CountingModel(GM.model_fn(S))
     model = RecallingModel(counted, max_bytes=2 * 4 * 3 * 4 * 4 * 8)  # two outputs of 4 float64 images
@@ -235,8 +236,8 @@ def test_the_model_remembers_repeated_calls_and_forgets_the_oldest():
 def test_remembered_calls_give_the_same_paths_with_fewer_evaluations(monkeypatch):
     # candidate paths repeat the current path's network calls up to the step they change: answered
     # from memory, a calibration must find exactly the same path while the network runs less
-    import pdm.sampling.budgets as budgets
-    from pdm.sampling.evaluator import CountingModel
+    import pdm.calibration.budgets as budgets
+    from pdm.calibration import CountingModel
 
     noise = _noise(8, 23)
     runs = {}
@@ -245,6 +246,6 @@ def test_remembered_calls_give_the_same_paths_with_fewer_evaluations(monkeypatch
         counted = CountingModel(GM.model_fn(S))
         paths = calibrate_budgets(counted, noise, S, [5, 8], steps=24, halvings=2, refine_sweeps=2,
                                   coefficients=True, **KW)
-        runs[label] = (PathFile(paths).to_json(), counted.rows)
+        runs[label] = (ScheduleFile(paths).to_json(), counted.rows)
     assert runs["recalled"][0] == runs["plain"][0]
     assert runs["recalled"][1] < 0.8 * runs["plain"][1]

@@ -6,7 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pdm.data import DigitsDataModule, HFDataModule, ImageFolderDataModule, LSUNDataModule, load_digits_tensor
+from pdm.data import (
+    DigitsDataModule,
+    HFDataModule,
+    ImageFolderDataModule,
+    LSUNDataModule,
+    load_digits_tensor,
+)
 from pdm.data.transforms import adm_center_crop
 
 

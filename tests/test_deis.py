@@ -28,7 +28,7 @@ def _rho(t: float) -> float:
 
 def test_deis_is_a_row_of_the_solver_table():
     spec = solver_spec("deis")
-    assert "deis" in SOLVERS and spec.orders == (1, 2, 3) and not spec.data and not spec.lowers_order_final
+    assert "deis" in SOLVERS and spec.orders == (1, 2, 3) and not spec.data
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
@@ -108,7 +108,8 @@ def test_both_command_lines_offer_deis_from_the_table(tiny_ckpts, tmp_path):
                              "--out", str(tmp_path / "s"), "--device", "cpu"])
     settings = json.loads((tmp_path / "s" / "run.json").read_text())["identity"]["settings"]
     assert stats["nfe"] == 5 and settings["solver"] == "deis" and settings["order"] == 3  # the row's default order
-    assert settings["solver_type"] is None  # DEIS has no variants
+    assert settings["variant"] is None  # DEIS has no variants
     summary = calibrate_cli.main(["--ckpt", tiny_ckpts["cond"], "--nfe", "3", "--steps", "6", "--num-seeds", "2",
-                                  "--solver", "deis", "--grid-points-only", "--out", str(tmp_path / "p.json")])
-    assert summary["nfe"] == 3 and json.loads((tmp_path / "p.json").read_text())["paths"]["3"]["settings"]["solver"] == "deis"
+                                  "--solver", "deis", "--out", str(tmp_path / "p.json")])
+    file = json.loads((tmp_path / "p.json").read_text())
+    assert summary["nfe"] == 3 and file["schedules"]["3"]["settings"]["solver"] == "deis"

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import torch
-
 from conftest import ROOT, SMALL_NET_ARGS  # noqa: E402
+
 SMALL = [*SMALL_NET_ARGS, "--data.init_args.batch_size", "16", "--trainer.log_every_n_steps", "1", "--trainer.check_val_every_n_epoch", "1"]
 
 

@@ -3,8 +3,16 @@
 import pytest
 import torch
 
-from pdm.sampling import classifier_free_guidance, dynamic_threshold, expert_router, sample
+from pdm.sampling import (
+    Settings,
+    classifier_free_guidance,
+    dynamic_threshold,
+    expert_router,
+    sample,
+)
 from pdm.schedule import VPSchedule
+
+OLD = Settings(solver="dpmsolver++", order=2, grid="time_uniform")  # the sampler these tests were written for
 
 S = VPSchedule.linear()
 
@@ -48,7 +56,7 @@ def test_expert_router_splits_at_step_396():
     [
         (dict(solver="euler"), "unknown solver"),
         (dict(method="heun"), "unknown method"),
-        (dict(skip_type="karras"), "unknown skip_type"),
+        (dict(skip_type="karras"), "unknown grid"),
         (dict(prediction="score"), "unknown prediction"),
         (dict(order=4), "order must be 1, 2 or 3"),
         (dict(steps=2, order=3, method="singlestep_fixed"), "needs at least 3 steps"),
@@ -57,11 +65,11 @@ def test_expert_router_splits_at_step_396():
 )
 def test_bad_arguments_fail_with_a_message_naming_the_fix(kw, message):
     with pytest.raises(ValueError, match=message):
-        sample(lambda x, t: x, torch.zeros(1, 2), S, **kw)
+        sample(lambda x, t: x, torch.zeros(1, 2), S, OLD, **kw)
 
 
 def test_thresholded_sampling_stays_in_range():
     fn = lambda x, t: -3 * x  # noqa: E731  (a wild eps model whose x0 leaves [-1, 1])
     noise = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    res = sample(fn, noise, S, steps=10, thresholding=True, denoise_to_zero=True)
+    res = sample(fn, noise, S, OLD, steps=10, thresholding=True, denoise_to_zero=True)
     assert res.x.abs().max().item() <= 1.0 + 1e-9

@@ -10,6 +10,7 @@ from pdm.metrics import (
     FeatureStats,
     compute_stats,
     count_flops,
+    digits_fd_baseline,
     digits_fd_metric,
     digits_reference_images,
     fid_against,
@@ -18,7 +19,6 @@ from pdm.metrics import (
     paired_quality,
     peak_bf16_flops,
 )
-from pdm.metrics import digits_fd_baseline
 
 
 @pytest.fixture(scope="module")

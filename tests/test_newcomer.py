@@ -9,12 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SMALL_NET_ARGS, run_main, train_tiny
 
 import calibrate as calibrate_cli
 import sample as sample_cli
 
-
-from conftest import ROOT, SMALL_NET_ARGS, run_main, train_tiny
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
 SMALL = [*SMALL_NET_ARGS, "--data.init_args.batch_size", "16",
          "--trainer.enable_progress_bar", "false"]
@@ -108,22 +107,22 @@ def test_negative_guidance_is_refused(module, tiny_ckpts, tmp_path, capsys):
 
 
 # 4, 5 ------------------------------------------------------------------------------------------
-def test_a_skip_path_replays_only_for_the_checkpoint_and_scale_it_was_calibrated_for(tiny_ckpts, tmp_path, capsys):
+def test_a_schedule_replays_only_for_the_checkpoint_and_scale_it_was_calibrated_for(tiny_ckpts, tmp_path, capsys):
     path = tmp_path / "p.json"
     assert run_main(calibrate_cli, ["--ckpt", tiny_ckpts["cond"], "--nfe", "3", "--steps", "6", "--num-seeds", "2",
-                                 "--grid-points-only", "--out", path], capsys)[0] == 0
-    base = ["--num-samples", "2", "--skip-path", path]
+                                 "--out", path], capsys)[0] == 0
+    base = ["--num-samples", "2", "--schedule", path]
     code, err = run_main(sample_cli, ["--ckpt", tiny_ckpts["uncond"], *base, "--out", tmp_path / "a"], capsys)
     assert code == 2 and len(err) == 1 and f"calibrated for {tiny_ckpts['cond']} (sha256" in err[0], err
-    assert tiny_ckpts["uncond"] in err[0] and "--force-skip-path" in err[0] and not (tmp_path / "a").exists()
+    assert tiny_ckpts["uncond"] in err[0] and "--force-schedule" in err[0] and not (tmp_path / "a").exists()
     code, err = run_main(sample_cli, ["--ckpt", tiny_ckpts["cond"], *base, "--guidance-scale", "1.5",
                                    "--out", tmp_path / "b"], capsys)
     assert code == 2 and len(err) == 1 and "calibrated at --guidance-scale 1.0, not 1.5" in err[0], err
-    code, _ = run_main(sample_cli, ["--ckpt", tiny_ckpts["cond"], *base, "--guidance-scale", "1.5", "--force-skip-path",
+    code, _ = run_main(sample_cli, ["--ckpt", tiny_ckpts["cond"], *base, "--guidance-scale", "1.5", "--force-schedule",
                                  "--out", tmp_path / "b"], capsys)
     assert code == 0 and np.load(tmp_path / "b" / "samples.npz")["arr_0"].shape[0] == 2
-    code, err = run_main(sample_cli, ["--ckpt", tiny_ckpts["cond"], "--force-skip-path", "--out", tmp_path / "c"], capsys)
-    assert code == 2 and "--force-skip-path does nothing without --skip-path" in err[-1]
+    code, err = run_main(sample_cli, ["--ckpt", tiny_ckpts["cond"], "--force-schedule", "--out", tmp_path / "c"], capsys)
+    assert code == 2 and "--force-schedule does nothing without --schedule" in err[-1]
 
 
 def test_a_changed_checkpoint_is_named_by_its_file(tiny_ckpts, tmp_path, capsys):
@@ -180,8 +179,8 @@ def test_missing_data_names_its_one_script_and_help_does_not_point_at_itself(tmp
 # 9 ---------------------------------------------------------------------------------------------
 def test_calibrate_speaks_from_the_first_second(tiny_ckpts, tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "calibrate.py"), "--ckpt", tiny_ckpts["cond"],
-                             "--nfe", "3", "--steps", "6", "--num-seeds", "2", "--out", str(tmp_path / "p.json"),
-                             "--grid-points-only"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--nfe", "3", "--steps", "6", "--num-seeds", "2", "--out", str(tmp_path / "p.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = proc.stderr.readline()  # before the checkpoint is loaded
     rest = proc.stderr.read()
     assert proc.wait(timeout=300) == 0, rest[-2000:]

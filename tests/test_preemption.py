@@ -13,10 +13,10 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT  # noqa: E402
 
 from pdm.checkpoints import load_checkpoint
 
-from conftest import ROOT  # noqa: E402
 HELPERS = os.path.join(ROOT, "tests", "helpers")
 TINY = ["--model.net.init_args.model_channels", "16", "--model.net.init_args.channel_mult", "[1]",
         "--model.net.init_args.attention_resolutions", "[]", "--model.warmup_steps", "2",
@@ -203,8 +203,8 @@ def _fit(module, root, max_steps, callbacks=()):
 
 def test_nonfinite_skip_leaves_weights_ema_and_optimiser_untouched(tmp_path):
     import lightning as L
-
     from conftest import tiny_module
+
     from pdm.training import EMA
 
     snapshots = {}

@@ -11,9 +11,8 @@ import zipfile
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import ROOT  # noqa: E402
+from PIL import Image
 
 
 def prepare(name, *args):

@@ -7,16 +7,14 @@ import signal
 import subprocess
 import sys
 import time
-
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, SMALL_NET_ARGS  # noqa: E402
 
 from pdm.checkpoints import AtomicCheckpointIO, export_safetensors, load_checkpoint
-
-from conftest import ROOT, SMALL_NET_ARGS  # noqa: E402
 
 
 class _Payload:
@@ -198,7 +196,7 @@ def test_two_runs_keep_their_checkpoints_apart_and_each_resumes_its_own(tmp_path
     assert sorted(os.listdir(b / "checkpoints")) == ["last.ckpt", "step=1.ckpt", "step=2.ckpt", "step=3.ckpt"] or \
         "last.ckpt" in os.listdir(b / "checkpoints")
     assert load_checkpoint(b / "checkpoints" / "last.ckpt")["global_step"] == 3
-    for root, resumed_from, target in ((a, 2, 4), (b, 3, 5)):
+    for root, target in ((a, 4), (b, 5)):
         res = _train(root, target, "--ckpt_path", "last", cwd=tmp_path)
         assert res.returncode == 0, res.stderr[-2000:]
         assert load_checkpoint(root / "checkpoints" / "last.ckpt")["global_step"] == target
@@ -305,6 +303,7 @@ def test_experts_with_different_beta_ends_do_not_pair(tmp_path):
 def test_an_expert_grid_samples_only_inside_its_own_time_range(time_range, kind):
     from conftest import tiny_module
 
+    from pdm.sampling import Settings
     from pdm.training import sample_images
 
     module = tiny_module(num_classes=10, time_range=time_range)
@@ -317,7 +316,8 @@ def test_an_expert_grid_samples_only_inside_its_own_time_range(time_range, kind)
 
     module.net.forward = spy
     start = torch.zeros(4, 1, 16, 16)
-    x, tag = sample_images(module, 4, steps=5, start_images=start)
+    x, tag = sample_images(module, 4, Settings(steps=5, solver="dpmsolver++", order=2, grid="time_uniform"),
+                           start_images=start)
     assert tag == kind and x.shape == (4, 1, 16, 16)
     seen = torch.cat(labels_seen)
     lo, hi = time_range or (0, 999)

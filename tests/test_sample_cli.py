@@ -9,10 +9,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_main  # noqa: E402
 
 import sample as sample_cli
-
-from conftest import ROOT, run_main  # noqa: E402
 
 
 def run_cli(*args):
@@ -30,7 +29,7 @@ def test_writes_grid_samples_and_stats(tiny_ckpts, tmp_path):
     saved = json.loads((tmp_path / "stats.json").read_text())
     assert saved["nfe"] == 5 and saved["images_per_second"] > 0 and saved["seconds"] > 0
     ident = saved["run"]["identity"]["settings"]
-    assert (ident["solver"], ident["order"], ident["skip_type"]) == ("ipndm", 4, "logSNR") and stats["num_samples"] == 6
+    assert (ident["solver"], ident["order"], ident["grid"]) == ("ipndm", 4, "logSNR") and stats["num_samples"] == 6
     assert json.loads((tmp_path / "run.json").read_text())["identity"]["num_samples"] == 6
 
 
@@ -185,9 +184,9 @@ def test_shards_split_over_two_invocations_merge_to_the_one_run_result(tiny_ckpt
     (["--device", "banana"], "not a device"),
     (["--solver", "ddim", "--order", "2"], "--order does nothing"),
     (["--max-skips", "3"], "does nothing without --skip-threshold"),
-    (["--solver", "ddim", "--solver-type", "taylor"], "--solver-type does nothing"),
+    (["--solver", "ddim", "--solver-type", "taylor"], "--variant/--solver-type does nothing"),
     (["--num-shards", "2", "--shard-index", "2"], "--shard-index must be in"),
-    (["--skip-path", "no/such/path.json"], "does not exist"),
+    (["--schedule", "no/such/path.json"], "does not exist"),
 ])
 def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_ckpts, tmp_path, capsys, extra, message):
     args = ["--ckpt", tiny_ckpts["cond"], "--num-samples", "1", "--steps", "4"]

@@ -10,12 +10,14 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sample as sample_cli
 from pdm.nn.runtime import FixedBatch, preferred_memory_format
+from pdm.sampling import Settings
 
-from conftest import ROOT  # noqa: E402
+OLD = Settings(solver="dpmsolver++", order=2, grid="time_uniform")  # the sampler these tests were written for
 
 
 def run_cli(*args, launcher=(), env=None):
@@ -332,7 +334,7 @@ def test_the_multistep_loop_never_waits_for_the_device(solver, order):
         schedule = build_schedule("linear", 1e-4, 0.02, 1000)
         noise = torch.empty(3, 3, 8, 8, device="meta")
         with _HostTraffic() as traffic:
-            sample(lambda x, t: 0.1 * x, noise, schedule, steps=steps, solver=solver, order=order)
+            sample(lambda x, t: 0.1 * x, noise, schedule, OLD, steps=steps, solver=solver, order=order)
         counts[steps] = (len(traffic.reads), len(traffic.copies))
     assert counts[20] == counts[5], f"{solver}: host reads / host-to-device copies {counts[5]} at 5 steps, " \
                                     f"{counts[20]} at 20"

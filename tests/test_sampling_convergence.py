@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from pdm.sampling import sample
-from pdm.testing import GaussianMixture
+from pdm.sampling import Settings, sample
 from pdm.schedule import VPSchedule
+from pdm.testing import GaussianMixture
+
+OLD = Settings(solver="dpmsolver++", order=2, grid="time_uniform")  # the sampler these tests were written for
 
 SCHEDULE = VPSchedule.linear()
 MIXTURE = GaussianMixture.random(components=3, shape=(2,), std=0.5)
@@ -66,8 +68,8 @@ def test_multistep_third_order_beats_second_order_and_converges(reference):
 
 def test_adaptive_solver_is_accurate_and_counts_rejected_tries(reference):
     for order in (2, 3):
-        loose = sample(MIXTURE.model_fn(SCHEDULE), NOISE, SCHEDULE, solver="dpmsolver++", order=order, method="adaptive")
-        tight = sample(MIXTURE.model_fn(SCHEDULE), NOISE, SCHEDULE, solver="dpmsolver++", order=order, method="adaptive",
+        loose = sample(MIXTURE.model_fn(SCHEDULE), NOISE, SCHEDULE, OLD, solver="dpmsolver++", order=order, method="adaptive")
+        tight = sample(MIXTURE.model_fn(SCHEDULE), NOISE, SCHEDULE, OLD, solver="dpmsolver++", order=order, method="adaptive",
                        atol=1e-4, rtol=1e-3)
         assert (loose.x - reference).abs().max().item() < 0.1
         assert (tight.x - reference).abs().max().item() < 2e-3
@@ -81,17 +83,17 @@ def test_adaptive_solver_is_accurate_and_counts_rejected_tries(reference):
 @pytest.mark.parametrize("prediction", ["x0", "v"])
 def test_prediction_kind_does_not_change_the_sample(prediction):
     kw = dict(steps=15, solver="dpmsolver++", order=2)
-    ref = sample(MIXTURE.model_fn(SCHEDULE, "eps"), NOISE, SCHEDULE, prediction="eps", **kw).x
-    got = sample(MIXTURE.model_fn(SCHEDULE, prediction), NOISE, SCHEDULE, prediction=prediction, **kw).x
+    ref = sample(MIXTURE.model_fn(SCHEDULE, "eps"), NOISE, SCHEDULE, OLD, prediction="eps", **kw).x
+    got = sample(MIXTURE.model_fn(SCHEDULE, prediction), NOISE, SCHEDULE, OLD, prediction=prediction, **kw).x
     assert torch.allclose(got, ref, atol=1e-10)
 
 
 def test_multistep_nfe_equals_steps_and_denoise_to_zero_adds_one():
     fn = MIXTURE.model_fn(SCHEDULE)
-    assert sample(fn, NOISE, SCHEDULE, steps=12).nfe == 12
-    res = sample(fn, NOISE, SCHEDULE, steps=12, denoise_to_zero=True)
+    assert sample(fn, NOISE, SCHEDULE, OLD, steps=12).nfe == 12
+    res = sample(fn, NOISE, SCHEDULE, OLD, steps=12, denoise_to_zero=True)
     assert res.nfe == 13 and res.evaluated.shape == (12, 128)
-    assert sample(fn, NOISE, SCHEDULE, steps=10, order=3, method="singlestep").nfe == 10
+    assert sample(fn, NOISE, SCHEDULE, OLD, steps=10, order=3, method="singlestep").nfe == 10
 
 
 def test_singlestep_order_split_matches_official_dpm_solver_fast():
@@ -109,7 +111,7 @@ def test_ddpm_ancestral_sampler_reaches_the_data_distribution():
     # steps on the training grid produce that distribution.
     gm = GaussianMixture(torch.tensor([[0.3]], dtype=torch.float64), torch.tensor([0.2]))
     noise = torch.randn(20000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    res = sample(gm.model_fn(SCHEDULE), noise, SCHEDULE, steps=999, solver="ddpm",
+    res = sample(gm.model_fn(SCHEDULE), noise, SCHEDULE, OLD, steps=999, solver="ddpm",
                  generator=torch.Generator().manual_seed(1))
     assert res.x.mean().item() == pytest.approx(0.3, abs=0.01)
     assert res.x.std().item() == pytest.approx(0.2, abs=0.01)
@@ -178,7 +180,7 @@ def test_every_solver_works_on_every_grid(reference):
 
 
 def test_adaptive_method_reports_one_row_per_accepted_step():
-    res = sample(MIXTURE.model_fn(SCHEDULE), NOISE[:5], SCHEDULE, solver="dpmsolver++", order=2, method="adaptive")
+    res = sample(MIXTURE.model_fn(SCHEDULE), NOISE[:5], SCHEDULE, OLD, solver="dpmsolver++", order=2, method="adaptive")
     assert res.evaluated.shape == (res.timesteps.numel() - 1, 5) and bool(res.evaluated.all())
 
 

@@ -1,14 +1,13 @@
-"""Calibration images that represent the hard tail (issue #23): the screen finds the images a
+"""Calibration images that represent the hard tail : the screen finds the images a
 few-step solve gets most wrong, the stratified draw keeps them and weighs every image so the
 weighted error still estimates the mean over all images, and calibration uses those weights."""
 
 import pytest
 import torch
 
+from pdm.calibration import calibrate_budgets, rms
+from pdm.calibration.screening import screening_scores, stratified_draw
 from pdm.sampling import sample
-from pdm.sampling.budgets import calibrate_budgets
-from pdm.sampling.calibration import rms
-from pdm.sampling.screening import screening_scores, stratified_draw
 from pdm.schedule import VPSchedule
 from pdm.testing import GaussianMixture
 
@@ -85,8 +84,8 @@ def test_calibration_weighs_the_fitting_and_the_validation_images():
                               continuous=False, weights=w, **kw)
     path = paths[4]
     accurate = sample(GM.model_fn(S), noise, S, steps=300, solver="unipc", order=3, skip_type="logSNR").x
-    x = sample(GM.model_fn(S), noise, S, **{**kw, **path.sample_kwargs()}).x
-    report = path.settings["calibration"]
+    x = sample(GM.model_fn(S), noise, S, path.settings_for(S)).x
+    report = path.calibration
     # (the calibration's own reference is a little less accurate than this one: 0.2% apart)
     assert report["fit_error"] == pytest.approx(rms(x[2:3], accurate[2:3]), rel=5e-3)
     assert report["validation_error"] == pytest.approx(rms(x[6:], accurate[6:]), rel=5e-3)

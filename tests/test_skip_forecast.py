@@ -4,10 +4,12 @@ test_calibration.py)."""
 import pytest
 import torch
 
-from pdm.sampling import AdaptiveSkip, SkipPath, sample
+from pdm.sampling import AdaptiveSkip, FixedSkip, LearnedSchedule, Settings, sample
 from pdm.sampling.skipper import OutputHistory, lagrange_extrapolate
 from pdm.schedule import VPSchedule
 from pdm.testing import GaussianMixture
+
+OLD = Settings(solver="dpmsolver++", order=2, grid="time_uniform")  # the sampler these tests were written for
 
 S = VPSchedule.linear()
 GM = GaussianMixture.random(components=4, shape=(3, 4, 4), std=0.3)
@@ -69,10 +71,10 @@ def test_error_criterion_skips_on_a_linear_trajectory_and_refuses_at_a_kink():
 
 def test_default_skipping_is_per_sample_and_independent_of_the_batch():
     skip = AdaptiveSkip(threshold=3.0)
-    batch = sample(GM.model_fn(S), NOISE, S, steps=40, skip=skip, skip_type="logSNR")
+    batch = sample(GM.model_fn(S), NOISE, S, OLD, steps=40, skip=skip, skip_type="logSNR")
     assert 0 < (~batch.evaluated).sum() < batch.evaluated.numel()
     for b in range(NOISE.shape[0]):
-        alone = sample(GM.model_fn(S), NOISE[b : b + 1], S, steps=40, skip=skip, skip_type="logSNR")
+        alone = sample(GM.model_fn(S), NOISE[b : b + 1], S, OLD, steps=40, skip=skip, skip_type="logSNR")
         assert torch.equal(alone.evaluated[:, 0], batch.evaluated[:, b])
         assert torch.allclose(alone.x[0], batch.x[b], atol=1e-12)
 
@@ -84,7 +86,7 @@ def test_network_sees_only_the_rows_it_evaluates_with_forecast_fill():
         rows.append(x.shape[0])
         return GM.model_fn(S)(x, t)
 
-    res = sample(fn, NOISE, S, steps=40, skip=AdaptiveSkip(threshold=3.0), skip_type="logSNR")
+    res = sample(fn, NOISE, S, OLD, steps=40, skip=AdaptiveSkip(threshold=3.0), skip_type="logSNR")
     assert sum(rows) == int(res.nfe_per_sample.sum()) < 40 * 6
     assert torch.equal(res.nfe_per_sample, res.evaluated.sum(0))
 
@@ -94,14 +96,14 @@ def test_forecast_fill_beats_reuse_on_the_same_path():
     evaluate = tuple(i < 4 or i % 2 == 0 for i in range(40))
     err = {}
     for fill in ("forecast", "reuse"):
-        x = sample(GM.model_fn(S), NOISE, S, steps=40, skip_type="logSNR", skip=SkipPath(evaluate, fill=fill)).x
+        x = sample(GM.model_fn(S), NOISE, S, OLD, steps=40, skip_type="logSNR", skip=FixedSkip(evaluate, fill=fill)).x
         err[fill] = (x - ref).pow(2).mean().sqrt().item()
     assert err["forecast"] < 0.5 * err["reuse"]
 
 
-def test_skip_path_files_that_are_not_paths_are_clear_errors(tmp_path):
+def test_schedule_files_that_are_not_schedules_are_clear_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="is not a skip path"):
-        SkipPath.load(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="is not a schedule file"):
+        LearnedSchedule.load(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="does not exist"):
-        SkipPath.load(tmp_path / "missing.json")
+        LearnedSchedule.load(tmp_path / "missing.json")

@@ -1,4 +1,4 @@
-"""Analytical teleportation (pdm.sampling.teleport) against an accurate numerical solve of the
+"""Analytical teleportation (pdm.sampling.teleport, its Gaussian fitted by pdm.calibration) against an accurate numerical solve of the
 same Gaussian model's ODE, with and without guidance; storage round trip."""
 
 import json
@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from pdm.calibration import fit_gaussian
 from pdm.sampling import sample
 from pdm.sampling.guidance import classifier_free_guidance
 from pdm.sampling.teleport import GaussianData, Teleport
@@ -22,7 +23,7 @@ def _data(classes: int | None = 3, rank: int = 48, n: int = 400) -> GaussianData
     y = torch.arange(n) % (classes or 1)
     means = torch.rand(classes or 1, d, generator=g, dtype=torch.float64) - 0.5
     x = means[y] + torch.randn(n, d, generator=g, dtype=torch.float64) @ mix.T
-    return GaussianData.fit(x.reshape(n, *SHAPE), y if classes else None, classes, rank=rank)
+    return fit_gaussian(x.reshape(n, *SHAPE), y if classes else None, classes, rank=rank)
 
 
 def _eps_model(data: GaussianData, schedule: VPSchedule):
@@ -96,7 +97,7 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="shape"):
         Teleport(data)(torch.zeros(2, 1, 4, 4), VPSchedule.linear(), 0.5, None)
     with pytest.raises(ValueError, match="at least 2"):
-        GaussianData.fit(torch.zeros(1, *SHAPE))
+        fit_gaussian(torch.zeros(1, *SHAPE))
     with pytest.raises(ValueError, match="format"):
         GaussianData.from_dict({"format": "other"})
 
@@ -104,38 +105,38 @@ def test_bad_inputs_are_refused():
 def test_calibration_teleports_where_it_pays_and_the_file_replays_it_bit_identically(tmp_path):
     # the exact mixture at 6 NFE: with a teleport the search starts the path below t_max and its
     # error on the validation images and on new images falls (measured: held out 1.4e-2 -> 7.0e-3)
-    from pdm.sampling.budgets import PathFile, calibrate_budgets
+    from pdm.calibration import calibrate_budgets
+    from pdm.sampling import ScheduleFile
     from pdm.testing import GaussianMixture
 
     schedule = VPSchedule.linear()
     gm = GaussianMixture.random(components=4, shape=SHAPE, std=0.3)
     kw = dict(solver="ipndm", order=3, skip_type="logSNR")
     noise = torch.randn(32, *SHAPE, generator=torch.Generator().manual_seed(31), dtype=torch.float64)
-    stored = GaussianData.from_dict(GaussianData.fit(gm.sample(4000, torch.Generator().manual_seed(0)), rank=16).to_dict())
+    stored = GaussianData.from_dict(fit_gaussian(gm.sample(4000, torch.Generator().manual_seed(0)), rank=16).to_dict())
     plain = calibrate_budgets(gm.model_fn(schedule), noise, schedule, [6], steps=24, halvings=2, **kw)[6]
     jumped = calibrate_budgets(gm.model_fn(schedule), noise, schedule, [6], steps=24, halvings=2,
                                teleport=Teleport(stored), **kw)[6]
     assert plain.teleport is None and jumped.teleport is not None
-    assert jumped.settings["timesteps"][0] < schedule.t_max and jumped.nfe == 6
-    a, b = plain.settings["calibration"], jumped.settings["calibration"]
+    assert jumped.settings.timesteps[0] < schedule.t_max and jumped.nfe == 6
+    a, b = plain.calibration, jumped.calibration
     assert b["validation_error"] < 0.8 * a["validation_error"], (a, b)
     new = torch.randn(64, *SHAPE, generator=torch.Generator().manual_seed(97), dtype=torch.float64)
     ref = sample(gm.model_fn(schedule), new, schedule, steps=300, solver="unipc", order=3, skip_type="logSNR").x
     def held(path):
-        return float((sample(gm.model_fn(schedule), new, schedule, **{**kw, **path.sample_kwargs()}).x - ref)
-                     .pow(2).mean().sqrt())
+        return float((sample(gm.model_fn(schedule), new, schedule, path.settings).x - ref).pow(2).mean().sqrt())
     assert held(jumped) < 0.8 * held(plain)
     file = tmp_path / "paths.json"
-    PathFile({6: jumped}, {"model": "mixture"}, stored).save(file)
-    loaded = PathFile.load(file).select(6)
-    assert loaded.teleport is not None and loaded.settings["teleport"] == jumped.settings["teleport"]
-    run = lambda p: sample(gm.model_fn(schedule), new, schedule, **{**kw, **p.sample_kwargs()}).x  # noqa: E731
+    ScheduleFile({6: jumped}, {"model": "mixture"}, stored).save(file)
+    loaded = ScheduleFile.load(file).select(6)
+    assert loaded.teleport is not None and loaded.teleport.record() == jumped.teleport.record()
+    run = lambda p: sample(gm.model_fn(schedule), new, schedule, **p.sample_kwargs()).x  # noqa: E731
     assert torch.equal(run(loaded), run(jumped))
     text = json.loads(file.read_text())
     text["gaussian"]["means"] = _scaled(text["gaussian"]["means"])  # a Gaussian that is not the paths' own
     file.write_text(json.dumps(text))
     with pytest.raises(ValueError, match="Gaussian the file does not hold"):
-        PathFile.load(file)
+        ScheduleFile.load(file)
 
 
 def _scaled(packed: str) -> str:
@@ -155,42 +156,39 @@ def test_calibrate_and_sample_cli_carry_the_teleport(tiny_ckpts, tmp_path, monke
     import calibrate as calibrate_cli
     import sample as sample_cli
     from pdm.checkpoints import load_for_sampling
-    from pdm.outputs import noise_and_label
     from pdm.images import to_uint8
-    from pdm.sampling.budgets import PathFile
+    from pdm.outputs import noise_and_label
+    from pdm.sampling import LearnedSchedule, ScheduleFile, Settings
 
     config = tmp_path / "tiny.yaml"
     config.write_text("data:\n  class_path: pdm.data.DigitsDataModule\n  init_args: {image_size: 16, batch_size: 64}\n")
     out = tmp_path / "paths.json"
     summary = calibrate_cli.main(["--ckpt", tiny_ckpts["cond"], "--nfe", "3", "--steps", "8", "--num-seeds", "4",
-                                  "--teleport-data", str(config), "--teleport-rank", "4", "--out", str(out)])
+                                  "--teleport-data", str(config), "--out", str(out)])
     assert summary["budgets"][3]["nfe"] == 3
-    made = json.loads(out.read_text())["paths"]["3"]["settings"]["calibrated_for"]
-    assert made["teleport_data"] == {"config": str(config), "rank": 4, "images": 20000}
+    made = json.loads(out.read_text())["calibrated_for"]
+    assert made["teleport_data"] == str(config)
     # a hand-made teleporting path in a file, replayed by sample.py
     loaded = load_for_sampling([tiny_ckpts["cond"]])
     from pdm.data.datamodules import load_digits_tensor
 
     x, y = load_digits_tensor(16)
-    gaussian = GaussianData.from_dict(GaussianData.fit(x, y, 10, rank=4).to_dict())
+    gaussian = GaussianData.from_dict(fit_gaussian(x, y, 10, rank=4).to_dict())
     teleport = Teleport(gaussian)
     times = loaded.schedule.timesteps(3, "logSNR", 0.6, None, dtype=torch.float64).tolist()
-    from pdm.sampling import SkipPath
-
-    path = SkipPath((True,) * 3, settings={"solver": "ipndm", "order": 3, "steps": 3, "timesteps": times,
-                                           "teleport": teleport.record()}, teleport=teleport)
+    path = LearnedSchedule(Settings(steps=3, solver="ipndm", order=3, timesteps=times, teleport=teleport))
     file = tmp_path / "tele.json"
-    PathFile({3: path}, {}, gaussian).save(file)
+    ScheduleFile({3: path}, {}, gaussian).save(file)
     calls = []
     real = Teleport.__call__
     monkeypatch.setattr(Teleport, "__call__", lambda self, *a, **k: calls.append(a[2]) or real(self, *a, **k))
-    sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--skip-path", str(file), "--steps", "3", "--num-samples", "2",
+    sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--schedule", str(file), "--steps", "3", "--num-samples", "2",
                      "--labels", "4", "--out", str(tmp_path / "s")])
     images = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
     assert calls == [pytest.approx(0.6)]  # sample.py teleported its batch to the path's first time
     drawn = [noise_and_label(0, i, (1, 16, 16), 10, [4]) for i in range(2)]
     noise = torch.stack([n for n, _ in drawn])
-    kw = PathFile.load(file).select(3).sample_kwargs()
+    kw = ScheduleFile.load(file).select(3).sample_kwargs()
     run = lambda **k: sample(loaded.model_fn, noise, loaded.schedule, prediction=loaded.prediction,  # noqa: E731
                              model_kwargs={"y": torch.tensor([4, 4])}, **k).x.detach()
     assert np.abs(images.astype(int) - to_uint8(run(**kw)).astype(int)).max() <= 1

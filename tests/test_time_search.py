@@ -1,4 +1,4 @@
-"""The smooth warp of a time grid (pdm.sampling.time_search): it keeps the ends and the order,
+"""The smooth warp of a time grid (pdm.calibration.times): it keeps the ends and the order,
 describes any NFE with three numbers, and its search finds a known optimum; with validation it
 keeps the grid that is best on the validation score, not on the fitted one."""
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pdm.sampling.time_search import refine_warp, warp_positions, warped_lambdas
+from pdm.calibration.times import refine_warp, warped_lambdas
 from pdm.schedule import VPSchedule
 
 S = VPSchedule.linear()
@@ -20,7 +20,6 @@ def test_zero_warp_is_the_start_grid_and_a_warp_keeps_ends_and_order():
     assert lam[0] == start[0] and lam[-1] == start[-1] and bool((lam[1:] > lam[:-1]).all())
     # w(u) = u + 0.1 sin(pi u) at the middle point, read on the uniform start grid (closed form)
     w = 0.5 + 0.1 * math.sin(math.pi * 0.5) - 0.05 * math.sin(math.pi) + 0.02 * math.sin(1.5 * math.pi)
-    assert float(warp_positions(20, [0.1, -0.05, 0.02])[10]) == pytest.approx(w, abs=1e-12)
     assert float(lam[10]) == pytest.approx(-8.0 + 14.0 * w, abs=1e-12)
     # a warp that folds the grid back on itself is refused
     assert warped_lambdas(start, [0.5, 0.0, 0.0]) is None
@@ -53,7 +52,8 @@ def test_refine_warp_keeps_the_grid_validation_prefers():
 
 
 def test_calibrated_warp_starts_from_the_best_built_in_grid_without_the_fine_grid_search(monkeypatch):
-    import pdm.sampling.calibration as calibration
+    import pdm.calibration.grid_points as grid_points
+    import pdm.calibration.schedules as calibration
     from pdm.sampling import sample
     from pdm.testing import GaussianMixture
 
@@ -64,10 +64,10 @@ def test_calibrated_warp_starts_from_the_best_built_in_grid_without_the_fine_gri
     def no_fine_grid(*args, **kwargs):
         raise AssertionError("the warp needs no fine-grid path")
 
-    monkeypatch.setattr(calibration, "_dp_path", no_fine_grid)
-    path = calibration.calibrate_skip_path(gm.model_fn(S), noise, S, nfe=6, steps=24, halvings=4,
+    monkeypatch.setattr(grid_points, "_dp_path", no_fine_grid)
+    path = calibration.calibrate_schedule(gm.model_fn(S), noise, S, nfe=6, steps=24, halvings=4,
                                            time_search="warp", **kw)
-    times = torch.tensor(path.settings["timesteps"], dtype=torch.float64)
+    times = torch.tensor(path.settings.timesteps, dtype=torch.float64)
     ref = sample(gm.model_fn(S), noise, S, steps=400, solver="unipc", order=3, skip_type="logSNR").x
 
     def err(**s):
@@ -77,4 +77,4 @@ def test_calibrated_warp_starts_from_the_best_built_in_grid_without_the_fine_gri
     assert err(steps=6, timesteps=times) <= built_in * 1.01  # never worse than where it started
     assert err(steps=6, timesteps=times) < 0.9 * built_in  # and the warp found a better grid here
     with pytest.raises(ValueError, match="time_search must be one of free, warp, warp\\+free"):
-        calibration.calibrate_skip_path(gm.model_fn(S), noise, S, nfe=6, steps=24, time_search="smooth", **kw)
+        calibration.calibrate_schedule(gm.model_fn(S), noise, S, nfe=6, steps=24, time_search="smooth", **kw)

@@ -9,13 +9,12 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import tiny_module
 from torch.optim.swa_utils import AveragedModel
 
 from pdm.data import DigitsDataModule
 from pdm.objectives import weighted_x0_loss
 from pdm.training import EMA, PDMModule, ema_decay
-
-from conftest import tiny_module
 
 
 @pytest.mark.parametrize("target", ["x0", "eps", "v"])

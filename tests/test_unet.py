@@ -246,8 +246,8 @@ def test_convert_cli_writes_an_export_that_sample_py_loads_and_that_computes_the
 
     import sample as sample_cli
     from pdm.checkpoints import load_model
-    from pdm.nn import convert_official_state_dict
     from pdm.checkpoints.__main__ import main as nn_main
+    from pdm.nn import convert_official_state_dict
 
     cfg = CONVERT_CASES["fractional_conditional"] | {"model_channels": 32}
     official = official_layout.official_state_dict(

@@ -2,15 +2,19 @@
 safetensors exports (:mod:`~pdm.checkpoints.writing`), and trained models rebuilt for sampling,
 expert pairs included (:mod:`~pdm.checkpoints.models`).
 
-    python -m pdm.checkpoints CKPT OUT.safetensors [--skip-paths FILE]  # export EMA weights (and paths)
+    python -m pdm.checkpoints CKPT OUT.safetensors [--schedule FILE]  # export EMA weights (and schedules)
     python -m pdm.checkpoints convert OFFICIAL.pt OUT.safetensors --config configs/lsun_church_p4.yaml
 """
 
-from pdm.checkpoints.models import LoadedModel, Model, load_for_sampling, load_model, network_model_fn
+from pdm.checkpoints.models import (
+    LoadedModel,
+    Model,
+    load_for_sampling,
+    load_model,
+    network_model_fn,
+)
 from pdm.checkpoints.reading import (
-    EMBEDDED_PATHS_KEY,
     SAFETENSORS_HINT,
-    embedded_skip_paths,
     SAMPLING_KEYS,
     is_safetensors,
     load_checkpoint,
@@ -27,7 +31,6 @@ from pdm.checkpoints.writing import (
 )
 
 __all__ = [
-    "EMBEDDED_PATHS_KEY",
     "EXPORT_FORMAT",
     "SAFETENSORS_HINT",
     "SAMPLING_KEYS",
@@ -35,7 +38,6 @@ __all__ = [
     "LoadedModel",
     "Model",
     "export_official",
-    "embedded_skip_paths",
     "export_safetensors",
     "is_safetensors",
     "load_checkpoint",

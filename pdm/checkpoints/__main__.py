@@ -39,14 +39,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("ckpt", help="a training checkpoint (.ckpt) written by train.py")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--skip-paths", default=None,
-                   help="embed a calibrate.py path file (sample.py --skip-path embedded replays it)")
-    p.add_argument("--force", action="store_true", help="embed --skip-paths calibrated for another checkpoint")
+    p.add_argument("--schedule", "--skip-paths", dest="schedule", default=None,
+                   help="embed a calibrate.py schedule file (sample.py --schedule embedded replays it); "
+                        "--skip-paths is its old name")
+    p.add_argument("--force", action="store_true", help="embed a --schedule calibrated for another checkpoint")
     args = p.parse_args(argv)
-    if args.force and args.skip_paths is None:
-        fail("python -m pdm.checkpoints", "--force does nothing without --skip-paths; drop it")
+    if args.force and args.schedule is None:
+        fail("python -m pdm.checkpoints", "--force does nothing without --schedule; drop it")
     try:
-        print(export_safetensors(args.ckpt, args.out, args.overwrite, args.skip_paths, args.force))
+        print(export_safetensors(args.ckpt, args.out, args.overwrite, args.schedule, args.force))
     except ValueError as e:
         fail("python -m pdm.checkpoints", str(e))
 

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 
 SAMPLING_KEYS = ("schedule", "beta_start", "beta_end", "num_timesteps", "target", "time_range")
-EMBEDDED_PATHS_KEY = "pdm_skip_paths"  # safetensors metadata: a calibrate.py path file
 SAFETENSORS_HINT = "export weights with `python -m pdm.checkpoints CKPT OUT.safetensors`"
 
 
@@ -118,16 +117,3 @@ def load_checkpoint_state(path: str) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"{path!r} holds no state dict of tensors")
     return obj
-
-
-def embedded_skip_paths(path: str) -> str | None:
-    """The path file embedded in an export (``python -m pdm.checkpoints ... --skip-paths``), or None."""
-    if not is_safetensors(path):
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as f:
-            return (f.metadata() or {}).get(EMBEDDED_PATHS_KEY)
-    except Exception:  # noqa: BLE001 - an unreadable export is reported when it is loaded
-        return None

@@ -12,8 +12,9 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from pdm.atomic import atomic_write, file_sha256
-from pdm.checkpoints.reading import EMBEDDED_PATHS_KEY, SAMPLING_KEYS, load_checkpoint, load_checkpoint_state
+from pdm.checkpoints.reading import SAMPLING_KEYS, load_checkpoint, load_checkpoint_state
 from pdm.nn import UNet
+from pdm.sampling.learned import EMBEDDED_KEY, ScheduleFile
 
 EXPORT_FORMAT = "pdm-ema-v2"
 
@@ -26,14 +27,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def export_safetensors(ckpt_path: str, out_path: str, overwrite: bool = False, skip_paths: str | None = None,
+def export_safetensors(ckpt_path: str, out_path: str, overwrite: bool = False, schedules: str | None = None,
                        force: bool = False) -> str:
     """Write the checkpoint's EMA network weights to safetensors, with the model config as metadata.
 
     Refuses to write over its input, to a name without ``.safetensors`` (sample.py reads
-    exports by that name) and over an existing file unless ``overwrite``. ``skip_paths``, a path
+    exports by that name) and over an existing file unless ``overwrite``. ``schedules``, a schedule
     file of calibrate.py for this checkpoint (``force``: for any), travels inside the export
-    (``sample.py --skip-path embedded`` replays it).
+    (``sample.py --schedule embedded`` replays it).
     """
     from safetensors.torch import save_file
 
@@ -50,23 +51,22 @@ def export_safetensors(ckpt_path: str, out_path: str, overwrite: bool = False, s
         raise ValueError(f"{ckpt_path!r} holds no network config; export a checkpoint written by pdm's train.py")
     tensors = {k: v.contiguous() for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     metadata = {"pdm_config": json.dumps(config), "format": EXPORT_FORMAT, "global_step": str(ckpt.get("global_step", ""))}
-    if skip_paths is not None:
-        metadata[EMBEDDED_PATHS_KEY] = _paths_for(skip_paths, ckpt_path, force)
+    if schedules is not None:
+        metadata[EMBEDDED_KEY] = _schedules_for(schedules, ckpt_path, force)
     atomic_write(out_path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return out_path
 
 
-def _paths_for(skip_paths: str, ckpt_path: str, force: bool) -> str:
-    """The path file's text, checked to be calibrated for ``ckpt_path`` unless ``force``."""
-    from pdm.sampling.budgets import PathFile
-
-    paths = PathFile.load(skip_paths)
-    made_for = sorted(paths.calibrated_for.get("checkpoints") or [])
+def _schedules_for(path: str, ckpt_path: str, force: bool) -> str:
+    """The schedule file's text (in today's format), checked to be calibrated for ``ckpt_path``
+    unless ``force``."""
+    found = ScheduleFile.load(path)
+    made_for = sorted(found.calibrated_for.get("checkpoints") or [])
     digest = file_sha256(ckpt_path)
     if made_for and made_for != [digest] and not force:
-        raise ValueError(f"{skip_paths} was calibrated for sha256 {', '.join(h[:8] + '...' for h in made_for)}, not "
+        raise ValueError(f"{path} was calibrated for sha256 {', '.join(h[:8] + '...' for h in made_for)}, not "
                          f"{ckpt_path} (sha256 {digest[:8]}...); calibrate this checkpoint, or pass --force")
-    return paths.to_json()
+    return found.to_json()
 
 
 def export_official(official_path: str, config_path: str, out_path: str, overwrite: bool = False) -> str:

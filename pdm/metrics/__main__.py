@@ -77,7 +77,14 @@ def main(argv: list[str] | None = None) -> dict:
         if name == "paired":
             s.add_argument("--lpips", action="store_true")
     args = p.parse_args(argv)
-    from pdm.metrics import DEFAULT_NUM_SAMPLES, FeatureStats, compute_stats, digits_fd_baseline, fid_against, paired_quality
+    from pdm.metrics import (
+        DEFAULT_NUM_SAMPLES,
+        FeatureStats,
+        compute_stats,
+        digits_fd_baseline,
+        fid_against,
+        paired_quality,
+    )
 
     try:
         if args.command == "ref-stats":

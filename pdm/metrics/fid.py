@@ -67,7 +67,7 @@ class FeatureStats:
         atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), mu=self.mu, sigma=self.sigma, n=np.int64(self.n)))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "FeatureStats":
+    def load(cls, path: str | os.PathLike) -> FeatureStats:
         """Read statistics written by :meth:`save` (or any .npz with mu and sigma)."""
         if not Path(path).is_file():
             raise ValueError(f"reference statistics {path} not found; compute them with `python -m pdm.metrics ref-stats`")

@@ -13,7 +13,10 @@ def _float(images: np.ndarray) -> torch.Tensor:
 def paired_quality(images: np.ndarray, references: np.ndarray, lpips: bool = False) -> dict[str, float]:
     """Mean per-image PSNR (dB) and SSIM of uint8 NHWC images against same-seed references;
     LPIPS (AlexNet) when ``lpips`` and its weights are available offline."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
 
     if images.shape != references.shape:
         raise ValueError(f"images {images.shape} and references {references.shape} differ in shape")

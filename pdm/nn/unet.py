@@ -19,7 +19,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pdm.nn.layers import AttentionBlock, Downsample, ResBlock, Upsample, group_norm, silu_, timestep_embedding, zero_init
+from pdm.nn.layers import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    Upsample,
+    group_norm,
+    silu_,
+    timestep_embedding,
+    zero_init,
+)
 from pdm.patching import patchify, positional_encoding_2d, unpatchify
 
 

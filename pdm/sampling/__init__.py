@@ -1,34 +1,42 @@
-"""Sampling: DPM-Solver(++), UniPC, iPNDM, DEIS, DDIM, DDPM; step skipping; guidance and expert routing.
+"""Sampling: DPM-Solver(++), UniPC, iPNDM, DEIS, DDIM, DDPM; step skipping; guidance and expert
+routing; replaying a learned schedule.
 
 Samplers see only a ``model_fn(x, t, **model_kwargs)`` and a schedule, never a network class.
+``sample(model_fn, noise, schedule, Settings(...))`` is the whole interface; ``Settings()`` is
+the project's default sampler.
 """
 
-from pdm.sampling.catalog import SOLVER_TABLE, SolverSpec
-from pdm.sampling.budgets import PathFile, calibrate_budgets
-from pdm.sampling.calibration import calibrate_skip_path, greedy_skip_path
+from pdm.sampling.catalog import SOLVER_TABLE, SOLVERS, SolverSpec
 from pdm.sampling.guidance import classifier_free_guidance, dynamic_threshold, expert_router
+from pdm.sampling.learned import LearnedSchedule, ScheduleFile
 from pdm.sampling.methods import StepInfo
-from pdm.sampling.sampler import METHODS, SOLVERS, SampleResult, check_settings, sample
-from pdm.sampling.skipping import AdaptiveSkip, SkipPath
+from pdm.sampling.sampler import METHODS, SampleResult, sample
+from pdm.sampling.settings import Settings, check_settings
+from pdm.sampling.skipping import AdaptiveSkip, FixedSkip
 from pdm.sampling.solvers import singlestep_orders
+
+SkipPath = LearnedSchedule  # the earlier name of a learned schedule (its files still load)
+PathFile = ScheduleFile  # the earlier name of the schedule file
+
 
 __all__ = [
     "AdaptiveSkip",
-    "PathFile",
+    "FixedSkip",
+    "LearnedSchedule",
     "METHODS",
+    "PathFile",
     "SOLVERS",
     "SOLVER_TABLE",
-    "SolverSpec",
     "SampleResult",
+    "ScheduleFile",
+    "Settings",
     "SkipPath",
+    "SolverSpec",
     "StepInfo",
-    "calibrate_budgets",
-    "calibrate_skip_path",
     "check_settings",
     "classifier_free_guidance",
     "dynamic_threshold",
     "expert_router",
-    "greedy_skip_path",
     "sample",
     "singlestep_orders",
 ]

@@ -185,6 +185,37 @@ class DDPMAncestral(MultistepSolver):
         return ddpm_update(x, points[-1], t, outputs[-1], self.generator, add_noise=self.denoise_to_zero or not last)
 
 
+class CorrectedSolver(MultistepSolver):
+    """``base`` with its step i's correction scaled by 1 + ``corrections[i]`` (i from 0).
+
+    A multistep step of order p > 1 is the first-order (DDIM) step plus a correction built from
+    the older outputs: x_hi = x_1 + (x_hi - x_1); step i takes x_1 + (1 + c_i)(x_hi - x_1), with
+    the c_i learned for one model (:mod:`pdm.calibration.coefficients`). c = 0 is the plain
+    solver; the first step (order 1) has nothing to rescale."""
+
+    def __init__(self, base: MultistepSolver, corrections: Sequence[float]) -> None:
+        super().__init__(base.order, base.lower_order_final)
+        self.base, self.corrections = base, [float(c) for c in corrections]
+        self.data, self.corrects = base.data, base.corrects
+        self.step = 0
+
+    def order_at(self, i: int, steps: int) -> int:
+        return self.base.order_at(i, steps)
+
+    def predict(self, x: Tensor, points: Sequence[TimePoint], outputs: Sequence[Tensor], t: TimePoint,
+                order: int, last: bool) -> Tensor:
+        i, self.step = self.step, self.step + 1
+        x_hi = self.base.predict(x, points, outputs, t, order, last)
+        c = self.corrections[i] if i < len(self.corrections) else 0.0
+        if order == 1 or c == 0.0:
+            return x_hi
+        x_1 = first_order_update(x, points[-1], t, outputs[-1], self.data)
+        return x_1 + (1.0 + c) * (x_hi - x_1)
+
+    def correct(self, x, points, outputs, t, m_t, order):
+        return self.base.correct(x, points, outputs, t, m_t, order)
+
+
 @dataclass(frozen=True)
 class StepOptions:
     """What a row's ``build`` may use to make its step object."""
@@ -210,7 +241,6 @@ class SolverSpec:
         data: True for the data form (outputs converted to x0), False for the noise form (eps).
         methods: the ``method=`` values it runs with (the first is its default).
         variants: its ``solver_type`` values, default first (empty: none).
-        lowers_order_final: whether ``lower_order_final`` changes it.
         deterministic: False for a stochastic sampler (no ODE path to calibrate).
     """
 
@@ -222,7 +252,6 @@ class SolverSpec:
     data: bool = True
     methods: tuple[str, ...] = ("multistep",)
     variants: tuple[str, ...] = ()
-    lowers_order_final: bool = False
     deterministic: bool = True
 
     @property
@@ -241,13 +270,12 @@ SOLVER_TABLE: dict[str, SolverSpec] = {spec.name: spec for spec in (
                deterministic=False),
     SolverSpec("dpmsolver", "DPM-Solver, noise form (Lu et al. 2022)",
                lambda o: DPMSolverMultistep(o.order, o.lower_order_final, False, o.solver_type), data=False,
-               methods=ALL_METHODS, variants=("dpmsolver", "taylor"), lowers_order_final=True),
+               methods=ALL_METHODS, variants=("dpmsolver", "taylor")),
     SolverSpec("dpmsolver++", "DPM-Solver++, data form (Lu et al. 2022b)",
                lambda o: DPMSolverMultistep(o.order, o.lower_order_final, True, o.solver_type),
-               methods=ALL_METHODS, variants=("dpmsolver", "taylor"), lowers_order_final=True),
+               methods=ALL_METHODS, variants=("dpmsolver", "taylor")),
     SolverSpec("unipc", "UniPC predictor-corrector, data form (Zhao et al. 2023)",
-               lambda o: UniPCMultistep(o.order, o.lower_order_final, o.solver_type), variants=("bh2", "bh1"),
-               lowers_order_final=True),
+               lambda o: UniPCMultistep(o.order, o.lower_order_final, o.solver_type), variants=("bh2", "bh1")),
     SolverSpec("ipndm", "iPNDM, noise form (Zhang & Chen 2023)", lambda o: IPNDM(o.order, False),
                orders=(1, 2, 3, 4), default_order=4, data=False),
     SolverSpec("deis", "tAB-DEIS, noise form (Zhang & Chen 2023)", lambda o: DEIS(o.order, o.schedule),

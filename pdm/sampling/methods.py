@@ -30,7 +30,6 @@ from pdm.sampling.solvers import (
 from pdm.schedule import VPSchedule
 
 
-
 @dataclass(frozen=True)
 class StepInfo:
     """What a ``sample(..., callback=fn)`` callback gets once per step, before the step's update

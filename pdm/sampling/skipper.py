@@ -1,7 +1,7 @@
 """The skipping of one sampling run, in one owner: :class:`Skipper` decides which samples call the
 network at the coming evaluation (a fixed path, or a criterion), has only those evaluated, fills
 the others (``reuse`` or ``forecast``) and keeps the history both need. The settings it runs
-(:class:`~pdm.sampling.skipping.AdaptiveSkip`, :class:`~pdm.sampling.skipping.SkipPath`) and what
+(:class:`~pdm.sampling.skipping.AdaptiveSkip`, :class:`~pdm.sampling.skipping.FixedSkip`) and what
 the fills and criteria mean are described in :mod:`pdm.sampling.skipping`.
 
 A criterion is one small class (:class:`~pdm.sampling.skipping.Criterion`): ``may_skip`` says,
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pdm.sampling.skipping import CRITERION_CLASSES, AdaptiveSkip, SkipPath
+from pdm.sampling.skipping import CRITERION_CLASSES, AdaptiveSkip, FixedSkip
 from pdm.sampling.solvers import TimePoint
 
 RawCall = Callable[[Tensor, TimePoint, Tensor], Tensor]  # (x, point, rows) -> the model's raw output of rows
@@ -79,12 +79,12 @@ class Skipper:
     """One run's skipping: which samples evaluate next, the evaluation of only those, the fill.
 
     Args:
-        config: :class:`AdaptiveSkip`, a (non-merge) :class:`SkipPath`, or None (never skip).
+        config: :class:`AdaptiveSkip`, a :class:`FixedSkip` pattern, or None (never skip).
         batch, device: the run's batch.
         convert: ``convert(raw, x, point)``, the model's raw output as the solver consumes it.
     """
 
-    def __init__(self, config: AdaptiveSkip | SkipPath | None, batch: int, device: torch.device,
+    def __init__(self, config: AdaptiveSkip | FixedSkip | None, batch: int, device: torch.device,
                  convert: Convert) -> None:
         self.config, self.batch, self.device, self.convert = config, batch, device, convert
         self.fill = None if config is None else config.fill
@@ -143,7 +143,7 @@ class Skipper:
         self.steps_seen += 1
         cfg = self.config
         self.streak = torch.where(evaluated, torch.zeros_like(self.streak), self.streak + 1)
-        if isinstance(cfg, SkipPath):
+        if isinstance(cfg, FixedSkip):
             k = self.steps_seen
             flag = cfg.evaluate[k] if k < len(cfg.evaluate) else True
             self.next_mask = torch.full((self.batch,), bool(flag), dtype=torch.bool, device=self.device)

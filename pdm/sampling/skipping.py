@@ -4,9 +4,6 @@ Two questions per step: *whether* to call the network (the criterion, or a fixed
 if not, *what to use instead* (the fill).
 
 Fill:
-- ``merge`` (fixed paths only): a skipped step is merged into the evaluated step before it, so
-  the solver steps straight from one kept grid point to the next with its usual update; the
-  path is then a learned time schedule on the fine grid.
 - ``reuse`` (AdaptiveDiffusion, Ye et al. 2024, arXiv 2410.09873): the last raw network output,
   converted at the current (x_t, t).
 - ``forecast``: extrapolate the sample's recent *evaluated* outputs, in the form the solver
@@ -25,21 +22,20 @@ Criteria:
   max(atol, rtol |x|) with (atol, rtol) = threshold * (0.0078, 0.05), has RMS at most 1.
 Both criteria never skip during the warm-up and never more than ``max_skips`` steps in a row.
 
-This module holds the settings and the path files; :mod:`pdm.sampling.skipper` runs them.
+This module holds the settings (:class:`AdaptiveSkip`, :class:`FixedSkip`) and the criteria;
+:mod:`pdm.sampling.skipper` runs them.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-Fill = Literal["forecast", "reuse", "merge"]
+Fill = Literal["forecast", "reuse"]
 FILLS: tuple[str, ...] = get_args(Fill)
 TOLERANCE = (0.0078, 0.05)  # DPM-Solver's adaptive (atol, rtol) for data in [-1, 1], scaled by the threshold
 
@@ -151,8 +147,6 @@ class AdaptiveSkip:
         if self.criterion not in CRITERION_CLASSES:
             raise ValueError(f"unknown skip criterion {self.criterion!r}; choose one of {', '.join(CRITERION_CLASSES)}")
         _check_fill(self.fill, self.forecast_order)
-        if self.fill == "merge":
-            raise ValueError("fill='merge' needs a fixed SkipPath (per-sample decisions cannot share one grid)")
         if self.criterion == "error" and not 1 <= self.forecast_order < self.warmup:
             raise ValueError(f"the error criterion compares forecasts of orders p and p-1: forecast_order must be "
                              f"1..{self.warmup - 1}, got {self.forecast_order}")
@@ -165,109 +159,24 @@ class AdaptiveSkip:
         return cls(threshold, max_skips, warmup, per_sample, criterion="latent", fill="reuse", forecast_order=0)
 
 
-# The settings of a SkipPath that are arguments of sample() (others, e.g. "calibrated_for", are notes).
-REPLAY_SETTINGS = ("steps", "solver", "order", "method", "skip_type", "solver_type", "timesteps", "corrections")
-
-
 @dataclass(frozen=True)
-class SkipPath:
-    """A fixed skip path: ``evaluate[i]`` says whether step i + 1 calls the network.
-
-    A calibrated path (:func:`pdm.sampling.calibrate_skip_path`) is a learned time schedule:
-    the kept evaluations are the points of the fine grid where the network runs, and with the
-    default ``fill="merge"`` the solver steps between them directly. ``settings`` records the
-    sampler settings of the grid it belongs to, so a saved path replays as found; a path whose
-    times were calibrated off the fine grid records its own grid in ``settings["timesteps"]``
-    (``steps + 1`` decreasing times) and evaluates at each of them.
-    """
+class FixedSkip:
+    """Step skipping by a fixed pattern: ``evaluate[i]`` says whether step i + 1 calls the network;
+    the other steps are filled (``reuse`` or ``forecast``) as adaptive skipping fills them. The
+    yardstick of AdaptiveDiffusion (:func:`pdm.calibration.greedy_skip_path`) is such a pattern.
+    (A learned time schedule is not a skip pattern: :class:`pdm.sampling.LearnedSchedule`.)"""
 
     evaluate: tuple[bool, ...]
-    fill: Fill = "merge"
+    fill: Fill = "reuse"
     forecast_order: int = 2
-    settings: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-    teleport: Any = field(default=None, compare=False, hash=False)  # a pdm.sampling.teleport.Teleport
 
     def __post_init__(self) -> None:
         if not self.evaluate or not self.evaluate[0]:
-            raise ValueError("a skip path must evaluate the first step (there is no earlier output to reuse)")
+            raise ValueError("a skip pattern must evaluate the first step (there is no earlier output to reuse)")
         object.__setattr__(self, "evaluate", tuple(bool(e) for e in self.evaluate))
         _check_fill(self.fill, self.forecast_order)
 
     @property
     def nfe(self) -> int:
-        """Network evaluations of one replay (not counting ``denoise_to_zero``)."""
+        """Network evaluations of one run (not counting ``denoise_to_zero``)."""
         return sum(self.evaluate)
-
-    def sample_kwargs(self) -> dict[str, Any]:
-        """The arguments of :func:`pdm.sampling.sample` that replay this path: the recorded solver
-        settings, the time grid (a float64 tensor when ``settings["timesteps"]`` holds one) and
-        ``skip=self``."""
-        kw = {k: v for k, v in self.settings.items() if k in REPLAY_SETTINGS}
-        if "timesteps" in kw:
-            kw["timesteps"] = torch.tensor(kw["timesteps"], dtype=torch.float64)
-        if self.teleport is not None:
-            kw["teleport"] = self.teleport
-        return kw | {"skip": self}
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form (a teleport's Gaussian is stored once per path file, not here)."""
-        return {"evaluate": list(self.evaluate), "fill": self.fill, "forecast_order": self.forecast_order,
-                "settings": self.settings}
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the path and its settings as JSON (atomically)."""
-        from pdm.atomic import atomic_write_text
-
-        if self.teleport is not None:
-            raise ValueError("a teleporting path is saved in a path file (pdm.sampling.budgets.PathFile), "
-                             "which stores its Gaussian")
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
-
-    def check_calibrated_for(self, checkpoints: list[str], guidance_scale: float, files: list[str] | None = None,
-                             name: str = "the skip path") -> None:
-        """Refuse (ValueError, one line naming both sides) to replay a path calibrated for other
-        checkpoints (sha256 of the files) or another guidance scale. A path without a
-        ``settings["calibrated_for"]`` record (made by hand) is accepted."""
-        made = self.settings.get("calibrated_for")
-        if not made:
-            return
-        def short(hashes) -> str:
-            return ", ".join(f"{h[:8]}..." for h in hashes)
-
-        old = sorted(made.get("checkpoints") or [])
-        if old and old != sorted(checkpoints):
-            where = " ".join(made.get("files") or []) or "another checkpoint"
-            raise ValueError(f"{name} was calibrated for {where} (sha256 {short(old)}), not {' '.join(files or [])} "
-                             f"(sha256 {short(sorted(checkpoints))}); calibrate this checkpoint, or pass "
-                             "--force-skip-path to replay it anyway")
-        scale = made.get("guidance_scale")
-        if scale is not None and float(scale) != float(guidance_scale):
-            raise ValueError(f"{name} was calibrated at --guidance-scale {scale}, not {guidance_scale}; calibrate at "
-                             f"{guidance_scale}, sample at {scale}, or pass --force-skip-path to replay it anyway")
-
-    @classmethod
-    def from_dict(cls, data: dict, calibrated_for: dict | None = None) -> SkipPath:
-        """A path from its :meth:`save` form; ``calibrated_for`` (a path file's record) is added to
-        its settings unless they hold one."""
-        settings = dict(data.get("settings") or {})
-        if calibrated_for and "calibrated_for" not in settings:
-            settings["calibrated_for"] = calibrated_for
-        return cls(evaluate=tuple(data["evaluate"]), fill=data.get("fill", "merge"),
-                   forecast_order=int(data.get("forecast_order", 2)), settings=settings)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> SkipPath:
-        """Read a path written by :meth:`save`; a malformed file is a ValueError naming it."""
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            if "paths" in data:  # a path file of several budgets (pdm.sampling.budgets.PathFile)
-                if len(data["paths"]) != 1:
-                    raise ValueError(f"it holds paths for {', '.join(sorted(data['paths'], key=int))} NFE; read it "
-                                     "with pdm.sampling.budgets.PathFile.load(...).select(nfe)")
-                return cls.from_dict(next(iter(data["paths"].values())), data.get("calibrated_for"))
-            return cls.from_dict(data)
-        except FileNotFoundError:
-            raise ValueError(f"skip path {os.fspath(path)!r} does not exist") from None
-        except (OSError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{os.fspath(path)!r} is not a skip path written by SkipPath.save: {e}") from None

@@ -6,9 +6,10 @@ Wang & Vastola (2023), "The Hidden Linear Structure in Score-Based Models and it
 Gaussian with the data's mean and covariance. For that Gaussian the probability-flow ODE is
 linear, and along each principal direction (variance v) its solution is a rescaling:
 x_t - alpha_t mu = sqrt(alpha_t^2 v + sigma_t^2) / sqrt(alpha_s^2 v + sigma_s^2) (x_s - alpha_s mu).
-Starting a sampler at t_s from that solution costs no network evaluation. What is learned here is
-only the Gaussian (the data's moments, per class and for the whole data set); the teleport time
-t_s is chosen by :mod:`pdm.sampling.budgets` on calibration images like every other time of a path.
+Starting a sampler at t_s from that solution costs no network evaluation. What is learned is
+only the Gaussian (the data's moments, per class and for the whole data set,
+:func:`pdm.calibration.teleport.fit_gaussian`); the teleport time t_s is chosen by the
+calibration on its images like every other time of a schedule. This module replays it.
 
 With classifier-free guidance the guided denoiser is the same combination of the class and the
 whole-data Gaussian denoisers (affine in x, the two covariances need not commute), so the linear
@@ -25,12 +26,11 @@ import base64
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from pdm.sampling.evaluator import input_digest
 from pdm.schedule import VPSchedule
 
 GAUSSIAN_FORMAT = "pdm-gaussian-v1"
@@ -47,23 +47,6 @@ class GaussianData:
     residual: Tensor  # (R,) mean variance of the directions outside the basis
     shape: tuple[int, ...]
     num_classes: int | None = None
-
-    @classmethod
-    def fit(cls, x: Tensor, y: Tensor | None = None, num_classes: int | None = None, rank: int = 64) -> GaussianData:
-        """The moments of data ``x`` (N, *shape), per class of ``y`` when ``num_classes`` is given."""
-        if x.ndim < 2 or x.shape[0] < 2:
-            raise ValueError(f"need at least 2 data images of shape (N, ...), got {tuple(x.shape)}")
-        flat = x.flatten(1).double()
-        if num_classes is not None and (y is None or y.shape != (x.shape[0],)):
-            raise ValueError("class moments need one label per image (y of shape (N,))")
-        groups = [flat[y == c] for c in range(num_classes)] if num_classes is not None else []
-        for c, g in enumerate(groups):
-            if g.shape[0] < 2:
-                raise ValueError(f"class {c} has {g.shape[0]} data images; its moments need at least 2")
-        rows = [_moments(g, rank) for g in groups + [flat]]
-        return cls(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]),
-                   torch.stack([r[2] for r in rows]), torch.stack([r[3] for r in rows]),
-                   tuple(x.shape[1:]), num_classes)
 
     @property
     def whole(self) -> int:
@@ -140,7 +123,6 @@ class Teleport:
     data: GaussianData
     guidance_scale: float = 1.0
     rk_steps: int = 100
-    _memory: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, noise: Tensor, schedule: VPSchedule, t_to: float, y: Tensor | None = None) -> Tensor:
         if tuple(noise.shape[1:]) != self.data.shape:
@@ -151,9 +133,6 @@ class Teleport:
             raise ValueError(f"cannot teleport from t = {t0} up to t = {t_to}")
         if t_to == t0:
             return noise
-        key = input_digest((("noise", noise), ("y", y), ("t", float(t_to))))  # a calibration repeats these
-        if key in self._memory:
-            return self._memory[key].clone()
         x = noise.flatten(1).double().cpu()
         rows = self.data.rows_for(y, x.shape[0])
         a = lambda t: float(schedule.alpha(torch.tensor(t, dtype=torch.float64)))  # noqa: E731
@@ -162,32 +141,28 @@ class Teleport:
             out = self.data.flow(x, rows, a(t0), s(t0), a(t_to), s(t_to))
         else:
             out = self._guided(x, rows, schedule, t0, t_to)
-        out = out.reshape(noise.shape).to(device=noise.device, dtype=noise.dtype)
-        if len(self._memory) >= 16:
-            self._memory.pop(next(iter(self._memory)))
-        self._memory[key] = out
-        return out.clone()
+        return out.reshape(noise.shape).to(device=noise.device, dtype=noise.dtype)
 
     def _guided(self, x: Tensor, rows: Tensor, schedule: VPSchedule, t0: float, t1: float) -> Tensor:
         """RK4 in lambda on u = x / sigma: du/dlambda = e^lambda D(x), D the guided Gaussian denoiser."""
         g, whole = self.guidance_scale, torch.full_like(rows, self.data.whole)
         lam = schedule.lambda_(torch.tensor([t0, t1], dtype=torch.float64)).tolist()
-        def at(l: float) -> tuple[float, float]:
-            t = schedule.t_of_lambda(torch.tensor(l, dtype=torch.float64))
+        def at(lam_: float) -> tuple[float, float]:
+            t = schedule.t_of_lambda(torch.tensor(lam_, dtype=torch.float64))
             return float(schedule.alpha(t)), float(schedule.sigma(t))
-        def f(l: float, u: Tensor) -> Tensor:
-            a, s = at(l)
+        def f(lam_: float, u: Tensor) -> Tensor:
+            a, s = at(lam_)
             xs = s * u
             cond, uncond = self.data.denoise(xs, rows, a, s), self.data.denoise(xs, whole, a, s)
-            return torch.exp(torch.tensor(l, dtype=torch.float64)) * (uncond + g * (cond - uncond))
+            return torch.exp(torch.tensor(lam_, dtype=torch.float64)) * (uncond + g * (cond - uncond))
         h = (lam[1] - lam[0]) / self.rk_steps
         u = x / at(lam[0])[1]
         for i in range(self.rk_steps):
-            l = lam[0] + i * h
-            k1 = f(l, u)
-            k2 = f(l + h / 2, u + h / 2 * k1)
-            k3 = f(l + h / 2, u + h / 2 * k2)
-            k4 = f(l + h, u + h * k3)
+            lam_ = lam[0] + i * h
+            k1 = f(lam_, u)
+            k2 = f(lam_ + h / 2, u + h / 2 * k1)
+            k3 = f(lam_ + h / 2, u + h / 2 * k2)
+            k4 = f(lam_ + h, u + h * k3)
             u = u + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
         return at(lam[1])[1] * u
 
@@ -197,26 +172,6 @@ class Teleport:
 
     def __repr__(self) -> str:  # a run's identity records this, not the arrays
         return f"Teleport(gaussian sha256 {self.data.digest()[:16]}, guidance_scale={self.guidance_scale})"
-
-
-def _moments(flat: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(mean, top-``rank`` directions, their variances, mean variance of the rest) of rows ``flat``."""
-    n, d = flat.shape
-    mu = flat.mean(0)
-    _, sv, vh = torch.linalg.svd(flat - mu, full_matrices=False)
-    var = sv ** 2 / (n - 1)
-    k = min(rank, d)
-    basis = torch.zeros(d, k, dtype=torch.float64)
-    variances = torch.zeros(k, dtype=torch.float64)
-    m = min(k, vh.shape[0])
-    basis[:, :m], variances[:m] = vh[:m].T, var[:m]
-    if m < k:  # fewer images than the rank: complete the basis with directions of zero variance
-        q, _ = torch.linalg.qr(torch.cat([basis[:, :m], torch.randn(d, k - m, dtype=torch.float64,
-                                                                    generator=torch.Generator().manual_seed(0))], 1))
-        basis[:, m:] = q[:, m:]
-    total = float((flat - mu).pow(2).sum() / (n - 1))
-    residual = torch.tensor(max(total - float(variances.sum()), 0.0) / max(d - k, 1), dtype=torch.float64)
-    return mu, basis, variances, residual
 
 
 def _pack(t: Tensor) -> str:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from pdm.atomic import atomic_write_text
 from pdm.images import grid_image, save_grid, to_uint8
-from pdm.sampling import classifier_free_guidance, sample
+from pdm.sampling import Settings, classifier_free_guidance, sample
 from pdm.training.ema import EMA
 
 
@@ -25,11 +25,14 @@ def ema_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningM
     return pl_module
 
 
+DEFAULT = Settings()  # the project's default sampler
+
+
 @torch.no_grad()
-def sample_images(module: L.LightningModule, num: int, steps: int = 20, solver: str = "dpmsolver++", order: int = 2,
-                  guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 250, skip_type: str = "time_uniform",
-                  start_images: Tensor | None = None) -> tuple[Tensor, str]:
-    """Sample ``num`` images in [-1, 1] from a PDMModule (labels cycle through the classes).
+def sample_images(module: L.LightningModule, num: int, settings: Settings | None = None, guidance_scale: float = 1.0,
+                  seed: int = 0, batch_size: int = 250, start_images: Tensor | None = None) -> tuple[Tensor, str]:
+    """Sample ``num`` images in [-1, 1] from a PDMModule (labels cycle through the classes) with
+    ``settings`` (default: the project's default sampler).
 
     A model that owns the whole schedule samples from noise. An expert samples only inside its
     own time range: the high-noise expert integrates from t = 1 down to its lowest step and
@@ -39,7 +42,7 @@ def sample_images(module: L.LightningModule, num: int, steps: int = 20, solver: 
     net, schedule = module.net, module.schedule
     lo, hi = module.time_range
     n_steps = schedule.num_timesteps
-    kw: dict = dict(steps=steps, solver=solver, order=order, prediction=module.hparams.target, skip_type=skip_type)
+    kw: dict = {}
     tag = "samples"
     if lo > 0:  # the high-noise expert
         kw.update(t_end=float(schedule.t_of_label(torch.tensor(float(lo)))), denoise_to_zero=True)
@@ -66,7 +69,7 @@ def sample_images(module: L.LightningModule, num: int, steps: int = 20, solver: 
         kwargs = {}
         if net.num_classes is not None:
             kwargs["y"] = torch.arange(i, i + x.shape[0], device=x.device) % net.num_classes
-        out.append(sample(fn, x, schedule, model_kwargs=kwargs, **kw).x.cpu())
+        out.append(sample(fn, x, schedule, settings, prediction=module.hparams.target, model_kwargs=kwargs, **kw).x.cpu())
     module.train(was_training)
     return torch.cat(out), tag
 
@@ -107,12 +110,12 @@ class SampleGrid(L.Callback):
     an expert's grid name says what it shows (see :func:`sample_images`).
     """
 
-    def __init__(self, every_n_steps: int = 1000, num_samples: int = 64, steps: int = 20, solver: str = "dpmsolver++",
-                 order: int = 2, guidance_scale: float = 1.0, seed: int = 0, scale: int = 2,
-                 skip_type: str = "time_uniform") -> None:
-        self.every_n_steps, self.num_samples, self.steps = every_n_steps, num_samples, steps
-        self.solver, self.order, self.guidance_scale, self.seed, self.scale = solver, order, guidance_scale, seed, scale
-        self.skip_type = skip_type
+    def __init__(self, every_n_steps: int = 1000, num_samples: int = 64, steps: int = DEFAULT.steps,
+                 solver: str = DEFAULT.solver, order: int | None = None, guidance_scale: float = 1.0, seed: int = 0,
+                 scale: int = 2, skip_type: str = DEFAULT.grid) -> None:
+        self.every_n_steps, self.num_samples, self.guidance_scale, self.seed = every_n_steps, num_samples, guidance_scale, seed
+        self.settings = Settings(steps=steps, solver=solver, order=order, grid=skip_type).resolved()
+        self.scale = scale
         self.start_images: Tensor | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
@@ -125,8 +128,8 @@ class SampleGrid(L.Callback):
         """Sample and save one grid; returns its path (rank 0 only)."""
         if not trainer.is_global_zero:
             return None
-        x, kind = sample_images(ema_module(trainer, pl_module), self.num_samples, self.steps, self.solver, self.order,
-                                self.guidance_scale, self.seed, skip_type=self.skip_type, start_images=self.start_images)
+        x, kind = sample_images(ema_module(trainer, pl_module), self.num_samples, self.settings, self.guidance_scale,
+                                self.seed, start_images=self.start_images)
         images = to_uint8(x)
         name = tag if kind == "samples" else f"{tag}_{kind}"
         path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"{name}.png"
@@ -151,22 +154,23 @@ class DigitsFD(L.Callback):
     FD-8x8 to the real digits, next to the FD of as many real digits (the floor). Written to
     ``<log_dir>/digits_fd.json`` and logged as ``fd8x8``."""
 
-    def __init__(self, num_samples: int = 500, steps: int = 20, guidance_scale: float = 1.0, seed: int = 1,
-                 solver: str = "dpmsolver++", order: int = 2, skip_type: str = "time_uniform") -> None:
-        self.num_samples, self.steps, self.guidance_scale, self.seed = num_samples, steps, guidance_scale, seed
-        self.solver, self.order, self.skip_type = solver, order, skip_type
+    def __init__(self, num_samples: int = 500, steps: int = DEFAULT.steps, guidance_scale: float = 1.0, seed: int = 1,
+                 solver: str = DEFAULT.solver, order: int | None = None, skip_type: str = DEFAULT.grid) -> None:
+        self.num_samples, self.guidance_scale, self.seed = num_samples, guidance_scale, seed
+        self.settings = Settings(steps=steps, solver=solver, order=order, grid=skip_type).resolved()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from pdm.metrics import digits_fd_baseline, digits_fd_metric, fid_against
 
         if not trainer.is_global_zero:
             return
-        x, _ = sample_images(ema_module(trainer, pl_module), self.num_samples, self.steps, self.solver, self.order,
-                             self.guidance_scale, self.seed, skip_type=self.skip_type)
+        x, _ = sample_images(ema_module(trainer, pl_module), self.num_samples, self.settings, self.guidance_scale,
+                             self.seed)
         stats, baseline = digits_fd_baseline(self.num_samples)
         fd = fid_against(digits_fd_metric(), stats, to_uint8(x))
-        result = {"fd8x8": fd, "real_vs_real_fd8x8": baseline, "num_samples": self.num_samples, "steps": self.steps,
-                  "solver": self.solver, "guidance_scale": self.guidance_scale, "global_step": trainer.global_step}
+        result = {"fd8x8": fd, "real_vs_real_fd8x8": baseline, "num_samples": self.num_samples,
+                  "steps": self.settings.steps, "solver": self.settings.solver, "guidance_scale": self.guidance_scale,
+                  "global_step": trainer.global_step}
         print(f"digits FD-8x8 of {self.num_samples} EMA samples: {fd:.3f} "
               f"(real-vs-real with {self.num_samples} real digits: {baseline:.3f})")
         atomic_write_text(Path(trainer.log_dir or trainer.default_root_dir) / "digits_fd.json", json.dumps(result, indent=1))

@@ -20,7 +20,9 @@ Measured on digits (benchmarks/RESULTS.md) it did not protect new images. On one
 images that carry the held-out RMS were rarer than 1 in 256 candidates and the score did not
 single them out; on a retrained one it ranks them first (its top 8 of 200 held 65-96% of a
 calibrated path's squared error), yet a path fitted with them was no better on new hard images,
-each of which errs at its own time. calibrate.py therefore screens only when asked (``--screen``).
+each of which errs at its own time. It is therefore not on calibrate.py's command line:
+``calibrate_budgets(..., weights=draw.weights)`` screens from Python, as
+benchmarks/calibration_holdout.py --screen does.
 """
 
 from __future__ import annotations
