@@ -26,8 +26,12 @@ from pdm.checkpoints import AtomicCheckpointIO, training_checkpoint
 from pdm.training import PDMModule, Preemption
 from pdm.training.module import check_data_fits_network, lr_factor
 
-CHECKPOINT_CALLBACKS = ("pdm.training.RunCheckpoint", "lightning.pytorch.callbacks.ModelCheckpoint", "ModelCheckpoint",
-                        "RunCheckpoint")
+CHECKPOINT_CALLBACKS = (
+    "pdm.training.RunCheckpoint",
+    "lightning.pytorch.callbacks.ModelCheckpoint",
+    "ModelCheckpoint",
+    "RunCheckpoint",
+)
 
 
 class PDMCLI(LightningCLI):
@@ -41,8 +45,11 @@ class PDMCLI(LightningCLI):
             cfg = self.config[subcommand]
             cfg.ckpt_path = _resolve_resume(cfg)
             if cfg.ckpt_path is not None and cfg.ckpt_path not in ("hpc", "best", "registry"):
-                path = (max(_last_checkpoints(cfg), key=os.path.getmtime) if cfg.ckpt_path == "last"
-                        else os.fspath(cfg.ckpt_path))
+                path = (
+                    max(_last_checkpoints(cfg), key=os.path.getmtime)
+                    if cfg.ckpt_path == "last"
+                    else os.fspath(cfg.ckpt_path)
+                )
                 _check_resumable(path, training_checkpoint(path), cfg)
         super()._parse_ckpt_path()
 
@@ -53,16 +60,22 @@ class PDMCLI(LightningCLI):
         if cfg.get("ckpt_path") is None:
             for folder in _checkpoint_folders(cfg):
                 if os.path.isdir(folder) and any(f.endswith(".ckpt") for f in os.listdir(folder)):
-                    raise ValueError(f"{folder} already holds checkpoints of another run; resume it with "
-                                     "--ckpt_path last, or start a new run with another --trainer.default_root_dir")
+                    raise ValueError(
+                        f"{folder} already holds checkpoints of another run; resume it with "
+                        "--ckpt_path last, or start a new run with another --trainer.default_root_dir"
+                    )
 
     def instantiate_trainer(self, **kwargs):
-        check_data_fits_network(self.datamodule, getattr(self.model, "net", None))  # before the Trainer exists
+        check_data_fits_network(
+            self.datamodule, getattr(self.model, "net", None)
+        )  # before the Trainer exists
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         strategy = self.trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # set here, so saved configs stay plain and re-run
+        if (
+            type(strategy.checkpoint_io) is TorchCheckpointIO
+        ):  # set here, so saved configs stay plain and re-run
             strategy.checkpoint_io = AtomicCheckpointIO()
         if not any(isinstance(cb, Preemption) for cb in self.trainer.callbacks):
             # SIGTERM / SIGUSR1 / SIGINT: finish the step, save last.ckpt, exit 128 + signal (requeue under SLURM)
@@ -75,7 +88,9 @@ def _checkpoint_folders(cfg) -> list[str]:
     folders = []
     for cb in cfg.trainer.get("callbacks") or []:
         class_path = getattr(cb, "class_path", "")
-        if class_path in CHECKPOINT_CALLBACKS or class_path.endswith(("ModelCheckpoint", "RunCheckpoint")):
+        if class_path in CHECKPOINT_CALLBACKS or class_path.endswith(
+            ("ModelCheckpoint", "RunCheckpoint")
+        ):
             dirpath = (cb.get("init_args") or {}).get("dirpath")
             folders.append(str(dirpath) if dirpath else os.path.join(str(root), "checkpoints"))
     return folders
@@ -83,8 +98,13 @@ def _checkpoint_folders(cfg) -> list[str]:
 
 def _last_checkpoints(cfg) -> list[str]:
     """The ``last*.ckpt`` files of the run's checkpoint folders (``--ckpt_path last`` takes the newest)."""
-    return [os.path.join(d, f) for d in _checkpoint_folders(cfg) if os.path.isdir(d)
-            for f in os.listdir(d) if f.startswith("last") and f.endswith(".ckpt")]
+    return [
+        os.path.join(d, f)
+        for d in _checkpoint_folders(cfg)
+        if os.path.isdir(d)
+        for f in os.listdir(d)
+        if f.startswith("last") and f.endswith(".ckpt")
+    ]
 
 
 def _resolve_resume(cfg):
@@ -98,8 +118,10 @@ def _resolve_resume(cfg):
         return "last" if has_last else None
     if not has_last:
         where = ", ".join(_checkpoint_folders(cfg)) or "(no checkpoint callback is configured)"
-        raise ValueError(f"--ckpt_path last: there is no last.ckpt to resume in {where}; drop --ckpt_path to start "
-                         "this run, or use --ckpt_path auto in job scripts (resume when there is one)")
+        raise ValueError(
+            f"--ckpt_path last: there is no last.ckpt to resume in {where}; drop --ckpt_path to start "
+            "this run, or use --ckpt_path auto in job scripts (resume when there is one)"
+        )
     return "last"
 
 
@@ -110,20 +132,26 @@ def _check_resumable(path: str, ckpt: dict, cfg) -> None:
     max_steps = cfg.trainer.get("max_steps")
     made_for = ckpt.get("pdm_max_steps")
     model = cfg.get("model") or {}
-    cosine = (model.get("lr_decay") or (ckpt.get("hyper_parameters") or {}).get("lr_decay")) == "cosine"
+    cosine = (
+        model.get("lr_decay") or (ckpt.get("hyper_parameters") or {}).get("lr_decay")
+    ) == "cosine"
     if max_steps is None or max_steps < 0:
         return
     if cosine and made_for is not None and max_steps != made_for:
         lr = float(model.get("lr") or 0.0)
         now = lr * lr_factor(step, int(model.get("warmup_steps") or 1), "cosine", max_steps)
-        raise ValueError(f"{path} was trained with a cosine learning-rate decay ending at step {made_for}; resuming at "
-                         f"step {step} with --trainer.max_steps {max_steps} would stretch it (learning rate {now:.1e} "
-                         f"of {lr:.1e}). Resume with --trainer.max_steps {made_for}, or train on from its weights in "
-                         f"a new run: --model.init_from {path} --trainer.default_root_dir NEW_FOLDER")
+        raise ValueError(
+            f"{path} was trained with a cosine learning-rate decay ending at step {made_for}; resuming at "
+            f"step {step} with --trainer.max_steps {max_steps} would stretch it (learning rate {now:.1e} "
+            f"of {lr:.1e}). Resume with --trainer.max_steps {made_for}, or train on from its weights in "
+            f"a new run: --model.init_from {path} --trainer.default_root_dir NEW_FOLDER"
+        )
     if step >= max_steps:
-        raise ValueError(f"{path} has finished (step {step}, --trainer.max_steps {max_steps}); nothing to resume. "
-                         "Sample it, or train on from its weights in a new run: --model.init_from "
-                         f"{path} --trainer.default_root_dir NEW_FOLDER")
+        raise ValueError(
+            f"{path} has finished (step {step}, --trainer.max_steps {max_steps}); nothing to resume. "
+            "Sample it, or train on from its weights in a new run: --model.init_from "
+            f"{path} --trainer.default_root_dir NEW_FOLDER"
+        )
 
 
 class _DropAdvertisements(logging.Filter):
@@ -152,8 +180,12 @@ def _quiet_warnings() -> None:
     # Lightning compares log_every_n_steps with one epoch's batches, but counts logging steps
     # across epochs, so small datasets (the digits) log as configured despite the warning
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", message=r".*'set_vital' is deprecated.*")  # torchdata's own call
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")  # Lightning on torch >= 2.9
+    warnings.filterwarnings(
+        "ignore", message=r".*'set_vital' is deprecated.*"
+    )  # torchdata's own call
+    warnings.filterwarnings(
+        "ignore", message=r".*isinstance\(treespec, LeafSpec\).*"
+    )  # Lightning on torch >= 2.9
 
 
 def main() -> None:
@@ -162,14 +194,21 @@ def main() -> None:
     logging.getLogger("lightning.fabric.utilities.seed").addFilter(_DropSeedLine())
     _quiet_warnings()
     try:
-        PDMCLI(PDMModule, subclass_mode_data=True, save_config_callback=_SaveConfigWithLogs,
-               save_config_kwargs={"overwrite": True}, parser_kwargs={"exit_on_error": False, "allow_abbrev": False})
+        PDMCLI(
+            PDMModule,
+            subclass_mode_data=True,
+            save_config_callback=_SaveConfigWithLogs,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
+        )
     except (ValueError, argparse.ArgumentError, WriteError) as e:
         cause = e
         while cause.__cause__ is not None and isinstance(cause.__cause__, ValueError):
             cause = cause.__cause__
         text = str(cause)
-        if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the worker's own message
+        if (
+            "Original Traceback" in text
+        ):  # re-raised from a DataLoader worker: keep the worker's own message
             text = text.strip().splitlines()[-1].split(": ", 1)[-1]
         message = " ".join(text.split())  # one line, whatever the parser's layout
         hint = "; see `python train.py fit --help`" if isinstance(e, argparse.ArgumentError) else ""

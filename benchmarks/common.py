@@ -39,7 +39,9 @@ def config_module(config: str | Path, **net_override):
     path = Path(config) if str(config).endswith((".yaml", ".yml")) else CONFIGS / f"{config}.yaml"
     model = dict(yaml.safe_load(path.read_text())["model"])
     net = UNet(**{**model.pop("net")["init_args"], **net_override})
-    model.pop("init_from", None)  # the ImageNet low-noise expert's starting weights are not needed to build it
+    model.pop(
+        "init_from", None
+    )  # the ImageNet low-noise expert's starting weights are not needed to build it
     return PDMModule(net, **model)
 
 
@@ -47,8 +49,10 @@ def machine() -> str:
     """A one-line description of where a benchmark ran."""
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return (f"CPU {cpu_model()} ({cpu_extensions()}; torch kernels {torch.backends.cpu.get_cpu_capability()}), "
-            f"{torch.get_num_threads()} threads (torch {torch.__version__})")
+    return (
+        f"CPU {cpu_model()} ({cpu_extensions()}; torch kernels {torch.backends.cpu.get_cpu_capability()}), "
+        f"{torch.get_num_threads()} threads (torch {torch.__version__})"
+    )
 
 
 def cpu_model() -> str:
@@ -86,8 +90,14 @@ class Bench:
 
     def noise(self, seeds: range | list[int]) -> Tensor:
         """float64 starting noise, one seed per image."""
-        return torch.stack([torch.randn(self.shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
-                            for s in seeds])
+        return torch.stack(
+            [
+                torch.randn(
+                    self.shape, generator=torch.Generator().manual_seed(s), dtype=torch.float64
+                )
+                for s in seeds
+            ]
+        )
 
     def kwargs(self, seeds: range | list[int]) -> dict[str, Tensor]:
         """Per-image model arguments (class labels cycle with the seed)."""
@@ -98,8 +108,14 @@ class Bench:
     def run(self, seeds, **sample_kwargs):
         """sample() on these seeds."""
         with torch.no_grad():
-            return sample(self.model_fn, self.noise(seeds), self.schedule, prediction=self.prediction,
-                          model_kwargs=self.kwargs(seeds), **sample_kwargs)
+            return sample(
+                self.model_fn,
+                self.noise(seeds),
+                self.schedule,
+                prediction=self.prediction,
+                model_kwargs=self.kwargs(seeds),
+                **sample_kwargs,
+            )
 
     def reference(self, seeds) -> tuple[Tensor, float]:
         """An accurate solution of the ODE and the disagreement of two independent ones (RMS):
@@ -117,7 +133,14 @@ class Bench:
         the 500 UniPC-3 steps (digits, 200 images: 1.4e-3 at most from a 1,000-step UniPC-3
         solve, against 8e-5), and the images it found hard were taken for ill-conditioned ones."""
         a = self.run(seeds, steps=500, solver="unipc", order=3, skip_type="logSNR").x
-        b = self.run(seeds, steps=1200, solver="dpmsolver", order=3, method="singlestep_fixed", skip_type="logSNR").x
+        b = self.run(
+            seeds,
+            steps=1200,
+            solver="dpmsolver",
+            order=3,
+            method="singlestep_fixed",
+            skip_type="logSNR",
+        ).x
         return a, per_image_rms(a, b)
 
 
@@ -135,7 +158,9 @@ def mixture_bench() -> Bench:
     """The exact Gaussian-mixture model on 3x8x8 'images' (closed-form eps)."""
     schedule = VPSchedule.linear()
     gm = GaussianMixture.random(components=8, shape=(3, 8, 8), std=0.25, seed=0)
-    return Bench("mixture", gm.model_fn(schedule), schedule, "eps", (3, 8, 8), extra={"mixture": gm})
+    return Bench(
+        "mixture", gm.model_fn(schedule), schedule, "eps", (3, 8, 8), extra={"mixture": gm}
+    )
 
 
 def find_digits_checkpoint(explicit: str | None = None) -> str | None:
@@ -155,8 +180,15 @@ def digits_bench(ckpt: str, guidance_scale: float = 1.0) -> Bench:
     if guidance_scale != 1.0:
         fn = classifier_free_guidance(fn, guidance_scale, loaded.num_classes)
     name = "digits" if guidance_scale == 1.0 else f"digits_cfg{guidance_scale:g}"
-    return Bench(name, fn, loaded.schedule, loaded.prediction, (loaded.in_channels, loaded.image_size, loaded.image_size),
-                 loaded.num_classes, {"ckpt": ckpt, "guidance_scale": guidance_scale})
+    return Bench(
+        name,
+        fn,
+        loaded.schedule,
+        loaded.prediction,
+        (loaded.in_channels, loaded.image_size, loaded.image_size),
+        loaded.num_classes,
+        {"ckpt": ckpt, "guidance_scale": guidance_scale},
+    )
 
 
 def write_json(path: Path, data) -> None:

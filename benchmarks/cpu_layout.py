@@ -51,18 +51,27 @@ def compare(config: str, patch_size: int | None, batch: int, rounds: int) -> dic
         step(name), step(name)
     times = {name: [] for name in runs}
     for r in range(rounds):
-        for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+        for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
             times[name].append(step(name))
     ratio = statistics.median(a / b for a, b in zip(times["contiguous"], times["channels_last"]))
     chosen = preferred_memory_format("cpu", network_width(net))
-    return {"config": config, "patch_size": net.patch_size, "width": network_width(net), "batch": batch,
-            **{f"{n}_ms": 1000 * statistics.median(v) for n, v in times.items()}, "contiguous_over_cl": ratio,
-            "pdm_chooses": "channels_last" if chosen == torch.channels_last else "contiguous"}
+    return {
+        "config": config,
+        "patch_size": net.patch_size,
+        "width": network_width(net),
+        "batch": batch,
+        **{f"{n}_ms": 1000 * statistics.median(v) for n, v in times.items()},
+        "contiguous_over_cl": ratio,
+        "pdm_chooses": "channels_last" if chosen == torch.channels_last else "contiguous",
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     p.add_argument("--config", default="digits")
     p.add_argument("--patch-size", type=int, nargs="+", default=[None])
     p.add_argument("--batch", type=int, default=256)
@@ -70,11 +79,33 @@ def main() -> None:
     args = p.parse_args()
     rows = [compare(args.config, ps, args.batch, args.rounds) for ps in args.patch_size]
     print(f"machine: {machine()}; fp32 training step\n")
-    print(markdown_table(["config", "P", "widest level", "batch", "contiguous ms", "channels-last ms",
-                          "contiguous / channels-last", "pdm chooses"],
-                         [[r["config"], r["patch_size"], r["width"], r["batch"], f"{r['contiguous_ms']:.0f}",
-                           f"{r['channels_last_ms']:.0f}", f"{r['contiguous_over_cl']:.3f}", r["pdm_chooses"]]
-                          for r in rows]))
+    print(
+        markdown_table(
+            [
+                "config",
+                "P",
+                "widest level",
+                "batch",
+                "contiguous ms",
+                "channels-last ms",
+                "contiguous / channels-last",
+                "pdm chooses",
+            ],
+            [
+                [
+                    r["config"],
+                    r["patch_size"],
+                    r["width"],
+                    r["batch"],
+                    f"{r['contiguous_ms']:.0f}",
+                    f"{r['channels_last_ms']:.0f}",
+                    f"{r['contiguous_over_cl']:.3f}",
+                    r["pdm_chooses"],
+                ]
+                for r in rows
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,14 +36,21 @@ from pdm.images import to_uint8  # noqa: E402
 from pdm.nn import UNet  # noqa: E402
 from pdm.sampling import sample  # noqa: E402
 
-MODELS = {"lsun_church_p4": (["lsun_church_p4"], 1.0),
-          "imagenet256_pair_cfg1.5": (["imagenet256_high_noise", "imagenet256_low_noise"], 1.5),
-          "digits_cfg1.5": (["digits"], 1.5)}  # the demo's network: a CPU-sized comparison
+MODELS = {
+    "lsun_church_p4": (["lsun_church_p4"], 1.0),
+    "imagenet256_pair_cfg1.5": (["imagenet256_high_noise", "imagenet256_low_noise"], 1.5),
+    "digits_cfg1.5": (["digits"], 1.5),
+}  # the demo's network: a CPU-sized comparison
 GPU_MODELS = ["lsun_church_p4", "imagenet256_pair_cfg1.5"]
 # variant -> (precision, compile mode or None)
-VARIANTS = {"fp32": ("fp32", None), "bf16": ("bf16", None), "fp32+compile": ("fp32", "default"),
-            "bf16+compile": ("bf16", "default"),
-            "bf16+compile+cudagraphs": ("bf16", "reduce-overhead"), "fp16+compile": ("fp16", "default")}
+VARIANTS = {
+    "fp32": ("fp32", None),
+    "bf16": ("bf16", None),
+    "fp32+compile": ("fp32", "default"),
+    "bf16+compile": ("bf16", "default"),
+    "bf16+compile+cudagraphs": ("bf16", "reduce-overhead"),
+    "fp16+compile": ("fp16", "default"),
+}
 TINY = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1)
 
 
@@ -59,16 +66,28 @@ def write_export(config: str, folder: Path, tiny: bool) -> str:
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
     net_cfg["channel_mult"] = list(net_cfg["channel_mult"])
-    config_json = {"net": {"class_path": "pdm.nn.UNet", "init_args": net_cfg},
-                   **{k: model[k] for k in SAMPLING_KEYS if k in model}}
+    config_json = {
+        "net": {"class_path": "pdm.nn.UNet", "init_args": net_cfg},
+        **{k: model[k] for k in SAMPLING_KEYS if k in model},
+    }
     path = folder / f"{config}.safetensors"
-    save_file({f"net.{k}": v.contiguous() for k, v in net.state_dict().items()}, str(path),
-              metadata={"pdm_config": json.dumps(config_json), "format": EXPORT_FORMAT})
+    save_file(
+        {f"net.{k}": v.contiguous() for k, v in net.state_dict().items()},
+        str(path),
+        metadata={"pdm_config": json.dumps(config_json), "format": EXPORT_FORMAT},
+    )
     return str(path)
 
 
-def run_variant(paths: list[str], guidance: float, device: torch.device, batch: int, variant: str, steps: int,
-                repeats: int) -> tuple[dict, torch.Tensor]:
+def run_variant(
+    paths: list[str],
+    guidance: float,
+    device: torch.device,
+    batch: int,
+    variant: str,
+    steps: int,
+    repeats: int,
+) -> tuple[dict, torch.Tensor]:
     """Images/s (timed batches only), the warm-up time, peak memory, and the samples."""
     precision, mode = VARIANTS[variant]
     torch._dynamo.reset()
@@ -76,12 +95,23 @@ def run_variant(paths: list[str], guidance: float, device: torch.device, batch: 
     g = torch.Generator().manual_seed(0)
     shape = (loaded.in_channels, loaded.image_size, loaded.image_size)
     noise = torch.randn((batch, *shape), generator=g).to(device)
-    kwargs = {"y": torch.arange(batch, device=device) % loaded.num_classes} if loaded.num_classes else {}
+    kwargs = (
+        {"y": torch.arange(batch, device=device) % loaded.num_classes} if loaded.num_classes else {}
+    )
 
     def once() -> torch.Tensor:
         with torch.no_grad():
-            x = sample(loaded.model_fn, noise, loaded.schedule, steps=steps, solver="ipndm", order=4,
-                       skip_type="logSNR", prediction=loaded.prediction, model_kwargs=kwargs).x
+            x = sample(
+                loaded.model_fn,
+                noise,
+                loaded.schedule,
+                steps=steps,
+                solver="ipndm",
+                order=4,
+                skip_type="logSNR",
+                prediction=loaded.prediction,
+                model_kwargs=kwargs,
+            ).x
         if device.type == "cuda":
             torch.cuda.synchronize()
         return x
@@ -108,22 +138,38 @@ def run_variant(paths: list[str], guidance: float, device: torch.device, batch: 
         x = once()
         times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
-    row = {"variant": variant, "batch": batch, "images_per_second": batch / seconds, "seconds_per_batch": seconds,
-           "warmup_seconds": warmup,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    row = {
+        "variant": variant,
+        "batch": batch,
+        "images_per_second": batch / seconds,
+        "seconds_per_batch": seconds,
+        "warmup_seconds": warmup,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    }
     return row, x.float().cpu()
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", default=GPU_MODELS, choices=list(MODELS))
     p.add_argument("--batch", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--variants", nargs="+", default=["fp32", "bf16", "bf16+compile", "bf16+compile+cudagraphs"],
-                   choices=list(VARIANTS))
-    p.add_argument("--cudagraphs-max-batch", type=int, default=64,
-                   help="run the CUDA-graph variant only up to this batch (they pay at small batches)")
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=["fp32", "bf16", "bf16+compile", "bf16+compile+cudagraphs"],
+        choices=list(VARIANTS),
+    )
+    p.add_argument(
+        "--cudagraphs-max-batch",
+        type=int,
+        default=64,
+        help="run the CUDA-graph variant only up to this batch (they pay at small batches)",
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--tiny", action="store_true", help="shrink the networks (a smoke run on a CPU)")
@@ -131,11 +177,23 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     if "fp32" not in args.variants:
-        args.variants = ["fp32", *args.variants]  # the reference every other variant is compared with
-    results = {"machine": machine(), "steps": args.steps, "solver": "ipndm-4 logSNR", "tiny": args.tiny, "rows": []}
+        args.variants = [
+            "fp32",
+            *args.variants,
+        ]  # the reference every other variant is compared with
+    results = {
+        "machine": machine(),
+        "steps": args.steps,
+        "solver": "ipndm-4 logSNR",
+        "tiny": args.tiny,
+        "rows": [],
+    }
     out = Path(args.out) / f"sample_throughput_{device.type}{'_tiny' if args.tiny else ''}.json"
     with tempfile.TemporaryDirectory() as tmp:
-        exports = {name: [write_export(c, Path(tmp), args.tiny) for c in MODELS[name][0]] for name in args.models}
+        exports = {
+            name: [write_export(c, Path(tmp), args.tiny) for c in MODELS[name][0]]
+            for name in args.models
+        }
         # batch outermost: a run cut short has every model at the smaller batch
         for batch in args.batch:
             for name in args.models:
@@ -144,27 +202,63 @@ def main() -> None:
                 for variant in args.variants:
                     if "cudagraphs" in variant and batch > args.cudagraphs_max_batch:
                         continue
-                    row, x = run_variant(paths, guidance, device, batch, variant, args.steps, args.repeats)
+                    row, x = run_variant(
+                        paths, guidance, device, batch, variant, args.steps, args.repeats
+                    )
                     if reference is None:
                         reference = x
                     row["rms_vs_fp32"] = float((x - reference).pow(2).mean().sqrt())
-                    row["mean_abs_8bit_vs_fp32"] = float((to_uint8(x).astype(float)
-                                                          - to_uint8(reference).astype(float)).__abs__().mean())
+                    row["mean_abs_8bit_vs_fp32"] = float(
+                        (to_uint8(x).astype(float) - to_uint8(reference).astype(float))
+                        .__abs__()
+                        .mean()
+                    )
                     row["model"] = name
-                    base = next(r for r in results["rows"] + [row] if r["model"] == name and r["batch"] == batch)
+                    base = next(
+                        r
+                        for r in results["rows"] + [row]
+                        if r["model"] == name and r["batch"] == batch
+                    )
                     row["speedup_vs_fp32"] = row["images_per_second"] / base["images_per_second"]
                     results["rows"].append(row)
                     write_json(out, results)
-                    print(f"{name} batch {batch} {variant}: {row['images_per_second']:.1f} images/s "
-                          f"({row['speedup_vs_fp32']:.2f}x fp32), RMS vs fp32 {row['rms_vs_fp32']:.2e}, "
-                          f"warm-up {row['warmup_seconds']:.1f} s", file=sys.stderr, flush=True)
+                    print(
+                        f"{name} batch {batch} {variant}: {row['images_per_second']:.1f} images/s "
+                        f"({row['speedup_vs_fp32']:.2f}x fp32), RMS vs fp32 {row['rms_vs_fp32']:.2e}, "
+                        f"warm-up {row['warmup_seconds']:.1f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     print(f"machine: {results['machine']}; {args.steps} NFE, iPNDM-4 logSNR\n")
-    print(markdown_table(["model", "batch", "variant", "images/s", "vs fp32", "RMS vs fp32", "|Δ| 8-bit",
-                          "warm-up s", "peak GiB"],
-                         [[r["model"], r["batch"], r["variant"], f"{r['images_per_second']:.1f}",
-                           f"{r['speedup_vs_fp32']:.2f}x", f"{r['rms_vs_fp32']:.1e}", f"{r['mean_abs_8bit_vs_fp32']:.2f}",
-                           f"{r['warmup_seconds']:.1f}", "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"]
-                          for r in results["rows"]]))
+    print(
+        markdown_table(
+            [
+                "model",
+                "batch",
+                "variant",
+                "images/s",
+                "vs fp32",
+                "RMS vs fp32",
+                "|Δ| 8-bit",
+                "warm-up s",
+                "peak GiB",
+            ],
+            [
+                [
+                    r["model"],
+                    r["batch"],
+                    r["variant"],
+                    f"{r['images_per_second']:.1f}",
+                    f"{r['speedup_vs_fp32']:.2f}x",
+                    f"{r['rms_vs_fp32']:.1e}",
+                    f"{r['mean_abs_8bit_vs_fp32']:.2f}",
+                    f"{r['warmup_seconds']:.1f}",
+                    "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}",
+                ]
+                for r in results["rows"]
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,12 +38,22 @@ def model(ckpt: str | None, device: torch.device):
     """(model_fn, schedule, prediction, shape, num_classes) of the digits network."""
     if ckpt:
         loaded = load_for_sampling([ckpt], device=device)
-        return (loaded.model_fn, loaded.schedule, loaded.prediction,
-                (loaded.in_channels, loaded.image_size, loaded.image_size), loaded.num_classes)
+        return (
+            loaded.model_fn,
+            loaded.schedule,
+            loaded.prediction,
+            (loaded.in_channels, loaded.image_size, loaded.image_size),
+            loaded.num_classes,
+        )
     module = config_module("digits")
     net = place(module.net, device).eval()
-    return (network_model_fn(net, module.schedule), module.schedule, module.hparams.target,
-            (net.in_channels, net.image_size, net.image_size), net.num_classes)
+    return (
+        network_model_fn(net, module.schedule),
+        module.schedule,
+        module.hparams.target,
+        (net.in_channels, net.image_size, net.image_size),
+        net.num_classes,
+    )
 
 
 def measure(fn, schedule, prediction, noise, kwargs, device, rounds: int, **settings) -> dict:
@@ -67,7 +77,9 @@ def measure(fn, schedule, prediction, noise, kwargs, device, rounds: int, **sett
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.no_grad():
-            sample(timed_fn, noise, schedule, prediction=prediction, model_kwargs=kwargs, **settings)
+            sample(
+                timed_fn, noise, schedule, prediction=prediction, model_kwargs=kwargs, **settings
+            )
         if device.type == "cuda":
             torch.cuda.synchronize()
         if r:
@@ -88,7 +100,15 @@ def syncs_per_step(fn, schedule, prediction, noise, kwargs, steps: int, **settin
             torch.cuda.set_sync_debug_mode("warn")
             try:
                 with torch.no_grad():
-                    sample(fn, noise, schedule, prediction=prediction, model_kwargs=kwargs, steps=n, **settings)
+                    sample(
+                        fn,
+                        noise,
+                        schedule,
+                        prediction=prediction,
+                        model_kwargs=kwargs,
+                        steps=n,
+                        **settings,
+                    )
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         counts[n] = sum("synchroniz" in str(w.message) for w in seen)
@@ -96,9 +116,16 @@ def syncs_per_step(fn, schedule, prediction, noise, kwargs, steps: int, **settin
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--ckpt", default=None, help="a digits checkpoint (default: the config's network, fresh weights)")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--ckpt",
+        default=None,
+        help="a digits checkpoint (default: the config's network, fresh weights)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=20)
@@ -112,18 +139,41 @@ def main() -> None:
     kwargs = {"y": torch.arange(args.batch, device=device) % num_classes} if num_classes else {}
     results = {"machine": machine(), "batch": args.batch, "steps": args.steps, "settings": {}}
     for name, settings in SETTINGS.items():
-        r = measure(fn, schedule, prediction, noise, kwargs, device, args.rounds, steps=args.steps, **settings)
+        r = measure(
+            fn,
+            schedule,
+            prediction,
+            noise,
+            kwargs,
+            device,
+            args.rounds,
+            steps=args.steps,
+            **settings,
+        )
         if device.type == "cuda":
-            r["syncs_per_step"] = syncs_per_step(fn, schedule, prediction, noise, kwargs, args.steps, **settings)
+            r["syncs_per_step"] = syncs_per_step(
+                fn, schedule, prediction, noise, kwargs, args.steps, **settings
+            )
         results["settings"][name] = r
-        print(f"{name}: overhead {100 * r['overhead_fraction']:.2f}% of {r['wall_seconds']:.3f} s", file=sys.stderr)
+        print(
+            f"{name}: overhead {100 * r['overhead_fraction']:.2f}% of {r['wall_seconds']:.3f} s",
+            file=sys.stderr,
+        )
     write_json(Path(args.out) / f"sampler_overhead_{device.type}.json", results)
     print(f"machine: {results['machine']}; digits network, batch {args.batch}, {args.steps} NFE\n")
     header = ["setting", "sample() s", "network s", "outside the network"]
     if device.type == "cuda":
         header.append("device-to-host syncs per step")
-    rows = [[name, f"{r['wall_seconds']:.3f}", f"{r['network_seconds']:.3f}", f"{100 * r['overhead_fraction']:.2f}%",
-             *([f"{r['syncs_per_step']:g}"] if device.type == "cuda" else [])] for name, r in results["settings"].items()]
+    rows = [
+        [
+            name,
+            f"{r['wall_seconds']:.3f}",
+            f"{r['network_seconds']:.3f}",
+            f"{100 * r['overhead_fraction']:.2f}%",
+            *([f"{r['syncs_per_step']:g}"] if device.type == "cuda" else []),
+        ]
+        for name, r in results["settings"].items()
+    ]
     print(markdown_table(header, rows))
 
 

@@ -53,7 +53,11 @@ FD_NFES = (5, 8, 10)
 
 def settings() -> list[tuple[str, str, dict]]:
     """(family, grid, sample kwargs) for every plain setting the project offers."""
-    return [(family, grid, dict(kw, skip_type=grid)) for family, kw in FAMILIES.items() for grid in GRIDS]
+    return [
+        (family, grid, dict(kw, skip_type=grid))
+        for family, kw in FAMILIES.items()
+        for grid in GRIDS
+    ]
 
 
 def error_table(bench: Bench, seeds, nfes=NFES) -> dict:
@@ -61,7 +65,9 @@ def error_table(bench: Bench, seeds, nfes=NFES) -> dict:
     ref, ref_err = bench.reference(seeds)
     errors: dict = {}
     for family, grid, kw in settings():
-        errors.setdefault(family, {})[grid] = {n: rms(bench.run(seeds, steps=n, **kw).x, ref) for n in nfes}
+        errors.setdefault(family, {})[grid] = {
+            n: rms(bench.run(seeds, steps=n, **kw).x, ref) for n in nfes
+        }
     return {"reference_error": ref_err, "errors": errors}
 
 
@@ -91,8 +97,16 @@ def fd_table(bench: Bench, errors: dict, num: int = 1000) -> list[dict]:
         for n in FD_NFES:
             grid = min(grids, key=lambda g: grids[g][n])
             images = to_uint8(bench.run(seeds, steps=n, **dict(FAMILIES[family], skip_type=grid)).x)
-            rows.append({"family": family, "grid": grid, "nfe": n, "fd8x8": fid_against(digits_fd_metric(), stats, images),
-                         "floor": floor, "accuracy": classifier_accuracy(images, labels)})
+            rows.append(
+                {
+                    "family": family,
+                    "grid": grid,
+                    "nfe": n,
+                    "fd8x8": fid_against(digits_fd_metric(), stats, images),
+                    "floor": floor,
+                    "accuracy": classifier_accuracy(images, labels),
+                }
+            )
     return rows
 
 
@@ -119,9 +133,14 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--ckpt", default=None, help="digits checkpoint (default: newest runs/digits/**/last.ckpt)")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--ckpt", default=None, help="digits checkpoint (default: newest runs/digits/**/last.ckpt)"
+    )
     p.add_argument("--seeds", type=int, default=64, help="scoring seeds per model")
     p.add_argument("--fd-samples", type=int, default=1000)
     p.add_argument("--out", default=str(HERE / "results"))
@@ -131,18 +150,28 @@ def main() -> None:
     if ckpt:
         benches.append(digits_bench(ckpt))
     else:
-        print("no digits checkpoint found: run `python train.py fit --config configs/digits.yaml` first", file=sys.stderr)
+        print(
+            "no digits checkpoint found: run `python train.py fit --config configs/digits.yaml` first",
+            file=sys.stderr,
+        )
     seeds = SCORE_SEEDS[: args.seeds]
     results = []
     for bench in benches:
         t0 = time.perf_counter()
-        print(f"{bench.name}: solving {len(settings())} settings x {len(NFES)} NFE ...", file=sys.stderr, flush=True)
+        print(
+            f"{bench.name}: solving {len(settings())} settings x {len(NFES)} NFE ...",
+            file=sys.stderr,
+            flush=True,
+        )
         res = {"model": bench.name, **error_table(bench, seeds)}
         if bench.name == "digits":
             res["fd"] = fd_table(bench, res["errors"], args.fd_samples)
         res["seconds"] = time.perf_counter() - t0
         results.append(res)
-        write_json(Path(args.out) / "solver_accuracy.json", {"machine": machine(), "seeds": args.seeds, "results": results})
+        write_json(
+            Path(args.out) / "solver_accuracy.json",
+            {"machine": machine(), "seeds": args.seeds, "results": results},
+        )
     plot(results, Path(args.out) / "solver_accuracy.png")
     report(results)
 
@@ -151,19 +180,31 @@ def report(results: list[dict]) -> None:
     """Markdown tables: the best grid of each family per NFE, and the FD table."""
     print(f"machine: {machine()}\n")
     for r in results:
-        print(f"### {r['model']}: RMS error vs the accurate solution (reference's own error {r['reference_error']:.1e})\n")
+        print(
+            f"### {r['model']}: RMS error vs the accurate solution (reference's own error {r['reference_error']:.1e})\n"
+        )
         rows = []
         for family, grids in r["errors"].items():
             cells = []
             for n in NFES:
-                grid = min(grids, key=lambda g: grids[g][str(n)] if str(n) in grids[g] else grids[g][n])
+                grid = min(
+                    grids, key=lambda g: grids[g][str(n)] if str(n) in grids[g] else grids[g][n]
+                )
                 e = grids[grid][n] if n in grids[grid] else grids[grid][str(n)]
                 cells.append(f"{e:.2e} ({grid})")
             rows.append([family] + cells)
         print(markdown_table(["solver (best grid)"] + [f"NFE {n}" for n in NFES], rows) + "\n")
         if "fd" in r:
-            fd_rows = [[f["family"], f["grid"], f["nfe"], f"{f['fd8x8']:.4f} ({f['fd8x8'] / f['floor']:.2f}x floor)",
-                        f"{f['accuracy']:.3f}"] for f in r["fd"]]
+            fd_rows = [
+                [
+                    f["family"],
+                    f["grid"],
+                    f["nfe"],
+                    f"{f['fd8x8']:.4f} ({f['fd8x8'] / f['floor']:.2f}x floor)",
+                    f"{f['accuracy']:.3f}",
+                ]
+                for f in r["fd"]
+            ]
             print(markdown_table(["solver", "grid", "NFE", "FD-8x8", "classifier"], fd_rows) + "\n")
 
 

@@ -33,9 +33,12 @@ def measure(name: str, batch: int, args) -> dict:
     torch.manual_seed(0)
     module = config_module(name).to(device)
     net = module.net
-    layout = LAYOUTS.get("channels_last" if args.channels_last else args.layout) \
-        or preferred_memory_format(device, network_width(net))
-    net.to(memory_format=layout)  # as PDMModule.on_fit_start does: the device's layout unless forced
+    layout = LAYOUTS.get(
+        "channels_last" if args.channels_last else args.layout
+    ) or preferred_memory_format(device, network_width(net))
+    net.to(
+        memory_format=layout
+    )  # as PDMModule.on_fit_start does: the device's layout unless forced
     size, ch = net.image_size, net.in_channels
     x0 = (torch.rand(batch, ch, size, size, device=device) * 2 - 1).contiguous(memory_format=layout)
     y = torch.randint(0, net.num_classes, (batch,), device=device) if net.num_classes else None
@@ -76,21 +79,33 @@ def measure(name: str, batch: int, args) -> dict:
     sync()
     seconds = (time.perf_counter() - start) / args.steps
     profile = kernel_profile(step, sync, device) if args.profile else None
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else (
-        peak_bf16_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None)
+    peak = (
+        args.peak_tflops * 1e12
+        if args.peak_tflops
+        else (peak_bf16_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None)
+    )
     return {
-        "config": name, "batch": batch, "parameters": sum(p.numel() for p in params),
-        "seconds_per_step": seconds, "images_per_second": batch / seconds,
-        "flops_per_step": flops, "achieved_tflops": flops / seconds / 1e12,
+        "config": name,
+        "batch": batch,
+        "parameters": sum(p.numel() for p in params),
+        "seconds_per_step": seconds,
+        "images_per_second": batch / seconds,
+        "flops_per_step": flops,
+        "achieved_tflops": flops / seconds / 1e12,
         "peak_tflops": None if peak is None else peak / 1e12,
         "mfu": None if peak is None else flops / seconds / peak,
-        "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "peak_cuda_gib": torch.cuda.max_memory_allocated() / 2**30
+        if device.type == "cuda"
+        else None,
         "warmup_seconds": warmup_s,
         "profile": profile,
     }
 
 
-LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}  # "device": pdm's choice
+LAYOUTS = {
+    "channels_last": torch.channels_last,
+    "contiguous": torch.contiguous_format,
+}  # "device": pdm's choice
 
 KERNEL_KINDS = (  # (kind, substrings of kernel names), first match wins
     ("attention", ("flash", "fmha", "attention", "sdpa")),
@@ -125,8 +140,17 @@ def kernel_profile(step, sync, device: torch.device, steps: int = 2) -> dict:
         sync()
     attr = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     # kernels only: an operator's (aten::conv..., a compiled region's) device time is its kernels'
-    operators = ("aten::", "autograd", "torch::", "Optimizer", "ProfilerStep", "Torch-Compiled", "CompiledFunction",
-                 "cuda", "detach")
+    operators = (
+        "aten::",
+        "autograd",
+        "torch::",
+        "Optimizer",
+        "ProfilerStep",
+        "Torch-Compiled",
+        "CompiledFunction",
+        "cuda",
+        "detach",
+    )
     events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
     kernels = [e for e in events if not e.key.startswith(operators)]
     events = kernels if device.type == "cuda" or kernels else events
@@ -135,37 +159,74 @@ def kernel_profile(step, sync, device: torch.device, steps: int = 2) -> dict:
     for e in events:
         kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + getattr(e, attr)
     top = sorted(events, key=lambda e: -getattr(e, attr))[:10]
-    return {"device_ms_per_step": total / 1e3 / steps,
-            "share_by_kind": {k: v / total for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-            "top_kernels": [{"name": e.key[:120], "kind": kernel_kind(e.key), "share": getattr(e, attr) / total,
-                             "calls_per_step": e.count / steps} for e in top]}
+    return {
+        "device_ms_per_step": total / 1e3 / steps,
+        "share_by_kind": {k: v / total for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [
+            {
+                "name": e.key[:120],
+                "kind": kernel_kind(e.key),
+                "share": getattr(e, attr) / total,
+                "calls_per_step": e.count / steps,
+            }
+            for e in top
+        ],
+    }
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
     p.add_argument("--configs", nargs="+", default=["lsun_church_p4", "imagenet256_high_noise"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch", type=int, nargs="+", default=[64],
-                   help="per-device batch sizes, measured in turn; each is halved until it fits")
+    p.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[64],
+        help="per-device batch sizes, measured in turn; each is halved until it fits",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--layout", default="device", choices=["device", *LAYOUTS],
-                   help="the network's memory layout (default: the one pdm chooses for the device)")
-    p.add_argument("--channels-last", action="store_true", help="the same as --layout channels_last")
+    p.add_argument(
+        "--layout",
+        default="device",
+        choices=["device", *LAYOUTS],
+        help="the network's memory layout (default: the one pdm chooses for the device)",
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="the same as --layout channels_last"
+    )
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"])
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, TFLOP/s")
-    p.add_argument("--profile", action="store_true",
-                   help="also profile two steps: device time per kind of kernel, and the longest kernels")
+    p.add_argument(
+        "--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"]
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, TFLOP/s"
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile two steps: device time per kind of kernel, and the longest kernels",
+    )
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     rows = []
     mode = "" if args.compile_mode == "default" else "_" + args.compile_mode.replace("-", "_")
-    layout_tag = "_cl" if args.channels_last or args.layout == "channels_last" else \
-        "_contiguous" if args.layout == "contiguous" else ""
-    tag = (f"{args.device}_b{'-'.join(map(str, args.batch))}{layout_tag}"
-           f"{'_compile' + mode if args.compile else ''}")
+    layout_tag = (
+        "_cl"
+        if args.channels_last or args.layout == "channels_last"
+        else "_contiguous"
+        if args.layout == "contiguous"
+        else ""
+    )
+    tag = (
+        f"{args.device}_b{'-'.join(map(str, args.batch))}{layout_tag}"
+        f"{'_compile' + mode if args.compile else ''}"
+    )
     for name in args.configs:
         for batch in args.batch:
             while True:
@@ -177,25 +238,61 @@ def main() -> None:
                     if batch == 1:
                         raise
                     batch //= 2
-                    print(f"{name}: out of memory, retrying at batch {batch}", file=sys.stderr, flush=True)
+                    print(
+                        f"{name}: out of memory, retrying at batch {batch}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             r = rows[-1]
             mfu = "" if r["mfu"] is None else f", MFU {100 * r['mfu']:.1f}%"
-            print(f"{name}: {r['images_per_second']:.1f} images/s at batch {r['batch']}{mfu} "
-                  f"(warm-up {r['warmup_seconds']:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"{name}: {r['images_per_second']:.1f} images/s at batch {r['batch']}{mfu} "
+                f"(warm-up {r['warmup_seconds']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
             if r["profile"]:
-                shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["profile"]["share_by_kind"].items())
+                shares = ", ".join(
+                    f"{k} {100 * v:.0f}%" for k, v in r["profile"]["share_by_kind"].items()
+                )
                 print(f"  device time by kind: {shares}", file=sys.stderr, flush=True)
             # written after every row: a run cut short keeps what it measured
-            write_json(Path(args.out) / f"train_throughput_{tag}.json",
-                       {"machine": machine(), "settings": vars(args), "rows": rows})
-    table = [[r["config"], f"{r['parameters'] / 1e6:.1f}M", r["batch"], f"{r['images_per_second']:.1f}",
-              f"{r['flops_per_step'] / r['batch'] / 1e9:.1f}", f"{r['achieved_tflops']:.1f}",
-              "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
-              "n/a" if r["peak_cuda_gib"] is None else f"{r['peak_cuda_gib']:.1f}"] for r in rows]
-    print(f"machine: {machine()}; bf16 autocast, layout {'channels_last' if args.channels_last else args.layout}"
-          f"{', torch.compile' if args.compile else ''}\n")
-    print(markdown_table(["config", "params", "batch", "images/s", "GFLOP/image (train)", "TFLOP/s", "MFU",
-                          "peak GiB"], table))
+            write_json(
+                Path(args.out) / f"train_throughput_{tag}.json",
+                {"machine": machine(), "settings": vars(args), "rows": rows},
+            )
+    table = [
+        [
+            r["config"],
+            f"{r['parameters'] / 1e6:.1f}M",
+            r["batch"],
+            f"{r['images_per_second']:.1f}",
+            f"{r['flops_per_step'] / r['batch'] / 1e9:.1f}",
+            f"{r['achieved_tflops']:.1f}",
+            "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+            "n/a" if r["peak_cuda_gib"] is None else f"{r['peak_cuda_gib']:.1f}",
+        ]
+        for r in rows
+    ]
+    print(
+        f"machine: {machine()}; bf16 autocast, layout {'channels_last' if args.channels_last else args.layout}"
+        f"{', torch.compile' if args.compile else ''}\n"
+    )
+    print(
+        markdown_table(
+            [
+                "config",
+                "params",
+                "batch",
+                "images/s",
+                "GFLOP/image (train)",
+                "TFLOP/s",
+                "MFU",
+                "peak GiB",
+            ],
+            table,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -29,10 +29,29 @@ from benchmarks.unet_speed import CONFIGS, networks, official_class  # noqa: E40
 KINDS = {  # first match wins; matched against the lower-cased operator name
     "convolution": ("conv", "mkldnn_convolution", "slow_conv"),
     "group_norm": ("group_norm", "native_group_norm"),
-    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention", "einsum", "bmm", "softmax",
-                  "baddbmm", "matmul"),
-    "layout": ("copy_", "contiguous", "clone", "_to_copy", "cat", "constant_pad", "pad", "reshape", "permute",
-               "upsample", "to_dense"),
+    "attention": (
+        "scaled_dot_product",
+        "flash_attention",
+        "_efficient_attention",
+        "einsum",
+        "bmm",
+        "softmax",
+        "baddbmm",
+        "matmul",
+    ),
+    "layout": (
+        "copy_",
+        "contiguous",
+        "clone",
+        "_to_copy",
+        "cat",
+        "constant_pad",
+        "pad",
+        "reshape",
+        "permute",
+        "upsample",
+        "to_dense",
+    ),
     "optimizer": ("adam", "_foreach", "lerp", "addcdiv", "sqrt"),
     "linear": ("addmm", "mm", "linear"),
 }
@@ -61,17 +80,28 @@ def profile_ms(fn, repeats: int = 2) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--official", required=True, help="a checkout of ericl122333/PatchDiffusion-Pytorch")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--official", required=True, help="a checkout of ericl122333/PatchDiffusion-Pytorch"
+    )
     p.add_argument("--config", default="LSUN Church P=8", choices=list(CONFIGS))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     nets = networks(official_class(Path(args.official)), CONFIGS[args.config])
     x, t = torch.randn(args.batch, 3, 256, 256), torch.full((args.batch,), 500.0)
-    results = {"machine": machine(), "capability": torch.backends.cpu.get_cpu_capability(), "config": args.config,
-               "batch": args.batch, "forward": {}, "train_step": {}}
+    results = {
+        "machine": machine(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "config": args.config,
+        "batch": args.batch,
+        "forward": {},
+        "train_step": {},
+    }
     for name, net in nets.items():
         opt = torch.optim.Adam(net.parameters(), lr=1e-6)
 
@@ -88,10 +118,16 @@ def main() -> None:
 
         results["forward"][name] = profile_ms(forward)
         results["train_step"][name] = profile_ms(train, repeats=1)
-        print(f"{name}: forward {results['forward'][name]['total']:.0f} ms, train step "
-              f"{results['train_step'][name]['total']:.0f} ms (profiled self CPU time)", file=sys.stderr, flush=True)
+        print(
+            f"{name}: forward {results['forward'][name]['total']:.0f} ms, train step "
+            f"{results['train_step'][name]['total']:.0f} ms (profiled self CPU time)",
+            file=sys.stderr,
+            flush=True,
+        )
     write_json(Path(args.out) / f"unet_profile_{results['capability'].lower()}.json", results)
-    print(f"machine: {results['machine']}; {args.config}, batch {args.batch}; self CPU ms per kind\n")
+    print(
+        f"machine: {results['machine']}; {args.config}, batch {args.batch}; self CPU ms per kind\n"
+    )
     for phase in ("forward", "train_step"):
         kinds = sorted({k for r in results[phase].values() for k in r if k != "total"}) + ["total"]
         rows = [[k, *[f"{results[phase][n].get(k, 0.0):.0f}" for n in nets]] for k in kinds]

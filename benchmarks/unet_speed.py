@@ -34,17 +34,34 @@ from pdm.nn import UNet, convert_official_state_dict  # noqa: E402
 from pdm.nn.runtime import preferred_memory_format  # noqa: E402
 
 CONFIGS = {
-    "LSUN Church P=4": dict(image_size=256, patch_size=4, model_channels=256, channel_mult=(1, 1, 2, 2), num_res_blocks=2),
-    "LSUN Church P=8": dict(image_size=256, patch_size=8, model_channels=256, channel_mult=(1, 1.5, 2), num_res_blocks=3),
+    "LSUN Church P=4": dict(
+        image_size=256,
+        patch_size=4,
+        model_channels=256,
+        channel_mult=(1, 1, 2, 2),
+        num_res_blocks=2,
+    ),
+    "LSUN Church P=8": dict(
+        image_size=256, patch_size=8, model_channels=256, channel_mult=(1, 1.5, 2), num_res_blocks=3
+    ),
 }
-IMAGENET = dict(image_size=256, patch_size=4, model_channels=256, channel_mult=(1, 2, 2, 2), num_res_blocks=3,
-                num_classes=1000, attention_resolutions=(16, 8))
+IMAGENET = dict(
+    image_size=256,
+    patch_size=4,
+    model_channels=256,
+    channel_mult=(1, 2, 2, 2),
+    num_res_blocks=3,
+    num_classes=1000,
+    attention_resolutions=(16, 8),
+)
 
 
 def official_class(root: Path):
     """The official UNetModel, imported from a local checkout (with a stub for its fp16 helpers)."""
     if not (root / "patch_diffusion" / "unet.py").exists():
-        raise SystemExit(f"{root} has no patch_diffusion/unet.py; pass a checkout of ericl122333/PatchDiffusion-Pytorch")
+        raise SystemExit(
+            f"{root} has no patch_diffusion/unet.py; pass a checkout of ericl122333/PatchDiffusion-Pytorch"
+        )
     sys.path.insert(0, str(root))
     if not (root / "patch_diffusion" / "fp16_util.py").exists():
         stub = types.ModuleType("patch_diffusion.fp16_util")
@@ -57,11 +74,21 @@ def official_class(root: Path):
 
 def official_net(cls, cfg: dict):
     grid = cfg["image_size"] // cfg["patch_size"]
-    return cls(image_size=cfg["image_size"], in_channels=3, model_channels=cfg["model_channels"], out_channels=3,
-               num_res_blocks=cfg["num_res_blocks"], attention_resolutions=tuple(grid // r for r in (16, 8)),
-               patch_size=cfg["patch_size"], classifier_free=True, channel_mult=tuple(float(m) for m in cfg["channel_mult"]),
-               num_classes=cfg.get("num_classes"), num_head_channels=64, use_scale_shift_norm=True,
-               use_new_attention_order=True)
+    return cls(
+        image_size=cfg["image_size"],
+        in_channels=3,
+        model_channels=cfg["model_channels"],
+        out_channels=3,
+        num_res_blocks=cfg["num_res_blocks"],
+        attention_resolutions=tuple(grid // r for r in (16, 8)),
+        patch_size=cfg["patch_size"],
+        classifier_free=True,
+        channel_mult=tuple(float(m) for m in cfg["channel_mult"]),
+        num_classes=cfg.get("num_classes"),
+        num_head_channels=64,
+        use_scale_shift_norm=True,
+        use_new_attention_order=True,
+    )
 
 
 def timed(fn, rounds: int) -> list[float]:
@@ -112,31 +139,51 @@ def compare(cls, name: str, cfg: dict, batch: int, rounds: int) -> dict:
         opts[k].step()
         opts[k].zero_grad(set_to_none=True)
 
-    result = {"max_abs_output_difference": agree, "batch": batch,
-              "preferred_layout": "channels_last" if preferred_memory_format("cpu", max(nets["pdm (contiguous)"].widths))
-              == torch.channels_last else "contiguous"}
+    result = {
+        "max_abs_output_difference": agree,
+        "batch": batch,
+        "preferred_layout": "channels_last"
+        if preferred_memory_format("cpu", max(nets["pdm (contiguous)"].widths))
+        == torch.channels_last
+        else "contiguous",
+    }
     names = list(nets)
     for label, fn in (("forward", forward), ("train_step", train)):
         for k in names:
             fn(k)  # warm-up
         times = {k: [] for k in names}
         for r in range(rounds):
-            for k in names[r % len(names):] + names[:r % len(names)]:
+            for k in names[r % len(names) :] + names[: r % len(names)]:
                 times[k] += timed(lambda k=k: fn(k), 1)
         med = {k: statistics.median(v) for k, v in times.items()}
         # each round runs every network back to back, so a round's ratio shares the host's state of that
         # moment; the median of the per-round ratios resists a shared host's drifts and bursts
         ratios = {k: sorted(a / b for a, b in zip(times[k], times["official"])) for k in LAYOUTS}
         paired = {k: statistics.median(v) for k, v in ratios.items()}
-        result[label] = {**{f"{k} seconds": v for k, v in med.items()},
-                         **{f"{k} ratio": paired[k] for k in LAYOUTS},
-                         **{f"{k} ratio quartiles": statistics.quantiles(v, n=4)[::2] for k, v in ratios.items()},
-                         **{f"{k} ratio of medians": med[k] / med["official"] for k in LAYOUTS},
-                         "rounds": {k: v for k, v in times.items()}}
-    print(f"{name}: " + "; ".join(f"{label} " + ", ".join(f"{k.split()[1]} {result[label][k + ' ratio']:.3f}x "
-                                                           f"(of medians {result[label][k + ' ratio of medians']:.3f}x)"
-                                                           for k in LAYOUTS) for label in ("forward", "train_step"))
-          + f" (pdm / official); outputs agree to {agree:.1e}", file=sys.stderr, flush=True)
+        result[label] = {
+            **{f"{k} seconds": v for k, v in med.items()},
+            **{f"{k} ratio": paired[k] for k in LAYOUTS},
+            **{
+                f"{k} ratio quartiles": statistics.quantiles(v, n=4)[::2] for k, v in ratios.items()
+            },
+            **{f"{k} ratio of medians": med[k] / med["official"] for k in LAYOUTS},
+            "rounds": {k: v for k, v in times.items()},
+        }
+    print(
+        f"{name}: "
+        + "; ".join(
+            f"{label} "
+            + ", ".join(
+                f"{k.split()[1]} {result[label][k + ' ratio']:.3f}x "
+                f"(of medians {result[label][k + ' ratio of medians']:.3f}x)"
+                for k in LAYOUTS
+            )
+            for label in ("forward", "train_step")
+        )
+        + f" (pdm / official); outputs agree to {agree:.1e}",
+        file=sys.stderr,
+        flush=True,
+    )
     return result
 
 
@@ -153,7 +200,10 @@ def ema_update_seconds(rounds: int = 5) -> dict:
         return averaged + (current - averaged) * (1.0 - decay)
 
     results = {}
-    for name, kwargs in (("python_loop", dict(avg_fn=avg_fn, use_buffers=True)), ("fused_lerp", EMA(decay)._kwargs)):
+    for name, kwargs in (
+        ("python_loop", dict(avg_fn=avg_fn, use_buffers=True)),
+        ("fused_lerp", EMA(decay)._kwargs),
+    ):
         avg = AveragedModel(net, **kwargs)
         avg.update_parameters(net)  # the first update copies
         avg.update_parameters(net)
@@ -164,19 +214,29 @@ def ema_update_seconds(rounds: int = 5) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
-    p.add_argument("--official", default=None, help="a checkout of ericl122333/PatchDiffusion-Pytorch")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--official", default=None, help="a checkout of ericl122333/PatchDiffusion-Pytorch"
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME")
+    p.add_argument(
+        "--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME"
+    )
     p.add_argument("--no-ema", action="store_true", help="skip the EMA timing")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
     results = {"machine": machine(), "threads": torch.get_num_threads()}
     if args.official:
         cls = official_class(Path(args.official))
-        results["unet"] = {name: compare(cls, name, CONFIGS[name], args.batch, args.rounds) for name in args.configs}
+        results["unet"] = {
+            name: compare(cls, name, CONFIGS[name], args.batch, args.rounds)
+            for name in args.configs
+        }
     else:
         print("no --official checkout given: timing the EMA update only", file=sys.stderr)
     results["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
@@ -189,18 +249,42 @@ def main() -> None:
         rows = []
         for name, r in results["unet"].items():
             for label in ("forward", "train_step"):
-                rows.append([name, label, f"{r[label]['official seconds']:.3f}",
-                             *[f"{r[label][k + ' seconds']:.3f} ({r[label][k + ' ratio']:.3f}x, quartiles "
-                               + "-".join(f"{q:.2f}" for q in r[label][k + ' ratio quartiles']) + ")" for k in LAYOUTS]])
-        print(markdown_table([f"config (batch {args.batch})", "", "official s (median)",
-                              *[f"{k} s (median, and median of per-round ratios)" for k in LAYOUTS]], rows) + "\n")
-        print(f"preferred layout on this CPU ({torch.backends.cpu.get_cpu_capability()}): "
-              f"{next(iter(results['unet'].values()))['preferred_layout']}")
+                rows.append(
+                    [
+                        name,
+                        label,
+                        f"{r[label]['official seconds']:.3f}",
+                        *[
+                            f"{r[label][k + ' seconds']:.3f} ({r[label][k + ' ratio']:.3f}x, quartiles "
+                            + "-".join(f"{q:.2f}" for q in r[label][k + " ratio quartiles"])
+                            + ")"
+                            for k in LAYOUTS
+                        ],
+                    ]
+                )
+        print(
+            markdown_table(
+                [
+                    f"config (batch {args.batch})",
+                    "",
+                    "official s (median)",
+                    *[f"{k} s (median, and median of per-round ratios)" for k in LAYOUTS],
+                ],
+                rows,
+            )
+            + "\n"
+        )
+        print(
+            f"preferred layout on this CPU ({torch.backends.cpu.get_cpu_capability()}): "
+            f"{next(iter(results['unet'].values()))['preferred_layout']}"
+        )
     if "ema" not in results:
         return
     e = results["ema"]
-    print(f"EMA update, ImageNet-256 network ({e['parameters'] / 1e6:.1f}M): Python loop {e['python_loop'] * 1e3:.1f} ms, "
-          f"fused lerp {e['fused_lerp'] * 1e3:.1f} ms ({e['speedup']:.1f}x)")
+    print(
+        f"EMA update, ImageNet-256 network ({e['parameters'] / 1e6:.1f}M): Python loop {e['python_loop'] * 1e3:.1f} ms, "
+        f"fused lerp {e['fused_lerp'] * 1e3:.1f} ms ({e['speedup']:.1f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -18,12 +18,19 @@ class PrepareError(Exception):
 
 def parser(description: str, default_out: str) -> argparse.ArgumentParser:
     """The arguments every prepare script takes."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # a mistyped flag is an error, not a guess
+    p = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )  # a mistyped flag is an error, not a guess
     p.add_argument("--source", required=True, help="the local copy to read (what it may be: above)")
-    p.add_argument("--out", default=default_out, help=f"where the config reads it (default {default_out})")
+    p.add_argument(
+        "--out", default=default_out, help=f"where the config reads it (default {default_out})"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images (a quick try)")
+    p.add_argument(
+        "--limit", type=int, default=None, help="use only the first N images (a quick try)"
+    )
     return p
 
 
@@ -31,7 +38,9 @@ def fresh_output(out: Path, overwrite: bool) -> Path:
     """A temporary folder beside ``out``; the caller renames it to ``out`` when complete, so an
     interrupted run never leaves a half-written dataset under the name the config reads."""
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PrepareError(f"{out} exists and is not empty; pass --overwrite to replace it or choose another --out")
+        raise PrepareError(
+            f"{out} exists and is not empty; pass --overwrite to replace it or choose another --out"
+        )
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -75,5 +84,8 @@ def run(main) -> None:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print(f"{Path(sys.argv[0]).name}: interrupted; nothing was written under --out", file=sys.stderr)
+        print(
+            f"{Path(sys.argv[0]).name}: interrupted; nothing was written under --out",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports Ctrl-C

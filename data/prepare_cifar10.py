@@ -32,7 +32,9 @@ def from_official(source: Path, workdir: Path) -> dict:
 
     if source.is_file():
         if not tarfile.is_tarfile(source):
-            raise PrepareError(f"{source} is not a tar archive; pass cifar-10-python.tar.gz or its unpacked folder")
+            raise PrepareError(
+                f"{source} is not a tar archive; pass cifar-10-python.tar.gz or its unpacked folder"
+            )
         with tarfile.open(source) as tar:
             tar.extractall(workdir, filter="data")
         root = workdir
@@ -43,8 +45,10 @@ def from_official(source: Path, workdir: Path) -> dict:
         try:
             ds = CIFAR10(str(root), train=split == "train", download=False)
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
-            raise PrepareError(f"no valid CIFAR-10 batches under {root} ({e}); pass the official "
-                               "cifar-10-python.tar.gz or its cifar-10-batches-py folder") from None
+            raise PrepareError(
+                f"no valid CIFAR-10 batches under {root} ({e}); pass the official "
+                "cifar-10-python.tar.gz or its cifar-10-batches-py folder"
+            ) from None
         out[split] = (ds.data, list(ds.targets))
     return out
 
@@ -67,15 +71,21 @@ def build(arrays: dict, limit: int | None, workdir: Path):
     """A DatasetDict of PNG-encoded images and class labels, with progress."""
     import datasets
 
-    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)})
+    features = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(names=CLASSES)}
+    )
 
     def rows(images, labels):
         n = len(images) if limit is None else min(limit, len(images))
         for i in progress(range(n), n, "cifar10"):
             yield {"img": images[i], "label": int(labels[i])}
 
-    return datasets.DatasetDict({split: dataset_from_rows(partial(rows, im, lb), features, workdir)
-                                 for split, (im, lb) in arrays.items()})
+    return datasets.DatasetDict(
+        {
+            split: dataset_from_rows(partial(rows, im, lb), features, workdir)
+            for split, (im, lb) in arrays.items()
+        }
+    )
 
 
 def validate(ds, limit: int | None) -> None:
@@ -84,32 +94,46 @@ def validate(ds, limit: int | None) -> None:
         raise PrepareError("no train split found")
     for split, d in ds.items():
         if "img" not in d.column_names or "label" not in d.column_names:
-            raise PrepareError(f"split {split} has columns {d.column_names}; expected img and label")
+            raise PrepareError(
+                f"split {split} has columns {d.column_names}; expected img and label"
+            )
         if limit is None and len(d) != EXPECTED.get(split, len(d)):
-            raise PrepareError(f"split {split} has {len(d)} images, CIFAR-10 has {EXPECTED[split]}; is the copy complete?")
+            raise PrepareError(
+                f"split {split} has {len(d)} images, CIFAR-10 has {EXPECTED[split]}; is the copy complete?"
+            )
         first = d[0]["img"]
         if first.size != (32, 32):
             raise PrepareError(f"split {split} holds {first.size} images, not 32x32")
         labels = set(d["label"])
         if not labels <= set(range(10)):
-            raise PrepareError(f"split {split} has labels outside 0..9: {sorted(labels - set(range(10)))[:5]}")
+            raise PrepareError(
+                f"split {split} has labels outside 0..9: {sorted(labels - set(range(10)))[:5]}"
+            )
 
 
 def main() -> None:
     args = parser(__doc__, "data/cifar10").parse_args()
     source, out = Path(args.source), Path(args.out)
     if not source.exists():
-        raise PrepareError(f"--source {source} does not exist; download cifar-10-python.tar.gz (or the Hugging Face "
-                           "dataset uoft-cs/cifar10) on a machine with internet and point --source at it")
+        raise PrepareError(
+            f"--source {source} does not exist; download cifar-10-python.tar.gz (or the Hugging Face "
+            "dataset uoft-cs/cifar10) on a machine with internet and point --source at it"
+        )
     tmp = fresh_output(out, args.overwrite)
     with tempfile.TemporaryDirectory() as work:
-        is_official = source.is_file() or (source / "data_batch_1").exists() or (source / "cifar-10-batches-py").exists()
+        is_official = (
+            source.is_file()
+            or (source / "data_batch_1").exists()
+            or (source / "cifar-10-batches-py").exists()
+        )
         if is_official:
             ds = build(from_official(source, Path(work)), args.limit, Path(work))
         else:
             ds = from_hugging_face(source)
             if args.limit:
-                ds = ds.__class__({k: v.select(range(min(args.limit, len(v)))) for k, v in ds.items()})
+                ds = ds.__class__(
+                    {k: v.select(range(min(args.limit, len(v)))) for k, v in ds.items()}
+                )
         validate(ds, args.limit)
         ds.save_to_disk(str(tmp))
     finish(tmp, out)

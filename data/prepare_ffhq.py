@@ -27,13 +27,17 @@ def main() -> None:
     from PIL import Image, UnidentifiedImageError
 
     p = parser(__doc__, "data/ffhq")
-    p.add_argument("--size", type=int, default=1024, help="the smallest short side accepted (default 1024)")
+    p.add_argument(
+        "--size", type=int, default=1024, help="the smallest short side accepted (default 1024)"
+    )
     p.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
     args = p.parse_args()
     source, out = Path(args.source), Path(args.out)
     if not source.exists():
-        raise PrepareError(f"--source {source} does not exist; download FFHQ's images1024x1024 on a machine with "
-                           "internet (github.com/NVlabs/ffhq-dataset)")
+        raise PrepareError(
+            f"--source {source} does not exist; download FFHQ's images1024x1024 on a machine with "
+            "internet (github.com/NVlabs/ffhq-dataset)"
+        )
     tmp = fresh_output(out, args.overwrite)
     with tempfile.TemporaryDirectory() as work:
         if source.is_file():

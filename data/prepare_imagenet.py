@@ -31,8 +31,15 @@ def synset_folder(source: Path, limit: int | None, skip_unreadable: bool, workdi
 
     synsets = sorted(p.name for p in source.iterdir() if p.is_dir())
     if not synsets:
-        raise PrepareError(f"{source} has no class subfolders; pass ILSVRC2012's train folder (n01440764/, ...)")
-    files = [(f, i) for i, s in enumerate(synsets) for f in sorted((source / s).iterdir()) if f.suffix.lower() in SUFFIXES]
+        raise PrepareError(
+            f"{source} has no class subfolders; pass ILSVRC2012's train folder (n01440764/, ...)"
+        )
+    files = [
+        (f, i)
+        for i, s in enumerate(synsets)
+        for f in sorted((source / s).iterdir())
+        if f.suffix.lower() in SUFFIXES
+    ]
     if limit is not None:
         files = files[:limit]
     if not files:
@@ -47,11 +54,15 @@ def synset_folder(source: Path, limit: int | None, skip_unreadable: bool, workdi
             except (UnidentifiedImageError, OSError):
                 bad.append(str(path))
                 if not skip_unreadable:
-                    raise PrepareError(f"cannot read {path}; delete it or pass --skip-unreadable") from None
+                    raise PrepareError(
+                        f"cannot read {path}; delete it or pass --skip-unreadable"
+                    ) from None
                 continue
             yield {"image": {"bytes": path.read_bytes(), "path": path.name}, "label": label}
 
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=synsets)})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=synsets)}
+    )
     ds = dataset_from_rows(rows, features, workdir)
     if bad:
         print(f"skipped {len(bad)} unreadable images, e.g. {bad[0]}", file=sys.stderr)
@@ -68,21 +79,31 @@ def hugging_face_copy(source: Path, limit: int | None):
     else:
         files = sorted(str(f) for f in source.rglob("*.parquet") if "train" in f.name)
         if not files:
-            raise PrepareError(f"{source} holds neither a saved Hugging Face dataset nor train parquet files")
+            raise PrepareError(
+                f"{source} holds neither a saved Hugging Face dataset nor train parquet files"
+            )
         train = datasets.load_dataset("parquet", data_files={"train": files})["train"]
     if limit is not None:
         train = train.select(range(min(limit, len(train))))
-    classes = train.features["label"].num_classes if hasattr(train.features.get("label"), "num_classes") else None
+    classes = (
+        train.features["label"].num_classes
+        if hasattr(train.features.get("label"), "num_classes")
+        else None
+    )
     return datasets.DatasetDict({"train": train}), classes
 
 
 def main() -> None:
     p = parser(__doc__, "data/imagenet-1k")
-    p.add_argument("--skip-unreadable", action="store_true", help="leave out images that do not open")
+    p.add_argument(
+        "--skip-unreadable", action="store_true", help="leave out images that do not open"
+    )
     args = p.parse_args()
     source, out = Path(args.source), Path(args.out)
     if not source.is_dir():
-        raise PrepareError(f"--source {source} is not a folder; pass ILSVRC2012's train folder or a Hugging Face copy")
+        raise PrepareError(
+            f"--source {source} is not a folder; pass ILSVRC2012's train folder or a Hugging Face copy"
+        )
     tmp = fresh_output(out, args.overwrite)
     saved = (source / "dataset_dict.json").exists() or (source / "dataset_info.json").exists()
     with tempfile.TemporaryDirectory() as work:
@@ -99,7 +120,9 @@ def _save(ds, classes: int | None, limit: int | None, tmp: Path) -> None:
     """Check the columns and class count the config relies on, then write the dataset."""
     train = ds["train"]
     if "image" not in train.column_names or "label" not in train.column_names:
-        raise PrepareError(f"the train split has columns {train.column_names}; expected image and label")
+        raise PrepareError(
+            f"the train split has columns {train.column_names}; expected image and label"
+        )
     if limit is None and classes != 1000:
         raise PrepareError(f"found {classes} classes, ImageNet-1k has 1000; is the copy complete?")
     ds.save_to_disk(str(tmp))

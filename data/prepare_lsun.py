@@ -27,7 +27,9 @@ def locate(source: Path, category: str, workdir: Path) -> Path:
     name = f"{category}_train_lmdb"
     if source.is_file():
         if not zipfile.is_zipfile(source):
-            raise PrepareError(f"{source} is not a zip archive; pass {name}.zip or the folder it unpacks to")
+            raise PrepareError(
+                f"{source} is not a zip archive; pass {name}.zip or the folder it unpacks to"
+            )
         with zipfile.ZipFile(source) as z:
             z.extractall(workdir)
         source = workdir
@@ -56,11 +58,15 @@ def check_and_copy(lmdb_dir: Path, dest: Path, limit: int | None) -> int:
         for i, (key, value) in enumerate(progress(cursor, keep, "lsun")):
             if i >= keep:
                 break
-            if limit is not None or i < 100:  # decode every kept image, or the first 100 of a full copy
+            if (
+                limit is not None or i < 100
+            ):  # decode every kept image, or the first 100 of a full copy
                 try:
                     Image.open(io.BytesIO(value)).verify()
                 except (UnidentifiedImageError, OSError):
-                    raise PrepareError(f"entry {key!r} of {lmdb_dir} is not an image; is the download complete?") from None
+                    raise PrepareError(
+                        f"entry {key!r} of {lmdb_dir} is not an image; is the download complete?"
+                    ) from None
             if out_env is not None:
                 with out_env.begin(write=True) as out_txn:
                     out_txn.put(key, value)
@@ -74,12 +80,16 @@ def check_and_copy(lmdb_dir: Path, dest: Path, limit: int | None) -> int:
 
 def main() -> None:
     p = parser(__doc__, "data/lsun")
-    p.add_argument("--category", default="church_outdoor", help="LSUN category (default church_outdoor)")
+    p.add_argument(
+        "--category", default="church_outdoor", help="LSUN category (default church_outdoor)"
+    )
     args = p.parse_args()
     source, out = Path(args.source), Path(args.out)
     if not source.exists():
-        raise PrepareError(f"--source {source} does not exist; fetch {args.category}_train_lmdb.zip with LSUN's "
-                           "download.py on a machine with internet")
+        raise PrepareError(
+            f"--source {source} does not exist; fetch {args.category}_train_lmdb.zip with LSUN's "
+            "download.py on a machine with internet"
+        )
     tmp = fresh_output(out, args.overwrite)
     with tempfile.TemporaryDirectory() as work:
         lmdb_dir = locate(source, args.category, Path(work))

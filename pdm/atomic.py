@@ -58,7 +58,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600 files; outputs should be readable as usual
+        os.chmod(
+            tmp, default_file_mode()
+        )  # mkstemp makes 0600 files; outputs should be readable as usual
         os.replace(tmp, path)
     except OSError as e:
         raise WriteError(_describe(path, e)) from e
@@ -69,8 +71,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 def _describe(path: Path, error: OSError) -> str:
     reason = error.strerror or str(error) or type(error).__name__
-    return (f"could not write {path.name} in {path.parent} ({reason}; {free_space(path.parent)}); the previous "
-            f"{path.name} is intact: free some space or write elsewhere, then run the same command again")
+    return (
+        f"could not write {path.name} in {path.parent} ({reason}; {free_space(path.parent)}); the previous "
+        f"{path.name} is intact: free some space or write elsewhere, then run the same command again"
+    )
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

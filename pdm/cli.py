@@ -23,15 +23,21 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 def parser(description: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """An argument parser that takes flags only as written in full (``allow_abbrev=False``)."""
-    return argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 def given_flags(argv: Sequence[str] | None) -> set[str]:
     """The long flags written on the command line, as argparse's destinations (``--max-skips`` ->
     ``max_skips``): what the user asked for, as opposed to a default."""
     argv = sys.argv[1:] if argv is None else argv
-    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--") and len(a) > 2}
+    return {
+        a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--") and len(a) > 2
+    }
 
 
 def fail(prog: str, message: str, code: int = EXIT_BAD_INPUT) -> None:
@@ -49,7 +55,9 @@ def parse_device(name: str | None) -> torch.device:
     except (RuntimeError, ValueError):
         raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+        raise ValueError(
+            f"--device {name} asked for, but no CUDA GPU is available; use --device cpu"
+        )
     if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"--device {name!r} is not supported; use cpu or cuda")
     return device
@@ -69,5 +77,7 @@ def check_guidance_scale(scale: float) -> None:
     if not math.isfinite(scale):
         raise ValueError(f"--guidance-scale must be a finite number, got {scale}")
     if scale < 0:
-        raise ValueError(f"--guidance-scale must be >= 0 (0: unconditional, 1: conditional, >1: guided; "
-                         f"PDM uses 1.5), got {scale}")
+        raise ValueError(
+            f"--guidance-scale must be >= 0 (0: unconditional, 1: conditional, >1: guided; "
+            f"PDM uses 1.5), got {scale}"
+        )

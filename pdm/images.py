@@ -29,7 +29,9 @@ def grid_image(images: np.ndarray, columns: int | None = None, pad: int = 2) -> 
     return grid.permute(1, 2, 0).numpy()
 
 
-def save_grid(images: np.ndarray, path: str | os.PathLike, columns: int | None = None, scale: int = 1) -> None:
+def save_grid(
+    images: np.ndarray, path: str | os.PathLike, columns: int | None = None, scale: int = 1
+) -> None:
     """Save uint8 NHWC images as one PNG grid (optionally enlarged by ``scale``)."""
     grid = grid_image(images, columns)
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)

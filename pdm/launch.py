@@ -38,8 +38,10 @@ class Launch:
         """The rank's own device: ``cuda:LOCAL_RANK`` when CUDA was asked for without an index."""
         if self.distributed and requested.type == "cuda":
             if requested.index is not None:
-                raise ValueError(f"--device {requested} pins every rank to one GPU; pass --device cuda and each "
-                                 "rank takes cuda:LOCAL_RANK")
+                raise ValueError(
+                    f"--device {requested} pins every rank to one GPU; pass --device cuda and each "
+                    "rank takes cuda:LOCAL_RANK"
+                )
             return torch.device("cuda", self.local_rank)
         return requested
 
@@ -49,9 +51,13 @@ class Launch:
             return
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=self.rank,
-                                world_size=self.world_size, timeout=COLLECTIVE_TIMEOUT,
-                                **({"device_id": device} if device.type == "cuda" else {}))
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=COLLECTIVE_TIMEOUT,
+            **({"device_id": device} if device.type == "cuda" else {}),
+        )
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (any picklable object)."""

@@ -19,7 +19,15 @@ from torch import Tensor
 
 Target = Literal["eps", "x0", "v"]
 TARGETS: tuple[str, ...] = ("eps", "x0", "v")
-WEIGHTINGS: tuple[str, ...] = ("sqrt_snr", "snr", "snr_plus_one", "truncated_snr", "min_snr", "p2", "constant")
+WEIGHTINGS: tuple[str, ...] = (
+    "sqrt_snr",
+    "snr",
+    "snr_plus_one",
+    "truncated_snr",
+    "min_snr",
+    "p2",
+    "constant",
+)
 
 
 def _bcast(coef: Tensor, like: Tensor) -> Tensor:
@@ -30,7 +38,9 @@ def _bcast(coef: Tensor, like: Tensor) -> Tensor:
 def check_target(target: str) -> str:
     """Return ``target`` if it names a prediction target, else raise a ValueError naming the choices."""
     if target not in TARGETS:
-        raise ValueError(f"unknown prediction target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise ValueError(
+            f"unknown prediction target {target!r}; choose one of {', '.join(TARGETS)}"
+        )
     return target
 
 
@@ -74,7 +84,9 @@ def to_v(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, target: str) -
     return a * eps - s * x0
 
 
-def convert(pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, source: str, target: str) -> Tensor:
+def convert(
+    pred: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor, source: str, target: str
+) -> Tensor:
     """Convert a prediction of kind ``source`` to kind ``target`` (exact, no approximation)."""
     check_target(target)
     fn = {"x0": to_x0, "eps": to_eps, "v": to_v}[target]

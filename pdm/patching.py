@@ -55,9 +55,13 @@ def positional_encoding_2d(
     convolution so the network knows where each patch sits.
     """
     if channels % 2 or channels < 4:
-        raise ValueError(f"the 2-D positional encoding needs an even number of channels >= 4, got {channels}")
+        raise ValueError(
+            f"the 2-D positional encoding needs an even number of channels >= 4, got {channels}"
+        )
     half = channels // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=device) / (half - 1))
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float64, device=device) / (half - 1)
+    )
 
     def axis(n: int) -> Tensor:  # (half, n)
         pos = torch.arange(n, dtype=torch.float64, device=device)

@@ -40,7 +40,9 @@ def interp_linear(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
     return f_lo + (x - x_lo) * (f_hi - f_lo) / (x_hi - x_lo)
 
 
-def linear_betas(beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000) -> Tensor:
+def linear_betas(
+    beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000
+) -> Tensor:
     """DDPM's linear betas (Ho et al. 2020), in float64."""
     return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64, device="cpu")
 
@@ -62,7 +64,9 @@ class VPSchedule:
     """
 
     def __init__(self, betas: Tensor, name: str = "custom") -> None:
-        betas = torch.as_tensor(betas, dtype=torch.float64, device="cpu").flatten()  # tables live on the CPU
+        betas = torch.as_tensor(
+            betas, dtype=torch.float64, device="cpu"
+        ).flatten()  # tables live on the CPU
         if betas.numel() < 2:
             raise ValueError("a VP schedule needs at least 2 betas")
         if not bool(((betas > 0) & (betas < 1)).all()):
@@ -83,13 +87,17 @@ class VPSchedule:
         coefficient a sampler asks for."""
         key = (like.device, like.dtype)
         if key not in self._knot_copies:
-            self._knot_copies[key] = (self.t_array.to(like.device, like.dtype),
-                                      self.log_alpha_array.to(like.device, like.dtype))
+            self._knot_copies[key] = (
+                self.t_array.to(like.device, like.dtype),
+                self.log_alpha_array.to(like.device, like.dtype),
+            )
         return self._knot_copies[key]
 
     # construction ------------------------------------------------------------------------
     @classmethod
-    def linear(cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000) -> VPSchedule:
+    def linear(
+        cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_timesteps: int = 1000
+    ) -> VPSchedule:
         """DDPM's linear schedule (PDM's default; FFHQ-1024 uses beta_end = 0.025)."""
         return cls(linear_betas(beta_start, beta_end, num_timesteps), name="linear")
 
@@ -205,7 +213,9 @@ class VPSchedule:
             ends = torch.tensor([t_T, t_0], dtype=torch.float64)
             s_max, s_min = torch.exp(-self.lambda_(ends)).tolist()
             ramp = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
-            sig = (s_max ** (1 / EDM_RHO) + ramp * (s_min ** (1 / EDM_RHO) - s_max ** (1 / EDM_RHO))) ** EDM_RHO
+            sig = (
+                s_max ** (1 / EDM_RHO) + ramp * (s_min ** (1 / EDM_RHO) - s_max ** (1 / EDM_RHO))
+            ) ** EDM_RHO
             grid = self.t_of_lambda(-torch.log(sig))
             grid[0], grid[-1] = t_T, t_0  # exact ends, whatever the inverse's rounding
             return grid.to(dtype=dtype, device=device)
@@ -215,8 +225,12 @@ class VPSchedule:
         return f"VPSchedule(name={self.name!r}, num_timesteps={self.num_timesteps})"
 
 
-def build_schedule(name: ScheduleName = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
-                   num_timesteps: int = 1000) -> VPSchedule:
+def build_schedule(
+    name: ScheduleName = "linear",
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    num_timesteps: int = 1000,
+) -> VPSchedule:
     """The schedule a config names: ``linear`` (DDPM/PDM, from beta_start to beta_end) or ``cosine`` (iDDPM)."""
     if name == "linear":
         return VPSchedule.linear(beta_start, beta_end, num_timesteps)

@@ -28,14 +28,24 @@ class GaussianMixture:
         k = self.means.shape[0]
         if self.stds.numel() == 1:
             self.stds = self.stds.expand(k).clone()
-        w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        w = (
+            torch.full((k,), 1.0 / k, dtype=torch.float64)
+            if weights is None
+            else torch.as_tensor(weights, dtype=torch.float64)
+        )
         self.log_weights = torch.log(w / w.sum())
 
     @classmethod
-    def random(cls, components: int = 4, shape: tuple[int, ...] = (3, 4, 4), std: float = 0.3, seed: int = 0) -> GaussianMixture:
+    def random(
+        cls,
+        components: int = 4,
+        shape: tuple[int, ...] = (3, 4, 4),
+        std: float = 0.3,
+        seed: int = 0,
+    ) -> GaussianMixture:
         """A reproducible mixture with means drawn in [-0.7, 0.7] (data-like, inside [-1, 1])."""
         g = torch.Generator().manual_seed(seed)
-        means = (torch.rand((components, *shape), generator=g, dtype=torch.float64) * 1.4 - 0.7)
+        means = torch.rand((components, *shape), generator=g, dtype=torch.float64) * 1.4 - 0.7
         stds = std * (0.75 + 0.5 * torch.rand(components, generator=g, dtype=torch.float64))
         return cls(means, stds)
 

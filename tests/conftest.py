@@ -13,8 +13,14 @@ from pdm.training import EMA, PDMModule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 # train.py overrides that shrink the digits config's network for CLI tests (a few seconds per run)
-SMALL_NET_ARGS = ["--model.net.init_args.model_channels", "16", "--model.net.init_args.channel_mult", "[1]",
-                  "--model.net.init_args.attention_resolutions", "[]"]
+SMALL_NET_ARGS = [
+    "--model.net.init_args.model_channels",
+    "16",
+    "--model.net.init_args.channel_mult",
+    "[1]",
+    "--model.net.init_args.attention_resolutions",
+    "[]",
+]
 
 
 def run_main(module, args, capsys) -> tuple[int, list[str]]:
@@ -27,11 +33,22 @@ def run_main(module, args, capsys) -> tuple[int, list[str]]:
     except SystemExit as e:
         code = e.code
     err = capsys.readouterr().err.splitlines()
-    return code, [line for line in err if line.strip() and not line.startswith(("images ", "calibration: ", "\r"))]
+    return code, [
+        line
+        for line in err
+        if line.strip() and not line.startswith(("images ", "calibration: ", "\r"))
+    ]
 
 
-TINY_NET = dict(in_channels=1, image_size=16, patch_size=4, model_channels=32, channel_mult=(1,), num_res_blocks=1,
-                attention_resolutions=())
+TINY_NET = dict(
+    in_channels=1,
+    image_size=16,
+    patch_size=4,
+    model_channels=32,
+    channel_mult=(1,),
+    num_res_blocks=1,
+    attention_resolutions=(),
+)
 NET_KEYS = set(TINY_NET) | {"num_classes", "dropout"}
 
 
@@ -47,11 +64,21 @@ def train_tiny(root: str, steps: int = 3, **kwargs) -> str:
 
     L.seed_everything(0)
     ckpt_dir = os.path.join(root, "checkpoints")
-    trainer = L.Trainer(max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
-                        callbacks=[EMA(decay=0.9), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)])
-    trainer.fit(tiny_module(**kwargs), datamodule=DigitsDataModule(image_size=16, batch_size=16,
-                                                                               val_fraction=0.0))
+    trainer = L.Trainer(
+        max_steps=steps,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[EMA(decay=0.9), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+    )
+    trainer.fit(
+        tiny_module(**kwargs),
+        datamodule=DigitsDataModule(image_size=16, batch_size=16, val_fraction=0.0),
+    )
     return os.path.join(ckpt_dir, "last.ckpt")
 
 

@@ -31,11 +31,37 @@ class Recording(PDMModule):
 if __name__ == "__main__":
     L.seed_everything(0)
     torch.set_num_threads(1)
-    trainer = L.Trainer(max_steps=MAX_STEPS, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=OUT,
-                        limit_val_batches=0,
-                        callbacks=[EMA(decay=0.9), RunCheckpoint(save_last=True, every_n_train_steps=10**6 if PREEMPT else 1),
-                                   *([Preemption()] if PREEMPT else [])])
-    model = Recording(net=UNet(in_channels=1, image_size=16, patch_size=4, model_channels=32, channel_mult=(1,),
-                               num_res_blocks=1, attention_resolutions=(), num_classes=10), warmup_steps=1)
-    trainer.fit(model, datamodule=DigitsDataModule(image_size=16, batch_size=200, val_fraction=0.0), ckpt_path=CKPT)
+    trainer = L.Trainer(
+        max_steps=MAX_STEPS,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=OUT,
+        limit_val_batches=0,
+        callbacks=[
+            EMA(decay=0.9),
+            RunCheckpoint(save_last=True, every_n_train_steps=10**6 if PREEMPT else 1),
+            *([Preemption()] if PREEMPT else []),
+        ],
+    )
+    model = Recording(
+        net=UNet(
+            in_channels=1,
+            image_size=16,
+            patch_size=4,
+            model_channels=32,
+            channel_mult=(1,),
+            num_res_blocks=1,
+            attention_resolutions=(),
+            num_classes=10,
+        ),
+        warmup_steps=1,
+    )
+    trainer.fit(
+        model,
+        datamodule=DigitsDataModule(image_size=16, batch_size=200, val_fraction=0.0),
+        ckpt_path=CKPT,
+    )

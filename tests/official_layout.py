@@ -11,9 +11,17 @@ from __future__ import annotations
 import torch
 
 
-def official_shapes(in_channels: int, patch_size: int, model_channels: int, channel_mult, num_res_blocks: int,
-                    attention_ds: set[int], num_classes: int | None = None, learn_sigma: bool = True,
-                    resblock_updown: bool = False) -> dict[str, tuple[int, ...]]:
+def official_shapes(
+    in_channels: int,
+    patch_size: int,
+    model_channels: int,
+    channel_mult,
+    num_res_blocks: int,
+    attention_ds: set[int],
+    num_classes: int | None = None,
+    learn_sigma: bool = True,
+    resblock_updown: bool = False,
+) -> dict[str, tuple[int, ...]]:
     """{key: shape} of the official UNetModel with ``use_scale_shift_norm`` and 64-channel heads."""
     shapes: dict[str, tuple[int, ...]] = {}
     c_in = in_channels * patch_size**2

@@ -48,14 +48,24 @@ def fast_orders(steps: int, order: int) -> list[int]:
     """DPM-Solver-fast's split of ``steps`` evaluations (2206.00927 App. D.1)."""
     if order == 3:
         k = steps // 3 + 1
-        return {0: [3] * (k - 2) + [2, 1], 1: [3] * (k - 1) + [1], 2: [3] * (k - 1) + [2]}[steps % 3]
+        return {0: [3] * (k - 2) + [2, 1], 1: [3] * (k - 1) + [1], 2: [3] * (k - 1) + [2]}[
+            steps % 3
+        ]
     if order == 2:
         return [2] * (steps // 2) + [1] * (steps % 2)
     return [1] * steps
 
 
-def singlestep_sample(eps_fn, x: np.ndarray, sched: Schedule, steps: int, order: int, skip_type: str, data: bool,
-                      solver_type: str) -> np.ndarray:
+def singlestep_sample(
+    eps_fn,
+    x: np.ndarray,
+    sched: Schedule,
+    steps: int,
+    order: int,
+    skip_type: str,
+    data: bool,
+    solver_type: str,
+) -> np.ndarray:
     """DPM-Solver-fast from t = 1 to t = 1/N; ``eps_fn(x, t)`` is a noise predictor."""
     t_T, t_0 = 1.0, 1.0 / sched.n
     orders = fast_orders(steps, order)
@@ -72,9 +82,13 @@ def singlestep_sample(eps_fn, x: np.ndarray, sched: Schedule, steps: int, order:
         h = sched.lam(t) - sched.lam(s)
         if data:
             return sched.sigma(t) / sched.sigma(s) * x_ - sched.alpha(t) * np.expm1(-h) * m
-        return np.exp(sched.log_alpha(t) - sched.log_alpha(s)) * x_ - sched.sigma(t) * np.expm1(h) * m
+        return (
+            np.exp(sched.log_alpha(t) - sched.log_alpha(s)) * x_ - sched.sigma(t) * np.expm1(h) * m
+        )
 
-    def phi2(s, t):  # the h-scaled phi_2 coefficient times alpha_t (data) or sigma_t (noise), with its sign
+    def phi2(
+        s, t
+    ):  # the h-scaled phi_2 coefficient times alpha_t (data) or sigma_t (noise), with its sign
         h = sched.lam(t) - sched.lam(s)
         if data:
             return sched.alpha(t) * (np.expm1(-h) / h + 1.0)
@@ -109,6 +123,9 @@ def singlestep_sample(eps_fn, x: np.ndarray, sched: Schedule, steps: int, order:
             d1 = (r2 * d1_0 - r1 * d1_1) / (r2 - r1)
             d2 = 2.0 * (d1_1 - d1_0) / (r2 - r1)
             phi3 = (sched.alpha(t) if data else sched.sigma(t)) * (
-                ((np.expm1(-h) / h + 1.0) / h - 0.5) if data else ((np.expm1(h) / h - 1.0) / h - 0.5))
+                ((np.expm1(-h) / h + 1.0) / h - 0.5)
+                if data
+                else ((np.expm1(h) / h - 1.0) / h - 0.5)
+            )
             x = linear(x, s, t, m_s) + phi2(s, t) * d1 - phi3 * d2
     return x

@@ -18,22 +18,33 @@ def test_calibration_and_scoring_seeds_are_disjoint():
     assert set(score) <= set(SCORE_SEEDS) and set(calib) <= set(CALIBRATION_SEEDS)
     assert not set(score) & set(calib)
     val = skip_tradeoff.validation_seeds(32, 32)
-    assert len(val) == 32 and set(val) <= set(CALIBRATION_SEEDS) and not set(val) & (set(calib) | set(score))
+    assert (
+        len(val) == 32
+        and set(val) <= set(CALIBRATION_SEEDS)
+        and not set(val) & (set(calib) | set(score))
+    )
 
 
 def test_skip_configurations_are_chosen_on_calibration_errors_only():
-    runs = [{"calib_nfe": 10, "calib_error": 0.2, "error": 0.01}, {"calib_nfe": 10, "calib_error": 0.1, "error": 0.5},
-            {"calib_nfe": 12, "calib_error": 0.01, "error": 0.001}]
+    runs = [
+        {"calib_nfe": 10, "calib_error": 0.2, "error": 0.01},
+        {"calib_nfe": 10, "calib_error": 0.1, "error": 0.5},
+        {"calib_nfe": 12, "calib_error": 0.01, "error": 0.001},
+    ]
     chosen = skip_tradeoff.select(runs, budget=10)
     assert chosen["calib_error"] == 0.1  # the scored error plays no part, and the NFE budget holds
 
 
 def test_calibrated_paths_are_chosen_on_validation_errors_within_the_budget():
-    paths = [{"budget": 10, "nfe": 10, "calib_error": 0.01, "val_error": 0.3, "error": 0.001},
-             {"budget": 10, "nfe": 10, "calib_error": 0.2, "val_error": 0.2, "error": 0.5},
-             {"budget": 12, "nfe": 12, "calib_error": 0.3, "val_error": 0.1, "error": 0.4},
-             {"budget": 15, "nfe": 15, "calib_error": 0.001, "val_error": 0.05, "error": 0.0001}]
-    assert skip_tradeoff.choose_calibrated(paths, 10) is paths[1]  # neither the fitted nor the scored error
+    paths = [
+        {"budget": 10, "nfe": 10, "calib_error": 0.01, "val_error": 0.3, "error": 0.001},
+        {"budget": 10, "nfe": 10, "calib_error": 0.2, "val_error": 0.2, "error": 0.5},
+        {"budget": 12, "nfe": 12, "calib_error": 0.3, "val_error": 0.1, "error": 0.4},
+        {"budget": 15, "nfe": 15, "calib_error": 0.001, "val_error": 0.05, "error": 0.0001},
+    ]
+    assert (
+        skip_tradeoff.choose_calibrated(paths, 10) is paths[1]
+    )  # neither the fitted nor the scored error
     assert skip_tradeoff.choose_calibrated(paths, 14) is paths[2]  # a smaller budget's path may win
     assert skip_tradeoff.choose_calibrated(paths, 15) is paths[3]
 
@@ -43,8 +54,23 @@ def test_train_throughput_runs_the_training_step_and_counts_its_flops(tmp_path, 
 
     from benchmarks import train_throughput
 
-    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--configs", "digits", "--batch", "4", "--steps", "1",
-                                      "--warmup", "1", "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "train_throughput.py",
+            "--configs",
+            "digits",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     train_throughput.main()
     (row,) = json.loads((tmp_path / "train_throughput_cpu_b4.json").read_text())["rows"]
     assert row["config"] == "digits" and row["batch"] == 4 and row["images_per_second"] > 0
@@ -56,7 +82,10 @@ def test_train_throughput_runs_the_training_step_and_counts_its_flops(tmp_path, 
 
     cfg = yaml.safe_load(open(CONFIGS / "digits.yaml"))["model"]
     module = config_module("digits")  # the config's network and loss, as train.py builds them
-    assert module.net.patch_size == cfg["net"]["init_args"]["patch_size"] and module.hparams.target == cfg["target"]
+    assert (
+        module.net.patch_size == cfg["net"]["init_args"]["patch_size"]
+        and module.hparams.target == cfg["target"]
+    )
     assert row["parameters"] == sum(p.numel() for p in module.net.parameters())
 
 
@@ -67,7 +96,10 @@ def test_step_cost_builds_each_config_network_as_the_config_says():
 
     net, kw = step_cost.from_config("cifar10_p4")
     cfg = yaml.safe_load(open(step_cost.CONFIGS / "cifar10_p4.yaml"))["model"]["net"]["init_args"]
-    assert net.patch_size == cfg["patch_size"] == kw["patch_size"] and kw["image_size"] == cfg["image_size"]
+    assert (
+        net.patch_size == cfg["patch_size"] == kw["patch_size"]
+        and kw["image_size"] == cfg["image_size"]
+    )
     assert list(net.config["channel_mult"]) == [float(m) for m in cfg["channel_mult"]]
 
 
@@ -76,8 +108,24 @@ def test_patch_ablation_trains_and_scores_each_patch_size(tmp_path, monkeypatch)
 
     from benchmarks import patch_ablation
 
-    monkeypatch.setattr(sys, "argv", ["patch_ablation.py", "--max-steps", "2", "--num-samples", "8", "--steps", "3",
-                                      "--patch-sizes", "8", "4", "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "patch_ablation.py",
+            "--max-steps",
+            "2",
+            "--num-samples",
+            "8",
+            "--steps",
+            "3",
+            "--patch-sizes",
+            "8",
+            "4",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     patch_ablation.main()
     rows = json.loads((tmp_path / "patch_ablation.json").read_text())["rows"]
     assert [r["patch_size"] for r in rows] == [8, 4] and all(r["train_steps"] == 2 for r in rows)
@@ -89,17 +137,42 @@ def test_sample_throughput_compares_each_variant_with_fp32_on_the_same_noise(tmp
 
     from benchmarks import sample_throughput
 
-    monkeypatch.setattr(sys, "argv", ["sample_throughput.py", "--device", "cpu", "--tiny", "--models", "lsun_church_p4",
-                                      "imagenet256_pair_cfg1.5", "--batch", "2", "--steps", "2", "--repeats", "1",
-                                      "--variants", "bf16", "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "sample_throughput.py",
+            "--device",
+            "cpu",
+            "--tiny",
+            "--models",
+            "lsun_church_p4",
+            "imagenet256_pair_cfg1.5",
+            "--batch",
+            "2",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--variants",
+            "bf16",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     sample_throughput.main()
     rows = json.loads((tmp_path / "sample_throughput_cpu_tiny.json").read_text())["rows"]
-    assert [(r["model"], r["variant"]) for r in rows] == [("lsun_church_p4", "fp32"), ("lsun_church_p4", "bf16"),
-                                                          ("imagenet256_pair_cfg1.5", "fp32"),
-                                                          ("imagenet256_pair_cfg1.5", "bf16")]
+    assert [(r["model"], r["variant"]) for r in rows] == [
+        ("lsun_church_p4", "fp32"),
+        ("lsun_church_p4", "bf16"),
+        ("imagenet256_pair_cfg1.5", "fp32"),
+        ("imagenet256_pair_cfg1.5", "bf16"),
+    ]
     fp32, bf16 = rows[0], rows[1]
     assert fp32["rms_vs_fp32"] == 0.0 and fp32["speedup_vs_fp32"] == 1.0
-    assert 0.0 < bf16["rms_vs_fp32"] < 0.1 and bf16["images_per_second"] > 0  # bf16 ran, and only rounded
+    assert (
+        0.0 < bf16["rms_vs_fp32"] < 0.1 and bf16["images_per_second"] > 0
+    )  # bf16 ran, and only rounded
 
 
 def test_sampler_overhead_times_the_network_apart_from_the_sampler(tmp_path, monkeypatch):
@@ -107,8 +180,23 @@ def test_sampler_overhead_times_the_network_apart_from_the_sampler(tmp_path, mon
 
     from benchmarks import sampler_overhead
 
-    monkeypatch.setattr(sys, "argv", ["sampler_overhead.py", "--device", "cpu", "--batch", "4", "--steps", "6",
-                                      "--rounds", "1", "--out", str(tmp_path)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "sampler_overhead.py",
+            "--device",
+            "cpu",
+            "--batch",
+            "4",
+            "--steps",
+            "6",
+            "--rounds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     sampler_overhead.main()
     res = json.loads((tmp_path / "sampler_overhead_cpu.json").read_text())
     for r in res["settings"].values():
@@ -121,8 +209,14 @@ def test_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
-    res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_suite.sh"), "--smoke"], cwd=root, capture_output=True,
-                         text=True, env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}, timeout=900)
+    res = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_suite.sh"), "--smoke"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-2000:]
     log = (tmp_path / "gpu_suite" / "gpu_suite.log").read_text()
     assert log.count(": exit 0 after") == 4, log[-3000:]
@@ -130,11 +224,15 @@ def test_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
     # sample.py itself: a compiled run with a padded last batch, equal to the eager one
     import re
 
-    found = re.search(r"sample.py fp32 on cpu: compiled vs eager, 100 images: mean \|diff\| ([0-9.]+)/255", log)
+    found = re.search(
+        r"sample.py fp32 on cpu: compiled vs eager, 100 images: mean \|diff\| ([0-9.]+)/255", log
+    )
     assert found and float(found.group(1)) <= 1.0, log[-3000:]
 
 
-def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_on_held_out_seeds(tmp_path):
+def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_on_held_out_seeds(
+    tmp_path,
+):
     from benchmarks.calibration_holdout import calibrate_here, holdout_rows, plot
     from benchmarks.common import CALIBRATION_SEEDS, SCORE_SEEDS, mixture_bench, rms
     from benchmarks.solver_accuracy import settings
@@ -145,8 +243,17 @@ def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_o
     calib = CALIBRATION_SEEDS[:8]
     # --mixture calibrates in the process, on the calibration seeds, as calibrate.py would
     made = calibrate_here(bench, [4], num_seeds=8, steps=12, halvings=1)
-    paths = calibrate_budgets(bench.model_fn, bench.noise(calib), bench.schedule, [4], steps=12, halvings=1,
-                              prediction=bench.prediction, solver="ipndm", order=3)
+    paths = calibrate_budgets(
+        bench.model_fn,
+        bench.noise(calib),
+        bench.schedule,
+        [4],
+        steps=12,
+        halvings=1,
+        prediction=bench.prediction,
+        solver="ipndm",
+        order=3,
+    )
     assert made.schedules[4].settings.timesteps == paths[4].settings.timesteps
     assert made.calibrated_for["num_seeds"] == 8 and made.calibrated_for["seconds"] > 0
     rows = holdout_rows(bench, ScheduleFile(paths), SCORE_SEEDS[:6], label="times")
@@ -154,7 +261,10 @@ def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_o
     ref, _ = bench.reference(SCORE_SEEDS[:6])
     best = min(rms(bench.run(SCORE_SEEDS[:6], steps=4, **kw).x, ref) for _, _, kw in settings())
     assert nfe == 4 and float(plain.split()[0]) == float(f"{best:.3e}")
-    assert float(ratio) == pytest.approx(float(held) / float(plain.split()[0]), abs=0.01) and label == "times"
+    assert (
+        float(ratio) == pytest.approx(float(held) / float(plain.split()[0]), abs=0.01)
+        and label == "times"
+    )
     plot(rows, tmp_path / "holdout.png", "mixture")
     assert (tmp_path / "holdout.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the trusted column: images whose references disagree by more than a tenth of the error
@@ -165,15 +275,29 @@ def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_o
     keep = trusted_images(torch.tensor([3e-4, 2e-3, 1.5e-4, 3e-2, 9e-5, 1.9e-4]), errors)
     assert keep.tolist() == [True, False, True, False, True, False]
     # references far apart against the median disagreement but far below the errors stay in
-    assert trusted_images(torch.tensor([1e-5, 1e-5, 1e-5, 3.6e-4]), torch.tensor([1e-3, 1e-3, 1e-3, 0.1])).all()
+    assert trusted_images(
+        torch.tensor([1e-5, 1e-5, 1e-5, 3.6e-4]), torch.tensor([1e-3, 1e-3, 1e-3, 0.1])
+    ).all()
     x = bench.run(SCORE_SEEDS[:6], **paths[4].sample_kwargs()).x
-    disagreement = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 1.0])  # two images no error can be measured on
+    disagreement = torch.tensor(
+        [0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    )  # two images no error can be measured on
     keep = torch.tensor([True, True, False, True, True, False])
-    both, ratio = holdout_rows(bench, ScheduleFile(paths), SCORE_SEEDS[:6], label="times", ref=ref,
-                               disagreement=disagreement)[0][-2:]
+    both, ratio = holdout_rows(
+        bench,
+        ScheduleFile(paths),
+        SCORE_SEEDS[:6],
+        label="times",
+        ref=ref,
+        disagreement=disagreement,
+    )[0][-2:]
     mine, plain_there = (float(v.split()[0]) for v in both.split(" / "))
-    best_there = min(rms(bench.run(SCORE_SEEDS[:6], steps=4, **kw).x[keep], ref[keep]) for _, _, kw in settings())
-    assert mine == float(f"{rms(x[keep], ref[keep]):.2e}") and plain_there == float(f"{best_there:.2e}")
+    best_there = min(
+        rms(bench.run(SCORE_SEEDS[:6], steps=4, **kw).x[keep], ref[keep]) for _, _, kw in settings()
+    )
+    assert mine == float(f"{rms(x[keep], ref[keep]):.2e}") and plain_there == float(
+        f"{best_there:.2e}"
+    )
 
 
 def test_reference_disagreement_measures_the_reference_not_the_second_solver():
@@ -196,15 +320,32 @@ def test_kernel_kinds_sort_the_h200_profiles_kernels():
     # names as the H200 profile of the compiled LSUN step printed them (benchmarks/RESULTS.md)
     from benchmarks.train_throughput import kernel_kind
 
-    assert kernel_kind("sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64") == \
-        "convolution"
-    assert kernel_kind("triton_red_fused__to_copy_clone_mul_native_group_norm_native_group_norm_backward_silu") == \
-        "norm+activation"
-    assert kernel_kind("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
-                       "direct_copy_kernel_cuda") == "copy/layout"
+    assert (
+        kernel_kind(
+            "sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64"
+        )
+        == "convolution"
+    )
+    assert (
+        kernel_kind(
+            "triton_red_fused__to_copy_clone_mul_native_group_norm_native_group_norm_backward_silu"
+        )
+        == "norm+activation"
+    )
+    assert (
+        kernel_kind(
+            "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+            "direct_copy_kernel_cuda"
+        )
+        == "copy/layout"
+    )
     assert kernel_kind("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64") == "attention"
-    assert kernel_kind("void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata, FusedAdam") == \
-        "optimizer+EMA"
+    assert (
+        kernel_kind(
+            "void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata, FusedAdam"
+        )
+        == "optimizer+EMA"
+    )
     assert kernel_kind("triton_poi_fused_add_mul_3") == "fused pointwise/reduction"
 
 
@@ -217,9 +358,20 @@ def test_calibration_holdout_adds_fd_and_accuracy_of_samples_per_budget(tiny_ckp
 
     bench = digits_bench(tiny_ckpts["cond"])
     calib = CALIBRATION_SEEDS[:4]
-    paths = calibrate_budgets(bench.model_fn, bench.noise(calib), bench.schedule, [3], steps=6, halvings=0,
-                              refine_sweeps=1, continuous=False, prediction=bench.prediction,
-                              model_kwargs=bench.kwargs(calib), solver="ipndm", order=3)
+    paths = calibrate_budgets(
+        bench.model_fn,
+        bench.noise(calib),
+        bench.schedule,
+        [3],
+        steps=6,
+        halvings=0,
+        refine_sweeps=1,
+        continuous=False,
+        prediction=bench.prediction,
+        model_kwargs=bench.kwargs(calib),
+        solver="ipndm",
+        order=3,
+    )
     rows = holdout_rows(bench, ScheduleFile(paths), SCORE_SEEDS[:4], label="times", fd_samples=40)
     fd, accuracy = rows[0][-2:]
     mine, plain = (float(v) for v in fd.split(" / "))
@@ -241,16 +393,37 @@ def test_carried_errors_say_in_which_step_a_sampler_made_its_error(capsys):
     assert times == pytest.approx(grid[:-1] + [0.0]) and carried.shape == (5, 5)
     assert torch.all(carried[:, 0] == 0)  # nothing made before the first step
     assert torch.allclose(carried[:, -1], per_image_rms(bench.run(seeds, **kw).x, ref))
-    two = bench.run(seeds, steps=2, solver="dpmsolver", order=1, timesteps=torch.tensor(grid[:3], dtype=torch.float64)).x
-    end = sample(bench.model_fn, two, bench.schedule, steps=200, solver="unipc", order=3, skip_type="logSNR",
-                 prediction=bench.prediction, t_start=grid[2]).x
+    two = bench.run(
+        seeds,
+        steps=2,
+        solver="dpmsolver",
+        order=1,
+        timesteps=torch.tensor(grid[:3], dtype=torch.float64),
+    ).x
+    end = sample(
+        bench.model_fn,
+        two,
+        bench.schedule,
+        steps=200,
+        solver="unipc",
+        order=3,
+        skip_type="logSNR",
+        prediction=bench.prediction,
+        t_start=grid[2],
+    ).x
     assert torch.allclose(carried[:, 2], per_image_rms(end, ref), rtol=1e-6, atol=1e-12)
     path = LearnedSchedule(Settings(steps=4, solver="ipndm", order=3, grid="logSNR"))
     cache = {4: {"best": ("DDIM time_uniform", kw, torch.zeros(5))}}
     worst_images(bench, ScheduleFile({4: path}), "ipndm", seeds, ref, disagreement, cache, k=2)
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3 and "ipndm, 4 NFE" in lines[0] and all("references differ by" in line for line in lines[1:])
-    errors = per_image_rms(bench.run(seeds, steps=4, solver="ipndm", order=3, skip_type="logSNR").x, ref)
+    assert (
+        len(lines) == 3
+        and "ipndm, 4 NFE" in lines[0]
+        and all("references differ by" in line for line in lines[1:])
+    )
+    errors = per_image_rms(
+        bench.run(seeds, steps=4, solver="ipndm", order=3, skip_type="logSNR").x, ref
+    )
     assert lines[1].split(":")[0].strip() == f"seed {seeds[int(errors.argmax())]}"
 
 
@@ -264,12 +437,14 @@ def test_calibration_holdout_scores_several_blocks_each_on_its_own(capsys, tmp_p
     from pdm.sampling import LearnedSchedule, ScheduleFile, Settings
 
     bench = mixture_bench()
-    paths = ScheduleFile({4: LearnedSchedule(Settings(steps=4, solver="ipndm", order=3, grid="logSNR"))})
+    paths = ScheduleFile(
+        {4: LearnedSchedule(Settings(steps=4, solver="ipndm", order=3, grid="logSNR"))}
+    )
     args = argparse.Namespace(blocks=2, seeds=3, first_seed=30, fd_samples=0, worst=0)
     rows = score_blocks(bench, [("ipndm", paths)], args)
     assert [r[0] for r in rows] == ["ipndm [seeds 30-32]", "ipndm [seeds 33-35]"]
     for row, first in zip(rows, (30, 33)):  # the same as scoring that block alone
-        alone = holdout_rows(bench, paths, SCORE_SEEDS[first:first + 3], "ipndm")[0]
+        alone = holdout_rows(bench, paths, SCORE_SEEDS[first : first + 3], "ipndm")[0]
         assert row[4:7] == alone[4:7]
     err = capsys.readouterr().err
     assert f"ratio to the best plain setting per block {rows[0][6]}, {rows[1][6]}; median" in err

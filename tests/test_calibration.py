@@ -18,11 +18,17 @@ NOISE = torch.randn(6, 3, 4, 4, dtype=torch.float64, generator=torch.Generator()
 
 def test_a_learned_schedule_saved_and_loaded_replays_bit_identically(tmp_path):
     kw = dict(solver="dpmsolver++", order=2, skip_type="logSNR")
-    calib = torch.randn(4, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
-    on_grid = calibrate_schedule(GM.model_fn(S), calib, S, nfe=8, steps=24, refine_sweeps=1, continuous=False, **kw)
+    calib = torch.randn(
+        4, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(11)
+    )
+    on_grid = calibrate_schedule(
+        GM.model_fn(S), calib, S, nfe=8, steps=24, refine_sweeps=1, continuous=False, **kw
+    )
     assert on_grid.nfe == 8 and len(on_grid.grid_points) == 8 and on_grid.grid_points[0] == 0
     assert on_grid.settings == Settings(steps=24, solver="dpmsolver++", order=2, grid="logSNR")
-    free = calibrate_schedule(GM.model_fn(S), calib, S, nfe=8, steps=24, refine_sweeps=1, halvings=1, **kw)
+    free = calibrate_schedule(
+        GM.model_fn(S), calib, S, nfe=8, steps=24, refine_sweeps=1, halvings=1, **kw
+    )
     assert free.nfe == 8 and free.grid_points is None and len(free.settings.timesteps) == 9
     assert free.settings.steps == 8
     for learned in (on_grid, free):
@@ -44,15 +50,27 @@ def test_a_learned_schedule_saved_and_loaded_replays_bit_identically(tmp_path):
 
 def test_calibration_beats_the_uniform_grid_of_the_same_nfe_on_held_out_seeds():
     kw = dict(solver="dpmsolver++", order=2, skip_type="logSNR")
-    calib = torch.randn(16, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(21))
-    held_out = torch.randn(16, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
-    on_grid = calibrate_schedule(GM.model_fn(S), calib, S, nfe=8, steps=24, refine_sweeps=1, continuous=False, **kw)
-    free = calibrate_schedule(GM.model_fn(S), calib, S, nfe=8, steps=24, refine_sweeps=1, halvings=2, **kw)
-    ref = sample(GM.model_fn(S), held_out, S, steps=300, solver="unipc", order=3, skip_type="logSNR").x
+    calib = torch.randn(
+        16, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(21)
+    )
+    held_out = torch.randn(
+        16, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(22)
+    )
+    on_grid = calibrate_schedule(
+        GM.model_fn(S), calib, S, nfe=8, steps=24, refine_sweeps=1, continuous=False, **kw
+    )
+    free = calibrate_schedule(
+        GM.model_fn(S), calib, S, nfe=8, steps=24, refine_sweeps=1, halvings=2, **kw
+    )
+    ref = sample(
+        GM.model_fn(S), held_out, S, steps=300, solver="unipc", order=3, skip_type="logSNR"
+    ).x
     rms = lambda x: (x - ref).pow(2).mean().sqrt().item()  # noqa: E731
     plain = rms(sample(GM.model_fn(S), held_out, S, steps=8, **kw).x)
-    errors = {name: rms(sample(GM.model_fn(S), held_out, S, p.settings_for(S)).x)
-              for name, p in (("on_grid", on_grid), ("free", free))}
+    errors = {
+        name: rms(sample(GM.model_fn(S), held_out, S, p.settings_for(S)).x)
+        for name, p in (("on_grid", on_grid), ("free", free))
+    }
     assert errors["on_grid"] < plain and errors["free"] < errors["on_grid"], (plain, errors)
 
 
@@ -64,7 +82,9 @@ def test_refine_times_finds_the_best_interior_time_and_keeps_the_ends():
     score = lambda t: abs(float(S.lambda_(t)[1]) - target)  # noqa: E731
     grid, best = refine_times(times, S, score, halvings=12)
     assert grid[0] == times[0] and grid[-1] == times[-1] and bool((grid[:-1] > grid[1:]).all())
-    assert best < 10.0 * 0.5 / 2 * 2**-12 + 1e-9 and abs(float(S.lambda_(grid)[1]) - target) == pytest.approx(best)
+    assert best < 10.0 * 0.5 / 2 * 2**-12 + 1e-9 and abs(
+        float(S.lambda_(grid)[1]) - target
+    ) == pytest.approx(best)
     # moves never cross a neighbour, however the score pulls
     grid, _ = refine_times(times, S, lambda t: -float(S.lambda_(t)[1]), halvings=6)
     assert float(S.lambda_(grid)[1]) < 4.0 and bool((grid[:-1] > grid[1:]).all())
@@ -82,7 +102,11 @@ def test_greedy_path_adds_the_least_harmful_skip_each_round():
     for i in range(1, steps):
         ev = [True] * steps
         ev[i] = False
-        singles.append(rms(sample(GM.model_fn(S), NOISE, S, steps=steps, skip=FixedSkip(tuple(ev)), **kw).x))
+        singles.append(
+            rms(sample(GM.model_fn(S), NOISE, S, steps=steps, skip=FixedSkip(tuple(ev)), **kw).x)
+        )
     assert hist[0][1] == pytest.approx(min(singles))
     for path, err in hist:
-        assert rms(sample(GM.model_fn(S), NOISE, S, steps=steps, skip=path, **kw).x) == pytest.approx(err)
+        assert rms(
+            sample(GM.model_fn(S), NOISE, S, steps=steps, skip=path, **kw).x
+        ) == pytest.approx(err)

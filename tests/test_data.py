@@ -50,18 +50,29 @@ def test_adm_center_crop_keeps_the_centre_square():
 def _write_images(folder, n, size=(40, 30)):
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        Image.fromarray(np.full((size[1], size[0], 3), i * 20, dtype=np.uint8)).save(folder / f"{i}.png")
+        Image.fromarray(np.full((size[1], size[0], 3), i * 20, dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
 
 
 def test_image_folder_with_classes_and_unreadable_files_skipped_when_asked(tmp_path):
     _write_images(tmp_path / "cats", 3)
     _write_images(tmp_path / "dogs", 2)
     (tmp_path / "dogs" / "broken.png").write_text("not an image")
-    dm = ImageFolderDataModule(str(tmp_path), image_size=16, class_conditional=True, batch_size=2, num_workers=0,
-                               skip_bad_images=True, max_bad_fraction=0.2)
+    dm = ImageFolderDataModule(
+        str(tmp_path),
+        image_size=16,
+        class_conditional=True,
+        batch_size=2,
+        num_workers=0,
+        skip_bad_images=True,
+        max_bad_fraction=0.2,
+    )
     dm.setup("fit")
     assert dm.classes == ["cats", "dogs"]
-    with pytest.warns(UserWarning, match="skipped unreadable image .*broken.png .*1 skipped so far"):
+    with pytest.warns(
+        UserWarning, match="skipped unreadable image .*broken.png .*1 skipped so far"
+    ):
         items = [dm.train_set[i] for i in range(len(dm.train_set))]
     assert dm.train_set.skipped == 1
     assert all(x.shape == (3, 16, 16) for x, _ in items)
@@ -84,13 +95,21 @@ def test_truncated_image_is_bad_and_too_many_bad_images_stop_a_skipping_run(tmp_
     whole = (tmp_path / "0.png").read_bytes()
     for name in ("1.png", "3.png", "6.png"):
         (tmp_path / name).write_bytes(whole[: len(whole) // 2])  # truncated mid-stream
-    dm = ImageFolderDataModule(str(tmp_path), image_size=16, num_workers=0, batch_size=1, skip_bad_images=True,
-                               max_bad_fraction=0.25)
+    dm = ImageFolderDataModule(
+        str(tmp_path),
+        image_size=16,
+        num_workers=0,
+        batch_size=1,
+        skip_bad_images=True,
+        max_bad_fraction=0.25,
+    )
     dm.setup("fit")
     with pytest.warns(UserWarning, match="skipped unreadable image"):
         assert dm.train_set[1][0].shape == (3, 16, 16)  # 1.png is replaced by 2.png ...
         dm.train_set[3]  # ... 3.png by 4.png (2 of 8 unreadable: within 25%) ...
-    with pytest.raises(ValueError, match="3 of 8 images cannot be read, more than max_bad_fraction=0.25"):
+    with pytest.raises(
+        ValueError, match="3 of 8 images cannot be read, more than max_bad_fraction=0.25"
+    ):
         dm.train_set[6]  # ... and the third is one too many
     assert dm.train_set.skipped == 3
 
@@ -106,10 +125,19 @@ def test_missing_or_empty_folder_names_the_fix(tmp_path):
 def test_hugging_face_dataset_from_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
     imgs = [Image.fromarray(np.full((32, 32, 3), v, dtype=np.uint8)) for v in (0, 128, 255)]
-    ds = datasets.Dataset.from_dict({"img": imgs, "label": [0, 1, 2]}).cast_column("img", datasets.Image())
+    ds = datasets.Dataset.from_dict({"img": imgs, "label": [0, 1, 2]}).cast_column(
+        "img", datasets.Image()
+    )
     ds.save_to_disk(str(tmp_path / "tiny"))
-    dm = HFDataModule(str(tmp_path / "tiny"), image_key="img", label_key="label", image_size=16, batch_size=3,
-                      num_workers=0, random_flip=False)
+    dm = HFDataModule(
+        str(tmp_path / "tiny"),
+        image_key="img",
+        label_key="label",
+        image_size=16,
+        batch_size=3,
+        num_workers=0,
+        random_flip=False,
+    )
     dm.setup("fit")
     x, y = dm.train_set[2]
     assert x.shape == (3, 16, 16) and y == 2 and x.min().item() == pytest.approx(1.0)
@@ -136,7 +164,9 @@ def test_a_bad_lsun_record_stops_naming_its_key_or_is_skipped(tmp_path):
             buf = io.BytesIO()
             Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)).save(buf, format="WEBP")
             data = buf.getvalue()
-            txn.put(f"img{i}".encode(), data[: len(data) // 3] if i == 2 else data)  # record 2 is truncated
+            txn.put(
+                f"img{i}".encode(), data[: len(data) // 3] if i == 2 else data
+            )  # record 2 is truncated
     env.close()
     ds = LMDBImages(tmp_path / "db", ImageTransform(16, 3, False))
     assert ds[1][0].shape == (3, 16, 16)
@@ -152,13 +182,17 @@ def test_a_bad_hugging_face_row_stops_naming_the_row(tmp_path):
     import datasets
 
     good = Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8))
-    ds = datasets.Dataset.from_dict({"img": [good, good, good], "label": [0, 1, 2]}).cast_column("img", datasets.Image())
+    ds = datasets.Dataset.from_dict({"img": [good, good, good], "label": [0, 1, 2]}).cast_column(
+        "img", datasets.Image()
+    )
     ds = ds.cast_column("img", datasets.Image(decode=False))
     rows = ds.to_dict()
     rows["img"][1] = {"bytes": b"not an image at all", "path": None}
     broken = datasets.Dataset.from_dict(rows).cast_column("img", datasets.Image())
     broken.save_to_disk(str(tmp_path / "hf"))
-    dm = HFDataModule(str(tmp_path / "hf"), image_size=8, label_key="label", batch_size=1, num_workers=0)
+    dm = HFDataModule(
+        str(tmp_path / "hf"), image_size=8, label_key="label", batch_size=1, num_workers=0
+    )
     dm.setup("fit")
     assert dm.train_set[0][1] == 0
     with pytest.raises(ValueError, match=f"cannot read image {tmp_path / 'hf'} row 1"):

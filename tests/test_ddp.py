@@ -12,7 +12,12 @@ from conftest import ROOT  # noqa: E402
 
 def _ddp(out, max_steps, ckpt=None):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, os.path.join(ROOT, "tests", "ddp_script.py"), str(out), str(max_steps)] + ([str(ckpt)] if ckpt else [])
+    args = [
+        sys.executable,
+        os.path.join(ROOT, "tests", "ddp_script.py"),
+        str(out),
+        str(max_steps),
+    ] + ([str(ckpt)] if ckpt else [])
     res = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=str(out))
     assert res.returncode == 0, res.stderr[-3000:]
 

@@ -43,8 +43,11 @@ def test_weights_integrate_polynomials_in_t_exactly(order):
         # the discrete schedule's log alpha is piecewise linear in t (a kink every 1/1000): quad
         # integrates each smooth piece; 16 Gauss nodes over the kinks err by ~2e-9 relative
         edges = [t, *[k / 1000 for k in range(math.ceil(t * 1000), math.floor(s * 1000) + 1)], s]
-        pieces = sum(quad(lambda tau: _rho(tau) * p.deriv()(tau), a, b, epsabs=1e-15, epsrel=1e-13)[0]
-                     for a, b in zip(edges, edges[1:]) if b > a)
+        pieces = sum(
+            quad(lambda tau: _rho(tau) * p.deriv()(tau), a, b, epsabs=1e-15, epsrel=1e-13)[0]
+            for a, b in zip(edges, edges[1:])
+            if b > a
+        )
         exact = p(t) * _rho(t) - p(s) * _rho(s) + pieces
         approx = sum(float(c) * p(tt) for c, tt in zip(coef, times[:order]))
         assert approx == pytest.approx(exact, rel=1e-8, abs=1e-12), (degree, approx, exact)
@@ -67,27 +70,51 @@ def test_one_step_from_exact_history_has_local_order_plus_one(order):
     one = torch.tensor(1.0, dtype=torch.float64)
 
     def exact(t):
-        a0, s0, a1, s1 = SCHEDULE.alpha(one), SCHEDULE.sigma(one), SCHEDULE.alpha(t), SCHEDULE.sigma(t)
-        return a1 * mu + torch.sqrt(a1**2 * sd**2 + s1**2) * (x_T - a0 * mu) / torch.sqrt(a0**2 * sd**2 + s0**2)
+        a0, s0, a1, s1 = (
+            SCHEDULE.alpha(one),
+            SCHEDULE.sigma(one),
+            SCHEDULE.alpha(t),
+            SCHEDULE.sigma(t),
+        )
+        return a1 * mu + torch.sqrt(a1**2 * sd**2 + s1**2) * (x_T - a0 * mu) / torch.sqrt(
+            a0**2 * sd**2 + s0**2
+        )
 
     errors = []
     for h in (0.02, 0.01):
         times = [torch.tensor(0.5 - k * h, dtype=torch.float64) for k in range(order + 1)]
         points = [TimePoint.at(SCHEDULE, t) for t in times]
         eps = [fn(exact(t), t.expand(len(x_T))) for t in times[:order]]
-        x_next = DEIS(order, SCHEDULE).predict(exact(times[order - 1]), points[:order], eps, points[order], order, False)
+        x_next = DEIS(order, SCHEDULE).predict(
+            exact(times[order - 1]), points[:order], eps, points[order], order, False
+        )
         errors.append((x_next - exact(times[order])).abs().max().item())
     observed = math.log2(errors[0] / errors[1])
     assert order + 1 - 0.2 < observed < order + 1 + 0.3, (errors, observed)
 
 
 def test_whole_runs_converge_to_an_accurate_solution():
-    reference = sample(MIXTURE.model_fn(SCHEDULE), NOISE, SCHEDULE, steps=999, solver="dpmsolver", order=3,
-                       method="singlestep_fixed", skip_type="logSNR").x
+    reference = sample(
+        MIXTURE.model_fn(SCHEDULE),
+        NOISE,
+        SCHEDULE,
+        steps=999,
+        solver="dpmsolver",
+        order=3,
+        method="singlestep_fixed",
+        skip_type="logSNR",
+    ).x
 
     def err(order, steps):
-        x = sample(MIXTURE.model_fn(SCHEDULE), NOISE, SCHEDULE, steps=steps, solver="deis", order=order,
-                   skip_type="logSNR").x
+        x = sample(
+            MIXTURE.model_fn(SCHEDULE),
+            NOISE,
+            SCHEDULE,
+            steps=steps,
+            solver="deis",
+            order=order,
+            skip_type="logSNR",
+        ).x
         return (x - reference).abs().max().item()
 
     # global order: 1 for tAB1, 2 for tAB2; tAB3 measured 2.89 over 48 -> 192 steps (its
@@ -104,12 +131,42 @@ def test_both_command_lines_offer_deis_from_the_table(tiny_ckpts, tmp_path):
     import calibrate as calibrate_cli
     import sample as sample_cli
 
-    stats = sample_cli.main(["--ckpt", tiny_ckpts["cond"], "--num-samples", "2", "--steps", "5", "--solver", "deis",
-                             "--out", str(tmp_path / "s"), "--device", "cpu"])
+    stats = sample_cli.main(
+        [
+            "--ckpt",
+            tiny_ckpts["cond"],
+            "--num-samples",
+            "2",
+            "--steps",
+            "5",
+            "--solver",
+            "deis",
+            "--out",
+            str(tmp_path / "s"),
+            "--device",
+            "cpu",
+        ]
+    )
     settings = json.loads((tmp_path / "s" / "run.json").read_text())["identity"]["settings"]
-    assert stats["nfe"] == 5 and settings["solver"] == "deis" and settings["order"] == 3  # the row's default order
+    assert (
+        stats["nfe"] == 5 and settings["solver"] == "deis" and settings["order"] == 3
+    )  # the row's default order
     assert settings["variant"] is None  # DEIS has no variants
-    summary = calibrate_cli.main(["--ckpt", tiny_ckpts["cond"], "--nfe", "3", "--steps", "6", "--num-seeds", "2",
-                                  "--solver", "deis", "--out", str(tmp_path / "p.json")])
+    summary = calibrate_cli.main(
+        [
+            "--ckpt",
+            tiny_ckpts["cond"],
+            "--nfe",
+            "3",
+            "--steps",
+            "6",
+            "--num-seeds",
+            "2",
+            "--solver",
+            "deis",
+            "--out",
+            str(tmp_path / "p.json"),
+        ]
+    )
     file = json.loads((tmp_path / "p.json").read_text())
     assert summary["nfe"] == 3 and file["schedules"]["3"]["settings"]["solver"] == "deis"

@@ -12,7 +12,9 @@ from pdm.sampling import (
 )
 from pdm.schedule import VPSchedule
 
-OLD = Settings(solver="dpmsolver++", order=2, grid="time_uniform")  # the sampler these tests were written for
+OLD = Settings(
+    solver="dpmsolver++", order=2, grid="time_uniform"
+)  # the sampler these tests were written for
 
 S = VPSchedule.linear()
 

@@ -28,14 +28,18 @@ def digits():
 
 def _noisy(images, scale, seed=0):
     rng = np.random.default_rng(seed)
-    return np.clip(images.astype(np.float64) + rng.normal(0, scale, images.shape), 0, 255).astype(np.uint8)
+    return np.clip(images.astype(np.float64) + rng.normal(0, scale, images.shape), 0, 255).astype(
+        np.uint8
+    )
 
 
 def test_fd_of_a_set_against_itself_is_zero_and_grows_with_noise(digits):
     metric = digits_fd_metric()
     stats = compute_stats(metric, digits)
-    values = [fid_against(metric, stats, _noisy(digits, s)) if s else fid_against(metric, stats, digits)
-              for s in (0, 10, 30, 80)]
+    values = [
+        fid_against(metric, stats, _noisy(digits, s)) if s else fid_against(metric, stats, digits)
+        for s in (0, 10, 30, 80)
+    ]
     assert abs(values[0]) < 1e-6
     assert values[0] < values[1] < values[2] < values[3]
 
@@ -65,9 +69,15 @@ def test_reference_statistics_round_trip_through_npz(digits, tmp_path):
     stats = compute_stats(metric, digits)
     stats.save(tmp_path / "ref.npz")
     back = FeatureStats.load(tmp_path / "ref.npz")
-    assert back.n == 1797 and np.array_equal(back.mu, stats.mu) and np.array_equal(back.sigma, stats.sigma)
+    assert (
+        back.n == 1797
+        and np.array_equal(back.mu, stats.mu)
+        and np.array_equal(back.sigma, stats.sigma)
+    )
     noisy = _noisy(digits, 20)
-    assert fid_against(digits_fd_metric(), back, noisy) == pytest.approx(fid_against(metric, stats, noisy), rel=1e-9)
+    assert fid_against(digits_fd_metric(), back, noisy) == pytest.approx(
+        fid_against(metric, stats, noisy), rel=1e-9
+    )
 
 
 def test_digits_feature_space_separates_real_digits_from_noise(digits):
@@ -104,8 +114,28 @@ def test_metrics_cli_digits_commands(tmp_path, digits):
     from pdm.metrics.__main__ import main
 
     np.savez(tmp_path / "samples.npz", arr_0=digits[:300])
-    main(["ref-stats", "--images", "digits", "--feature", "digits", "--out", str(tmp_path / "ref.npz")])
-    fid = main(["fid", "--images", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref.npz"), "--feature", "digits"])
+    main(
+        [
+            "ref-stats",
+            "--images",
+            "digits",
+            "--feature",
+            "digits",
+            "--out",
+            str(tmp_path / "ref.npz"),
+        ]
+    )
+    fid = main(
+        [
+            "fid",
+            "--images",
+            str(tmp_path / "samples.npz"),
+            "--ref",
+            str(tmp_path / "ref.npz"),
+            "--feature",
+            "digits",
+        ]
+    )
     fd = main(["digits-fd", "--images", str(tmp_path / "samples.npz")])
     assert fid["fid"] == pytest.approx(fd["fd8x8"], rel=1e-9)
     assert fd["fd8x8"] < 1.0 and fd["real_vs_real_fd8x8"] < 1.0
@@ -114,19 +144,44 @@ def test_metrics_cli_digits_commands(tmp_path, digits):
 def test_paired_quality_is_infinite_psnr_on_identity_and_falls_with_noise(digits):
     same = paired_quality(digits[:20], digits[:20])
     assert same["psnr"] > 100 and same["ssim"] == pytest.approx(1.0)
-    a, b = paired_quality(_noisy(digits[:20], 5), digits[:20]), paired_quality(_noisy(digits[:20], 30), digits[:20])
+    a, b = (
+        paired_quality(_noisy(digits[:20], 5), digits[:20]),
+        paired_quality(_noisy(digits[:20], 30), digits[:20]),
+    )
     assert a["psnr"] > b["psnr"] and a["ssim"] > b["ssim"]
     mse = ((_noisy(digits[:20], 5).astype(float) - digits[:20]) / 255) ** 2
-    assert a["psnr"] == pytest.approx(float(np.mean(10 * np.log10(1 / mse.reshape(20, -1).mean(1)))), rel=1e-4)
+    assert a["psnr"] == pytest.approx(
+        float(np.mean(10 * np.log10(1 / mse.reshape(20, -1).mean(1)))), rel=1e-4
+    )
 
 
 def test_step_cost_reports_latency_and_memory_that_scale_with_the_grid():
     from pdm.nn import UNet
 
-    small = measure_step_cost(UNet(image_size=32, patch_size=4, model_channels=32, channel_mult=(1,),
-                                   attention_resolutions=()), batch=2, image_size=32, iters=2)
-    large = measure_step_cost(UNet(image_size=32, patch_size=1, model_channels=32, channel_mult=(1,),
-                                   attention_resolutions=()), batch=2, image_size=32, iters=2)
+    small = measure_step_cost(
+        UNet(
+            image_size=32,
+            patch_size=4,
+            model_channels=32,
+            channel_mult=(1,),
+            attention_resolutions=(),
+        ),
+        batch=2,
+        image_size=32,
+        iters=2,
+    )
+    large = measure_step_cost(
+        UNet(
+            image_size=32,
+            patch_size=1,
+            model_channels=32,
+            channel_mult=(1,),
+            attention_resolutions=(),
+        ),
+        batch=2,
+        image_size=32,
+        iters=2,
+    )
     assert small["images_per_second"] > 0 and small["peak_cuda_bytes"] is None
     assert large["activation_bytes"] > 8 * small["activation_bytes"]  # 16x the grid cells
 
@@ -152,14 +207,23 @@ def test_flop_count_matches_the_hand_count_forward_and_backward():
     # backward: weight grads of both layers and the input grad of fc (not of conv: x needs no grad)
     net = _ConvThenLinear()
     assert count_flops(net, x, t, train=True) == 2 * conv + 3 * fc
-    assert all(p.grad is None for p in net.parameters())  # the counting step leaves no gradients behind
+    assert all(
+        p.grad is None for p in net.parameters()
+    )  # the counting step leaves no gradients behind
 
 
 def test_unet_training_step_counts_close_to_three_forward_passes():
     from pdm.nn import UNet
 
-    net = UNet(image_size=16, in_channels=1, patch_size=2, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-               attention_resolutions=(4,))
+    net = UNet(
+        image_size=16,
+        in_channels=1,
+        patch_size=2,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+    )
     x, t = torch.randn(2, 1, 16, 16), torch.full((2,), 10.0)
     fwd, train = count_flops(net, x, t), count_flops(net, x, t, train=True)
     assert fwd > 0 and 2.7 < train / fwd <= 3.0
@@ -182,7 +246,9 @@ def test_digits_classifier_reads_real_digits_and_not_noise(digits):
     noise = rng.integers(0, 256, (300, 32, 32, 1)).astype(np.uint8)
     assert classifier_accuracy(noise, labels[:300]) < 0.3
     shuffled = rng.permutation(labels[:300])
-    assert classifier_accuracy(digits[:300], shuffled) < 0.3  # it reads the images, not the label order
+    assert (
+        classifier_accuracy(digits[:300], shuffled) < 0.3
+    )  # it reads the images, not the label order
 
 
 def test_digits_fd_command_reports_accuracy_when_labels_are_given(tmp_path, digits):
@@ -190,7 +256,9 @@ def test_digits_fd_command_reports_accuracy_when_labels_are_given(tmp_path, digi
     from pdm.metrics.__main__ import main
 
     labels = load_digits_tensor(8)[1].numpy()
-    pick = np.random.default_rng(1).permutation(len(digits))[:400]  # the file is ordered by writer: draw at random
+    pick = np.random.default_rng(1).permutation(len(digits))[
+        :400
+    ]  # the file is ordered by writer: draw at random
     np.savez(tmp_path / "s.npz", arr_0=digits[pick], arr_1=labels[pick])
     out = main(["digits-fd", "--images", str(tmp_path / "s.npz")])
     assert out["classifier_accuracy"] > 0.99 and out["fd_ratio_to_floor"] < 1.5
@@ -201,15 +269,24 @@ def _npz(path, **arrays):
     return path
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda d, g: _npz(d / "empty.npz", arr_0=np.zeros((0, 32, 32, 1), np.uint8)), "holds 0 images"),
-    (lambda d, g: _npz(d / "one.npz", arr_0=g[:1]), "holds 1 images"),
-    (lambda d, g: _npz(d / "nchw.npz", arr_0=g[:5].transpose(0, 3, 1, 2)), "looks like NCHW"),
-    (lambda d, g: _npz(d / "float.npz", arr_0=g[:5].astype(np.float32) / 255), "expected uint8"),
-    (lambda d, g: _npz(d / "nokey.npz", images=g[:5]), "has no arr_0"),
-    (lambda d, g: _truncated(d, g), "not a readable .npz"),
-    (lambda d, g: _corrupt_folder(d, g), "cannot read image"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda d, g: _npz(d / "empty.npz", arr_0=np.zeros((0, 32, 32, 1), np.uint8)),
+            "holds 0 images",
+        ),
+        (lambda d, g: _npz(d / "one.npz", arr_0=g[:1]), "holds 1 images"),
+        (lambda d, g: _npz(d / "nchw.npz", arr_0=g[:5].transpose(0, 3, 1, 2)), "looks like NCHW"),
+        (
+            lambda d, g: _npz(d / "float.npz", arr_0=g[:5].astype(np.float32) / 255),
+            "expected uint8",
+        ),
+        (lambda d, g: _npz(d / "nokey.npz", images=g[:5]), "has no arr_0"),
+        (lambda d, g: _truncated(d, g), "not a readable .npz"),
+        (lambda d, g: _corrupt_folder(d, g), "cannot read image"),
+    ],
+)
 def test_metrics_cli_rejects_bad_images_in_one_line(tmp_path, capsys, digits, make, message):
     from pdm.metrics.__main__ import main
 

@@ -61,7 +61,9 @@ def _x0_mse(pred, kind, noised):
 
 
 @pytest.mark.parametrize("kind", ["eps", "x0", "v"])
-@pytest.mark.parametrize("weighting", ["sqrt_snr", "snr", "snr_plus_one", "truncated_snr", "min_snr", "p2", "constant"])
+@pytest.mark.parametrize(
+    "weighting", ["sqrt_snr", "snr", "snr_plus_one", "truncated_snr", "min_snr", "p2", "constant"]
+)
 def test_weighted_loss_is_weight_times_x0_error_for_every_target(noised, kind, weighting):
     x0, eps, x_t, alpha, sigma = noised
     pred = target_from(x0, eps, alpha, sigma, kind) + 0.05 * torch.randn_like(x0)
@@ -87,9 +89,16 @@ def test_snr_plus_one_weighting_on_v_target_is_plain_v_mse(noised):
 
 def test_weighting_values():
     snr = torch.tensor([0.01, 0.25, 1.0, 4.0, 100.0], dtype=torch.float64)
-    assert torch.allclose(loss_weight(snr, "sqrt_snr"), torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0], dtype=torch.float64))
-    assert torch.allclose(loss_weight(snr, "truncated_snr"), torch.tensor([1, 1, 1, 4, 100], dtype=torch.float64))
-    assert torch.allclose(loss_weight(snr, "min_snr", gamma=5.0), torch.tensor([0.01, 0.25, 1, 4, 5], dtype=torch.float64))
+    assert torch.allclose(
+        loss_weight(snr, "sqrt_snr"), torch.tensor([0.1, 0.5, 1.0, 2.0, 10.0], dtype=torch.float64)
+    )
+    assert torch.allclose(
+        loss_weight(snr, "truncated_snr"), torch.tensor([1, 1, 1, 4, 100], dtype=torch.float64)
+    )
+    assert torch.allclose(
+        loss_weight(snr, "min_snr", gamma=5.0),
+        torch.tensor([0.01, 0.25, 1, 4, 5], dtype=torch.float64),
+    )
     assert torch.allclose(loss_weight(snr, "p2"), snr / (1 + snr))
     assert torch.allclose(loss_weight(snr, "constant"), torch.ones_like(snr))
 

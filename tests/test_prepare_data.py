@@ -16,8 +16,13 @@ from PIL import Image
 
 
 def prepare(name, *args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "data", f"prepare_{name}.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "data", f"prepare_{name}.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def _png(color, size=(40, 30)) -> Image.Image:
@@ -33,12 +38,17 @@ def test_cifar10_from_the_official_archive_loads_in_the_hf_datamodule(tmp_path):
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         with open(folder / name, "wb") as f:
-            pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}, f)
+            pickle.dump(
+                {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]},
+                f,
+            )
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": [b"x"] * 10}, f)
     with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
-    res = prepare("cifar10", "--source", tmp_path / "cifar-10-python.tar.gz", "--out", tmp_path / "out")
+    res = prepare(
+        "cifar10", "--source", tmp_path / "cifar-10-python.tar.gz", "--out", tmp_path / "out"
+    )
     assert res.returncode == 2 and "corrupted" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()
 
@@ -48,17 +58,44 @@ def test_cifar10_from_a_hugging_face_copy(tmp_path):
     from pdm.data import HFDataModule
 
     imgs = [Image.fromarray(np.full((32, 32, 3), v, dtype=np.uint8)) for v in range(0, 250, 50)]
-    ds = datasets.Dataset.from_dict({"img": imgs, "label": [0, 1, 2, 3, 4]}).cast_column("img", datasets.Image())
+    ds = datasets.Dataset.from_dict({"img": imgs, "label": [0, 1, 2, 3, 4]}).cast_column(
+        "img", datasets.Image()
+    )
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "hf"))
-    res = prepare("cifar10", "--source", tmp_path / "hf", "--out", tmp_path / "data" / "cifar10", "--limit", "5")
+    res = prepare(
+        "cifar10",
+        "--source",
+        tmp_path / "hf",
+        "--out",
+        tmp_path / "data" / "cifar10",
+        "--limit",
+        "5",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
-    dm = HFDataModule(str(tmp_path / "data" / "cifar10"), image_key="img", label_key="label", image_size=32,
-                      batch_size=5, num_workers=0, random_flip=False)
+    dm = HFDataModule(
+        str(tmp_path / "data" / "cifar10"),
+        image_key="img",
+        label_key="label",
+        image_size=32,
+        batch_size=5,
+        num_workers=0,
+        random_flip=False,
+    )
     dm.setup("fit")
     x, y = dm.train_set[3]
     assert x.shape == (3, 32, 32) and y == 3
-    again = prepare("cifar10", "--source", tmp_path / "hf", "--out", tmp_path / "data" / "cifar10", "--limit", "5")
-    assert again.returncode == 2 and "--overwrite" in again.stderr  # never replaces a dataset silently
+    again = prepare(
+        "cifar10",
+        "--source",
+        tmp_path / "hf",
+        "--out",
+        tmp_path / "data" / "cifar10",
+        "--limit",
+        "5",
+    )
+    assert (
+        again.returncode == 2 and "--overwrite" in again.stderr
+    )  # never replaces a dataset silently
 
 
 def test_imagenet_from_synset_folders(tmp_path):
@@ -67,17 +104,34 @@ def test_imagenet_from_synset_folders(tmp_path):
     for i, synset in enumerate(["n02", "n01"]):
         (tmp_path / "train" / synset).mkdir(parents=True)
         for j in range(3):
-            _png(40 * i + 10 * j).save(tmp_path / "train" / synset / f"{synset}_{j}.JPEG", format="JPEG")
-    res = prepare("imagenet", "--source", tmp_path / "train", "--out", tmp_path / "imagenet", "--limit", "6")
+            _png(40 * i + 10 * j).save(
+                tmp_path / "train" / synset / f"{synset}_{j}.JPEG", format="JPEG"
+            )
+    res = prepare(
+        "imagenet", "--source", tmp_path / "train", "--out", tmp_path / "imagenet", "--limit", "6"
+    )
     assert res.returncode == 0, res.stderr[-2000:]
-    dm = HFDataModule(str(tmp_path / "imagenet"), image_key="image", label_key="label", image_size=16,
-                      batch_size=6, num_workers=0, random_flip=False)
+    dm = HFDataModule(
+        str(tmp_path / "imagenet"),
+        image_key="image",
+        label_key="label",
+        image_size=16,
+        batch_size=6,
+        num_workers=0,
+        random_flip=False,
+    )
     dm.setup("fit")
     labels = sorted(dm.train_set[i][1] for i in range(6))
     assert labels == [0, 0, 0, 1, 1, 1]  # sorted synsets: n01 -> 0, n02 -> 1
     (tmp_path / "train" / "n01" / "n01_9.JPEG").write_text("broken")
-    res = prepare("imagenet", "--source", tmp_path / "train", "--out", tmp_path / "imagenet2", "--limit", "7")
-    assert res.returncode == 2 and "cannot read" in res.stderr and not (tmp_path / "imagenet2").exists()
+    res = prepare(
+        "imagenet", "--source", tmp_path / "train", "--out", tmp_path / "imagenet2", "--limit", "7"
+    )
+    assert (
+        res.returncode == 2
+        and "cannot read" in res.stderr
+        and not (tmp_path / "imagenet2").exists()
+    )
 
 
 def test_lsun_lmdb_zip_lands_where_the_datamodule_reads(tmp_path, monkeypatch):
@@ -96,21 +150,30 @@ def test_lsun_lmdb_zip_lands_where_the_datamodule_reads(tmp_path, monkeypatch):
     with zipfile.ZipFile(tmp_path / "church_outdoor_train_lmdb.zip", "w") as z:
         for f in src.iterdir():
             z.write(f, f"church_outdoor_train_lmdb/{f.name}")
-    res = prepare("lsun", "--source", tmp_path / "church_outdoor_train_lmdb.zip", "--out", tmp_path / "lsun")
+    res = prepare(
+        "lsun", "--source", tmp_path / "church_outdoor_train_lmdb.zip", "--out", tmp_path / "lsun"
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     dm = LSUNDataModule(str(tmp_path / "lsun"), image_size=16, batch_size=2, num_workers=0)
     dm.setup("fit")
     assert len(dm.train_set) == 4 and dm.train_set[0][0].shape == (3, 16, 16)
     # every stored image comes back once, with its own (flat) colour in [-1, 1]
-    levels = sorted(round(float(x.mean() + 1) * 127.5) for x, _ in (dm.train_set[i] for i in range(4)))
+    levels = sorted(
+        round(float(x.mean() + 1) * 127.5) for x, _ in (dm.train_set[i] for i in range(4))
+    )
     assert all(abs(a - b) <= 2 for a, b in zip(levels, [0, 50, 100, 150]))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["church_outdoor_train_lmdb", "church_outdoor_train_lmdb.zip",
-                                                          "lsun"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "church_outdoor_train_lmdb",
+        "church_outdoor_train_lmdb.zip",
+        "lsun",
+    ]
     empty = tmp_path / "empty" / "church_outdoor_train_lmdb"
     empty.mkdir(parents=True)
     lmdb.open(str(empty), map_size=1 << 20).close()
     with pytest.raises(ValueError, match="holds no images"):
-        LSUNDataModule(str(tmp_path / "empty"), image_size=16, batch_size=2, num_workers=0).setup("fit")
+        LSUNDataModule(str(tmp_path / "empty"), image_size=16, batch_size=2, num_workers=0).setup(
+            "fit"
+        )
 
 
 def test_ffhq_folder_is_checked_and_copied_flat(tmp_path):
@@ -125,7 +188,9 @@ def test_ffhq_folder_is_checked_and_copied_flat(tmp_path):
     dm = ImageFolderDataModule(str(tmp_path / "ffhq"), image_size=32, batch_size=3, num_workers=0)
     dm.setup("fit")
     assert dm.train_set[0][0].shape == (3, 32, 32)
-    small = prepare("ffhq", "--source", tmp_path / "src", "--out", tmp_path / "ffhq2", "--size", "1024")
+    small = prepare(
+        "ffhq", "--source", tmp_path / "src", "--out", tmp_path / "ffhq2", "--size", "1024"
+    )
     errors = [line for line in small.stderr.splitlines() if "error:" in line]
     assert small.returncode == 2 and len(errors) == 1 and "smaller than --size" in errors[0]
     assert "Traceback" not in small.stderr
@@ -134,4 +199,8 @@ def test_ffhq_folder_is_checked_and_copied_flat(tmp_path):
 @pytest.mark.parametrize("name", ["cifar10", "imagenet", "lsun", "ffhq"])
 def test_missing_source_is_one_line_naming_what_to_download(tmp_path, name):
     res = prepare(name, "--source", tmp_path / "nothing_here", "--out", tmp_path / "out")
-    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert (
+        res.returncode == 2
+        and len(res.stderr.strip().splitlines()) == 1
+        and "Traceback" not in res.stderr
+    )

@@ -9,7 +9,9 @@ from pdm.sampling import Settings, sample
 from pdm.schedule import VPSchedule
 from pdm.testing import GaussianMixture
 
-OLD = Settings(solver="dpmsolver++", order=2, grid="time_uniform")  # the sampler these tests were written for
+OLD = Settings(
+    solver="dpmsolver++", order=2, grid="time_uniform"
+)  # the sampler these tests were written for
 
 SCHEDULE = VPSchedule.linear()
 MIXTURE = GaussianMixture.random(components=3, shape=(2,), std=0.5)
@@ -19,8 +21,16 @@ NOISE = torch.randn(128, 2, dtype=torch.float64, generator=torch.Generator().man
 @pytest.fixture(scope="module")
 def reference():
     # 333 third-order steps (999 evaluations, no lower-order tail): error ~1e-8 here
-    return sample(MIXTURE.model_fn(SCHEDULE), NOISE, SCHEDULE, steps=999, solver="dpmsolver", order=3,
-                  method="singlestep_fixed", skip_type="logSNR").x
+    return sample(
+        MIXTURE.model_fn(SCHEDULE),
+        NOISE,
+        SCHEDULE,
+        steps=999,
+        solver="dpmsolver",
+        order=3,
+        method="singlestep_fixed",
+        skip_type="logSNR",
+    ).x
 
 
 def _observed_order(reference, n_small, n_large, **kw):
@@ -49,7 +59,9 @@ def test_error_falls_at_the_solver_order(reference, kw, expected):
     # 2.80, 2.87 for 48->96->192->384), so it gets the longer range
     # and DPM-Solver-fast gets budgets = 2 (mod 3): with 3 | steps it ends in orders [2, 1],
     # and that first-order tail caps its asymptotic order at 2 (by design of the method)
-    n_small, n_large = {"singlestep_fixed": (96, 384), "singlestep": (47, 191)}.get(kw.get("method"), (48, 192))
+    n_small, n_large = {"singlestep_fixed": (96, 384), "singlestep": (47, 191)}.get(
+        kw.get("method"), (48, 192)
+    )
     order = _observed_order(reference, n_small, n_large, **kw)
     assert expected - 0.35 < order < expected + 0.8, order
 
@@ -58,8 +70,15 @@ def test_multistep_third_order_beats_second_order_and_converges(reference):
     # 3M starts with a first-order and a second-order step (the official warm-up), whose
     # local errors cap its global order at 2; its local order is checked separately below.
     def err(order):
-        x = sample(MIXTURE.model_fn(SCHEDULE), NOISE, SCHEDULE, steps=48, solver="dpmsolver++", order=order,
-                   skip_type="logSNR").x
+        x = sample(
+            MIXTURE.model_fn(SCHEDULE),
+            NOISE,
+            SCHEDULE,
+            steps=48,
+            solver="dpmsolver++",
+            order=order,
+            skip_type="logSNR",
+        ).x
         return (x - reference).abs().max().item()
 
     assert err(3) < 0.5 * err(2)
@@ -68,9 +87,26 @@ def test_multistep_third_order_beats_second_order_and_converges(reference):
 
 def test_adaptive_solver_is_accurate_and_counts_rejected_tries(reference):
     for order in (2, 3):
-        loose = sample(MIXTURE.model_fn(SCHEDULE), NOISE, SCHEDULE, OLD, solver="dpmsolver++", order=order, method="adaptive")
-        tight = sample(MIXTURE.model_fn(SCHEDULE), NOISE, SCHEDULE, OLD, solver="dpmsolver++", order=order, method="adaptive",
-                       atol=1e-4, rtol=1e-3)
+        loose = sample(
+            MIXTURE.model_fn(SCHEDULE),
+            NOISE,
+            SCHEDULE,
+            OLD,
+            solver="dpmsolver++",
+            order=order,
+            method="adaptive",
+        )
+        tight = sample(
+            MIXTURE.model_fn(SCHEDULE),
+            NOISE,
+            SCHEDULE,
+            OLD,
+            solver="dpmsolver++",
+            order=order,
+            method="adaptive",
+            atol=1e-4,
+            rtol=1e-3,
+        )
         assert (loose.x - reference).abs().max().item() < 0.1
         assert (tight.x - reference).abs().max().item() < 2e-3
         assert tight.nfe > loose.nfe
@@ -84,7 +120,9 @@ def test_adaptive_solver_is_accurate_and_counts_rejected_tries(reference):
 def test_prediction_kind_does_not_change_the_sample(prediction):
     kw = dict(steps=15, solver="dpmsolver++", order=2)
     ref = sample(MIXTURE.model_fn(SCHEDULE, "eps"), NOISE, SCHEDULE, OLD, prediction="eps", **kw).x
-    got = sample(MIXTURE.model_fn(SCHEDULE, prediction), NOISE, SCHEDULE, OLD, prediction=prediction, **kw).x
+    got = sample(
+        MIXTURE.model_fn(SCHEDULE, prediction), NOISE, SCHEDULE, OLD, prediction=prediction, **kw
+    ).x
     assert torch.allclose(got, ref, atol=1e-10)
 
 
@@ -111,8 +149,15 @@ def test_ddpm_ancestral_sampler_reaches_the_data_distribution():
     # steps on the training grid produce that distribution.
     gm = GaussianMixture(torch.tensor([[0.3]], dtype=torch.float64), torch.tensor([0.2]))
     noise = torch.randn(20000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    res = sample(gm.model_fn(SCHEDULE), noise, SCHEDULE, OLD, steps=999, solver="ddpm",
-                 generator=torch.Generator().manual_seed(1))
+    res = sample(
+        gm.model_fn(SCHEDULE),
+        noise,
+        SCHEDULE,
+        OLD,
+        steps=999,
+        solver="ddpm",
+        generator=torch.Generator().manual_seed(1),
+    )
     assert res.x.mean().item() == pytest.approx(0.3, abs=0.01)
     assert res.x.std().item() == pytest.approx(0.2, abs=0.01)
 
@@ -144,9 +189,14 @@ def test_ipndm_step_from_exact_history_has_local_order_plus_one(order):
     x_T = NOISE[:32]
 
     def exact(t):  # the ODE flow of N(mu, s^2) data from t = 1 to t
-        a0, s0 = SCHEDULE.alpha(torch.tensor(1.0, dtype=torch.float64)), SCHEDULE.sigma(torch.tensor(1.0, dtype=torch.float64))
+        a0, s0 = (
+            SCHEDULE.alpha(torch.tensor(1.0, dtype=torch.float64)),
+            SCHEDULE.sigma(torch.tensor(1.0, dtype=torch.float64)),
+        )
         a1, s1 = SCHEDULE.alpha(t), SCHEDULE.sigma(t)
-        return a1 * mu + torch.sqrt(a1**2 * s**2 + s1**2) * (x_T - a0 * mu) / torch.sqrt(a0**2 * s**2 + s0**2)
+        return a1 * mu + torch.sqrt(a1**2 * s**2 + s1**2) * (x_T - a0 * mu) / torch.sqrt(
+            a0**2 * s**2 + s0**2
+        )
 
     errors = []
     for h in (0.02, 0.01):
@@ -165,7 +215,9 @@ def test_edm_grid_is_uniform_in_sigma_to_the_one_over_rho():
     sigma_bar = torch.exp(-SCHEDULE.lambda_(grid))
     root = sigma_bar ** (1 / 7)
     assert torch.allclose(root.diff(), root.diff()[0].expand(12), rtol=1e-6)
-    assert grid[0].item() == SCHEDULE.t_max and grid[-1].item() == pytest.approx(SCHEDULE.t_min, abs=1e-15)
+    assert grid[0].item() == SCHEDULE.t_max and grid[-1].item() == pytest.approx(
+        SCHEDULE.t_min, abs=1e-15
+    )
     assert bool((grid.diff() < 0).all())
 
 
@@ -174,28 +226,68 @@ def test_every_solver_works_on_every_grid(reference):
     # DPM-Solver++(3M) on time_uniform, measured 2.3e-2; most are below 1e-3), 10 steps do not
     for solver, order in (("unipc", 3), ("ipndm", 4), ("dpmsolver++", 3)):
         for skip_type in ("time_uniform", "logSNR", "time_quadratic", "edm"):
-            errors = [(sample(MIXTURE.model_fn(SCHEDULE), NOISE, SCHEDULE, steps=n, solver=solver, order=order,
-                              skip_type=skip_type).x - reference).abs().max().item() for n in (10, 100)]
+            errors = [
+                (
+                    sample(
+                        MIXTURE.model_fn(SCHEDULE),
+                        NOISE,
+                        SCHEDULE,
+                        steps=n,
+                        solver=solver,
+                        order=order,
+                        skip_type=skip_type,
+                    ).x
+                    - reference
+                )
+                .abs()
+                .max()
+                .item()
+                for n in (10, 100)
+            ]
             assert errors[1] < 3e-2 and errors[1] < errors[0] / 3, (solver, skip_type, errors)
 
 
 def test_adaptive_method_reports_one_row_per_accepted_step():
-    res = sample(MIXTURE.model_fn(SCHEDULE), NOISE[:5], SCHEDULE, OLD, solver="dpmsolver++", order=2, method="adaptive")
+    res = sample(
+        MIXTURE.model_fn(SCHEDULE),
+        NOISE[:5],
+        SCHEDULE,
+        OLD,
+        solver="dpmsolver++",
+        order=2,
+        method="adaptive",
+    )
     assert res.evaluated.shape == (res.timesteps.numel() - 1, 5) and bool(res.evaluated.all())
 
 
-@pytest.mark.parametrize("kw", [dict(solver="dpmsolver++", order=2), dict(solver="ipndm", order=3),
-                                dict(solver="unipc", order=2), dict(solver="dpmsolver", order=2, method="singlestep"),
-                                dict(solver="dpmsolver++", order=2, method="adaptive")])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(solver="dpmsolver++", order=2),
+        dict(solver="ipndm", order=3),
+        dict(solver="unipc", order=2),
+        dict(solver="dpmsolver", order=2, method="singlestep"),
+        dict(solver="dpmsolver++", order=2, method="adaptive"),
+    ],
+)
 def test_callback_sees_every_step_with_its_state_and_x0(kw):
     seen = []
-    res = sample(MIXTURE.model_fn(SCHEDULE), NOISE[:8], SCHEDULE, steps=8, skip_type="logSNR", callback=seen.append,
-                 **kw)
+    res = sample(
+        MIXTURE.model_fn(SCHEDULE),
+        NOISE[:8],
+        SCHEDULE,
+        steps=8,
+        skip_type="logSNR",
+        callback=seen.append,
+        **kw,
+    )
     assert [info.i for info in seen] == list(range(res.evaluated.shape[0]))  # once per step
     assert torch.equal(torch.stack([info.t for info in seen]), res.timesteps[:-1])
     assert torch.equal(seen[0].x, NOISE[:8])
     # UniPC's output at t was evaluated at the predictor's state, which its corrector then moved
-    atol = 5e-2 if kw["solver"] == "unipc" else 1e-10  # 8 steps: the correction moves x by up to ~3e-2
+    atol = (
+        5e-2 if kw["solver"] == "unipc" else 1e-10
+    )  # 8 steps: the correction moves x by up to ~3e-2
     for info in seen:  # the x0 prediction at (x, t), independently from the exact eps
         t = info.t.expand(8)
         alpha, sigma = SCHEDULE.alpha(t)[:, None], SCHEDULE.sigma(t)[:, None]

@@ -32,7 +32,9 @@ def test_log_alpha_is_piecewise_linear_between_knots():
     n = 500
     t_a, t_b = (n + 1) / 1000, (n + 2) / 1000
     mid = torch.tensor([(t_a + t_b) / 2], dtype=torch.float64)
-    expected = 0.25 * (math.log(s.alphas_cumprod[n].item()) + math.log(s.alphas_cumprod[n + 1].item()))
+    expected = 0.25 * (
+        math.log(s.alphas_cumprod[n].item()) + math.log(s.alphas_cumprod[n + 1].item())
+    )
     assert s.log_alpha(mid).item() == pytest.approx(expected, rel=1e-13)
 
 
@@ -68,7 +70,9 @@ def test_discrete_convention_of_official_dpm_solver():
 
 def test_cosine_matches_diffusers_squaredcos_betas():
     diffusers = pytest.importorskip("diffusers")
-    ref = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").betas.double()
+    ref = diffusers.DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2"
+    ).betas.double()
     ours = VPSchedule.cosine(1000).betas
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-7)
 
@@ -96,7 +100,9 @@ def test_time_uniform_grid():
     s = VPSchedule.linear()
     g = s.timesteps(10, "time_uniform")
     assert g.shape == (11,) and g[0].item() == 1.0 and g[-1].item() == pytest.approx(1e-3)
-    assert torch.allclose(g.diff(), torch.full((10,), -(1 - 1e-3) / 10, dtype=torch.float64), atol=1e-15)
+    assert torch.allclose(
+        g.diff(), torch.full((10,), -(1 - 1e-3) / 10, dtype=torch.float64), atol=1e-15
+    )
 
 
 def test_logsnr_grid_is_uniform_in_lambda():
@@ -105,7 +111,9 @@ def test_logsnr_grid_is_uniform_in_lambda():
     lam = s.lambda_(g)
     assert torch.all(g.diff() < 0)
     assert torch.allclose(lam.diff(), lam.diff().mean().expand(20), rtol=1e-8)
-    assert g[0].item() == pytest.approx(1.0, abs=1e-12) and g[-1].item() == pytest.approx(1e-3, abs=1e-12)
+    assert g[0].item() == pytest.approx(1.0, abs=1e-12) and g[-1].item() == pytest.approx(
+        1e-3, abs=1e-12
+    )
 
 
 def test_time_quadratic_grid_is_uniform_in_sqrt_t():

@@ -32,25 +32,38 @@ def test_old_schedule_files_replay_bit_for_bit(key, tmp_path):
     assert learned.nfe == int(nfe)
     x = sample(GM.model_fn(S), NEW, S, learned.settings_for(S)).x
     assert torch.equal(x, REPLAYS[key])
-    assert torch.equal(sample(GM.model_fn(S), NEW, S, **learned.sample_kwargs(S)).x, x)  # the keyword form
+    assert torch.equal(
+        sample(GM.model_fn(S), NEW, S, **learned.sample_kwargs(S)).x, x
+    )  # the keyword form
     again = tmp_path / "again.json"  # written again in today's format: the same replay
     ScheduleFile.load(HERE / name).save(again)
     assert json.loads(again.read_text())["format"] == SCHEDULE_FORMAT
-    assert torch.equal(sample(GM.model_fn(S), NEW, S, LearnedSchedule.load(again, int(nfe)).settings_for(S)).x, x)
+    assert torch.equal(
+        sample(GM.model_fn(S), NEW, S, LearnedSchedule.load(again, int(nfe)).settings_for(S)).x, x
+    )
 
 
 def test_what_the_old_files_hold_reads_as_plain_settings():
     coef = ScheduleFile.load(HERE / "v2_times_coefficients.json")
     assert coef.budgets == [4, 6] and coef.calibrated_for["files"] == ["made/by/the/fixture"]
     six = coef.select(6).settings
-    assert (six.solver, six.order, six.steps, len(six.timesteps)) == ("ipndm", 3, 6, 7) and six.corrections[1] == -0.21875
+    assert (six.solver, six.order, six.steps, len(six.timesteps)) == (
+        "ipndm",
+        3,
+        6,
+        7,
+    ) and six.corrections[1] == -0.21875
     assert ScheduleFile.load(HERE / "v2_teleport.json").select(5).teleport is not None
     points = SkipPath.load(HERE / "v1_grid_points.json")  # the old name still loads a schedule
     assert points.grid_points == (0, 5, 8, 9, 11) and points.settings.steps == 16
-    assert points.settings_for(S).timesteps == tuple(S.timesteps(16, "logSNR")[[0, 5, 8, 9, 11, 16]].tolist())
+    assert points.settings_for(S).timesteps == tuple(
+        S.timesteps(16, "logSNR")[[0, 5, 8, 9, 11, 16]].tolist()
+    )
     with pytest.raises(ValueError, match="pass the noise schedule"):
         points.settings_for()
-    bare = LearnedSchedule.load(HERE / "v1_defaults.json").settings  # what the sampler defaulted to then
+    bare = LearnedSchedule.load(
+        HERE / "v1_defaults.json"
+    ).settings  # what the sampler defaulted to then
     assert (bare.solver, bare.order, bare.grid) == ("dpmsolver++", 2, "time_uniform")
     reuse = LearnedSchedule.load(HERE / "v1_reuse.json").settings
     assert reuse.skip == FixedSkip((True, True, False, True, True, False, True, True), "reuse")
@@ -59,7 +72,9 @@ def test_what_the_old_files_hold_reads_as_plain_settings():
 def test_a_newer_format_names_what_it_needs(tmp_path):
     newer = tmp_path / "newer.json"
     newer.write_text(json.dumps({"format": "pdm-schedule-v9", "schedules": {}}))
-    with pytest.raises(ValueError, match="'pdm-schedule-v9' is newer than this pdm reads .*upgrade pdm"):
+    with pytest.raises(
+        ValueError, match="'pdm-schedule-v9' is newer than this pdm reads .*upgrade pdm"
+    ):
         ScheduleFile.load(newer)
     (tmp_path / "junk.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not a schedule file written by calibrate.py"):

@@ -16,7 +16,9 @@ GM = GaussianMixture.random(components=4, shape=(3, 4, 4), std=0.3)
 
 
 def _noise(n, seed):
-    return torch.randn(n, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(
+        n, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def test_weighted_rms_is_the_root_of_the_weighted_mean_square_per_image():
@@ -24,7 +26,9 @@ def test_weighted_rms_is_the_root_of_the_weighted_mean_square_per_image():
     per_image = (a - b).pow(2).flatten(1).mean(1)
     w = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
     assert rms(a, b, w) == pytest.approx(float((w * per_image).sum().sqrt()), rel=1e-12)
-    assert rms(a, b, torch.full((3,), 1 / 3, dtype=torch.float64)) == pytest.approx(rms(a, b), rel=1e-12)
+    assert rms(a, b, torch.full((3,), 1 / 3, dtype=torch.float64)) == pytest.approx(
+        rms(a, b), rel=1e-12
+    )
 
 
 def test_the_draw_keeps_the_hardest_candidates_in_both_parts_and_is_unbiased():
@@ -34,17 +38,38 @@ def test_the_draw_keeps_the_hardest_candidates_in_both_parts_and_is_unbiased():
     values[[3, 50, 120, 199]] = 100.0
     scores = values + 0.1 * torch.rand(200, generator=g, dtype=torch.float64)  # a noisy screen
     draw = stratified_draw(scores, fit=12, validation=4, hard_fraction=0.25, seed=5)
-    assert len(draw.fit) == 12 and len(draw.validation) == 4 and not set(draw.fit) & set(draw.validation)
-    assert len(draw.hard) == 4 and set(draw.hard) == {3, 50, 120, 199}  # 3 hard fit, 1 hard validates
-    assert len(set(draw.fit) & set(draw.hard)) == 3 and len(set(draw.validation) & set(draw.hard)) == 1
-    assert sum(draw.fit_weights) == pytest.approx(1.0) and sum(draw.validation_weights) == pytest.approx(1.0)
+    assert (
+        len(draw.fit) == 12
+        and len(draw.validation) == 4
+        and not set(draw.fit) & set(draw.validation)
+    )
+    assert len(draw.hard) == 4 and set(draw.hard) == {
+        3,
+        50,
+        120,
+        199,
+    }  # 3 hard fit, 1 hard validates
+    assert (
+        len(set(draw.fit) & set(draw.hard)) == 3 and len(set(draw.validation) & set(draw.hard)) == 1
+    )
+    assert sum(draw.fit_weights) == pytest.approx(1.0) and sum(
+        draw.validation_weights
+    ) == pytest.approx(1.0)
     assert draw.indices == draw.fit + draw.validation and draw.weights.shape == (16,)
     # unbiased for the mean, with far less spread than an unweighted random draw of as many images
     stratified, plain = [], []
     for seed in range(400):
         d = stratified_draw(scores, fit=12, validation=4, hard_fraction=0.25, seed=seed)
-        stratified.append(float((torch.tensor(d.fit_weights, dtype=torch.float64) * values[d.fit]).sum()))
-        plain.append(float(values[torch.randperm(200, generator=torch.Generator().manual_seed(seed))[:12]].mean()))
+        stratified.append(
+            float((torch.tensor(d.fit_weights, dtype=torch.float64) * values[d.fit]).sum())
+        )
+        plain.append(
+            float(
+                values[
+                    torch.randperm(200, generator=torch.Generator().manual_seed(seed))[:12]
+                ].mean()
+            )
+        )
     stratified, plain = torch.tensor(stratified), torch.tensor(plain)
     assert float(stratified.mean()) == pytest.approx(float(values.mean()), rel=0.01)
     assert float(stratified.std()) < 0.05 * float(plain.std())
@@ -80,15 +105,30 @@ def test_calibration_weighs_the_fitting_and_the_validation_images():
     noise = _noise(8, 11)
     w = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0], dtype=torch.float64)
     kw = dict(solver="ipndm", order=3, skip_type="logSNR")
-    paths = calibrate_budgets(GM.model_fn(S), noise, S, [4], validation=0.25, steps=12, halvings=1, refine_sweeps=1,
-                              continuous=False, weights=w, **kw)
+    paths = calibrate_budgets(
+        GM.model_fn(S),
+        noise,
+        S,
+        [4],
+        validation=0.25,
+        steps=12,
+        halvings=1,
+        refine_sweeps=1,
+        continuous=False,
+        weights=w,
+        **kw,
+    )
     path = paths[4]
-    accurate = sample(GM.model_fn(S), noise, S, steps=300, solver="unipc", order=3, skip_type="logSNR").x
+    accurate = sample(
+        GM.model_fn(S), noise, S, steps=300, solver="unipc", order=3, skip_type="logSNR"
+    ).x
     x = sample(GM.model_fn(S), noise, S, path.settings_for(S)).x
     report = path.calibration
     # (the calibration's own reference is a little less accurate than this one: 0.2% apart)
     assert report["fit_error"] == pytest.approx(rms(x[2:3], accurate[2:3]), rel=5e-3)
     assert report["validation_error"] == pytest.approx(rms(x[6:], accurate[6:]), rel=5e-3)
-    assert abs(rms(x[:6], accurate[:6]) / rms(x[2:3], accurate[2:3]) - 1) > 0.05  # the weights decided it
+    assert (
+        abs(rms(x[:6], accurate[:6]) / rms(x[2:3], accurate[2:3]) - 1) > 0.05
+    )  # the weights decided it
     with pytest.raises(ValueError, match="one weight per calibration image"):
         calibrate_budgets(GM.model_fn(S), noise, S, [4], steps=12, weights=w[:5], **kw)

@@ -19,7 +19,12 @@ def test_zero_warp_is_the_start_grid_and_a_warp_keeps_ends_and_order():
     lam = warped_lambdas(start, [0.1, -0.05, 0.02])
     assert lam[0] == start[0] and lam[-1] == start[-1] and bool((lam[1:] > lam[:-1]).all())
     # w(u) = u + 0.1 sin(pi u) at the middle point, read on the uniform start grid (closed form)
-    w = 0.5 + 0.1 * math.sin(math.pi * 0.5) - 0.05 * math.sin(math.pi) + 0.02 * math.sin(1.5 * math.pi)
+    w = (
+        0.5
+        + 0.1 * math.sin(math.pi * 0.5)
+        - 0.05 * math.sin(math.pi)
+        + 0.02 * math.sin(1.5 * math.pi)
+    )
     assert float(lam[10]) == pytest.approx(-8.0 + 14.0 * w, abs=1e-12)
     # a warp that folds the grid back on itself is refused
     assert warped_lambdas(start, [0.5, 0.0, 0.0]) is None
@@ -45,13 +50,20 @@ def test_refine_warp_keeps_the_grid_validation_prefers():
     start = S.lambda_(times)
     fitted = warped_lambdas(start, [0.1, 0.0, 0.0])
     # the fitted score pulls toward c1 = 0.1; validation is least at the start grid itself
-    grid, best, coeffs = refine_warp(times, S, lambda t: float((S.lambda_(t) - fitted).abs().max()), halvings=4,
-                                     validate=lambda t: float((S.lambda_(t) - start).abs().max()))
+    grid, best, coeffs = refine_warp(
+        times,
+        S,
+        lambda t: float((S.lambda_(t) - fitted).abs().max()),
+        halvings=4,
+        validate=lambda t: float((S.lambda_(t) - start).abs().max()),
+    )
     assert coeffs == [0.0, 0.0, 0.0] and torch.allclose(grid, times)
     assert best == pytest.approx(float((start - fitted).abs().max()))
 
 
-def test_calibrated_warp_starts_from_the_best_built_in_grid_without_the_fine_grid_search(monkeypatch):
+def test_calibrated_warp_starts_from_the_best_built_in_grid_without_the_fine_grid_search(
+    monkeypatch,
+):
     import pdm.calibration.grid_points as grid_points
     import pdm.calibration.schedules as calibration
     from pdm.sampling import sample
@@ -65,16 +77,21 @@ def test_calibrated_warp_starts_from_the_best_built_in_grid_without_the_fine_gri
         raise AssertionError("the warp needs no fine-grid path")
 
     monkeypatch.setattr(grid_points, "_dp_path", no_fine_grid)
-    path = calibration.calibrate_schedule(gm.model_fn(S), noise, S, nfe=6, steps=24, halvings=4,
-                                           time_search="warp", **kw)
+    path = calibration.calibrate_schedule(
+        gm.model_fn(S), noise, S, nfe=6, steps=24, halvings=4, time_search="warp", **kw
+    )
     times = torch.tensor(path.settings.timesteps, dtype=torch.float64)
     ref = sample(gm.model_fn(S), noise, S, steps=400, solver="unipc", order=3, skip_type="logSNR").x
 
     def err(**s):
         return float((sample(gm.model_fn(S), noise, S, **kw, **s).x - ref).pow(2).mean().sqrt())
 
-    built_in = min(err(steps=6, skip_type=g) for g in ("logSNR", "time_uniform", "time_quadratic", "edm"))
+    built_in = min(
+        err(steps=6, skip_type=g) for g in ("logSNR", "time_uniform", "time_quadratic", "edm")
+    )
     assert err(steps=6, timesteps=times) <= built_in * 1.01  # never worse than where it started
     assert err(steps=6, timesteps=times) < 0.9 * built_in  # and the warp found a better grid here
     with pytest.raises(ValueError, match="time_search must be one of free, warp, warp\\+free"):
-        calibration.calibrate_schedule(gm.model_fn(S), noise, S, nfe=6, steps=24, time_search="smooth", **kw)
+        calibration.calibrate_schedule(
+            gm.model_fn(S), noise, S, nfe=6, steps=24, time_search="smooth", **kw
+        )

@@ -44,7 +44,9 @@ def test_module_loss_is_the_objectives_weighting(weighting):
     got, n = m.loss_per_sample(x0, None)
     torch.manual_seed(5)
     x_t, n2, eps, alpha, sigma = m.noised_batch(x0)
-    ref = weighted_x0_loss(m.net(x_t, n2.float()), x0, eps, alpha, sigma, target="eps", weighting=weighting)
+    ref = weighted_x0_loss(
+        m.net(x_t, n2.float()), x0, eps, alpha, sigma, target="eps", weighting=weighting
+    )
     assert torch.equal(n, n2)
     assert torch.allclose(got, ref, rtol=1e-6)
     # alpha, sigma are those of the discrete step n of the linear schedule
@@ -104,10 +106,22 @@ def test_ema_update_arithmetic_with_decay_warmup():
 def _trainer(root, max_steps):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    return L.Trainer(max_steps=max_steps, default_root_dir=root, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
-                     callbacks=[EMA(decay=0.9), ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), save_last=True,
-                                                                every_n_train_steps=2)])
+    return L.Trainer(
+        max_steps=max_steps,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[
+            EMA(decay=0.9),
+            ModelCheckpoint(
+                dirpath=os.path.join(root, "ckpt"), save_last=True, every_n_train_steps=2
+            ),
+        ],
+    )
 
 
 def test_resume_continues_step_count_and_restores_ema(tmp_path):
@@ -133,7 +147,11 @@ def test_resume_continues_step_count_and_restores_ema(tmp_path):
             seen["raw"] = pl_module.net.out_conv.weight.detach().clone()
 
     t2.callbacks.append(Probe())
-    t2.fit(tiny_module(), datamodule=DigitsDataModule(image_size=16, batch_size=16, val_fraction=0.0), ckpt_path=last)
+    t2.fit(
+        tiny_module(),
+        datamodule=DigitsDataModule(image_size=16, batch_size=16, val_fraction=0.0),
+        ckpt_path=last,
+    )
     assert seen["step"] == 4 and t2.global_step == 6
     assert torch.equal(seen["ema"], ema_saved) and torch.equal(seen["raw"], raw_saved)
 
@@ -141,13 +159,21 @@ def test_resume_continues_step_count_and_restores_ema(tmp_path):
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
 # Parameter counts of the official PatchDiffusion-Pytorch UNetModel for these configs, without its
 # learned-variance head (counted by building it side by side; see test_unet.py)
-OFFICIAL = {"lsun_church_p2": 122_475_916, "lsun_church_p4": 119_863_344, "lsun_church_p8": 119_126_464,
-            "imagenet256_high_noise": 200_595_504, "imagenet256_low_noise": 200_595_504, "ffhq1024_p4": 162_163_632}
+OFFICIAL = {
+    "lsun_church_p2": 122_475_916,
+    "lsun_church_p4": 119_863_344,
+    "lsun_church_p8": 119_126_464,
+    "imagenet256_high_noise": 200_595_504,
+    "imagenet256_low_noise": 200_595_504,
+    "ffhq1024_p4": 162_163_632,
+}
 
 
 def test_there_are_configs_for_every_documented_setting():
     names = {os.path.basename(c)[:-5] for c in CONFIGS}
-    assert {"digits", "cifar10_p1", "cifar10_p2", "cifar10_p4", "cifar10_p8"} | set(OFFICIAL) <= names
+    assert {"digits", "cifar10_p1", "cifar10_p2", "cifar10_p4", "cifar10_p8"} | set(
+        OFFICIAL
+    ) <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
@@ -172,7 +198,12 @@ def test_every_config_loads_with_print_config(path, capsys):
     from lightning.pytorch.cli import LightningCLI
 
     with pytest.raises(SystemExit) as exit_info:
-        LightningCLI(PDMModule, subclass_mode_data=True, args=["fit", "--config", path, "--print_config"], run=True)
+        LightningCLI(
+            PDMModule,
+            subclass_mode_data=True,
+            args=["fit", "--config", path, "--print_config"],
+            run=True,
+        )
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     given = yaml.safe_load(open(path))["model"]["net"]["init_args"]
@@ -192,10 +223,26 @@ def test_resume_continues_the_same_data_order_anywhere_in_an_epoch(tmp_path, sto
         L.seed_everything(0)
         m = tiny_module(Recording)
         m.seen = []
-        t = L.Trainer(max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1,
-                      callbacks=[ModelCheckpoint(dirpath=os.path.join(root, "ckpt"), save_last=True, every_n_train_steps=1)])
-        t.fit(m, datamodule=DigitsDataModule(image_size=16, batch_size=400, val_fraction=0.0), ckpt_path=ckpt_path)
+        t = L.Trainer(
+            max_steps=steps,
+            default_root_dir=root,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            accelerator="cpu",
+            devices=1,
+            callbacks=[
+                ModelCheckpoint(
+                    dirpath=os.path.join(root, "ckpt"), save_last=True, every_n_train_steps=1
+                )
+            ],
+        )
+        t.fit(
+            m,
+            datamodule=DigitsDataModule(image_size=16, batch_size=400, val_fraction=0.0),
+            ckpt_path=ckpt_path,
+        )
         return m.seen
 
     # 1797 images in batches of 400: 4 batches per epoch; stop at the given steps, resume, end at 10
@@ -218,8 +265,14 @@ def test_low_noise_expert_starts_from_the_high_noise_ema_weights(tiny_ckpts):
 
 
 def _lrs(module, steps, max_steps):
-    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", enable_checkpointing=False)
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        enable_checkpointing=False,
+    )
     module._trainer = trainer
     cfg = module.configure_optimizers()
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
@@ -239,7 +292,11 @@ def test_default_learning_rate_is_warmup_then_constant_and_adam_is_not_fused():
 
 
 def test_cosine_decay_reaches_zero_at_max_steps_and_fused_adam_is_used_when_asked():
-    lrs, opt = _lrs(tiny_module(lr=1e-3, warmup_steps=2, lr_decay="cosine", fused_optimizer=True), 11, max_steps=10)
+    lrs, opt = _lrs(
+        tiny_module(lr=1e-3, warmup_steps=2, lr_decay="cosine", fused_optimizer=True),
+        11,
+        max_steps=10,
+    )
     assert lrs[:2] == pytest.approx([5e-4, 1e-3])
     assert lrs[6] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))  # half way: 0.5
     assert lrs[10] == pytest.approx(0.0, abs=1e-12) and opt.defaults["fused"] is True
@@ -251,7 +308,9 @@ def test_compile_net_compiles_in_place_and_keeps_checkpoint_keys():
     keys = list(m.state_dict())
     m.compile_net()
     assert m.net._compiled_call_impl is not None and isinstance(m.net, type(tiny_module().net))
-    assert list(m.state_dict()) == keys  # no "_orig_mod." prefixes: checkpoints stay interchangeable
+    assert (
+        list(m.state_dict()) == keys
+    )  # no "_orig_mod." prefixes: checkpoints stay interchangeable
     impl = m.net._compiled_call_impl
     m.compile_net()  # idempotent: a second call (e.g. on resume) does not wrap again
     assert m.net._compiled_call_impl is impl and m.hparams.compile_network is True
@@ -260,7 +319,9 @@ def test_compile_net_compiles_in_place_and_keeps_checkpoint_keys():
 def test_fit_with_ema_is_quiet_and_leaves_an_uncompiled_network_by_default(tmp_path, recwarn):
     L.seed_everything(0)
     m = tiny_module()
-    _trainer(str(tmp_path), 1).fit(m, datamodule=DigitsDataModule(image_size=16, batch_size=16, val_fraction=0.0))
+    _trainer(str(tmp_path), 1).fit(
+        m, datamodule=DigitsDataModule(image_size=16, batch_size=16, val_fraction=0.0)
+    )
     assert m.net._compiled_call_impl is None
     # overriding configure_model makes Lightning's WeightAveraging warn on every run
     assert not [w for w in recwarn if "configure_model" in str(w.message)]

@@ -9,8 +9,14 @@ import torch
 
 from pdm.nn import UNet
 
-SMALL = dict(in_channels=3, image_size=32, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-             attention_resolutions=(4, 8))
+SMALL = dict(
+    in_channels=3,
+    image_size=32,
+    model_channels=32,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4, 8),
+)
 
 
 def _perturb(net: torch.nn.Module) -> None:
@@ -54,7 +60,9 @@ def test_positional_encoding_is_added_right_after_the_first_conv():
     from pdm.patching import patchify, positional_encoding_2d
 
     first_conv = net.input_conv(patchify(x, 4))
-    assert torch.allclose(seen["h"] - first_conv, positional_encoding_2d(32, 8, 8).expand(2, -1, -1, -1), atol=1e-6)
+    assert torch.allclose(
+        seen["h"] - first_conv, positional_encoding_2d(32, 8, 8).expand(2, -1, -1, -1), atol=1e-6
+    )
 
 
 def test_image_size_not_divisible_by_patch_size_is_rejected():
@@ -76,8 +84,14 @@ def test_input_with_wrong_size_or_channels_is_rejected():
 
 
 def test_fractional_channel_multiplier():
-    net = UNet(image_size=32, patch_size=2, model_channels=128, channel_mult=(1, 1.5), num_res_blocks=1,
-               attention_resolutions=(8,))
+    net = UNet(
+        image_size=32,
+        patch_size=2,
+        model_channels=128,
+        channel_mult=(1, 1.5),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+    )
     assert net.widths == [128, 192]
     assert net(torch.randn(1, 3, 32, 32), torch.tensor([3.0])).shape == (1, 3, 32, 32)
 
@@ -97,7 +111,13 @@ def test_class_conditioning_uses_labels_and_a_null_row():
 
 
 def test_time_embedding_mlp_is_pdm_choice():
-    net = UNet(image_size=32, patch_size=2, model_channels=32, channel_mult=(1, 2, 4), attention_resolutions=())
+    net = UNet(
+        image_size=32,
+        patch_size=2,
+        model_channels=32,
+        channel_mult=(1, 2, 4),
+        attention_resolutions=(),
+    )
     # model_channels -> 4 model_channels -> model_channels * channel_mult[-1], ending in SiLU
     assert [m.out_features for m in net.time_embed if isinstance(m, torch.nn.Linear)] == [128, 128]
     assert net.time_embed[0].in_features == 32 and isinstance(net.time_embed[-1], torch.nn.SiLU)
@@ -118,16 +138,62 @@ def test_dropout_is_active_in_training_only():
 # The counts were taken by building the official PatchDiffusion-Pytorch network side by side;
 # with the head they round to the published 123 / 121 / 121 / 202 / 163 M.
 OFFICIAL = {
-    "lsun_church_p2": (dict(image_size=256, patch_size=2, model_channels=128, channel_mult=(1, 2, 2, 4, 4), num_res_blocks=2),
-                       122_475_916, 122_916_120),
-    "lsun_church_p4": (dict(image_size=256, patch_size=4, model_channels=256, channel_mult=(1, 1, 2, 2), num_res_blocks=2),
-                       119_863_344, 121_416_544),
-    "lsun_church_p8": (dict(image_size=256, patch_size=8, model_channels=256, channel_mult=(1, 1.5, 2), num_res_blocks=3),
-                       119_126_464, 121_011_584),
-    "imagenet256_expert": (dict(image_size=256, patch_size=4, model_channels=256, channel_mult=(1, 2, 2, 2), num_res_blocks=3,
-                                num_classes=1000), 200_595_504, 202_148_704),
-    "ffhq1024_p4": (dict(image_size=1024, patch_size=4, model_channels=128, channel_mult=(1, 2, 2, 4, 4, 4), num_res_blocks=2),
-                    162_163_632, 162_645_344),
+    "lsun_church_p2": (
+        dict(
+            image_size=256,
+            patch_size=2,
+            model_channels=128,
+            channel_mult=(1, 2, 2, 4, 4),
+            num_res_blocks=2,
+        ),
+        122_475_916,
+        122_916_120,
+    ),
+    "lsun_church_p4": (
+        dict(
+            image_size=256,
+            patch_size=4,
+            model_channels=256,
+            channel_mult=(1, 1, 2, 2),
+            num_res_blocks=2,
+        ),
+        119_863_344,
+        121_416_544,
+    ),
+    "lsun_church_p8": (
+        dict(
+            image_size=256,
+            patch_size=8,
+            model_channels=256,
+            channel_mult=(1, 1.5, 2),
+            num_res_blocks=3,
+        ),
+        119_126_464,
+        121_011_584,
+    ),
+    "imagenet256_expert": (
+        dict(
+            image_size=256,
+            patch_size=4,
+            model_channels=256,
+            channel_mult=(1, 2, 2, 2),
+            num_res_blocks=3,
+            num_classes=1000,
+        ),
+        200_595_504,
+        202_148_704,
+    ),
+    "ffhq1024_p4": (
+        dict(
+            image_size=1024,
+            patch_size=4,
+            model_channels=128,
+            channel_mult=(1, 2, 2, 4, 4, 4),
+            num_res_blocks=2,
+        ),
+        162_163_632,
+        162_645_344,
+    ),
 }
 
 
@@ -137,9 +203,18 @@ def test_official_configurations_have_the_official_parameter_count(name):
     with torch.device("meta"):  # counts only; no memory, no init time
         net = UNet(in_channels=3, attention_resolutions=(16, 8), **cfg)
     assert sum(p.numel() for p in net.parameters()) == without_head
-    official = official_layout.official_shapes(3, cfg["patch_size"], cfg["model_channels"], cfg["channel_mult"],
-                                               cfg["num_res_blocks"], _attention_ds(cfg), cfg.get("num_classes"))
-    assert sum(math.prod(s) for s in official.values()) == with_head  # the layout description agrees
+    official = official_layout.official_shapes(
+        3,
+        cfg["patch_size"],
+        cfg["model_channels"],
+        cfg["channel_mult"],
+        cfg["num_res_blocks"],
+        _attention_ds(cfg),
+        cfg.get("num_classes"),
+    )
+    assert (
+        sum(math.prod(s) for s in official.values()) == with_head
+    )  # the layout description agrees
 
 
 def _attention_ds(cfg, resolutions=(16, 8)):
@@ -148,11 +223,26 @@ def _attention_ds(cfg, resolutions=(16, 8)):
 
 
 CONVERT_CASES = {
-    "lsun_p4": dict(image_size=256, patch_size=4, model_channels=64, channel_mult=(1, 1, 2, 2), num_res_blocks=2),
-    "fractional_conditional": dict(image_size=64, patch_size=2, model_channels=128, channel_mult=(1, 1.5, 2),
-                                   num_res_blocks=3, num_classes=7),
-    "resblock_updown": dict(image_size=64, patch_size=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=2,
-                            resblock_updown=True, num_classes=3),
+    "lsun_p4": dict(
+        image_size=256, patch_size=4, model_channels=64, channel_mult=(1, 1, 2, 2), num_res_blocks=2
+    ),
+    "fractional_conditional": dict(
+        image_size=64,
+        patch_size=2,
+        model_channels=128,
+        channel_mult=(1, 1.5, 2),
+        num_res_blocks=3,
+        num_classes=7,
+    ),
+    "resblock_updown": dict(
+        image_size=64,
+        patch_size=4,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=2,
+        resblock_updown=True,
+        num_classes=3,
+    ),
 }
 
 
@@ -163,13 +253,22 @@ def test_converter_maps_every_official_key_exactly_once_and_loads_strictly(name,
 
     cfg = CONVERT_CASES[name]
     official = official_layout.official_state_dict(
-        in_channels=3, patch_size=cfg["patch_size"], model_channels=cfg["model_channels"],
-        channel_mult=cfg["channel_mult"], num_res_blocks=cfg["num_res_blocks"], attention_ds=_attention_ds(cfg),
-        num_classes=cfg.get("num_classes"), learn_sigma=learn_sigma, resblock_updown=cfg.get("resblock_updown", False))
+        in_channels=3,
+        patch_size=cfg["patch_size"],
+        model_channels=cfg["model_channels"],
+        channel_mult=cfg["channel_mult"],
+        num_res_blocks=cfg["num_res_blocks"],
+        attention_ds=_attention_ds(cfg),
+        num_classes=cfg.get("num_classes"),
+        learn_sigma=learn_sigma,
+        resblock_updown=cfg.get("resblock_updown", False),
+    )
     converted = convert_official_state_dict(official)
     kept = {k: v for k, v in official.items() if not k.startswith("variance_output")}
     assert len(converted) == len(kept)
-    assert sorted(v.data_ptr() for v in converted.values()) == sorted(v.data_ptr() for v in kept.values())  # each once
+    assert sorted(v.data_ptr() for v in converted.values()) == sorted(
+        v.data_ptr() for v in kept.values()
+    )  # each once
     net = UNet(in_channels=3, attention_resolutions=(16, 8), **cfg)
     net.load_state_dict(converted, strict=True)
     assert torch.equal(net.input_conv.weight, official["input_blocks.0.0.weight"])
@@ -193,14 +292,25 @@ def test_stride_two_downsampling_pads_like_tensorflow_same():
         down.op.weight.fill_(1.0)
         down.op.bias.zero_()
     x = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
-    expected = torch.tensor([[0 + 1 + 2 + 4 + 5 + 6 + 8 + 9 + 10, 2 + 3 + 6 + 7 + 10 + 11],
-                             [8 + 9 + 10 + 12 + 13 + 14, 10 + 11 + 14 + 15]], dtype=torch.float32)
+    expected = torch.tensor(
+        [
+            [0 + 1 + 2 + 4 + 5 + 6 + 8 + 9 + 10, 2 + 3 + 6 + 7 + 10 + 11],
+            [8 + 9 + 10 + 12 + 13 + 14, 10 + 11 + 14 + 15],
+        ],
+        dtype=torch.float32,
+    )
     assert torch.equal(down(x)[0, 0], expected)
 
 
 def test_downsampling_and_upsampling_change_the_width_to_the_next_level():
-    net = UNet(image_size=32, patch_size=2, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-               attention_resolutions=())
+    net = UNet(
+        image_size=32,
+        patch_size=2,
+        model_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+    )
     down = [b.resample for b in net.down if b.resample is not None]
     up = [b.resample for b in net.up if b.resample is not None]
     assert [(d.op.in_channels, d.op.out_channels) for d in down] == [(32, 64)]
@@ -225,8 +335,12 @@ def test_positional_encoding_is_sine_only_with_pdm_frequency_scaling():
     f = torch.tensor([10000.0 ** (-i / 3) for i in range(4)], dtype=torch.float64)
     pos = torch.arange(4, dtype=torch.float64)
     x_part = torch.sin(f[:, None] * pos[None] * 16.0)  # (4 channels, 4 columns)
-    assert torch.allclose(pe[:4], x_part[:, None, :].expand(4, 4, 4).float(), atol=1e-6)  # first half: columns
-    assert torch.allclose(pe[4:], x_part[:, :, None].expand(4, 4, 4).float(), atol=1e-6)  # second half: rows
+    assert torch.allclose(
+        pe[:4], x_part[:, None, :].expand(4, 4, 4).float(), atol=1e-6
+    )  # first half: columns
+    assert torch.allclose(
+        pe[4:], x_part[:, :, None].expand(4, 4, 4).float(), atol=1e-6
+    )  # second half: rows
 
 
 def test_residual_block_normalises_without_affine_and_starts_as_identity():
@@ -234,12 +348,17 @@ def test_residual_block_normalises_without_affine_and_starts_as_identity():
 
     block = ResBlock(32, 32, emb_channels=16)
     assert block.out_norm.weight is None and block.out_norm.eps == 1e-3
-    assert torch.count_nonzero(block.emb_proj.weight) == 0 and torch.count_nonzero(block.out_conv.weight) == 0
+    assert (
+        torch.count_nonzero(block.emb_proj.weight) == 0
+        and torch.count_nonzero(block.out_conv.weight) == 0
+    )
     x = torch.randn(2, 32, 8, 8)
     assert torch.equal(block(x, torch.randn(2, 16)), x)
 
 
-def test_convert_cli_writes_an_export_that_sample_py_loads_and_that_computes_the_same(tmp_path, capsys):
+def test_convert_cli_writes_an_export_that_sample_py_loads_and_that_computes_the_same(
+    tmp_path, capsys
+):
     """`python -m pdm.checkpoints convert` on an official-layout .pt (learned-variance head included): the
     export rebuilds the network with exactly the converted weights and samples through sample.py."""
     import yaml
@@ -251,29 +370,69 @@ def test_convert_cli_writes_an_export_that_sample_py_loads_and_that_computes_the
 
     cfg = CONVERT_CASES["fractional_conditional"] | {"model_channels": 32}
     official = official_layout.official_state_dict(
-        in_channels=3, patch_size=cfg["patch_size"], model_channels=cfg["model_channels"],
-        channel_mult=cfg["channel_mult"], num_res_blocks=cfg["num_res_blocks"], attention_ds=_attention_ds(cfg),
-        num_classes=cfg["num_classes"], learn_sigma=True)
+        in_channels=3,
+        patch_size=cfg["patch_size"],
+        model_channels=cfg["model_channels"],
+        channel_mult=cfg["channel_mult"],
+        num_res_blocks=cfg["num_res_blocks"],
+        attention_ds=_attention_ds(cfg),
+        num_classes=cfg["num_classes"],
+        learn_sigma=True,
+    )
     torch.save({"model": official}, tmp_path / "official.pt")
-    net_cfg = dict(cfg, in_channels=3, attention_resolutions=[16, 8], channel_mult=list(cfg["channel_mult"]))
-    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({"model": {"net": {"class_path": "pdm.nn.UNet", "init_args": net_cfg},
-                                                                 "target": "x0", "beta_end": 0.02}}))
+    net_cfg = dict(
+        cfg, in_channels=3, attention_resolutions=[16, 8], channel_mult=list(cfg["channel_mult"])
+    )
+    (tmp_path / "cfg.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "net": {"class_path": "pdm.nn.UNet", "init_args": net_cfg},
+                    "target": "x0",
+                    "beta_end": 0.02,
+                }
+            }
+        )
+    )
     out = str(tmp_path / "conv.safetensors")
     nn_main(["convert", str(tmp_path / "official.pt"), out, "--config", str(tmp_path / "cfg.yaml")])
     model = load_model(out)
     expected = convert_official_state_dict(official)
     assert model.target == "x0" and set(model.net.state_dict()) == set(expected)
     assert all(torch.equal(model.net.state_dict()[k], v) for k, v in expected.items())
-    stats = sample_cli.main(["--ckpt", out, "--num-samples", "2", "--steps", "3", "--out", str(tmp_path / "s"),
-                             "--device", "cpu"])
+    stats = sample_cli.main(
+        [
+            "--ckpt",
+            out,
+            "--num-samples",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path / "s"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert stats["num_samples"] == 2
     with pytest.raises(SystemExit) as e:  # the output exists now: refused, nothing replaced
-        nn_main(["convert", str(tmp_path / "official.pt"), out, "--config", str(tmp_path / "cfg.yaml")])
+        nn_main(
+            ["convert", str(tmp_path / "official.pt"), out, "--config", str(tmp_path / "cfg.yaml")]
+        )
     assert e.value.code == 2 and "exists" in capsys.readouterr().err
-    (tmp_path / "other.yaml").write_text(yaml.safe_dump({"model": {"net": {"init_args": dict(net_cfg, model_channels=128)}}}))
+    (tmp_path / "other.yaml").write_text(
+        yaml.safe_dump({"model": {"net": {"init_args": dict(net_cfg, model_channels=128)}}})
+    )
     with pytest.raises(SystemExit) as e:  # another architecture: one line naming the fix
-        nn_main(["convert", str(tmp_path / "official.pt"), str(tmp_path / "x.safetensors"), "--config",
-                 str(tmp_path / "other.yaml")])
+        nn_main(
+            [
+                "convert",
+                str(tmp_path / "official.pt"),
+                str(tmp_path / "x.safetensors"),
+                "--config",
+                str(tmp_path / "other.yaml"),
+            ]
+        )
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "does not fit the network" in err[0]
 

@@ -54,12 +54,24 @@ def split_rows(n: int, validation: float) -> tuple[slice, slice]:
 
 
 @torch.no_grad()  # every error is a float; no run needs a graph
-def calibrate_budgets(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, budgets: list[int],
-                      validation: float = 0.25, steps: int = 100, progress: bool = False, continuous: bool = True,
-                      halvings: int = 5, refine_sweeps: int = 4, coefficients: bool = False,
-                      weights: Tensor | None = None, time_search: str = "free",
-                      solver_for: Callable[[int], dict] | None = None, teleport: Teleport | None = None,
-                      **sample_kwargs) -> dict[int, LearnedSchedule]:
+def calibrate_budgets(
+    model_fn: Callable[..., Tensor],
+    noise: Tensor,
+    schedule: VPSchedule,
+    budgets: list[int],
+    validation: float = 0.25,
+    steps: int = 100,
+    progress: bool = False,
+    continuous: bool = True,
+    halvings: int = 5,
+    refine_sweeps: int = 4,
+    coefficients: bool = False,
+    weights: Tensor | None = None,
+    time_search: str = "free",
+    solver_for: Callable[[int], dict] | None = None,
+    teleport: Teleport | None = None,
+    **sample_kwargs,
+) -> dict[int, LearnedSchedule]:
     """{nfe: schedule} for every budget, each fitted on the first images of ``noise`` and checked
     on the rest (see the module docstring). ``sample_kwargs`` describe the fine grid and the solver
     as for :func:`~pdm.calibration.schedules.calibrate_schedule` (``model_kwargs`` rows follow
@@ -73,42 +85,91 @@ def calibrate_budgets(model_fn: Callable[..., Tensor], noise: Tensor, schedule: 
     search may also move each schedule's first time below t_max, the teleport carrying the images
     there without the network; errors are still measured against the accurate solution from t_max."""
     fit, val = split_rows(noise.shape[0], validation)
-    model_fn = RecallingModel(model_fn)  # candidates repeat the current path's calls until they differ
+    model_fn = RecallingModel(
+        model_fn
+    )  # candidates repeat the current path's calls until they differ
     if weights is not None and weights.shape != (noise.shape[0],):
-        raise ValueError(f"need one weight per calibration image ({noise.shape[0]}), got shape {tuple(weights.shape)}")
-    w_fit, w_val = (None, None) if weights is None else (_normalised(weights[fit]), _normalised(weights[val]))
+        raise ValueError(
+            f"need one weight per calibration image ({noise.shape[0]}), got shape "
+            f"{tuple(weights.shape)}"
+        )
+    w_fit, w_val = (
+        (None, None) if weights is None else (_normalised(weights[fit]), _normalised(weights[val]))
+    )
     kwargs = dict(sample_kwargs.pop("model_kwargs", None) or {})
     grid_kw = {"skip_type": "logSNR", **sample_kwargs}
-    whole = reference_for(model_fn, noise, schedule, steps, progress, model_kwargs=kwargs, **grid_kw)
+    whole = reference_for(
+        model_fn, noise, schedule, steps, progress, model_kwargs=kwargs, **grid_kw
+    )
     fit_ref = whole.rows(fit)
-    fit_kw = {k: v[fit] for k, v in kwargs.items()}
-    held = _Validation(model_fn, noise[val], schedule, whole.states[-1][val], {k: v[val] for k, v in kwargs.items()},
-                       grid_kw, w_val) if val.stop > val.start else None
-    fitting = _Validation(model_fn, noise[fit], schedule, fit_ref.states[-1], fit_kw, grid_kw, w_fit)
+
+    def part(rows: slice, target: Tensor, w: Tensor | None) -> _Validation:
+        return _Validation(
+            model_fn,
+            noise[rows],
+            schedule,
+            target,
+            {k: v[rows] for k, v in kwargs.items()},
+            grid_kw,
+            w,
+        )
+
+    fitting = part(fit, fit_ref.states[-1], w_fit)
+    held = part(val, whole.states[-1][val], w_val) if val.stop > val.start else None
     recalled = None if teleport is None else RecallingModel(teleport)
+    search = dict(
+        steps=steps,
+        progress=progress,
+        reference=fit_ref,
+        continuous=continuous,
+        halvings=halvings,
+        refine_sweeps=refine_sweeps,
+        time_search=time_search,
+        teleport=teleport,
+        error=lambda a, b: rms(a, b, w_fit),
+    )
     found = {}
     for nfe in sorted(set(budgets)):
         solver = {} if solver_for is None else solver_for(nfe)
-        path = calibrate_schedule(model_fn, noise[fit], schedule, nfe, steps=steps, progress=progress,
-                                  reference=fit_ref, model_kwargs=fit_kw, continuous=continuous,
-                                  halvings=halvings, refine_sweeps=refine_sweeps, time_search=time_search,
-                                  error=lambda a, b: rms(a, b, w_fit),
-                                  validate=None if held is None else held.times_error(nfe, solver, recalled),
-                                  teleport=teleport, **{**grid_kw, **solver})
-
-        def fit_error(corrections=None) -> float:
-            kw = {**grid_kw, **_replay(path, schedule, recalled), "corrections": corrections}
-            return rms(sample(model_fn, noise[fit], schedule, model_kwargs=fit_kw, **kw).x, fit_ref.states[-1], w_fit)
-
-        report = {"fit_images": fit.stop - fit.start, "validation_images": val.stop - val.start,
-                  "fit_error": fit_error()}
-        if coefficients:
-            path, learned = _learn_corrections(path, schedule, recalled, fit_error, held)
-            report |= learned
-        if held is not None:
-            path, report = held.check(path, nfe, report, fitting, recalled)
-        found[nfe] = replace(path, calibration=report)
+        path = calibrate_schedule(
+            model_fn,
+            noise[fit],
+            schedule,
+            nfe,
+            model_kwargs=fitting.model_kwargs,
+            validate=None if held is None else held.times_error(nfe, solver, recalled),
+            **search,
+            **{**grid_kw, **solver},
+        )
+        found[nfe] = _checked(path, schedule, fitting, held, recalled, coefficients)
     return found
+
+
+def _checked(
+    path: LearnedSchedule,
+    schedule: VPSchedule,
+    fitting: _Validation,
+    held: _Validation | None,
+    recalled: RecallingModel | None,
+    coefficients: bool,
+) -> LearnedSchedule:
+    """The schedule with its corrections learned (when asked), checked against the plain settings
+    on the validation images, and the report of both in its ``calibration``."""
+
+    def fit_error(corrections=None) -> float:
+        return fitting.error(**_replay(path, schedule, recalled), corrections=corrections)
+
+    report = {
+        "fit_images": fitting.noise.shape[0],
+        "validation_images": 0 if held is None else held.noise.shape[0],
+        "fit_error": fit_error(),
+    }
+    if coefficients:
+        path, learned = _learn_corrections(path, schedule, recalled, fit_error, held)
+        report |= learned
+    if held is not None:
+        path, report = held.check(path, path.nfe, report, fitting, recalled)
+    return replace(path, calibration=report)
 
 
 def _normalised(weights: Tensor) -> Tensor | None:
@@ -120,14 +181,21 @@ def _normalised(weights: Tensor) -> Tensor | None:
     return weights.double() / weights.double().sum()
 
 
-def _replay(path: LearnedSchedule, schedule: VPSchedule, recalled: RecallingModel | None) -> dict[str, Any]:
+def _replay(
+    path: LearnedSchedule, schedule: VPSchedule, recalled: RecallingModel | None
+) -> dict[str, Any]:
     """The keywords that replay ``path``, its teleport answered from the calibration's memory."""
     kw = path.sample_kwargs(schedule)
     return kw | {"teleport": recalled} if "teleport" in kw else kw
 
 
-def _learn_corrections(path: LearnedSchedule, schedule: VPSchedule, recalled: RecallingModel | None,
-                       fit_error: Callable, held: _Validation | None) -> tuple[LearnedSchedule, dict]:
+def _learn_corrections(
+    path: LearnedSchedule,
+    schedule: VPSchedule,
+    recalled: RecallingModel | None,
+    fit_error: Callable,
+    held: _Validation | None,
+) -> tuple[LearnedSchedule, dict]:
     """The schedule with its per-step corrections fitted, and the errors before and after."""
     replay = _replay(path, schedule, recalled)
     validate = None if held is None else (lambda c: held.error(**{**replay, "corrections": c}))
@@ -136,7 +204,11 @@ def _learn_corrections(path: LearnedSchedule, schedule: VPSchedule, recalled: Re
         before["validation_error_times_only"] = held.error(**replay)
     corrections, fitted = fit_corrections(fit_error, path.nfe, validate)
     if any(corrections):
-        path = replace(path, settings=replace(path.settings_for(schedule), corrections=corrections), grid_points=None)
+        path = replace(
+            path,
+            settings=replace(path.settings_for(schedule), corrections=corrections),
+            grid_points=None,
+        )
     return path, before | {"fit_error": fitted}
 
 
@@ -153,19 +225,45 @@ class _Validation:
     weights: Tensor | None = None
 
     def error(self, **kwargs) -> float:
-        run = sample(self.model_fn, self.noise, self.schedule, model_kwargs=self.model_kwargs,
-                     **{**self.grid_kw, **kwargs})
+        run = sample(
+            self.model_fn,
+            self.noise,
+            self.schedule,
+            model_kwargs=self.model_kwargs,
+            **{**self.grid_kw, **kwargs},
+        )
         return rms(run.x, self.target, self.weights)
 
-    def times_error(self, nfe: int, solver: dict | None = None,
-                    teleport: Teleport | None = None) -> Callable[[Tensor], float]:
-        kw = {k: v for k, v in {**self.grid_kw, **(solver or {})}.items()
-              if k not in ("skip_type", "steps", "timesteps")} | {"teleport": teleport}
-        return lambda times: rms(sample(self.model_fn, self.noise, self.schedule, steps=nfe, timesteps=times,
-                                        model_kwargs=self.model_kwargs, **kw).x, self.target, self.weights)
+    def times_error(
+        self, nfe: int, solver: dict | None = None, teleport: Teleport | None = None
+    ) -> Callable[[Tensor], float]:
+        kw = {
+            k: v
+            for k, v in {**self.grid_kw, **(solver or {})}.items()
+            if k not in ("skip_type", "steps", "timesteps")
+        } | {"teleport": teleport}
+        return lambda times: rms(
+            sample(
+                self.model_fn,
+                self.noise,
+                self.schedule,
+                steps=nfe,
+                timesteps=times,
+                model_kwargs=self.model_kwargs,
+                **kw,
+            ).x,
+            self.target,
+            self.weights,
+        )
 
-    def check(self, path: LearnedSchedule, nfe: int, report: dict, fitting: _Validation | None = None,
-              recalled: RecallingModel | None = None) -> tuple[LearnedSchedule, dict]:
+    def check(
+        self,
+        path: LearnedSchedule,
+        nfe: int,
+        report: dict,
+        fitting: _Validation | None = None,
+        recalled: RecallingModel | None = None,
+    ) -> tuple[LearnedSchedule, dict]:
         """The path, or the best plain setting of ``nfe`` steps (every solver, order, variant and
         built-in grid: :func:`~pdm.sampling.catalog.plain_settings`) if that is better on validation.
 
@@ -178,12 +276,24 @@ class _Validation:
         for label, kw in plain_settings(nfe):
             on_val = self.error(**kw)
             on_fit = fitting.error(**kw) if fitting is not None else 0.0
-            plain[label] = (((n_val * on_val ** 2 + n_fit * on_fit ** 2) / (n_val + n_fit)) ** 0.5, on_val, kw)
+            plain[label] = (
+                ((n_val * on_val**2 + n_fit * on_fit**2) / (n_val + n_fit)) ** 0.5,
+                on_val,
+                kw,
+            )
         best = min(plain, key=lambda label: plain[label][0])
         all_images, error, settings = plain[best]
-        report |= {"validation_error": calibrated, "builtin_setting": best, "builtin_grid": settings["skip_type"],
-                   "builtin_validation_error": error, "builtin_error_all_images": all_images,
-                   "builtin_chosen_on": n_val + n_fit, "fallback": calibrated >= error}
+        report |= {
+            "validation_error": calibrated,
+            "builtin_setting": best,
+            "builtin_grid": settings["skip_type"],
+            "builtin_validation_error": error,
+            "builtin_error_all_images": all_images,
+            "builtin_chosen_on": n_val + n_fit,
+            "fallback": calibrated >= error,
+        }
         if not report["fallback"]:
             return path, report
-        return LearnedSchedule(Settings.from_keywords(**{k: v for k, v in settings.items() if v is not None})), report
+        return LearnedSchedule(
+            Settings.from_keywords(**{k: v for k, v in settings.items() if v is not None})
+        ), report

@@ -16,9 +16,15 @@ from collections.abc import Callable
 from pdm.calibration.search import coordinate_search
 
 
-def fit_corrections(score: Callable[[list[float]], float], steps: int, validate: Callable[[list[float]], float] | None,
-                    start: float = 0.125, halvings: int = 3, sweeps: int = 4,
-                    limit: float = 0.25) -> tuple[list[float], float]:
+def fit_corrections(
+    score: Callable[[list[float]], float],
+    steps: int,
+    validate: Callable[[list[float]], float] | None,
+    start: float = 0.125,
+    halvings: int = 3,
+    sweeps: int = 4,
+    limit: float = 0.25,
+) -> tuple[list[float], float]:
     """Coordinate descent on the per-step corrections from all zeros
     (:func:`~pdm.calibration.search.coordinate_search`); no c_i leaves [-limit, limit] (measured
     on the exact mixture: unbounded corrections reached 0.69 and sent 1 of 64 new images into
@@ -29,5 +35,13 @@ def fit_corrections(score: Callable[[list[float]], float], steps: int, validate:
         cand[i] += delta
         return None if abs(cand[i]) > limit + 1e-12 else cand
 
-    return coordinate_search([0.0] * steps, score, start, range(1, steps), propose, halvings=halvings,
-                             max_sweeps=sweeps, validate=validate)
+    return coordinate_search(
+        [0.0] * steps,
+        score,
+        start,
+        range(1, steps),
+        propose,
+        halvings=halvings,
+        max_sweeps=sweeps,
+        validate=validate,
+    )

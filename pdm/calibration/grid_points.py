@@ -37,23 +37,42 @@ from pdm.schedule import VPSchedule
 ErrorFn = Callable[[Tensor, Tensor], float]
 
 
-def grid_point_path(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, reference: Reference,
-                    nfe: int, max_gap: int, score: Callable[[list[int]], float], refine_sweeps: int,
-                    sample_kwargs: dict, progress: bool = False) -> tuple[list[int], float]:
+def grid_point_path(
+    model_fn: Callable[..., Tensor],
+    noise: Tensor,
+    schedule: VPSchedule,
+    reference: Reference,
+    nfe: int,
+    max_gap: int,
+    score: Callable[[list[int]], float],
+    refine_sweeps: int,
+    sample_kwargs: dict,
+    progress: bool = False,
+) -> tuple[list[int], float]:
     """Stages 1-3: the ``nfe + 1`` points of the reference's grid (its end included) with the least
     ``score`` found, and that score."""
     from pdm.schedule import SKIP_TYPES
 
     grid = reference.grid
-    candidates = [_dp_path(model_fn, noise, schedule, reference, nfe, max_gap, sample_kwargs, progress)]
+    candidates = [
+        _dp_path(model_fn, noise, schedule, reference, nfe, max_gap, sample_kwargs, progress)
+    ]
     candidates += [_mapped_grid(schedule, grid, nfe, skip_type) for skip_type in SKIP_TYPES]
     scored = sorted((score(c), c) for c in {tuple(c) for c in candidates if len(c) == nfe + 1})
     say(progress, f"start error {scored[0][0]:.3e} (of {len(scored)} candidates)")
-    return _refine(list(scored[0][1]), grid.numel() - 1, max_gap, score, refine_sweeps, progress, scored[0][0])
+    return _refine(
+        list(scored[0][1]), grid.numel() - 1, max_gap, score, refine_sweeps, progress, scored[0][0]
+    )
 
 
-def _local_errors(states: list[Tensor], outputs: list[Tensor], points: list[TimePoint], data: bool,
-                  max_gap: int, weights: list[float]) -> dict[tuple[int, int, int], float]:
+def _local_errors(
+    states: list[Tensor],
+    outputs: list[Tensor],
+    points: list[TimePoint],
+    data: bool,
+    max_gap: int,
+    weights: list[float],
+) -> dict[tuple[int, int, int], float]:
     """Local error of each multistep step from exact states: {(h, i, j): RMS}, h = -1 meaning a
     first-order first step. Second order is DPM-Solver(++)-2M's update (2211.01095 Alg. 2)."""
     m = len(points) - 1
@@ -65,13 +84,21 @@ def _local_errors(states: list[Tensor], outputs: list[Tensor], points: list[Time
                 errors[(-1, 0, j)] = weights[j] * rms(first, states[j])
                 continue
             for h in range(max(0, i - max_gap), i):
-                x_j = multistep_second_update(states[i], [points[h], points[i]], points[j], [outputs[h], outputs[i]],
-                                              data, "dpmsolver")
+                x_j = multistep_second_update(
+                    states[i],
+                    [points[h], points[i]],
+                    points[j],
+                    [outputs[h], outputs[i]],
+                    data,
+                    "dpmsolver",
+                )
                 errors[(h, i, j)] = weights[j] * rms(x_j, states[j])
     return errors
 
 
-def _cheapest_path(errors: dict[tuple[int, int, int], float], m: int, nfe: int, max_gap: int) -> list[int]:
+def _cheapest_path(
+    errors: dict[tuple[int, int, int], float], m: int, nfe: int, max_gap: int
+) -> list[int]:
     """The path 0 = p_0 < ... < p_nfe = m with the least summed local error (dynamic programme)."""
     inf = math.inf
     # best[k][(h, i)]: least cost of k steps ending with the step h -> i; back-pointers in prev
@@ -89,7 +116,9 @@ def _cheapest_path(errors: dict[tuple[int, int, int], float], m: int, nfe: int, 
                     prev[k + 1][(i, j)] = (h, i)
     ends = [key for key in best[nfe] if key[1] == m]
     if not ends:
-        raise ValueError(f"no path of {nfe} steps reaches the end of a {m}-step grid with gaps of at most {max_gap}")
+        raise ValueError(
+            f"no path of {nfe} steps reaches the end of a {m}-step grid with gaps of at most {max_gap}"
+        )
     key = min(ends, key=lambda e: best[nfe][e])
     path = [m]
     for k in range(nfe, 0, -1):
@@ -98,8 +127,16 @@ def _cheapest_path(errors: dict[tuple[int, int, int], float], m: int, nfe: int, 
     return sorted(set(path))
 
 
-def _dp_path(model_fn, noise, schedule, reference: Reference, nfe, max_gap, sample_kwargs,
-             progress: bool = False) -> list[int]:
+def _dp_path(
+    model_fn,
+    noise,
+    schedule,
+    reference: Reference,
+    nfe,
+    max_gap,
+    sample_kwargs,
+    progress: bool = False,
+) -> list[int]:
     """Stage 1: the path of least sensitivity-weighted local error (outputs and sensitivities are
     computed once per reference and kept there for the next budget)."""
     prediction = sample_kwargs.get("prediction", "eps")
@@ -109,31 +146,50 @@ def _dp_path(model_fn, noise, schedule, reference: Reference, nfe, max_gap, samp
     points = [TimePoint.at(schedule, t) for t in grid]
     data = solver_spec(sample_kwargs.get("solver", Settings().solver)).data
     if reference.outputs is None:
-        reference.outputs = [model_fn(states[i], grid[i].expand(noise.shape[0]), **kwargs).to(noise.dtype)
-                             for i in stage(range(steps), steps, "network outputs", progress)]
-        reference.weights = sensitivities(model_fn, states, schedule, grid, prediction, kwargs, progress=progress)
-    convert = to_x0 if data else to_eps  # the solver's form (a budget before may have used the other)
-    outputs = [convert(raw, states[i], points[i].alpha, points[i].sigma, prediction)
-               for i, raw in enumerate(reference.outputs)]
+        reference.outputs = [
+            model_fn(states[i], grid[i].expand(noise.shape[0]), **kwargs).to(noise.dtype)
+            for i in stage(range(steps), steps, "network outputs", progress)
+        ]
+        reference.weights = sensitivities(
+            model_fn, states, schedule, grid, prediction, kwargs, progress=progress
+        )
+    convert = (
+        to_x0 if data else to_eps
+    )  # the solver's form (a budget before may have used the other)
+    outputs = [
+        convert(raw, states[i], points[i].alpha, points[i].sigma, prediction)
+        for i, raw in enumerate(reference.outputs)
+    ]
     errors = _local_errors(states, outputs, points, data, max_gap, reference.weights)
     return _cheapest_path(errors, steps, nfe, max_gap)
 
 
 def _mapped_grid(schedule: VPSchedule, grid: Tensor, nfe: int, skip_type: str) -> list[int]:
     """A built-in grid of ``nfe`` steps moved to the nearest points of the fine grid (in lambda)."""
-    coarse = schedule.timesteps(nfe, skip_type, float(grid[0]), float(grid[-1]), dtype=torch.float64)
+    coarse = schedule.timesteps(
+        nfe, skip_type, float(grid[0]), float(grid[-1]), dtype=torch.float64
+    )
     lam_fine, lam_coarse = schedule.lambda_(grid.double()), schedule.lambda_(coarse)
     idx = [int((lam_fine - lam).abs().argmin()) for lam in lam_coarse]
     idx[0], idx[-1] = 0, grid.numel() - 1
     return sorted(set(idx))
 
 
-def _refine(points: list[int], m: int, max_gap: int, score: Callable[[list[int]], float], sweeps: int,
-            progress: bool, best: float) -> tuple[list[int], float]:
+def _refine(
+    points: list[int],
+    m: int,
+    max_gap: int,
+    score: Callable[[list[int]], float],
+    sweeps: int,
+    progress: bool,
+    best: float,
+) -> tuple[list[int], float]:
     """Move single kept points by 1, 2 or 4 grid steps while the true error falls (first improvement)."""
     for sweep in range(sweeps):
         improved = False
-        for k in stage(range(1, len(points) - 1), len(points) - 2, f"sweep {sweep + 1}", progress):  # ends stay
+        for k in stage(
+            range(1, len(points) - 1), len(points) - 2, f"sweep {sweep + 1}", progress
+        ):  # ends stay
             for delta in (-4, -2, -1, 1, 2, 4):
                 cand = points.copy()
                 cand[k] += delta
@@ -181,7 +237,9 @@ def greedy_skip_path(
             if max_skips is not None and _longest_run(trial) > max_skips:
                 continue
             path = FixedSkip(tuple(trial))
-            e = error(sample(model_fn, noise, schedule, steps=steps, skip=path, **sample_kwargs).x, full)
+            e = error(
+                sample(model_fn, noise, schedule, steps=steps, skip=path, **sample_kwargs).x, full
+            )
             if best is None or e < best[0]:
                 best = (e, i)
         if best is None:
@@ -189,7 +247,11 @@ def greedy_skip_path(
         evaluate[best[1]] = False
         history.append((FixedSkip(tuple(evaluate)), best[0]))
         if progress:
-            print(f"greedy: {round_ + 1} skips, skipped step {best[1] + 1}, error {best[0]:.3e}", file=sys.stderr, flush=True)
+            print(
+                f"greedy: {round_ + 1} skips, skipped step {best[1] + 1}, error {best[0]:.3e}",
+                file=sys.stderr,
+                flush=True,
+            )
     return history
 
 

@@ -43,7 +43,9 @@ def input_digest(named: Iterable[tuple[str, Any]]) -> bytes:
         if isinstance(value, Tensor):
             h.update(f"{value.dtype}{tuple(value.shape)}{value.device}".encode())
             flat = value.detach().cpu().reshape(-1)
-            dense = torch.empty(flat.shape, dtype=flat.dtype).copy_(flat)  # an expanded t has stride 0
+            dense = torch.empty(flat.shape, dtype=flat.dtype).copy_(
+                flat
+            )  # an expanded t has stride 0
             h.update(dense.view(torch.uint8).numpy().tobytes())
         else:
             h.update(repr(value).encode())

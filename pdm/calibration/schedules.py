@@ -38,15 +38,31 @@ from pdm.sampling.settings import Settings
 from pdm.schedule import SKIP_TYPES, VPSchedule
 
 TIME_SEARCHES = ("free", "warp", "warp+free")
-SOLVER_KEYS = ("solver", "order", "solver_type", "method")  # what a schedule replays of sample_kwargs
+SOLVER_KEYS = (
+    "solver",
+    "order",
+    "solver_type",
+    "method",
+)  # what a schedule replays of sample_kwargs
 
 
-def calibrate_schedule(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule, nfe: int,
-                       steps: int = 100, max_gap: int | None = None, refine_sweeps: int = 4,
-                       error: ErrorFn | None = None, progress: bool = False, continuous: bool = True,
-                       halvings: int = 5, reference: Reference | None = None,
-                       validate: Callable[[Tensor], float] | None = None, time_search: str = "free",
-                       **sample_kwargs) -> LearnedSchedule:
+def calibrate_schedule(
+    model_fn: Callable[..., Tensor],
+    noise: Tensor,
+    schedule: VPSchedule,
+    nfe: int,
+    steps: int = 100,
+    max_gap: int | None = None,
+    refine_sweeps: int = 4,
+    error: ErrorFn | None = None,
+    progress: bool = False,
+    continuous: bool = True,
+    halvings: int = 5,
+    reference: Reference | None = None,
+    validate: Callable[[Tensor], float] | None = None,
+    time_search: str = "free",
+    **sample_kwargs,
+) -> LearnedSchedule:
     """The schedule of ``nfe`` evaluations for ``model_fn``, calibrated on ``noise``.
 
     Args:
@@ -68,69 +84,151 @@ def calibrate_schedule(model_fn: Callable[..., Tensor], noise: Tensor, schedule:
         time_search: stage 4's search: ``free``, ``warp`` or ``warp+free`` (see the module docstring).
     """
     if time_search not in TIME_SEARCHES:
-        raise ValueError(f"time_search must be one of {', '.join(TIME_SEARCHES)}, got {time_search!r}")
+        raise ValueError(
+            f"time_search must be one of {', '.join(TIME_SEARCHES)}, got {time_search!r}"
+        )
     if not 1 <= nfe <= steps:
         raise ValueError(f"nfe must be in 1..steps ({steps}), got {nfe}")
-    error = error or rms
     sample_kwargs = {"skip_type": "logSNR", **sample_kwargs}
     teleport = sample_kwargs.pop("teleport", None)
-    max_gap = max_gap or max(2, math.ceil(2.5 * steps / nfe))
-    reference = reference or reference_for(model_fn, noise, schedule, steps, progress, **sample_kwargs)
-    grid, target = reference.grid, reference.states[-1]
+    reference = reference or reference_for(
+        model_fn, noise, schedule, steps, progress, **sample_kwargs
+    )
+    search = _Scores(model_fn, noise, schedule, reference, error or rms, sample_kwargs, teleport)
     solver = {k: v for k, v in sample_kwargs.items() if k in SOLVER_KEYS}
-    free_kw = {k: v for k, v in sample_kwargs.items() if k not in ("steps", "timesteps", "skip_type")}
+    starts = []
     with torch.no_grad():
-
-        def score(points: list[int]) -> float:
-            kw = free_kw | {"skip_type": sample_kwargs["skip_type"]}
-            return error(sample(model_fn, noise, schedule, steps=len(points) - 1, timesteps=grid[list(points)], **kw).x,
-                         target)
-
-        smooth = time_search != "free" and continuous
-        if not smooth:  # the warps start from a smooth built-in grid: no fine-grid path is needed
-            points, best = grid_point_path(model_fn, noise, schedule, reference, nfe, max_gap, score, refine_sweeps,
-                                           sample_kwargs, progress)
+        if time_search == "free" or not continuous:  # the warps start from smooth built-in grids
+            max_gap = max_gap or max(2, math.ceil(2.5 * steps / nfe))
+            points, best = grid_point_path(
+                model_fn,
+                noise,
+                schedule,
+                reference,
+                nfe,
+                max_gap,
+                search.points,
+                refine_sweeps,
+                sample_kwargs,
+                progress,
+            )
             if not continuous:
-                fine = Settings.from_keywords(steps=steps, skip_type=sample_kwargs["skip_type"], **solver)
+                fine = Settings.from_keywords(
+                    steps=steps, skip_type=sample_kwargs["skip_type"], **solver
+                )
                 return LearnedSchedule(fine, tuple(points[:-1]))
-        recalled = None if teleport is None else RecallingModel(teleport)  # candidates repeat its starts
-
-        def score_times(times: Tensor) -> float:
-            return error(sample(model_fn, noise, schedule, steps=nfe, timesteps=times, teleport=recalled,
-                                **free_kw).x, target)
-
-        # the search starts from the best of the path found so far and the exact built-in grids
-        # (with a teleport, also the built-in grids from a few later starts)
-        firsts = [float(grid[0])] + ([] if teleport is None else teleport_starts(schedule, float(grid[0])))
-        starts = [] if smooth else [(best, grid[list(points)])]
-        starts += [(score_times(g), g) for g in (schedule.timesteps(nfe, st, t0, float(grid[-1]), dtype=torch.float64)
-                                                 for st in SKIP_TYPES for t0 in firsts)]
+            starts.append((best, reference.grid[list(points)]))
+        starts += search.built_in_starts(nfe)
         searches = [min(starts, key=lambda c: c[0])]
-        if teleport is not None:  # a second search, from the best start below t_max: the local moves
-            searches.append(teleported_start(starts, searches[0], schedule, score_times, nfe))  # rarely get there
-        best, times = _refined(searches, schedule, score_times, time_search, halvings, progress, validate,
-                               teleport is not None)
+        if teleport is not None:  # a second search from the best start below t_max, where local
+            searches.append(
+                teleported_start(starts, searches[0], schedule, search.times, nfe)
+            )  # moves rarely go
+        best, times = _refined(
+            searches,
+            schedule,
+            search.times,
+            time_search,
+            halvings,
+            progress,
+            validate,
+            teleport is not None,
+        )
     teleport = teleport if float(times[0]) < schedule.t_max else None
     found = Settings.from_keywords(steps=nfe, timesteps=times, **solver)
     return LearnedSchedule(replace(found, teleport=teleport))
 
 
+class _Scores:
+    """The error on the calibration images of a schedule given as points of the reference's fine
+    grid (:meth:`points`) or as free times (:meth:`times`); a teleport's starts are answered from
+    memory (candidates repeat them)."""
+
+    def __init__(
+        self,
+        model_fn: Callable[..., Tensor],
+        noise: Tensor,
+        schedule: VPSchedule,
+        reference: Reference,
+        error: ErrorFn,
+        sample_kwargs: dict,
+        teleport,
+    ) -> None:
+        self.model_fn, self.noise, self.schedule, self.reference = (
+            model_fn,
+            noise,
+            schedule,
+            reference,
+        )
+        self.error, self.teleport = error, None if teleport is None else RecallingModel(teleport)
+        self.kw = {k: v for k, v in sample_kwargs.items() if k not in ("steps", "timesteps")}
+
+    def _error(self, times: Tensor, teleport=None) -> float:
+        run = sample(
+            self.model_fn,
+            self.noise,
+            self.schedule,
+            steps=times.numel() - 1,
+            timesteps=times,
+            teleport=teleport,
+            **self.kw,
+        )
+        return self.error(run.x, self.reference.states[-1])
+
+    def points(self, points: list[int]) -> float:
+        return self._error(self.reference.grid[list(points)])
+
+    def times(self, times: Tensor) -> float:
+        return self._error(times, self.teleport)
+
+    def built_in_starts(self, nfe: int) -> list[tuple[float, Tensor]]:
+        """(error, grid) of every built-in grid of ``nfe`` steps (with a teleport, also from a few
+        later first times)."""
+        grid = self.reference.grid
+        firsts = [float(grid[0])]
+        if self.teleport is not None:
+            firsts += teleport_starts(self.schedule, float(grid[0]))
+        grids = [
+            self.schedule.timesteps(nfe, kind, t0, float(grid[-1]), dtype=torch.float64)
+            for kind in SKIP_TYPES
+            for t0 in firsts
+        ]
+        return [(self.times(g), g) for g in grids]
+
+
 calibrate_skip_path = calibrate_schedule  # the earlier name
 
 
-def _refined(searches: list[tuple[float, Tensor]], schedule: VPSchedule, score_times: Callable[[Tensor], float],
-             time_search: str, halvings: int, progress: bool, validate: Callable[[Tensor], float] | None,
-             free_start: bool) -> tuple[float, Tensor]:
+def _refined(
+    searches: list[tuple[float, Tensor]],
+    schedule: VPSchedule,
+    score_times: Callable[[Tensor], float],
+    time_search: str,
+    halvings: int,
+    progress: bool,
+    validate: Callable[[Tensor], float] | None,
+    free_start: bool,
+) -> tuple[float, Tensor]:
     """Stage 4 from each (error, grid) start; of several results the one with the least
     validation error (the least fitting error without validation images)."""
     found = []
     for best, times in searches:
         if time_search in ("warp", "warp+free"):
-            times, best, _ = refine_warp(times, schedule, score_times, best, halvings=halvings, validate=validate)
+            times, best, _ = refine_warp(
+                times, schedule, score_times, best, halvings=halvings, validate=validate
+            )
             say(progress, f"smooth warp of the grid: error {best:.3e}")
         if time_search in ("free", "warp+free"):
-            times, best = refine_times(times, schedule, score_times, best, halvings, progress, validate,
-                                       free_start=free_start)
+            times, best = refine_times(
+                times,
+                schedule,
+                score_times,
+                best,
+                halvings,
+                progress,
+                validate,
+                free_start=free_start,
+            )
         found.append((best, times))
     if len(found) == 1 or validate is None:
         return min(found, key=lambda c: c[0])

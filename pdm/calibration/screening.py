@@ -37,9 +37,16 @@ from pdm.sampling.sampler import sample
 from pdm.schedule import VPSchedule
 
 
-def screening_scores(model_fn: Callable[..., Tensor], noise: Tensor, schedule: VPSchedule,
-                     model_kwargs: dict[str, Tensor] | None = None, prediction: str = "eps", steps: int = 10,
-                     batch: int = 256, progress: bool = False) -> Tensor:
+def screening_scores(
+    model_fn: Callable[..., Tensor],
+    noise: Tensor,
+    schedule: VPSchedule,
+    model_kwargs: dict[str, Tensor] | None = None,
+    prediction: str = "eps",
+    steps: int = 10,
+    batch: int = 256,
+    progress: bool = False,
+) -> Tensor:
     """How hard each image of ``noise`` is to sample in few steps: the RMS per image between
     iPNDM-3 with ``steps`` evaluations on the logSNR grid and UniPC-3 with four times as many
     (float64, one value per row). Costs 5 * ``steps`` network evaluations per image."""
@@ -50,11 +57,18 @@ def screening_scores(model_fn: Callable[..., Tensor], noise: Tensor, schedule: V
     starts = range(0, noise.shape[0], batch)
     for start in tqdm(starts, desc="calibration: screening", disable=not progress, leave=False):
         rows = slice(start, start + batch)
-        kw = dict(prediction=prediction, model_kwargs={k: v[rows] for k, v in model_kwargs.items()},
-                  skip_type="logSNR")
+        kw = dict(
+            prediction=prediction,
+            model_kwargs={k: v[rows] for k, v in model_kwargs.items()},
+            skip_type="logSNR",
+        )
         with torch.no_grad():
-            cheap = sample(model_fn, noise[rows], schedule, steps=steps, solver="ipndm", order=3, **kw).x
-            fine = sample(model_fn, noise[rows], schedule, steps=4 * steps, solver="unipc", order=3, **kw).x
+            cheap = sample(
+                model_fn, noise[rows], schedule, steps=steps, solver="ipndm", order=3, **kw
+            ).x
+            fine = sample(
+                model_fn, noise[rows], schedule, steps=4 * steps, solver="unipc", order=3, **kw
+            ).x
         out.append((cheap - fine).double().flatten(1).pow(2).mean(1).sqrt().cpu())
     return torch.cat(out)
 
@@ -80,8 +94,9 @@ class Draw:
         return torch.tensor(self.fit_weights + self.validation_weights, dtype=torch.float64)
 
 
-def stratified_draw(scores: Tensor, fit: int, validation: int, hard_fraction: float = 0.25,
-                    seed: int = 0) -> Draw:
+def stratified_draw(
+    scores: Tensor, fit: int, validation: int, hard_fraction: float = 0.25, seed: int = 0
+) -> Draw:
     """Draw ``fit`` + ``validation`` of the ``len(scores)`` candidates: in each part a share
     ``hard_fraction`` from the highest scores (the hard stratum, the same share of both parts),
     the rest uniformly at random from the other candidates; weights as in the module docstring.
@@ -91,25 +106,36 @@ def stratified_draw(scores: Tensor, fit: int, validation: int, hard_fraction: fl
     """
     n = scores.numel()
     if fit < 1 or validation < 0:
-        raise ValueError(f"need at least one fitting image and no negative count, got {fit} and {validation}")
+        raise ValueError(
+            f"need at least one fitting image and no negative count, got {fit} and {validation}"
+        )
     if fit + validation > n:
-        raise ValueError(f"cannot draw {fit + validation} images from {n} candidates; screen at least as many")
+        raise ValueError(
+            f"cannot draw {fit + validation} images from {n} candidates; screen at least as many"
+        )
     if not 0.0 <= hard_fraction < 1.0:
         raise ValueError(f"the hard fraction must be in [0, 1), got {hard_fraction}")
     if fit + validation == n:
-        return Draw(list(range(fit)), list(range(fit, n)), [1.0 / fit] * fit,
-                    [1.0 / validation] * validation if validation else [], [])
+        return Draw(
+            list(range(fit)),
+            list(range(fit, n)),
+            [1.0 / fit] * fit,
+            [1.0 / validation] * validation if validation else [],
+            [],
+        )
     k_fit = min(fit - 1, round(hard_fraction * fit))
     k_val = min(max(validation - 1, 0), round(hard_fraction * validation))
     k = k_fit + k_val
     order = torch.argsort(scores.double(), descending=True, stable=True).tolist()
     hard, rest = order[:k], order[k:]
     g = torch.Generator().manual_seed(seed)
-    hard = [hard[i] for i in torch.randperm(k, generator=g).tolist()]  # which hard images validate: at random
+    hard = [
+        hard[i] for i in torch.randperm(k, generator=g).tolist()
+    ]  # which hard images validate: at random
     rest = [rest[i] for i in torch.randperm(n - k, generator=g).tolist()]
     m_fit, m_val = fit - k_fit, validation - k_val
     fit_rows = hard[:k_fit] + rest[:m_fit]
-    val_rows = hard[k_fit:] + rest[m_fit:m_fit + m_val]
+    val_rows = hard[k_fit:] + rest[m_fit : m_fit + m_val]
 
     def weights(k_part: int, m_part: int) -> list[float]:
         if k_part == 0:

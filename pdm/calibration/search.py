@@ -17,12 +17,21 @@ from typing import TypeVar
 P = TypeVar("P")  # the parameters: a list of floats, or a tensor of lambdas
 
 
-def coordinate_search(start: P, score: Callable[[P], float], step: float, coords: Sequence[int],
-                      propose: Callable[[P, int, float], P | None], *, best: float | None = None,
-                      halvings: int = 5, max_sweeps: int = 8, validate: Callable[[P], float] | None = None,
-                      start_validation: float | None = None,
-                      on_level: Callable[[float, float, float | None], None] | None = None,
-                      sweep_items: Callable[[Sequence[int], float], Sequence[int]] | None = None) -> tuple[P, float]:
+def coordinate_search(
+    start: P,
+    score: Callable[[P], float],
+    step: float,
+    coords: Sequence[int],
+    propose: Callable[[P, int, float], P | None],
+    *,
+    best: float | None = None,
+    halvings: int = 5,
+    max_sweeps: int = 8,
+    validate: Callable[[P], float] | None = None,
+    start_validation: float | None = None,
+    on_level: Callable[[float, float, float | None], None] | None = None,
+    sweep_items: Callable[[Sequence[int], float], Sequence[int]] | None = None,
+) -> tuple[P, float]:
     """Minimise ``score`` from ``start`` one coordinate at a time.
 
     Args:
@@ -75,7 +84,14 @@ def stage(items, total: int, desc: str, progress: bool):
     """A progress bar on stderr over one stage of the calibration (silent unless ``progress``)."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, total=total, desc=f"calibration: {desc}", file=sys.stderr, disable=not progress, leave=False)
+    return tqdm(
+        items,
+        total=total,
+        desc=f"calibration: {desc}",
+        file=sys.stderr,
+        disable=not progress,
+        leave=False,
+    )
 
 
 def say(progress: bool, message: str) -> None:

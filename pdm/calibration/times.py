@@ -29,9 +29,16 @@ from pdm.calibration.search import coordinate_search, say, stage
 from pdm.schedule import VPSchedule
 
 
-def refine_times(times: Tensor, schedule: VPSchedule, score: Callable[[Tensor], float], best: float | None = None,
-                 halvings: int = 5, progress: bool = False, validate: Callable[[Tensor], float] | None = None,
-                 free_start: bool = False) -> tuple[Tensor, float]:
+def refine_times(
+    times: Tensor,
+    schedule: VPSchedule,
+    score: Callable[[Tensor], float],
+    best: float | None = None,
+    halvings: int = 5,
+    progress: bool = False,
+    validate: Callable[[Tensor], float] | None = None,
+    free_start: bool = False,
+) -> tuple[Tensor, float]:
     """Coordinate descent on a time grid (:func:`~pdm.calibration.search.coordinate_search`): move
     each interior time in lambda by +-step while the ``score`` of the grid falls, halving the step
     ``halvings`` times; with ``validate``, the grid kept is the one with the least validation error.
@@ -66,7 +73,11 @@ def refine_times(times: Tensor, schedule: VPSchedule, score: Callable[[Tensor], 
             return None
         if k == 0:
             return cand if lam_top <= float(cand[0]) < float(current[1]) - margin else None
-        return cand if float(current[k - 1]) + margin < float(cand[k]) < float(current[k + 1]) - margin else None
+        return (
+            cand
+            if float(current[k - 1]) + margin < float(cand[k]) < float(current[k + 1]) - margin
+            else None
+        )
 
     def level(step: float, err: float, held_out: float | None) -> None:
         tail = "" if held_out is None else f", validation {held_out:.3e}"
@@ -74,9 +85,19 @@ def refine_times(times: Tensor, schedule: VPSchedule, score: Callable[[Tensor], 
 
     first = 0 if free_start else 1
     lam, best = coordinate_search(
-        lam, lambda c: score(grid_of(c)), step, range(first, n), propose, best=best, halvings=halvings,
-        validate=None if validate is None else (lambda c: validate(grid_of(c))), on_level=level,
-        sweep_items=lambda coords, s: stage(coords, len(coords), f"times, step {s:.3g} in lambda", progress))
+        lam,
+        lambda c: score(grid_of(c)),
+        step,
+        range(first, n),
+        propose,
+        best=best,
+        halvings=halvings,
+        validate=None if validate is None else (lambda c: validate(grid_of(c))),
+        on_level=level,
+        sweep_items=lambda coords, s: stage(
+            coords, len(coords), f"times, step {s:.3g} in lambda", progress
+        ),
+    )
     return grid_of(lam), best
 
 
@@ -102,9 +123,16 @@ def warped_lambdas(start: Tensor, coeffs: Sequence[float]) -> Tensor | None:
     return start[lo] + frac * (start[lo + 1] - start[lo])
 
 
-def refine_warp(times: Tensor, schedule: VPSchedule, score: Callable[[Tensor], float], best: float | None = None,
-                terms: int = 3, halvings: int = 5, step: float = 0.08,
-                validate: Callable[[Tensor], float] | None = None) -> tuple[Tensor, float, list[float]]:
+def refine_warp(
+    times: Tensor,
+    schedule: VPSchedule,
+    score: Callable[[Tensor], float],
+    best: float | None = None,
+    terms: int = 3,
+    halvings: int = 5,
+    step: float = 0.08,
+    validate: Callable[[Tensor], float] | None = None,
+) -> tuple[Tensor, float, list[float]]:
     """Coordinate descent on the ``terms`` warp coefficients of the grid ``times`` (decreasing,
     ends kept), by :func:`~pdm.calibration.search.coordinate_search` from all zeros (the grid itself).
 
@@ -127,7 +155,14 @@ def refine_warp(times: Tensor, schedule: VPSchedule, score: Callable[[Tensor], f
 
     best = score(times) if best is None else best
     coeffs, best = coordinate_search(
-        [0.0] * terms, lambda c: score(grid_of(c)), step, range(terms), propose, best=best, halvings=halvings,
+        [0.0] * terms,
+        lambda c: score(grid_of(c)),
+        step,
+        range(terms),
+        propose,
+        best=best,
+        halvings=halvings,
         validate=None if validate is None else (lambda c: validate(grid_of(c))),
-        start_validation=None if validate is None else validate(times))
+        start_validation=None if validate is None else validate(times),
+    )
     return grid_of(coeffs), best, [float(c) for c in coeffs]

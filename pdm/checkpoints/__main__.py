@@ -20,7 +20,11 @@ def convert(argv: list[str]) -> None:
     p = parser(convert.__doc__, prog="python -m pdm.checkpoints convert")
     p.add_argument("official", help="an official PatchDiffusion-Pytorch state dict (.pt)")
     p.add_argument("out", help="the .safetensors file to write (sample.py --ckpt reads it)")
-    p.add_argument("--config", required=True, help="the pdm config of the same network, e.g. configs/lsun_church_p4.yaml")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="the pdm config of the same network, e.g. configs/lsun_church_p4.yaml",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
     try:
@@ -39,10 +43,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("ckpt", help="a training checkpoint (.ckpt) written by train.py")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--schedule", "--skip-paths", dest="schedule", default=None,
-                   help="embed a calibrate.py schedule file (sample.py --schedule embedded replays it); "
-                        "--skip-paths is its old name")
-    p.add_argument("--force", action="store_true", help="embed a --schedule calibrated for another checkpoint")
+    p.add_argument(
+        "--schedule",
+        "--skip-paths",
+        dest="schedule",
+        default=None,
+        help="embed a calibrate.py schedule file (sample.py --schedule embedded replays it); "
+        "--skip-paths is its old name",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="embed a --schedule calibrated for another checkpoint"
+    )
     args = p.parse_args(argv)
     if args.force and args.schedule is None:
         fail("python -m pdm.checkpoints", "--force does nothing without --schedule; drop it")

@@ -35,15 +35,21 @@ def is_safetensors(path: str) -> bool:
     return 2 <= size <= os.path.getsize(path) - 8
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """A pdm checkpoint (.ckpt written by train.py) or export (.safetensors), loaded without
     running code: ``torch.load(weights_only=True)`` refuses pickles that would. Anything else is
     a ValueError that says what the file is and what to pass instead."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise ValueError(f"{path!r} is a folder; pass the checkpoint file inside it (e.g. {path}/checkpoints/last.ckpt)")
+        raise ValueError(
+            f"{path!r} is a folder; pass the checkpoint file inside it (e.g. {path}/checkpoints/last.ckpt)"
+        )
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist; pass the path of a .ckpt file written by train.py")
+        raise ValueError(
+            f"checkpoint {path!r} does not exist; pass the path of a .ckpt file written by train.py"
+        )
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path!r} is empty (0 bytes); pass a complete checkpoint")
     if is_safetensors(path):
@@ -52,13 +58,21 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "WeightsUnpickler error" in str(e) or "Unsupported global" in str(e):
-            raise ValueError(f"{path!r} is not a plain-weights checkpoint: loading it would unpickle arbitrary objects "
-                             "(run code), which is refused; use a checkpoint written by pdm's train.py") from None
-        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint (truncated or another format)") from None
+            raise ValueError(
+                f"{path!r} is not a plain-weights checkpoint: loading it would unpickle arbitrary objects "
+                "(run code), which is refused; use a checkpoint written by pdm's train.py"
+            ) from None
+        raise ValueError(
+            f"{path!r} is not a readable PyTorch checkpoint (truncated or another format)"
+        ) from None
     except Exception as e:  # noqa: BLE001 - any parse failure means "not a checkpoint"
-        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}); it may be truncated") from None
+        raise ValueError(
+            f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}); it may be truncated"
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path!r} is not a pdm checkpoint (no state_dict); pass a .ckpt written by train.py")
+        raise ValueError(
+            f"{path!r} is not a pdm checkpoint (no state_dict); pass a .ckpt written by train.py"
+        )
     return ckpt
 
 
@@ -74,29 +88,39 @@ def load_safetensors(path: str) -> dict[str, Any]:
         raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from None
     if "pdm_config" not in metadata:
         raise ValueError(f"{path!r} has no pdm model config; {SAFETENSORS_HINT}")
-    return {"state_dict": state, "hyper_parameters": json.loads(metadata["pdm_config"]), "format": "safetensors"}
+    return {
+        "state_dict": state,
+        "hyper_parameters": json.loads(metadata["pdm_config"]),
+        "format": "safetensors",
+    }
 
 
 def load_net_state(net: nn.Module, state_dict: dict[str, Tensor], source: str) -> None:
     """Load the ``net.*`` tensors of a checkpoint into ``net``; any mismatch is a ValueError naming the file."""
-    state = {k[len("net."):]: v for k, v in state_dict.items() if k.startswith("net.")}
+    state = {k[len("net.") :]: v for k, v in state_dict.items() if k.startswith("net.")}
     try:
         missing, unexpected = net.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         shapes = str(e).count("size mismatch")
-        raise ValueError(f"{source!r} holds a different architecture ({shapes} tensors of other shapes); use a "
-                         "checkpoint of the same network config") from None
+        raise ValueError(
+            f"{source!r} holds a different architecture ({shapes} tensors of other shapes); use a "
+            "checkpoint of the same network config"
+        ) from None
     if missing or unexpected:
-        raise ValueError(f"{source!r} holds a different architecture (missing {len(missing)}, unexpected "
-                         f"{len(unexpected)} tensors); use a checkpoint of the same network config")
+        raise ValueError(
+            f"{source!r} holds a different architecture (missing {len(missing)}, unexpected "
+            f"{len(unexpected)} tensors); use a checkpoint of the same network config"
+        )
 
 
 def training_checkpoint(path: str) -> dict[str, Any]:
     """A checkpoint train.py can resume: a .ckpt with optimiser and loop state (not an export)."""
     ckpt = load_checkpoint(path)
     if ckpt.get("format") == "safetensors" or "optimizer_states" not in ckpt or "loops" not in ckpt:
-        raise ValueError(f"{path!r} holds weights only (an export), not a training state; resume from a .ckpt in "
-                         "the run's checkpoints/ folder")
+        raise ValueError(
+            f"{path!r} holds weights only (an export), not a training state; resume from a .ckpt in "
+            "the run's checkpoints/ folder"
+        )
     return ckpt
 
 
@@ -108,9 +132,13 @@ def load_checkpoint_state(path: str) -> dict[str, Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"{path!r} asks to run code when loaded; it is refused (only plain tensors are read)") from None
+        raise ValueError(
+            f"{path!r} asks to run code when loaded; it is refused (only plain tensors are read)"
+        ) from None
     except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{path!r} is not a readable PyTorch file: {str(e).splitlines()[0]}") from None
+        raise ValueError(
+            f"{path!r} is not a readable PyTorch file: {str(e).splitlines()[0]}"
+        ) from None
     for key in ("state_dict", "model", "ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

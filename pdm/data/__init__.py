@@ -8,4 +8,10 @@ from pdm.data.datamodules import (
     load_digits_tensor,
 )
 
-__all__ = ["DigitsDataModule", "HFDataModule", "ImageFolderDataModule", "LSUNDataModule", "load_digits_tensor"]
+__all__ = [
+    "DigitsDataModule",
+    "HFDataModule",
+    "ImageFolderDataModule",
+    "LSUNDataModule",
+    "load_digits_tensor",
+]

@@ -5,108 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset, random_split
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import TensorDataset
 
 from pdm.data.decoding import ImageSource
+from pdm.data.loading import DataModuleBase
 from pdm.data.transforms import ImageTransform
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
-
-
-class EpochShuffle(DistributedSampler):
-    """The training order: a shuffle that is a function of (seed, epoch) alone, this process's
-    share of it under DDP (every ``world_size``-th index), the whole of it otherwise.
-
-    It is a DistributedSampler, so Lightning keeps it under DDP and sets its epoch; its epoch
-    is also restored from the data module's checkpoint state before the first batch, because
-    Lightning builds the resumed iterator before it sets the epoch.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int = 0, epoch: int = 0) -> None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        super().__init__(dataset, num_replicas=None if distributed else 1, rank=None if distributed else 0,
-                         shuffle=True, seed=seed, drop_last=True)
-        self.set_epoch(epoch)
-
-
-class _Loader(StatefulDataLoader):
-    """StatefulDataLoader that can be told to start its epoch afresh whatever state it is given."""
-
-    def __init__(self, *args, ignore_saved_position: bool = False, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.ignore_saved_position = ignore_saved_position
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if not self.ignore_saved_position:
-            super().load_state_dict(state_dict)
-
-
-class _Base(L.LightningDataModule):
-    """Shared loader settings: batch size, workers, a seeded train/val split.
-
-    The training loader is torchdata's ``StatefulDataLoader`` over an :class:`EpochShuffle`:
-    how many batches of the epoch were served goes into every checkpoint, so a run resumed
-    mid-epoch sees exactly the batches the uninterrupted run would have seen, in a single
-    process and under DDP (where Lightning puts its distributed sampler, also a function of
-    (seed, epoch), in its place and the loader fast-forwards through the served batches).
-    """
-
-    def __init__(self, batch_size: int, num_workers: int, val_fraction: float, seed: int,
-                 skip_bad_images: bool = False, max_bad_fraction: float = 0.01) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-        self.skip_bad_images, self.max_bad_fraction = skip_bad_images, max_bad_fraction
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}; 0 trains on everything")
-        self.batch_size, self.num_workers, self.val_fraction, self.seed = batch_size, num_workers, val_fraction, seed
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self._restored: dict | None = None
-
-    def _split(self, full: Dataset) -> None:
-        if isinstance(full, ImageSource):
-            full.set_bad_image_policy(self.skip_bad_images, self.max_bad_fraction)
-        n_val = int(len(full) * self.val_fraction)
-        if len(full) - n_val < self.batch_size:
-            raise ValueError(f"{len(full) - n_val} training images are fewer than one batch of {self.batch_size}; "
-                             "lower data.batch_size or data.val_fraction")
-        if n_val == 0:
-            self.train_set, self.val_set = full, None
-            return
-        g = torch.Generator().manual_seed(self.seed)
-        self.train_set, self.val_set = random_split(full, [len(full) - n_val, n_val], generator=g)
-
-    def train_dataloader(self) -> StatefulDataLoader:
-        restored = self._restored or {}
-        finished = bool(restored.get("epoch_finished"))  # saved on the last batch: start the next epoch afresh
-        return _Loader(self.train_set, batch_size=self.batch_size, drop_last=True, ignore_saved_position=finished,
-                       sampler=EpochShuffle(self.train_set, self.seed, restored.get("epoch", 0) + finished),
-                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def state_dict(self) -> dict:
-        """The epoch training is in and whether it was finished (the loader's own state holds
-        the position inside it)."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "epoch_finished": done >= trainer.num_training_batches}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Remember the epoch to resume in (applied when the train loader is built)."""
-        self._restored = dict(state_dict or {})
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self.val_set is None:
-            return []
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
 
 def load_digits_tensor(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,14 +27,20 @@ def load_digits_tensor(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor
     return x.clamp(0, 1) * 2 - 1, torch.tensor(digits.target, dtype=torch.long)
 
 
-class DigitsDataModule(_Base):
+class DigitsDataModule(DataModuleBase):
     """The embedded default dataset: 8x8 handwritten digits upsampled to 32x32, 10 classes."""
 
     num_classes = 10
     channels = 1
 
-    def __init__(self, image_size: int = 32, batch_size: int = 64, num_workers: int = 0, val_fraction: float = 0.05,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        image_size: int = 32,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.05,
+        seed: int = 0,
+    ) -> None:
         super().__init__(batch_size, num_workers, val_fraction, seed)
         self.image_size = image_size
 
@@ -138,7 +51,9 @@ class DigitsDataModule(_Base):
 
 
 class _Files(ImageSource):
-    def __init__(self, files: list[Path], labels: list[int] | None, transform: ImageTransform) -> None:
+    def __init__(
+        self, files: list[Path], labels: list[int] | None, transform: ImageTransform
+    ) -> None:
         self.files, self.labels, self.transform = files, labels, transform
 
     def __len__(self) -> int:
@@ -155,14 +70,27 @@ class _Files(ImageSource):
         return str(self.files[i])
 
 
-class ImageFolderDataModule(_Base):
+class ImageFolderDataModule(DataModuleBase):
     """Images under ``root``; with ``class_conditional`` each subfolder is a class (sorted names).
     An unreadable image stops the run unless ``skip_bad_images`` (see :mod:`pdm.data.decoding`)."""
 
-    def __init__(self, root: str, image_size: int = 256, channels: int = 3, class_conditional: bool = False,
-                 random_flip: bool = True, batch_size: int = 64, num_workers: int = 4, val_fraction: float = 0.0,
-                 seed: int = 0, skip_bad_images: bool = False, max_bad_fraction: float = 0.01) -> None:
-        super().__init__(batch_size, num_workers, val_fraction, seed, skip_bad_images, max_bad_fraction)
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 256,
+        channels: int = 3,
+        class_conditional: bool = False,
+        random_flip: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        skip_bad_images: bool = False,
+        max_bad_fraction: float = 0.01,
+    ) -> None:
+        super().__init__(
+            batch_size, num_workers, val_fraction, seed, skip_bad_images, max_bad_fraction
+        )
         self.root, self.image_size, self.channels = root, image_size, channels
         self.class_conditional, self.random_flip = class_conditional, random_flip
         self.classes: list[str] = []
@@ -170,9 +98,11 @@ class ImageFolderDataModule(_Base):
 
     def _check_root(self) -> None:
         if not Path(self.root).is_dir():
-            raise ValueError(f"image folder {self.root!r} does not exist; put the training images there "
-                             "(one subfolder per class for class_conditional; data/prepare_ffhq.py makes FFHQ's) "
-                             "or fix data.init_args.root")
+            raise ValueError(
+                f"image folder {self.root!r} does not exist; put the training images there "
+                "(one subfolder per class for class_conditional; data/prepare_ffhq.py makes FFHQ's) "
+                "or fix data.init_args.root"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -181,12 +111,18 @@ class ImageFolderDataModule(_Base):
         self._check_root()
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise ValueError(f"image folder {self.root!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise ValueError(
+                f"image folder {self.root!r} holds no images ({', '.join(IMAGE_SUFFIXES)})"
+            )
         labels = None
         if self.class_conditional:
-            self.classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+            self.classes = sorted(
+                {p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1}
+            )
             if not self.classes:
-                raise ValueError(f"class_conditional needs one subfolder per class under {self.root!r}")
+                raise ValueError(
+                    f"class_conditional needs one subfolder per class under {self.root!r}"
+                )
             index = {c: i for i, c in enumerate(self.classes)}
             files = [p for p in files if len(p.relative_to(root).parts) > 1]
             labels = [index[p.relative_to(root).parts[0]] for p in files]
@@ -195,8 +131,16 @@ class ImageFolderDataModule(_Base):
 
 
 class _HFImages(ImageSource):
-    def __init__(self, ds, image_key: str, label_key: str | None, transform: ImageTransform, name: str) -> None:
-        self.ds, self.image_key, self.label_key, self.transform, self.name = ds, image_key, label_key, transform, name
+    def __init__(
+        self, ds, image_key: str, label_key: str | None, transform: ImageTransform, name: str
+    ) -> None:
+        self.ds, self.image_key, self.label_key, self.transform, self.name = (
+            ds,
+            image_key,
+            label_key,
+            transform,
+            name,
+        )
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -213,22 +157,40 @@ class _HFImages(ImageSource):
 def _prepare_script(name: str) -> str:
     """The data/prepare_*.py script that writes a dataset folder like ``name``."""
     lowered = os.path.basename(os.path.normpath(name)).lower()
-    for key, script in (("cifar", "data/prepare_cifar10.py"), ("imagenet", "data/prepare_imagenet.py")):
+    for key, script in (
+        ("cifar", "data/prepare_cifar10.py"),
+        ("imagenet", "data/prepare_imagenet.py"),
+    ):
         if key in lowered:
             return script
     return "data/prepare_cifar10.py or data/prepare_imagenet.py (whichever dataset it is)"
 
 
-class HFDataModule(_Base):
+class HFDataModule(DataModuleBase):
     """A Hugging Face ``datasets`` image dataset saved with ``save_to_disk`` (e.g. CIFAR-10 from
     ``uoft-cs/cifar10``, ImageNet-1k, LSUN Church). With ``allow_download`` a hub name is loaded
     through ``datasets.load_dataset`` (from its cache, or downloaded where there is internet)."""
 
-    def __init__(self, name: str, split: str = "train", image_key: str = "img", label_key: str | None = None,
-                 image_size: int = 32, channels: int = 3, random_flip: bool = True, batch_size: int = 128,
-                 num_workers: int = 4, val_fraction: float = 0.0, seed: int = 0, allow_download: bool = False,
-                 skip_bad_images: bool = False, max_bad_fraction: float = 0.01) -> None:
-        super().__init__(batch_size, num_workers, val_fraction, seed, skip_bad_images, max_bad_fraction)
+    def __init__(
+        self,
+        name: str,
+        split: str = "train",
+        image_key: str = "img",
+        label_key: str | None = None,
+        image_size: int = 32,
+        channels: int = 3,
+        random_flip: bool = True,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        allow_download: bool = False,
+        skip_bad_images: bool = False,
+        max_bad_fraction: float = 0.01,
+    ) -> None:
+        super().__init__(
+            batch_size, num_workers, val_fraction, seed, skip_bad_images, max_bad_fraction
+        )
         self.allow_download = allow_download
         self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
         self.image_size, self.channels, self.random_flip = image_size, channels, random_flip
@@ -236,9 +198,11 @@ class HFDataModule(_Base):
 
     def _check_source(self) -> None:
         if not os.path.isdir(self.name) and not self.allow_download:
-            raise ValueError(f"dataset folder {self.name!r} does not exist; make it with {_prepare_script(self.name)} "
-                             "from a local copy (see data/README.md), or set data.init_args.allow_download: true to "
-                             "use the Hugging Face hub")
+            raise ValueError(
+                f"dataset folder {self.name!r} does not exist; make it with {_prepare_script(self.name)} "
+                "from a local copy (see data/README.md), or set data.init_args.allow_download: true to "
+                "use the Hugging Face hub"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -259,7 +223,9 @@ class HFDataModule(_Base):
                 "data.name to DIR"
             ) from None
         if self.image_key not in ds.column_names:
-            raise ValueError(f"dataset {self.name!r} has no column {self.image_key!r}; columns: {ds.column_names}")
+            raise ValueError(
+                f"dataset {self.name!r} has no column {self.image_key!r}; columns: {ds.column_names}"
+            )
         transform = ImageTransform(self.image_size, self.channels, self.random_flip)
         self._split(_HFImages(ds, self.image_key, self.label_key, transform, self.name))
 
@@ -281,7 +247,9 @@ class LMDBImages(ImageSource):
             self.keys = list(txn.cursor().iternext(keys=True, values=False))
         env.close()
         if not self.keys:
-            raise ValueError(f"LMDB database {self.path} holds no images; re-run data/prepare_lsun.py")
+            raise ValueError(
+                f"LMDB database {self.path} holds no images; re-run data/prepare_lsun.py"
+            )
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -293,7 +261,9 @@ class LMDBImages(ImageSource):
         from PIL import Image
 
         if self._env is None:
-            self._env = lmdb.open(self.path, readonly=True, lock=False, readahead=False, meminit=False)
+            self._env = lmdb.open(
+                self.path, readonly=True, lock=False, readahead=False, meminit=False
+            )
         with self._env.begin(write=False) as txn:
             data = txn.get(self.keys[i])
         if data is None:
@@ -307,21 +277,37 @@ class LMDBImages(ImageSource):
         return {**self.__dict__, "_env": None}  # workers open their own environment
 
 
-class LSUNDataModule(_Base):
+class LSUNDataModule(DataModuleBase):
     """LSUN scenes from their LMDB folders (needs ``pip install lmdb``)."""
 
-    def __init__(self, root: str, classes: str = "church_outdoor_train", image_size: int = 256, random_flip: bool = True,
-                 batch_size: int = 64, num_workers: int = 4, seed: int = 0, skip_bad_images: bool = False,
-                 max_bad_fraction: float = 0.01) -> None:
+    def __init__(
+        self,
+        root: str,
+        classes: str = "church_outdoor_train",
+        image_size: int = 256,
+        random_flip: bool = True,
+        batch_size: int = 64,
+        num_workers: int = 4,
+        seed: int = 0,
+        skip_bad_images: bool = False,
+        max_bad_fraction: float = 0.01,
+    ) -> None:
         super().__init__(batch_size, num_workers, 0.0, seed, skip_bad_images, max_bad_fraction)
-        self.root, self.classes, self.image_size, self.random_flip = root, classes, image_size, random_flip
+        self.root, self.classes, self.image_size, self.random_flip = (
+            root,
+            classes,
+            image_size,
+            random_flip,
+        )
         self._check_lmdb()
 
     def _check_lmdb(self) -> Path:
         lmdb_dir = Path(self.root) / f"{self.classes}_lmdb"
         if not lmdb_dir.is_dir():
-            raise ValueError(f"LSUN LMDB folder {lmdb_dir} is missing; download {self.classes}_lmdb.zip with the "
-                             f"LSUN download script and run data/prepare_lsun.py --source ZIP --out {self.root}")
+            raise ValueError(
+                f"LSUN LMDB folder {lmdb_dir} is missing; download {self.classes}_lmdb.zip with the "
+                f"LSUN download script and run data/prepare_lsun.py --source ZIP --out {self.root}"
+            )
         return lmdb_dir
 
     def setup(self, stage: str | None = None) -> None:

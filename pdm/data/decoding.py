@@ -61,15 +61,21 @@ class ImageSource(Dataset):
     def _bad(self, k: int, error: BaseException) -> None:
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         if not self.skip_bad:
-            raise ValueError(f"cannot read image {self.describe(k)}: {reason}; replace or delete it, or set "
-                             "data.init_args.skip_bad_images: true to skip unreadable images") from None
+            raise ValueError(
+                f"cannot read image {self.describe(k)}: {reason}; replace or delete it, or set "
+                "data.init_args.skip_bad_images: true to skip unreadable images"
+            ) from None
         bad = self.__dict__.setdefault("_bad_items", set())
         bad.add(k)
         if len(bad) > self.max_bad_fraction * len(self):
-            raise ValueError(f"{len(bad)} of {len(self)} images cannot be read, more than max_bad_fraction="
-                             f"{self.max_bad_fraction} (the last: {self.describe(k)}); repair the dataset") from None
-        warnings.warn(f"skipped unreadable image {self.describe(k)} ({reason}); {len(bad)} skipped so far",
-                      stacklevel=2)
+            raise ValueError(
+                f"{len(bad)} of {len(self)} images cannot be read, more than max_bad_fraction="
+                f"{self.max_bad_fraction} (the last: {self.describe(k)}); repair the dataset"
+            ) from None
+        warnings.warn(
+            f"skipped unreadable image {self.describe(k)} ({reason}); {len(bad)} skipped so far",
+            stacklevel=2,
+        )
 
     @property
     def skipped(self) -> int:

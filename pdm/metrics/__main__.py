@@ -37,7 +37,9 @@ def _reference(args):
         raise ValueError(f"--image-size must be positive, got {args.image_size}")
     count, chunks = reference_batches(args.images, args.image_size, args.split)
     if count < 2:
-        raise ValueError(f"{args.images} holds {count} images; reference statistics need at least 2")
+        raise ValueError(
+            f"{args.images} holds {count} images; reference statistics need at least 2"
+        )
     return chunks
 
 
@@ -55,8 +57,8 @@ def _metric(feature: str, weights: str | None):
     return digits_fd_metric() if feature == "digits" else make_fid(inception_weights=weights)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run one evaluation command and print its result as JSON."""
+def parse_args(argv: list[str] | None = None):
+    """The subcommands and their flags."""
     from pdm.cli import parser
 
     p = parser(__doc__, prog="python -m pdm.metrics")
@@ -68,55 +70,83 @@ def main(argv: list[str] | None = None) -> dict:
             s.add_argument("--ref", required=True)
         if name == "ref-stats":
             s.add_argument("--out", required=True)
-            s.add_argument("--image-size", type=int, default=None,
-                           help="centre-crop every image to N x N as training does (the config's image_size)")
-            s.add_argument("--split", default="train", help="the split of a saved Hugging Face dataset")
+            s.add_argument(
+                "--image-size",
+                type=int,
+                default=None,
+                help="centre-crop every image to N x N as training does (the config's image_size)",
+            )
+            s.add_argument(
+                "--split", default="train", help="the split of a saved Hugging Face dataset"
+            )
         if name in ("ref-stats", "fid"):
             s.add_argument("--feature", choices=["inception", "digits"], default="inception")
             s.add_argument("--inception-weights", default=None)
         if name == "paired":
             s.add_argument("--lpips", action="store_true")
-    args = p.parse_args(argv)
-    from pdm.metrics import (
-        DEFAULT_NUM_SAMPLES,
-        FeatureStats,
-        compute_stats,
-        digits_fd_baseline,
-        fid_against,
-        paired_quality,
-    )
+    return p.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run one evaluation command and print its result as JSON."""
+    args = parse_args(argv)
     try:
-        if args.command == "ref-stats":
-            if Path(args.out).is_dir():
-                raise ValueError(f"--out {args.out} is a folder; give a file name such as ref.npz")
-            stats = compute_stats(_metric(args.feature, args.inception_weights), _reference(args))
-            stats.save(args.out)
-            result = {"out": args.out, "n": stats.n, "dims": int(stats.mu.shape[0])}
-        elif args.command == "fid":
-            images = _images(args.images)
-            value = fid_against(_metric(args.feature, args.inception_weights), FeatureStats.load(args.ref), images)
-            result = {"fid": value, "num_images": len(images), "feature": args.feature}
-            if len(images) < DEFAULT_NUM_SAMPLES and args.feature == "inception":
-                result["note"] = "fewer than 50,000 images: FID is biased upward; report 50k-sample numbers"
-        elif args.command == "digits-fd":
-            from pdm.metrics import classifier_accuracy, digits_fd_metric
-
-            images = _images(args.images)
-            stats, baseline = digits_fd_baseline(len(images))
-            result = {"fd8x8": fid_against(digits_fd_metric(), stats, images), "real_vs_real_fd8x8": baseline,
-                      "num_images": len(images)}
-            result["fd_ratio_to_floor"] = result["fd8x8"] / baseline
-            labels = _labels(args.images)
-            if labels is not None:
-                result["classifier_accuracy"] = classifier_accuracy(images, labels)
-        else:
-            result = paired_quality(_images(args.images, 1), _images(args.ref, 1), lpips=args.lpips)
+        result = COMMANDS[args.command](args)
     except ValueError as e:
         print(f"python -m pdm.metrics: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     print(json.dumps(result))
     return result
+
+
+def _ref_stats(args) -> dict:
+    from pdm.metrics import compute_stats
+
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a folder; give a file name such as ref.npz")
+    stats = compute_stats(_metric(args.feature, args.inception_weights), _reference(args))
+    stats.save(args.out)
+    return {"out": args.out, "n": stats.n, "dims": int(stats.mu.shape[0])}
+
+
+def _fid(args) -> dict:
+    from pdm.metrics import DEFAULT_NUM_SAMPLES, FeatureStats, fid_against
+
+    images = _images(args.images)
+    value = fid_against(
+        _metric(args.feature, args.inception_weights), FeatureStats.load(args.ref), images
+    )
+    result = {"fid": value, "num_images": len(images), "feature": args.feature}
+    if len(images) < DEFAULT_NUM_SAMPLES and args.feature == "inception":
+        result["note"] = "fewer than 50,000 images: FID is biased upward; report 50k-sample numbers"
+    return result
+
+
+def _digits_fd(args) -> dict:
+    from pdm.metrics import classifier_accuracy, digits_fd_baseline, digits_fd_metric, fid_against
+
+    images = _images(args.images)
+    stats, baseline = digits_fd_baseline(len(images))
+    fd = fid_against(digits_fd_metric(), stats, images)
+    result = {
+        "fd8x8": fd,
+        "real_vs_real_fd8x8": baseline,
+        "num_images": len(images),
+        "fd_ratio_to_floor": fd / baseline,
+    }
+    labels = _labels(args.images)
+    if labels is not None:
+        result["classifier_accuracy"] = classifier_accuracy(images, labels)
+    return result
+
+
+def _paired(args) -> dict:
+    from pdm.metrics import paired_quality
+
+    return paired_quality(_images(args.images, 1), _images(args.ref, 1), lpips=args.lpips)
+
+
+COMMANDS = {"ref-stats": _ref_stats, "fid": _fid, "digits-fd": _digits_fd, "paired": _paired}
 
 
 if __name__ == "__main__":

@@ -92,8 +92,13 @@ def measure_step_cost(
     }
 
 
-def count_flops(net: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                train: bool = False) -> int:
+def count_flops(
+    net: nn.Module,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor | None = None,
+    train: bool = False,
+) -> int:
     """Floating-point operations of one forward pass of ``net`` on this batch (forward and
     backward when ``train``), counted by ``torch.utils.flop_counter`` from the matmuls,
     convolutions and attention kernels actually dispatched (one multiply-add = 2 FLOPs;
@@ -113,8 +118,15 @@ def count_flops(net: nn.Module, x: torch.Tensor, t: torch.Tensor, y: torch.Tenso
 
 
 # dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), by device-name substring
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4,  # specific names first
-                    "A100": 312.0, "L40S": 362.1, "A10G": 70.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.4,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.4,  # specific names first
+    "A100": 312.0,
+    "L40S": 362.1,
+    "A10G": 70.0,
+}
 
 
 def peak_bf16_flops(device_name: str) -> float | None:

@@ -58,8 +58,12 @@ def digits_fd_baseline(num: int, seed: int = 0, draws: int = 5):
     metric = digits_fd_metric()
     stats = compute_stats(metric, ref_images)
     g = torch.Generator().manual_seed(seed)
-    floors = [fid_against(metric, stats, ref_images[torch.randint(len(ref_images), (num,), generator=g).numpy()])
-              for _ in range(draws)]
+    floors = [
+        fid_against(
+            metric, stats, ref_images[torch.randint(len(ref_images), (num,), generator=g).numpy()]
+        )
+        for _ in range(draws)
+    ]
     return stats, sum(floors) / draws
 
 

@@ -19,7 +19,9 @@ import torch
 from torch import Tensor, nn
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+INCEPTION_URL = (
+    f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+)
 DEFAULT_NUM_SAMPLES = 50_000  # the documented default for reported FIDs
 
 
@@ -28,8 +30,11 @@ def inception_weights_path(path: str | None = None) -> str:
 
     Nothing is downloaded; a missing file is a ValueError that says what to fetch and where.
     """
-    candidates = [path, os.environ.get("PDM_INCEPTION_WEIGHTS"),
-                  os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)]
+    candidates = [
+        path,
+        os.environ.get("PDM_INCEPTION_WEIGHTS"),
+        os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE),
+    ]
     for c in candidates:
         if c and os.path.isfile(c):
             return c
@@ -40,16 +45,24 @@ def inception_weights_path(path: str | None = None) -> str:
     )
 
 
-def make_fid(feature: nn.Module | None = None, inception_weights: str | None = None,
-             input_img_size: tuple[int, int, int] = (3, 299, 299)):
+def make_fid(
+    feature: nn.Module | None = None,
+    inception_weights: str | None = None,
+    input_img_size: tuple[int, int, int] = (3, 299, 299),
+):
     """A torchmetrics FID metric: Inception-v3 pool features (2048) by default, or any module
     mapping uint8 images (N, C, H, W) to features (N, D)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if feature is None:
-        return FrechetInceptionDistance(feature=2048, reset_real_features=False,
-                                        feature_extractor_weights_path=inception_weights_path(inception_weights))
-    return FrechetInceptionDistance(feature=feature, reset_real_features=False, input_img_size=input_img_size)
+        return FrechetInceptionDistance(
+            feature=2048,
+            reset_real_features=False,
+            feature_extractor_weights_path=inception_weights_path(inception_weights),
+        )
+    return FrechetInceptionDistance(
+        feature=feature, reset_real_features=False, input_img_size=input_img_size
+    )
 
 
 @dataclass
@@ -64,17 +77,26 @@ class FeatureStats:
         """Write to .npz atomically."""
         from pdm.atomic import atomic_write
 
-        atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), mu=self.mu, sigma=self.sigma, n=np.int64(self.n)))
+        atomic_write(
+            path,
+            lambda tmp: np.savez(open(tmp, "wb"), mu=self.mu, sigma=self.sigma, n=np.int64(self.n)),
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureStats:
         """Read statistics written by :meth:`save` (or any .npz with mu and sigma)."""
         if not Path(path).is_file():
-            raise ValueError(f"reference statistics {path} not found; compute them with `python -m pdm.metrics ref-stats`")
+            raise ValueError(
+                f"reference statistics {path} not found; compute them with `python -m pdm.metrics ref-stats`"
+            )
         with np.load(path, allow_pickle=False) as z:
             if "mu" not in z or "sigma" not in z:
                 raise ValueError(f"{path} holds no mu/sigma arrays; it is not a statistics file")
-            return cls(z["mu"].astype(np.float64), z["sigma"].astype(np.float64), int(z["n"]) if "n" in z else 0)
+            return cls(
+                z["mu"].astype(np.float64),
+                z["sigma"].astype(np.float64),
+                int(z["n"]) if "n" in z else 0,
+            )
 
 
 def real_stats(metric) -> FeatureStats:
@@ -93,11 +115,15 @@ def load_real_stats(metric, stats: FeatureStats) -> None:
     mu = torch.as_tensor(stats.mu, dtype=torch.float64)
     sigma = torch.as_tensor(stats.sigma, dtype=torch.float64)
     if mu.numel() != metric.real_features_sum.numel():
-        raise ValueError(f"reference statistics have {mu.numel()} features, the metric {metric.real_features_sum.numel()}; "
-                         "they come from another feature extractor")
+        raise ValueError(
+            f"reference statistics have {mu.numel()} features, the metric {metric.real_features_sum.numel()}; "
+            "they come from another feature extractor"
+        )
     n = max(stats.n, 2)
     metric.real_features_sum = (n * mu).to(metric.real_features_sum)
-    metric.real_features_cov_sum = ((n - 1) * sigma + n * torch.outer(mu, mu)).to(metric.real_features_cov_sum)
+    metric.real_features_cov_sum = ((n - 1) * sigma + n * torch.outer(mu, mu)).to(
+        metric.real_features_cov_sum
+    )
     metric.real_features_num_samples = torch.tensor(n, device=metric.real_features_sum.device)
 
 
@@ -107,7 +133,9 @@ def batches(images: np.ndarray, batch_size: int = 250) -> Iterable[Tensor]:
         yield torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2)
 
 
-def compute_stats(metric, images: np.ndarray | Iterable[np.ndarray], batch_size: int = 250) -> FeatureStats:
+def compute_stats(
+    metric, images: np.ndarray | Iterable[np.ndarray], batch_size: int = 250
+) -> FeatureStats:
     """Reference statistics of uint8 NHWC images: one array, or an iterable of batches (see
     :func:`pdm.metrics.sources.reference_batches`)."""
     metric.reset()
@@ -143,12 +171,20 @@ def load_images(path: str | os.PathLike, min_images: int = 1) -> np.ndarray:
     else:
         raise ValueError(f"{path} is neither a samples.npz nor a folder of images")
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        hint = "; it looks like NCHW: transpose to NHWC" if images.ndim == 4 and images.shape[1] in (1, 3) else ""
-        raise ValueError(f"{path} holds images of shape {images.shape}; expected (N, H, W, 1 or 3){hint}")
+        hint = (
+            "; it looks like NCHW: transpose to NHWC"
+            if images.ndim == 4 and images.shape[1] in (1, 3)
+            else ""
+        )
+        raise ValueError(
+            f"{path} holds images of shape {images.shape}; expected (N, H, W, 1 or 3){hint}"
+        )
     if images.dtype != np.uint8:
         lo, hi = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
-        raise ValueError(f"{path} holds {images.dtype} images in [{lo:.3g}, {hi:.3g}], expected uint8 in [0, 255]; "
-                         "convert them with (x * 255).round().astype(np.uint8) for [0, 1] data")
+        raise ValueError(
+            f"{path} holds {images.dtype} images in [{lo:.3g}, {hi:.3g}], expected uint8 in [0, 255]; "
+            "convert them with (x * 255).round().astype(np.uint8) for [0, 1] data"
+        )
     if len(images) < min_images:
         raise ValueError(f"{path} holds {len(images)} images; this needs at least {min_images}")
     return images
@@ -158,11 +194,15 @@ def _npz_images(path: Path) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as z:
             if "arr_0" not in z:
-                raise ValueError(f"{path} has no arr_0 (keys: {', '.join(z.files) or 'none'}); pass a samples.npz "
-                                 "written by sample.py")
+                raise ValueError(
+                    f"{path} has no arr_0 (keys: {', '.join(z.files) or 'none'}); pass a samples.npz "
+                    "written by sample.py"
+                )
             return z["arr_0"]
     except (OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is not a readable .npz ({type(e).__name__}); it may be truncated") from None
+        raise ValueError(
+            f"{path} is not a readable .npz ({type(e).__name__}); it may be truncated"
+        ) from None
 
 
 def _folder_images(path: Path) -> np.ndarray:

@@ -20,8 +20,13 @@ from pathlib import Path
 import numpy as np
 
 
-def reference_batches(spec: str, image_size: int | None = None, split: str = "train", limit: int | None = None,
-                      batch_size: int = 250) -> tuple[int, Iterator[np.ndarray]]:
+def reference_batches(
+    spec: str,
+    image_size: int | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    batch_size: int = 250,
+) -> tuple[int, Iterator[np.ndarray]]:
     """(number of images, iterator over uint8 NHWC batches) of ``spec``; a ValueError names
     what is wrong with it before any image is read."""
     path = Path(spec)
@@ -42,7 +47,9 @@ def reference_batches(spec: str, image_size: int | None = None, split: str = "tr
 
 
 def _is_hf_dataset(path: Path) -> bool:
-    return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json"))
+    return path.is_dir() and any(
+        (path / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")
+    )
 
 
 def _hf_images(path: Path, split: str) -> tuple[int, Iterable]:
@@ -51,7 +58,9 @@ def _hf_images(path: Path, split: str) -> tuple[int, Iterable]:
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"{path} has no split {split!r} (splits: {', '.join(ds)}); pass --split")
+            raise ValueError(
+                f"{path} has no split {split!r} (splits: {', '.join(ds)}); pass --split"
+            )
         ds = ds[split]
     columns = [k for k, f in ds.features.items() if isinstance(f, datasets.Image)]
     if not columns:
@@ -96,15 +105,23 @@ def _decoded(items: Iterable, image_size: int | None, spec: str) -> Iterator[np.
         array = np.asarray(image if image_size is None else adm_center_crop(image, image_size))
         first = array.shape if first is None else first
         if array.shape != first:
-            raise ValueError(f"{spec}: images differ in size ({first[:2]} and {array.shape[:2]}); pass --image-size "
-                             "N (the config's image_size) to centre-crop them as training does")
+            raise ValueError(
+                f"{spec}: images differ in size ({first[:2]} and {array.shape[:2]}); pass --image-size "
+                "N (the config's image_size) to centre-crop them as training does"
+            )
         yield array
 
 
 def _batched(arrays: Iterator[np.ndarray], count: int, batch_size: int) -> Iterator[np.ndarray]:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=count, desc="reference images", unit="img", file=sys.stderr, disable=count < 2 * batch_size)
+    bar = tqdm(
+        total=count,
+        desc="reference images",
+        unit="img",
+        file=sys.stderr,
+        disable=count < 2 * batch_size,
+    )
     batch = []
     for array in arrays:
         batch.append(array)

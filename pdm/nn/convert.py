@@ -15,11 +15,23 @@ from collections import defaultdict
 from torch import Tensor
 
 VARIANCE_HEAD = ("variance_output_t_emb.", "variance_output_model.")
-_DIRECT = {"time_embed.0.": "time_embed.0.", "time_embed.2.": "time_embed.2.", "label_embs.": "class_embed.",
-           "input_blocks.0.0.": "input_conv.", "out.0.": "out_norm.", "out.2.": "out_conv."}
+_DIRECT = {
+    "time_embed.0.": "time_embed.0.",
+    "time_embed.2.": "time_embed.2.",
+    "label_embs.": "class_embed.",
+    "input_blocks.0.0.": "input_conv.",
+    "out.0.": "out_norm.",
+    "out.2.": "out_conv.",
+}
 _RENAME = {
-    "res": {"in_layers.0.": "in_norm.", "in_layers.2.": "in_conv.", "emb_layers.": "emb_proj.",
-            "out_layers.2.": "out_conv.", "classemb_proj.": "gate.", "skip_connection.": "skip."},
+    "res": {
+        "in_layers.0.": "in_norm.",
+        "in_layers.2.": "in_conv.",
+        "emb_layers.": "emb_proj.",
+        "out_layers.2.": "out_conv.",
+        "classemb_proj.": "gate.",
+        "skip_connection.": "skip.",
+    },
     "attn": {"norm.": "norm.", "qkv.": "qkv.", "proj_out.": "proj."},
     "down": {"op.": "op."},
     "up": {"conv.": "conv."},
@@ -39,7 +51,7 @@ def _kind(tensors: dict[str, Tensor]) -> str:
 def _renamed(kind: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     out = {}
     for key, value in tensors.items():
-        new = next((n + key[len(o):] for o, n in _RENAME[kind].items() if key.startswith(o)), None)
+        new = next((n + key[len(o) :] for o, n in _RENAME[kind].items() if key.startswith(o)), None)
         if new is None:
             raise ValueError(f"unexpected tensor {key!r} in an official {kind} block")
         if kind == "attn" and new.startswith(("qkv.weight", "proj.weight")) and value.ndim == 3:
@@ -69,8 +81,10 @@ def convert_official_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tens
     Every official tensor is used exactly once, except the learned-variance head, which is
     dropped. A key the mapping does not know is a ValueError naming it.
     """
-    blocks: dict[str, dict[int, Parts]] = {p: defaultdict(lambda: defaultdict(dict)) for p in
-                                           ("input_blocks", "middle_block", "output_blocks")}
+    blocks: dict[str, dict[int, Parts]] = {
+        p: defaultdict(lambda: defaultdict(dict))
+        for p in ("input_blocks", "middle_block", "output_blocks")
+    }
     out: dict[str, Tensor] = {}
     for key, value in state_dict.items():
         key = key.removeprefix("module.")
@@ -78,9 +92,11 @@ def convert_official_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tens
             continue
         prefix = next((p for p in _DIRECT if key.startswith(p)), None)
         if prefix is not None:
-            out[_DIRECT[prefix] + key[len(prefix):]] = value
+            out[_DIRECT[prefix] + key[len(prefix) :]] = value
             continue
-        m = re.fullmatch(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)|(middle_block)\.(\d+)\.(.+)", key)
+        m = re.fullmatch(
+            r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)|(middle_block)\.(\d+)\.(.+)", key
+        )
         if m is None:
             raise ValueError(f"{key!r} is not a key of the official PDM UNetModel")
         if m.group(5):
@@ -101,7 +117,11 @@ def _resblock_down_steps(output_blocks: dict[int, Parts]) -> set[int]:
     """With resblock_updown, input blocks that are down-steps: the up path's first up-step (a
     block with two residual parts) sits at index num_res_blocks, so down-steps are the input
     blocks (num_res_blocks + 1) * j. Without it, down-steps carry ``op`` and need no rule."""
-    ups = [i for i, parts in output_blocks.items() if sum(_kind(t) == "res" for t in parts.values()) == 2]
+    ups = [
+        i
+        for i, parts in output_blocks.items()
+        if sum(_kind(t) == "res" for t in parts.values()) == 2
+    ]
     if not ups:
         return set()
     n = min(ups)

@@ -25,7 +25,11 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     """Sinusoidal embedding of (possibly fractional) time labels, (B,) -> (B, dim): [sin | cos]
     with frequencies max_period^(-i / (dim/2 - 1)), i = 0 .. dim/2 - 1 (the DDPM TF convention)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / max(half - 1, 1))
+    freqs = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=t.device)
+        / max(half - 1, 1)
+    )
     args = t.float()[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
     if dim % 2:
@@ -78,7 +82,9 @@ class Downsample(nn.Module):
     """Halve the resolution with a stride-2 3x3 convolution to ``out_channels`` (TF "SAME"
     padding), or average pooling when ``use_conv`` is False."""
 
-    def __init__(self, channels: int, out_channels: int | None = None, use_conv: bool = True) -> None:
+    def __init__(
+        self, channels: int, out_channels: int | None = None, use_conv: bool = True
+    ) -> None:
         super().__init__()
         out_channels = out_channels or channels
         if not use_conv and out_channels != channels:
@@ -92,9 +98,13 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Double the resolution: nearest-neighbour, then an optional 3x3 convolution to ``out_channels``."""
 
-    def __init__(self, channels: int, out_channels: int | None = None, use_conv: bool = True) -> None:
+    def __init__(
+        self, channels: int, out_channels: int | None = None, use_conv: bool = True
+    ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1) if use_conv else None
+        self.conv = (
+            nn.Conv2d(channels, out_channels or channels, 3, padding=1) if use_conv else None
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
@@ -109,8 +119,16 @@ class ResBlock(nn.Module):
     affine parameters (eps 1e-3); the gate starts near 0.88 so an untrained gate barely acts.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, dropout: float = 0.0,
-                 class_channels: int | None = None, up: bool = False, down: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        dropout: float = 0.0,
+        class_channels: int | None = None,
+        up: bool = False,
+        down: bool = False,
+    ) -> None:
         super().__init__()
         self.in_norm = group_norm(in_channels)
         self.in_conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
@@ -126,7 +144,11 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.out_conv = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.gate = nn.Linear(class_channels, out_channels) if class_channels else None
-        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+        self.skip = (
+            nn.Identity()
+            if in_channels == out_channels
+            else nn.Conv2d(in_channels, out_channels, 1)
+        )
 
     def forward(self, x: Tensor, emb: Tensor, class_emb: Tensor | None = None) -> Tensor:
         h = self.in_conv(self.resample(silu_(self.in_norm(x))))
@@ -149,7 +171,9 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, head_channels: int = 64) -> None:
         super().__init__()
         if channels > head_channels and channels % head_channels:
-            raise ValueError(f"attention width {channels} is not a multiple of head_channels={head_channels}")
+            raise ValueError(
+                f"attention width {channels} is not a multiple of head_channels={head_channels}"
+            )
         self.num_heads = max(1, channels // head_channels)
         self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
@@ -161,7 +185,9 @@ class AttentionBlock(nn.Module):
         # a stride-d layout the CPU falls back to the slow math path): free for a channels-last
         # activation, one copy for a contiguous one
         qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1).contiguous()
-        q, k, v = qkv.reshape(b, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            qkv.reshape(b, height * width, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        )
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
         # back to the input's layout in one copy, so the rest of the network keeps it
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():

@@ -38,7 +38,9 @@ COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 CPU_CHANNELS_LAST_MAX_WIDTH = 128  # widest level (channels) up to which a CPU runs channels-last
 
 
-def preferred_memory_format(device: str | torch.device, width: int | None = None) -> torch.memory_format:
+def preferred_memory_format(
+    device: str | torch.device, width: int | None = None
+) -> torch.memory_format:
     """The faster layout for a network whose widest level has ``width`` channels on ``device``:
     channels-last on CUDA; on a CPU channels-last up to 128 channels, contiguous for wider
     networks (and when the width is unknown); contiguous elsewhere (MPS)."""
@@ -56,7 +58,9 @@ def network_width(net: nn.Module) -> int | None:
     return max(widths) if widths else None
 
 
-def place(net: nn.Module, device: str | torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+def place(
+    net: nn.Module, device: str | torch.device, dtype: torch.dtype | None = None
+) -> nn.Module:
     """Move ``net`` to ``device`` (and ``dtype``) in its preferred memory layout there, in place."""
     net.to(device=device, dtype=dtype)
     return net.to(memory_format=preferred_memory_format(device, network_width(net)))
@@ -67,7 +71,9 @@ def precision_dtype(precision: str, device: str | torch.device) -> torch.dtype:
     if precision not in _DTYPES:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and torch.device(device).type == "cpu":
-        raise ValueError("fp16 needs a GPU (CPUs have no fast fp16 kernels); use --precision bf16 or fp32 on a CPU")
+        raise ValueError(
+            "fp16 needs a GPU (CPUs have no fast fp16 kernels); use --precision bf16 or fp32 on a CPU"
+        )
     return _DTYPES[precision]
 
 
@@ -80,9 +86,11 @@ def check_compile(precision: str, device: str | torch.device) -> None:
     same graph unvectorised, or in fp32, is right): compiled half precision is refused there.
     """
     if precision in ("bf16", "fp16") and torch.device(device).type == "cpu":
-        raise ValueError(f"--compile with --precision {precision} on a CPU gives NaN images (PyTorch Inductor's "
-                         "vectorised CPU kernels mis-compile the bf16 network); on a CPU use --compile with fp32, or "
-                         f"--precision {precision} without --compile")
+        raise ValueError(
+            f"--compile with --precision {precision} on a CPU gives NaN images (PyTorch Inductor's "
+            "vectorised CPU kernels mis-compile the bf16 network); on a CPU use --compile with fp32, or "
+            f"--precision {precision} without --compile"
+        )
 
 
 def autocast(device: str | torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -113,10 +121,15 @@ class FixedBatch:
             return self.fn(*args)
         outs = []
         for start in range(0, rows, self.size):
-            part = [None if a is None else a[start:start + self.size] for a in args]
+            part = [None if a is None else a[start : start + self.size] for a in args]
             n = part[0].shape[0]
             if n < self.size:
-                part = [None if a is None else torch.cat([a, a[-1:].expand(self.size - n, *a.shape[1:])]) for a in part]
+                part = [
+                    None
+                    if a is None
+                    else torch.cat([a, a[-1:].expand(self.size - n, *a.shape[1:])])
+                    for a in part
+                ]
             outs.append(self.fn(*part)[:n])
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
@@ -131,6 +144,9 @@ def compile_network(net: nn.Module, batch: int, mode: str = "default") -> Callab
         raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     param = next(net.parameters(), None)
     if param is not None:
-        check_compile(next((name for name, dtype in _DTYPES.items() if dtype == param.dtype), "fp32"), param.device)
+        check_compile(
+            next((name for name, dtype in _DTYPES.items() if dtype == param.dtype), "fp32"),
+            param.device,
+        )
     compiled = torch.compile(net, mode=None if mode == "default" else mode, dynamic=False)
     return FixedBatch(compiled, batch)

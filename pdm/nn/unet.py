@@ -35,7 +35,9 @@ from pdm.patching import patchify, positional_encoding_2d, unpatchify
 class _Level(nn.Module):
     """One block of a U-Net path: a residual block, attention, and a resampling layer, each optional."""
 
-    def __init__(self, res: ResBlock | None, attn: AttentionBlock | None, resample: nn.Module | None = None) -> None:
+    def __init__(
+        self, res: ResBlock | None, attn: AttentionBlock | None, resample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.res, self.attn, self.resample = res, attn, resample
 
@@ -90,25 +92,43 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         self.config: dict[str, Any] = dict(
-            in_channels=in_channels, image_size=image_size, patch_size=patch_size, model_channels=model_channels,
-            channel_mult=[float(m) for m in channel_mult], num_res_blocks=num_res_blocks,
-            attention_resolutions=[int(r) for r in attention_resolutions], num_classes=num_classes, dropout=dropout,
-            head_channels=head_channels, resblock_updown=resblock_updown, positional_encoding=positional_encoding,
-            time_embed_dim=time_embed_dim)
+            in_channels=in_channels,
+            image_size=image_size,
+            patch_size=patch_size,
+            model_channels=model_channels,
+            channel_mult=[float(m) for m in channel_mult],
+            num_res_blocks=num_res_blocks,
+            attention_resolutions=[int(r) for r in attention_resolutions],
+            num_classes=num_classes,
+            dropout=dropout,
+            head_channels=head_channels,
+            resblock_updown=resblock_updown,
+            positional_encoding=positional_encoding,
+            time_embed_dim=time_embed_dim,
+        )
         grid = _check_sizes(image_size, patch_size, channel_mult, num_classes)
         self.in_channels, self.image_size, self.patch_size = in_channels, image_size, patch_size
         self.model_channels, self.num_classes = model_channels, num_classes
         self.widths = [int(model_channels * m) for m in channel_mult]
         patched_channels = in_channels * patch_size**2
         self.time_embed_dim = time_embed_dim or self.widths[-1]
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, 4 * model_channels), nn.SiLU(),
-                                        nn.Linear(4 * model_channels, self.time_embed_dim), nn.SiLU())
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, 4 * model_channels),
+            nn.SiLU(),
+            nn.Linear(4 * model_channels, self.time_embed_dim),
+            nn.SiLU(),
+        )
         class_dim = self.widths[0] if num_classes is not None else None
-        self.class_embed = nn.Embedding(num_classes + 1, class_dim) if num_classes is not None else None
+        self.class_embed = (
+            nn.Embedding(num_classes + 1, class_dim) if num_classes is not None else None
+        )
         self.input_conv = nn.Conv2d(patched_channels, self.widths[0], 3, padding=1)
         use_pe = patch_size > 1 if positional_encoding is None else positional_encoding
-        self.register_buffer("pos_enc", positional_encoding_2d(self.widths[0], grid, grid) if use_pe else None,
-                             persistent=False)
+        self.register_buffer(
+            "pos_enc",
+            positional_encoding_2d(self.widths[0], grid, grid) if use_pe else None,
+            persistent=False,
+        )
 
         def res(cin: int, cout: int, **kw: bool) -> ResBlock:
             return ResBlock(cin, cout, self.time_embed_dim, dropout, class_dim, **kw)
@@ -119,8 +139,14 @@ class UNet(nn.Module):
         self.down, skip_widths = self._down_path(res, attn, grid, resblock_updown, num_res_blocks)
         ch = self.widths[-1]
         self.middle = nn.ModuleList([res(ch, ch), AttentionBlock(ch, head_channels), res(ch, ch)])
-        self.up = self._up_path(res, attn, grid // 2 ** (len(self.widths) - 1), resblock_updown, num_res_blocks,
-                                skip_widths)
+        self.up = self._up_path(
+            res,
+            attn,
+            grid // 2 ** (len(self.widths) - 1),
+            resblock_updown,
+            num_res_blocks,
+            skip_widths,
+        )
         self.out_norm = group_norm(self.widths[0])
         self.out_conv = zero_init(nn.Conv2d(self.widths[0], patched_channels, 3, padding=1))
         # The memory layout is not fixed here: it depends on where the network runs
@@ -141,7 +167,15 @@ class UNet(nn.Module):
                 skip_widths.append(ch)
         return blocks, skip_widths
 
-    def _up_path(self, res, attn, side: int, resblock_updown: bool, num_res_blocks: int, skip_widths: list[int]):
+    def _up_path(
+        self,
+        res,
+        attn,
+        side: int,
+        resblock_updown: bool,
+        num_res_blocks: int,
+        skip_widths: list[int],
+    ):
         blocks, ch = nn.ModuleList(), self.widths[-1]
         for level in reversed(range(len(self.widths))):
             width = self.widths[level]
@@ -167,7 +201,9 @@ class UNet(nn.Module):
                None on a conditional model means "unconditional" (the null label).
         """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected input of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
         t_label = torch.as_tensor(t_label, device=x.device)
         if t_label.ndim == 0:
             t_label = t_label.expand(x.shape[0])
@@ -177,7 +213,9 @@ class UNet(nn.Module):
         if self.pos_enc is not None:
             pe = self.pos_enc
             if pe.shape[-2:] != h.shape[-2:]:
-                pe = positional_encoding_2d(self.widths[0], h.shape[-2], h.shape[-1], device=h.device)
+                pe = positional_encoding_2d(
+                    self.widths[0], h.shape[-2], h.shape[-1], device=h.device
+                )
             h = h + pe.to(h.dtype)
         skips = [h]
         for block in self.down:
@@ -194,24 +232,32 @@ class UNet(nn.Module):
     def _class_embedding(self, y: Tensor | None, x: Tensor) -> Tensor | None:
         if self.class_embed is None:
             if y is not None:
-                raise ValueError("class labels were given to an unconditional model; build it with num_classes")
+                raise ValueError(
+                    "class labels were given to an unconditional model; build it with num_classes"
+                )
             return None
         if y is None:
             y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
         return self.class_embed(y)
 
 
-def _check_sizes(image_size: int, patch_size: int, channel_mult: Sequence[float], num_classes: int | None) -> int:
+def _check_sizes(
+    image_size: int, patch_size: int, channel_mult: Sequence[float], num_classes: int | None
+) -> int:
     """The patched grid side, or a ValueError naming the fix."""
     if patch_size < 1:
         raise ValueError(f"patch_size must be a positive integer, got {patch_size}")
     if image_size % patch_size:
-        raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}; choose a patch size "
-                         "that divides it")
+        raise ValueError(
+            f"image_size={image_size} is not divisible by patch_size={patch_size}; choose a patch size "
+            "that divides it"
+        )
     grid, levels = image_size // patch_size, len(channel_mult)
     if grid % (2 ** (levels - 1)):
-        raise ValueError(f"the patched grid side {grid} (= {image_size}/{patch_size}) cannot be halved {levels - 1} "
-                         f"times for channel_mult={tuple(channel_mult)}; use fewer levels or a smaller patch size")
+        raise ValueError(
+            f"the patched grid side {grid} (= {image_size}/{patch_size}) cannot be halved {levels - 1} "
+            f"times for channel_mult={tuple(channel_mult)}; use fewer levels or a smaller patch size"
+        )
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"num_classes must be positive or None, got {num_classes}")
     return grid

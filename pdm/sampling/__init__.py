@@ -15,6 +15,17 @@ from pdm.sampling.settings import Settings, check_settings
 from pdm.sampling.skipping import AdaptiveSkip, FixedSkip
 from pdm.sampling.solvers import singlestep_orders
 
+
+def __getattr__(name: str):
+    """The calibration functions' earlier home: ``from pdm.sampling import calibrate_skip_path``
+    still works (they live in :mod:`pdm.calibration`, a room below this one)."""
+    if name in ("calibrate_skip_path", "calibrate_budgets", "greedy_skip_path"):
+        import pdm.calibration
+
+        return getattr(pdm.calibration, name)
+    raise AttributeError(f"module 'pdm.sampling' has no attribute {name!r}")
+
+
 SkipPath = LearnedSchedule  # the earlier name of a learned schedule (its files still load)
 PathFile = ScheduleFile  # the earlier name of the schedule file
 

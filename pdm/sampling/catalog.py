@@ -51,13 +51,27 @@ class MultistepSolver:
             order = min(order, steps + 1 - i)
         return order
 
-    def predict(self, x: Tensor, points: Sequence[TimePoint], outputs: Sequence[Tensor], t: TimePoint,
-                order: int, last: bool) -> Tensor:
+    def predict(
+        self,
+        x: Tensor,
+        points: Sequence[TimePoint],
+        outputs: Sequence[Tensor],
+        t: TimePoint,
+        order: int,
+        last: bool,
+    ) -> Tensor:
         """x at ``t`` from x at points[-1] and the outputs at ``points`` (newest last)."""
         raise NotImplementedError
 
-    def correct(self, x: Tensor, points: Sequence[TimePoint], outputs: Sequence[Tensor], t: TimePoint,
-                m_t: Tensor, order: int) -> Tensor:
+    def correct(
+        self,
+        x: Tensor,
+        points: Sequence[TimePoint],
+        outputs: Sequence[Tensor],
+        t: TimePoint,
+        m_t: Tensor,
+        order: int,
+    ) -> Tensor:
         """The step redone with ``m_t``, the output at ``t`` (correcting solvers only)."""
         raise NotImplementedError
 
@@ -182,7 +196,14 @@ class DDPMAncestral(MultistepSolver):
         self.generator, self.denoise_to_zero = generator, denoise_to_zero
 
     def predict(self, x, points, outputs, t, order, last):
-        return ddpm_update(x, points[-1], t, outputs[-1], self.generator, add_noise=self.denoise_to_zero or not last)
+        return ddpm_update(
+            x,
+            points[-1],
+            t,
+            outputs[-1],
+            self.generator,
+            add_noise=self.denoise_to_zero or not last,
+        )
 
 
 class CorrectedSolver(MultistepSolver):
@@ -202,8 +223,15 @@ class CorrectedSolver(MultistepSolver):
     def order_at(self, i: int, steps: int) -> int:
         return self.base.order_at(i, steps)
 
-    def predict(self, x: Tensor, points: Sequence[TimePoint], outputs: Sequence[Tensor], t: TimePoint,
-                order: int, last: bool) -> Tensor:
+    def predict(
+        self,
+        x: Tensor,
+        points: Sequence[TimePoint],
+        outputs: Sequence[Tensor],
+        t: TimePoint,
+        order: int,
+        last: bool,
+    ) -> Tensor:
         i, self.step = self.step, self.step + 1
         x_hi = self.base.predict(x, points, outputs, t, order, last)
         c = self.corrections[i] if i < len(self.corrections) else 0.0
@@ -262,27 +290,67 @@ class SolverSpec:
 
 ALL_METHODS = ("multistep", "singlestep", "singlestep_fixed", "adaptive")
 
-SOLVER_TABLE: dict[str, SolverSpec] = {spec.name: spec for spec in (
-    SolverSpec("ddim", "DDIM (first order, data form)",
-               lambda o: DPMSolverMultistep(1, o.lower_order_final, True, o.solver_type), orders=(1,), default_order=1),
-    SolverSpec("ddpm", "DDPM ancestral sampling (stochastic)",
-               lambda o: DDPMAncestral(o.generator, o.denoise_to_zero), orders=(1,), default_order=1,
-               deterministic=False),
-    SolverSpec("dpmsolver", "DPM-Solver, noise form (Lu et al. 2022)",
-               lambda o: DPMSolverMultistep(o.order, o.lower_order_final, False, o.solver_type), data=False,
-               methods=ALL_METHODS, variants=("dpmsolver", "taylor")),
-    SolverSpec("dpmsolver++", "DPM-Solver++, data form (Lu et al. 2022b)",
-               lambda o: DPMSolverMultistep(o.order, o.lower_order_final, True, o.solver_type),
-               methods=ALL_METHODS, variants=("dpmsolver", "taylor")),
-    SolverSpec("unipc", "UniPC predictor-corrector, data form (Zhao et al. 2023)",
-               lambda o: UniPCMultistep(o.order, o.lower_order_final, o.solver_type), variants=("bh2", "bh1")),
-    SolverSpec("ipndm", "iPNDM, noise form (Zhang & Chen 2023)", lambda o: IPNDM(o.order, False),
-               orders=(1, 2, 3, 4), default_order=4, data=False),
-    SolverSpec("deis", "tAB-DEIS, noise form (Zhang & Chen 2023)", lambda o: DEIS(o.order, o.schedule),
-               default_order=3, data=False),
-)}
+SOLVER_TABLE: dict[str, SolverSpec] = {
+    spec.name: spec
+    for spec in (
+        SolverSpec(
+            "ddim",
+            "DDIM (first order, data form)",
+            lambda o: DPMSolverMultistep(1, o.lower_order_final, True, o.solver_type),
+            orders=(1,),
+            default_order=1,
+        ),
+        SolverSpec(
+            "ddpm",
+            "DDPM ancestral sampling (stochastic)",
+            lambda o: DDPMAncestral(o.generator, o.denoise_to_zero),
+            orders=(1,),
+            default_order=1,
+            deterministic=False,
+        ),
+        SolverSpec(
+            "dpmsolver",
+            "DPM-Solver, noise form (Lu et al. 2022)",
+            lambda o: DPMSolverMultistep(o.order, o.lower_order_final, False, o.solver_type),
+            data=False,
+            methods=ALL_METHODS,
+            variants=("dpmsolver", "taylor"),
+        ),
+        SolverSpec(
+            "dpmsolver++",
+            "DPM-Solver++, data form (Lu et al. 2022b)",
+            lambda o: DPMSolverMultistep(o.order, o.lower_order_final, True, o.solver_type),
+            methods=ALL_METHODS,
+            variants=("dpmsolver", "taylor"),
+        ),
+        SolverSpec(
+            "unipc",
+            "UniPC predictor-corrector, data form (Zhao et al. 2023)",
+            lambda o: UniPCMultistep(o.order, o.lower_order_final, o.solver_type),
+            variants=("bh2", "bh1"),
+        ),
+        SolverSpec(
+            "ipndm",
+            "iPNDM, noise form (Zhang & Chen 2023)",
+            lambda o: IPNDM(o.order, False),
+            orders=(1, 2, 3, 4),
+            default_order=4,
+            data=False,
+        ),
+        SolverSpec(
+            "deis",
+            "tAB-DEIS, noise form (Zhang & Chen 2023)",
+            lambda o: DEIS(o.order, o.schedule),
+            default_order=3,
+            data=False,
+        ),
+    )
+}
 SOLVERS: tuple[str, ...] = tuple(SOLVER_TABLE)
-VARIANT_ALIASES = {"midpoint": "dpmsolver", "heun": "taylor"}  # diffusers' names for DPM-Solver's variants
+VARIANT_ALIASES = {
+    "midpoint": "dpmsolver",
+    "heun": "taylor",
+}  # diffusers' names for DPM-Solver's variants
 
 
 def solver_spec(name: str) -> SolverSpec:
@@ -312,6 +380,17 @@ def plain_settings(nfe: int) -> list[tuple[str, dict]]:
             for variant in spec.variants or (None,):
                 for grid in SKIP_TYPES:
                     label = f"{spec.name}-{order}{' ' + variant if variant else ''} {grid}"
-                    out.append((label, {"solver": spec.name, "order": order, "solver_type": variant,
-                                        "method": "multistep", "steps": nfe, "skip_type": grid}))
+                    out.append(
+                        (
+                            label,
+                            {
+                                "solver": spec.name,
+                                "order": order,
+                                "solver_type": variant,
+                                "method": "multistep",
+                                "steps": nfe,
+                                "skip_type": grid,
+                            },
+                        )
+                    )
     return out

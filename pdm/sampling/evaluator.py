@@ -43,8 +43,16 @@ class ModelEvaluator:
         thresholding: dynamic thresholding of x0, or None.
     """
 
-    def __init__(self, model_fn: ModelFn, prediction: str, data: bool, model_kwargs: dict[str, Tensor],
-                 thresholding: Thresholding | None, batch: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model_fn: ModelFn,
+        prediction: str,
+        data: bool,
+        model_kwargs: dict[str, Tensor],
+        thresholding: Thresholding | None,
+        batch: int,
+        device: torch.device,
+    ) -> None:
         self.model_fn, self.prediction, self.data = model_fn, prediction, data
         self.model_kwargs, self.thresholding = model_kwargs, thresholding
         self.nfe = torch.zeros(batch, dtype=torch.long, device=device)

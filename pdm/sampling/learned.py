@@ -31,13 +31,33 @@ from pdm.sampling.teleport import GaussianData, Teleport
 from pdm.schedule import VPSchedule
 
 SCHEDULE_FORMAT = "pdm-schedule-v3"
-READABLE_FORMATS = (SCHEDULE_FORMAT, "pdm-skip-paths-v2", "the first format (one path, no format key)")
+READABLE_FORMATS = (
+    SCHEDULE_FORMAT,
+    "pdm-skip-paths-v2",
+    "the first format (one path, no format key)",
+)
 EMBEDDED_KEY = "pdm_skip_paths"  # safetensors metadata key of an export's schedule file
 # the fields of Settings a schedule fixes (the rest, e.g. thresholding, stay the sampler's choice)
-REPLAY_FIELDS = ("steps", "solver", "order", "method", "grid", "variant", "lower_order_final", "t_start", "t_end",
-                 "timesteps", "corrections")
+REPLAY_FIELDS = (
+    "steps",
+    "solver",
+    "order",
+    "method",
+    "grid",
+    "variant",
+    "lower_order_final",
+    "t_start",
+    "t_end",
+    "timesteps",
+    "corrections",
+)
 # what the sampler's keyword form meant when an old file left a setting out
-_OLD_DEFAULTS = {"solver": "dpmsolver++", "order": 2, "method": "multistep", "skip_type": "time_uniform"}
+_OLD_DEFAULTS = {
+    "solver": "dpmsolver++",
+    "order": 2,
+    "method": "multistep",
+    "skip_type": "time_uniform",
+}
 
 
 @dataclass(frozen=True)
@@ -76,8 +96,10 @@ class LearnedSchedule:
         if self.grid_points is None:
             return self.settings
         if schedule is None:
-            raise ValueError(f"this schedule keeps {self.nfe} points of a {self.settings.steps}-step "
-                             f"{self.settings.grid} grid; pass the noise schedule to settings_for(schedule)")
+            raise ValueError(
+                f"this schedule keeps {self.nfe} points of a {self.settings.steps}-step "
+                f"{self.settings.grid} grid; pass the noise schedule to settings_for(schedule)"
+            )
         s = self.settings
         fine = schedule.timesteps(s.steps, s.grid, s.t_start, s.t_end, dtype=torch.float64)
         times = fine[[*self.grid_points, s.steps]]
@@ -92,8 +114,13 @@ class LearnedSchedule:
             kw["timesteps"] = torch.tensor(s.timesteps, dtype=torch.float64)
         return kw | {k: getattr(s, k) for k in ("teleport", "skip") if getattr(s, k) is not None}
 
-    def check_calibrated_for(self, checkpoints: list[str], guidance_scale: float, files: list[str] | None = None,
-                             name: str = "the schedule") -> None:
+    def check_calibrated_for(
+        self,
+        checkpoints: list[str],
+        guidance_scale: float,
+        files: list[str] | None = None,
+        name: str = "the schedule",
+    ) -> None:
         """Refuse (ValueError, one line naming both sides) to replay a schedule calibrated for
         other checkpoints (sha256 of the files) or another guidance scale. A schedule without a
         record (made by hand) is accepted."""
@@ -107,24 +134,32 @@ class LearnedSchedule:
         old = sorted(made.get("checkpoints") or [])
         if old and old != sorted(checkpoints):
             where = " ".join(made.get("files") or []) or "another checkpoint"
-            raise ValueError(f"{name} was calibrated for {where} (sha256 {short(old)}), not {' '.join(files or [])} "
-                             f"(sha256 {short(sorted(checkpoints))}); calibrate this checkpoint, or pass "
-                             "--force-schedule to replay it anyway")
+            raise ValueError(
+                f"{name} was calibrated for {where} (sha256 {short(old)}), not {' '.join(files or [])} "
+                f"(sha256 {short(sorted(checkpoints))}); calibrate this checkpoint, or pass "
+                "--force-schedule to replay it anyway"
+            )
         scale = made.get("guidance_scale")
         if scale is not None and float(scale) != float(guidance_scale):
-            raise ValueError(f"{name} was calibrated at --guidance-scale {scale}, not {guidance_scale}; calibrate at "
-                             f"{guidance_scale}, sample at {scale}, or pass --force-schedule to replay it anyway")
+            raise ValueError(
+                f"{name} was calibrated at --guidance-scale {scale}, not {guidance_scale}; calibrate at "
+                f"{guidance_scale}, sample at {scale}, or pass --force-schedule to replay it anyway"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form of one budget (a teleport by its record; the file stores its Gaussian)."""
         s = self.settings
-        out: dict[str, Any] = {name: _plain(getattr(s, name)) for name in REPLAY_FIELDS
-                               if getattr(s, name) is not None}
+        out: dict[str, Any] = {
+            name: _plain(getattr(s, name)) for name in REPLAY_FIELDS if getattr(s, name) is not None
+        }
         if self.grid_points is not None:
             out["grid_points"] = list(self.grid_points)
         if isinstance(s.skip, FixedSkip):
-            out["skip"] = {"evaluate": list(s.skip.evaluate), "fill": s.skip.fill,
-                           "forecast_order": s.skip.forecast_order}
+            out["skip"] = {
+                "evaluate": list(s.skip.evaluate),
+                "fill": s.skip.fill,
+                "forecast_order": s.skip.forecast_order,
+            }
         if s.teleport is not None:
             out["teleport"] = s.teleport.record()
         return {"settings": out, "calibration": self.calibration}
@@ -149,7 +184,9 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def _from_v3(data: dict, made_for: dict, gaussian: GaussianData | None, name: str) -> LearnedSchedule:
+def _from_v3(
+    data: dict, made_for: dict, gaussian: GaussianData | None, name: str
+) -> LearnedSchedule:
     raw = dict(data["settings"])
     skip = raw.pop("skip", None)
     points = raw.pop("grid_points", None)
@@ -157,14 +194,24 @@ def _from_v3(data: dict, made_for: dict, gaussian: GaussianData | None, name: st
     unknown = sorted(set(raw) - set(REPLAY_FIELDS))
     if unknown:
         raise ValueError(f"unknown schedule settings {', '.join(unknown)}")
-    settings = Settings(**raw, skip=None if skip is None else FixedSkip(tuple(skip["evaluate"]), skip["fill"],
-                                                                         int(skip["forecast_order"])),
-                        teleport=_teleport(record, gaussian, name))
-    return LearnedSchedule(settings, None if points is None else tuple(int(p) for p in points),
-                           dict(data.get("calibration") or {}), made_for)
+    settings = Settings(
+        **raw,
+        skip=None
+        if skip is None
+        else FixedSkip(tuple(skip["evaluate"]), skip["fill"], int(skip["forecast_order"])),
+        teleport=_teleport(record, gaussian, name),
+    )
+    return LearnedSchedule(
+        settings,
+        None if points is None else tuple(int(p) for p in points),
+        dict(data.get("calibration") or {}),
+        made_for,
+    )
 
 
-def _from_v2(data: dict, made_for: dict, gaussian: GaussianData | None, name: str) -> LearnedSchedule:
+def _from_v2(
+    data: dict, made_for: dict, gaussian: GaussianData | None, name: str
+) -> LearnedSchedule:
     """A path of the first two formats: an evaluate mask over a fine grid and the sampler keywords
     it replayed with (missing ones meant the sampler's defaults of that time)."""
     raw = dict(data.get("settings") or {})
@@ -173,9 +220,16 @@ def _from_v2(data: dict, made_for: dict, gaussian: GaussianData | None, name: st
     if not evaluate or not evaluate[0]:
         raise ValueError("a path must evaluate its first step")
     kw = {k: raw.get(k, default) for k, default in _OLD_DEFAULTS.items()}
-    settings = Settings(steps=len(evaluate), solver=kw["solver"], order=kw["order"], method=kw["method"],
-                        grid=kw["skip_type"] or _OLD_DEFAULTS["skip_type"], variant=raw.get("solver_type"),
-                        corrections=raw.get("corrections"), teleport=_teleport(raw.get("teleport"), gaussian, name))
+    settings = Settings(
+        steps=len(evaluate),
+        solver=kw["solver"],
+        order=kw["order"],
+        method=kw["method"],
+        grid=kw["skip_type"] or _OLD_DEFAULTS["skip_type"],
+        variant=raw.get("solver_type"),
+        corrections=raw.get("corrections"),
+        teleport=_teleport(raw.get("teleport"), gaussian, name),
+    )
     calibration = dict(raw.get("calibration") or {})
     fill = data.get("fill", "merge")
     if fill != "merge":  # a fixed skip pattern on its grid (the greedy yardstick's kind)
@@ -184,8 +238,12 @@ def _from_v2(data: dict, made_for: dict, gaussian: GaussianData | None, name: st
     if raw.get("timesteps") is not None:
         times = tuple(float(t) for t in raw["timesteps"])
         if len(times) != sum(evaluate) + 1:
-            raise ValueError(f"a path's time grid has {len(times)} times for {sum(evaluate)} evaluations")
-        return LearnedSchedule(replace(settings, steps=len(times) - 1, timesteps=times), None, calibration, made_for)
+            raise ValueError(
+                f"a path's time grid has {len(times)} times for {sum(evaluate)} evaluations"
+            )
+        return LearnedSchedule(
+            replace(settings, steps=len(times) - 1, timesteps=times), None, calibration, made_for
+        )
     points = tuple(i for i, e in enumerate(evaluate) if e)
     return LearnedSchedule(settings, points, calibration, made_for)
 
@@ -219,13 +277,19 @@ class ScheduleFile:
                 return next(iter(self.schedules.values()))
             raise ValueError(f"{name} holds schedules for {have} NFE; choose one with --steps N")
         if nfe not in self.schedules:
-            raise ValueError(f"{name} has no schedule for {nfe} NFE (it holds {have}); pass --steps with one of "
-                             f"those, or calibrate {nfe} with calibrate.py --nfe {nfe}")
+            raise ValueError(
+                f"{name} has no schedule for {nfe} NFE (it holds {have}); pass --steps with one of "
+                f"those, or calibrate {nfe} with calibrate.py --nfe {nfe}"
+            )
         return self.schedules[nfe]
 
     def to_json(self) -> str:
         schedules = {str(n): s.to_dict() for n, s in sorted(self.schedules.items())}
-        data = {"format": SCHEDULE_FORMAT, "calibrated_for": self.calibrated_for, "schedules": schedules}
+        data = {
+            "format": SCHEDULE_FORMAT,
+            "calibrated_for": self.calibrated_for,
+            "schedules": schedules,
+        }
         if self.gaussian is not None:
             data["gaussian"] = self.gaussian.to_dict()
         return json.dumps(data, indent=1)
@@ -243,19 +307,28 @@ class ScheduleFile:
             data = json.loads(text)
             version = data.get("format")
             if version is not None and version not in READABLE_FORMATS:
-                raise ValueError(f"its format {version!r} is newer than this pdm reads ({', '.join(READABLE_FORMATS[:2])}"
-                                 "); upgrade pdm to read it")
+                raise ValueError(
+                    f"its format {version!r} is newer than this pdm reads ({', '.join(READABLE_FORMATS[:2])}"
+                    "); upgrade pdm to read it"
+                )
             made_for = dict(data.get("calibrated_for") or {})
             gaussian = GaussianData.from_dict(data["gaussian"]) if "gaussian" in data else None
             if version is None and "evaluate" in data:  # the first format: one path
                 one = _from_v2(data, made_for, None, name)
                 return cls({one.nfe: one}, dict(one.calibrated_for))
             if version == SCHEDULE_FORMAT:
-                entries = {int(n): _from_v3(e, made_for, gaussian, name) for n, e in data["schedules"].items()}
+                entries = {
+                    int(n): _from_v3(e, made_for, gaussian, name)
+                    for n, e in data["schedules"].items()
+                }
             else:
-                entries = {int(n): _from_v2(e, made_for, gaussian, name) for n, e in data["paths"].items()}
+                entries = {
+                    int(n): _from_v2(e, made_for, gaussian, name) for n, e in data["paths"].items()
+                }
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ValueError(f"{name} is not a schedule file written by calibrate.py: {e}") from None
+            raise ValueError(
+                f"{name} is not a schedule file written by calibrate.py: {e}"
+            ) from None
         if not entries:
             raise ValueError(f"{name} holds no schedules")
         return cls(entries, made_for, gaussian)
@@ -268,7 +341,9 @@ class ScheduleFile:
         except FileNotFoundError:
             raise ValueError(f"schedule file {os.fspath(path)!r} does not exist") from None
         except OSError as e:
-            raise ValueError(f"cannot read schedule file {os.fspath(path)!r}: {e.strerror}") from None
+            raise ValueError(
+                f"cannot read schedule file {os.fspath(path)!r}: {e.strerror}"
+            ) from None
         return cls.from_json(text, repr(os.fspath(path)))
 
     @classmethod
@@ -282,6 +357,8 @@ class ScheduleFile:
         except Exception as e:  # safetensors raises its own error types for a file that is not one
             raise ValueError(f"{os.fspath(path)!r} is not a safetensors export: {e}") from None
         if text is None:
-            raise ValueError(f"{os.fspath(path)!r} holds no schedules; embed them with python -m pdm.checkpoints CKPT "
-                             "OUT.safetensors --schedule FILE")
+            raise ValueError(
+                f"{os.fspath(path)!r} holds no schedules; embed them with python -m pdm.checkpoints CKPT "
+                "OUT.safetensors --schedule FILE"
+            )
         return cls.from_json(text, f"the schedules embedded in {os.fspath(path)}")

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from pdm.sampling.catalog import MultistepSolver
 from pdm.sampling.evaluator import ModelEvaluator
+from pdm.sampling.settings import Settings
 from pdm.sampling.skipper import Skipper
 from pdm.sampling.solvers import (
     ExpStep,
@@ -58,8 +59,14 @@ class StepInfo:
 Progress = Callable[[StepInfo], None]
 
 
-def multistep(x: Tensor, points: Sequence[TimePoint], solver: MultistepSolver, evaluate: ModelEvaluator,
-              skip: Skipper, progress: Progress) -> tuple[Tensor, list[Tensor]]:
+def multistep(
+    x: Tensor,
+    points: Sequence[TimePoint],
+    solver: MultistepSolver,
+    evaluate: ModelEvaluator,
+    skip: Skipper,
+    progress: Progress,
+) -> tuple[Tensor, list[Tensor]]:
     """Step i goes from points[i-1] to points[i] with the outputs at points[i-1], points[i-2], ...
 
     The output at the new point is evaluated (or filled, if skipped) right after the step,
@@ -72,10 +79,12 @@ def multistep(x: Tensor, points: Sequence[TimePoint], solver: MultistepSolver, e
     rows: list[Tensor] = []
     for i in range(1, steps + 1):
         order = solver.order_at(i, steps)
-        past = points[max(0, i - history):i]
+        past = points[max(0, i - history) : i]
         x_new = solver.predict(x, past, outputs, points[i], order, last=i == steps)
         rows.append(evaluated)
-        progress(StepInfo(i - 1, points[i - 1].t, x, outputs[-1], points[i - 1], solver.data, evaluated))
+        progress(
+            StepInfo(i - 1, points[i - 1].t, x, outputs[-1], points[i - 1], solver.data, evaluated)
+        )
         if i == steps:
             return x_new, rows
         after = ExpStep(points[i], points[i + 1], solver.data)
@@ -88,9 +97,16 @@ def multistep(x: Tensor, points: Sequence[TimePoint], solver: MultistepSolver, e
     return x, rows
 
 
-def singlestep(x: Tensor, outer: Sequence[TimePoint], inner: Sequence[Sequence[TimePoint]], orders: Sequence[int],
-               evaluate: ModelEvaluator, skip: Skipper, solver_type: str,
-               progress: Progress) -> tuple[Tensor, list[Tensor]]:
+def singlestep(
+    x: Tensor,
+    outer: Sequence[TimePoint],
+    inner: Sequence[Sequence[TimePoint]],
+    orders: Sequence[int],
+    evaluate: ModelEvaluator,
+    skip: Skipper,
+    solver_type: str,
+    progress: Progress,
+) -> tuple[Tensor, list[Tensor]]:
     """Step k goes from outer[k] to outer[k+1] with orders[k] evaluations at inner[k] (its
     intermediate points). A skipped step fills every evaluation inside it."""
     data = evaluate.data
@@ -105,7 +121,9 @@ def singlestep(x: Tensor, outer: Sequence[TimePoint], inner: Sequence[Sequence[T
         elif order == 2:
             x, _ = singlestep_second_update(x, s, inner[k][0], t, m_s, model_at, data, solver_type)
         else:
-            x, _ = singlestep_third_update(x, s, inner[k][0], inner[k][1], t, m_s, model_at, data, solver_type)
+            x, _ = singlestep_third_update(
+                x, s, inner[k][0], inner[k][1], t, m_s, model_at, data, solver_type
+            )
         rows.append(model_at.evaluated)
         progress(StepInfo(k, s.t, x_s, m_s, s, data, rows[-1]))
         if k + 1 < len(orders):
@@ -127,9 +145,15 @@ class _StepEvaluations:
         return out
 
 
-def adaptive_step_size(x: Tensor, t_start: Tensor, t_end: Tensor, order: int, schedule: VPSchedule,
-                       evaluate: ModelEvaluator, solver_type: str, atol: float, rtol: float,
-                       h_init: float, progress: Progress = lambda info: None) -> tuple[Tensor, list[Tensor], Tensor]:
+def adaptive_step_size(
+    x: Tensor,
+    t_start: Tensor,
+    t_end: Tensor,
+    schedule: VPSchedule,
+    evaluate: ModelEvaluator,
+    settings: Settings,
+    progress: Progress = lambda info: None,
+) -> tuple[Tensor, list[Tensor], Tensor]:
     """DPM-Solver-12 (order 2) or -23 (order 3) with step-size control in lambda.
 
     A lower- and a higher-order try share their evaluations; the scaled difference
@@ -138,6 +162,8 @@ def adaptive_step_size(x: Tensor, t_start: Tensor, t_end: Tensor, order: int, sc
     evaluations. Returns x, one all-True row per accepted step, and the accepted times.
     """
     theta, t_err = 0.9, 1e-5
+    order, solver_type = settings.order, settings.variant or "dpmsolver"
+    atol, rtol, h_init = settings.atol, settings.rtol, settings.h_init
     data = evaluate.data
     s = TimePoint.at(schedule, t_start)
     lam_end = schedule.lambda_(t_end)
@@ -152,11 +178,17 @@ def adaptive_step_size(x: Tensor, t_start: Tensor, t_end: Tensor, order: int, sc
         m_s = evaluate(x, s)
         if order == 2:  # DPM-Solver-1 against DPM-Solver-2 at r1 = 1/2
             x_low = first_order_update(x, s, t, m_s, data)
-            x_high, _ = singlestep_second_update(x, s, point(s.lambda_ + 0.5 * h), t, m_s, evaluate, data, solver_type)
+            x_high, _ = singlestep_second_update(
+                x, s, point(s.lambda_ + 0.5 * h), t, m_s, evaluate, data, solver_type
+            )
         else:  # DPM-Solver-2 at r1 = 1/3 against DPM-Solver-3 at (1/3, 2/3), sharing m_s1
             s1, s2 = point(s.lambda_ + h / 3.0), point(s.lambda_ + 2.0 * h / 3.0)
-            x_low, (_, m_s1) = singlestep_second_update(x, s, s1, t, m_s, evaluate, data, solver_type)
-            x_high, _ = singlestep_third_update(x, s, s1, s2, t, m_s, evaluate, data, solver_type, m_s1=m_s1)
+            x_low, (_, m_s1) = singlestep_second_update(
+                x, s, s1, t, m_s, evaluate, data, solver_type
+            )
+            x_high, _ = singlestep_third_update(
+                x, s, s1, s2, t, m_s, evaluate, data, solver_type, m_s1=m_s1
+            )
         delta = torch.clamp(rtol * torch.maximum(x_low.abs(), x_prev.abs()), min=atol)
         err = ((x_high - x_low) / delta).flatten(1).pow(2).mean(dim=1).sqrt().max()
         if bool(err <= 1.0):

@@ -7,7 +7,7 @@ noise's dtype; the model's output is cast to it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -81,43 +81,65 @@ def sample(
     """
     generator, progress = keywords.pop("generator", None), keywords.pop("progress", False)
     s = Settings.from_keywords(settings, **keywords).resolved(prediction)
-    spec = solver_spec(s.solver)
-    variant = s.variant or "dpmsolver"
     batch, device = noise.shape[0], noise.device
     grid = _grid(schedule, s, noise.dtype, device)
     if s.teleport is not None:  # noise is x at t_max; the teleport carries it to the grid's start
         noise = s.teleport(noise, schedule, float(grid[0]), (model_kwargs or {}).get("y"))
-    thresholding = Thresholding(s.threshold_ratio, s.threshold_max) if s.thresholding else None
-    evaluate = ModelEvaluator(model_fn, prediction, spec.data, _check_model_kwargs(model_kwargs, batch), thresholding,
-                              batch, device)
+    kwargs = _check_model_kwargs(model_kwargs, batch)
+    clamp = Thresholding(s.threshold_ratio, s.threshold_max) if s.thresholding else None
+    evaluate = ModelEvaluator(
+        model_fn, prediction, solver_spec(s.solver).data, kwargs, clamp, batch, device
+    )
     controller = Skipper(s.skip, batch, device, evaluate.convert)
-    with _reporting(None if s.method == "adaptive" else grid.numel() - 1, progress, callback) as on_step:
-        if s.method == "adaptive":
-            x, rows, grid = adaptive_step_size(noise, grid[0], grid[-1], s.order, schedule, evaluate, variant, s.atol,
-                                               s.rtol, s.h_init, on_step)
-        elif s.method == "multistep":
-            points = [TimePoint.at(schedule, t) for t in grid]
-            stepper = multistep_solver(s.solver, s.order, variant, s.lower_order_final, generator, s.denoise_to_zero,
-                                       schedule, s.corrections)
-            x, rows = multistep(noise, points, stepper, evaluate, controller, on_step)
-        else:
-            x, rows, grid = _singlestep(noise, schedule, grid, s, evaluate, controller, variant, on_step)
+    steps = None if s.method == "adaptive" else grid.numel() - 1
+    with _reporting(steps, progress, callback) as on_step:
+        x, rows, grid = _integrate(
+            noise, grid, schedule, s, evaluate, controller, generator, on_step
+        )
     if s.denoise_to_zero:
         x = evaluate.data_prediction(x, TimePoint.at(schedule, grid[-1]))
     blank = torch.zeros(batch, dtype=torch.bool, device=device)
-    return SampleResult(x=x, nfe=float(evaluate.nfe.double().mean()),
-                        evaluated=torch.stack(rows) if rows else blank[None][:0],
-                        nfe_per_sample=evaluate.nfe.clone(), timesteps=grid)
+    evaluated = torch.stack(rows) if rows else blank[None][:0]
+    nfe = float(evaluate.nfe.double().mean())
+    return SampleResult(x, nfe, evaluated, evaluate.nfe.clone(), grid)
 
 
-def multistep_solver(solver: str, order: int, solver_type: str, lower_order_final: bool,
-                     generator: torch.Generator | None, denoise_to_zero: bool = False,
-                     schedule: VPSchedule | None = None, corrections: Sequence[float] | None = None) -> MultistepSolver:
-    """The multistep step object of a solver (its catalog row's ``build``), with learned
-    per-step ``corrections`` when given."""
-    options = StepOptions(order, lower_order_final, solver_type, schedule, generator, denoise_to_zero)
-    stepper = solver_spec(solver).build(options)
-    return CorrectedSolver(stepper, corrections) if corrections else stepper
+def _integrate(
+    x: Tensor,
+    grid: Tensor,
+    schedule: VPSchedule,
+    s: Settings,
+    evaluate: ModelEvaluator,
+    controller: Skipper,
+    generator: torch.Generator | None,
+    on_step: Callable[[StepInfo], None],
+) -> tuple[Tensor, list[Tensor], Tensor]:
+    """The run of ``s.method`` along ``grid``: (x at its end, evaluated rows, the grid taken)."""
+    variant = s.variant or "dpmsolver"
+    if s.method == "adaptive":
+        return adaptive_step_size(x, grid[0], grid[-1], schedule, evaluate, s, on_step)
+    if s.method == "multistep":
+        points = [TimePoint.at(schedule, t) for t in grid]
+        stepper = multistep_solver(s, schedule, generator)
+        return (*multistep(x, points, stepper, evaluate, controller, on_step), grid)
+    return _singlestep(x, schedule, grid, s, evaluate, controller, variant, on_step)
+
+
+def multistep_solver(
+    s: Settings, schedule: VPSchedule | None = None, generator: torch.Generator | None = None
+) -> MultistepSolver:
+    """The multistep step object of ``s.solver`` (its catalog row's ``build``) for resolved
+    settings ``s``, with its learned per-step corrections when it has them."""
+    options = StepOptions(
+        s.order,
+        s.lower_order_final,
+        s.variant or "dpmsolver",
+        schedule,
+        generator,
+        s.denoise_to_zero,
+    )
+    stepper = solver_spec(s.solver).build(options)
+    return CorrectedSolver(stepper, s.corrections) if s.corrections else stepper
 
 
 @contextmanager
@@ -155,9 +177,16 @@ def _grid(schedule: VPSchedule, s: Settings, dtype: torch.dtype, device: torch.d
     return grid
 
 
-def _singlestep(x: Tensor, schedule: VPSchedule, grid: Tensor, s: Settings, evaluate: ModelEvaluator,
-                controller: Skipper, variant: str,
-                progress: Callable[[StepInfo], None]) -> tuple[Tensor, list[Tensor], Tensor]:
+def _singlestep(
+    x: Tensor,
+    schedule: VPSchedule,
+    grid: Tensor,
+    s: Settings,
+    evaluate: ModelEvaluator,
+    controller: Skipper,
+    variant: str,
+    progress: Callable[[StepInfo], None],
+) -> tuple[Tensor, list[Tensor], Tensor]:
     """The official singlestep grids: outer steps and, inside each, points spaced like ``s.grid``.
 
     DPM-Solver-fast (``singlestep``) splits ``steps`` evaluations into orders summing to
@@ -171,20 +200,28 @@ def _singlestep(x: Tensor, schedule: VPSchedule, grid: Tensor, s: Settings, eval
     if s.method == "singlestep":
         orders = singlestep_orders(s.steps, s.order)
         if own_grid and kind == "logSNR":
-            grid = schedule.timesteps(len(orders), kind, float(grid[0]), float(grid[-1]), grid.dtype, grid.device)
+            grid = schedule.timesteps(
+                len(orders), kind, float(grid[0]), float(grid[-1]), grid.dtype, grid.device
+            )
         elif own_grid:
             cum = torch.cumsum(torch.tensor([0] + orders), 0).to(grid.device)
             grid = grid[cum]
     else:
         orders = [s.order] * (s.steps // s.order)
         if own_grid:
-            grid = schedule.timesteps(len(orders), kind, float(grid[0]), float(grid[-1]), grid.dtype, grid.device)
+            grid = schedule.timesteps(
+                len(orders), kind, float(grid[0]), float(grid[-1]), grid.dtype, grid.device
+            )
     if grid.numel() != len(orders) + 1:
-        raise ValueError(f"a singlestep run of {len(orders)} steps needs {len(orders) + 1} timesteps, got {grid.numel()}")
+        raise ValueError(
+            f"a singlestep run of {len(orders)} steps needs {len(orders) + 1} timesteps, got {grid.numel()}"
+        )
     outer = [TimePoint.at(schedule, t) for t in grid]
     inner = []
     for k, step_order in enumerate(orders):
-        sub = schedule.timesteps(step_order, kind, float(grid[k]), float(grid[k + 1]), grid.dtype, grid.device)
+        sub = schedule.timesteps(
+            step_order, kind, float(grid[k]), float(grid[k + 1]), grid.dtype, grid.device
+        )
         inner.append([TimePoint.at(schedule, t) for t in sub[1:-1]])
     x, rows = singlestep(x, outer, inner, orders, evaluate, controller, variant, progress)
     return x, rows, grid

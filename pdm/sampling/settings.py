@@ -78,7 +78,9 @@ class Settings:
         if self.timesteps is not None and not isinstance(self.timesteps, tuple):
             object.__setattr__(self, "timesteps", _floats(self.timesteps))
         if self.corrections is not None:
-            object.__setattr__(self, "corrections", tuple(float(c) for c in self.corrections) or None)
+            object.__setattr__(
+                self, "corrections", tuple(float(c) for c in self.corrections) or None
+            )
 
     @classmethod
     def from_keywords(cls, base: Settings | None = None, **keywords: Any) -> Settings:
@@ -103,10 +105,13 @@ class Settings:
     def resolved(self, prediction: str = "eps") -> Settings:
         """These settings with the order and the variant filled in from the solver's row; a
         ValueError naming the fix for any unusable combination."""
-        variant = check_settings(self.solver, self.method, self.order, self.steps, self.grid, prediction,
-                                 self.variant)
+        variant = check_settings(
+            self.solver, self.method, self.order, self.steps, self.grid, prediction, self.variant
+        )
         spec = solver_spec(self.solver)
-        order = 1 if spec.first_order else (spec.default_order if self.order is None else self.order)
+        order = (
+            1 if spec.first_order else (spec.default_order if self.order is None else self.order)
+        )
         _check_options(self, order)
         return dataclasses.replace(self, order=order, variant=variant if spec.variants else None)
 
@@ -139,13 +144,19 @@ def _check_options(s: Settings, order: int) -> None:
     if s.corrections and s.method != "multistep":
         raise ValueError("learned corrections apply to the multistep method only")
     if s.skip is not None and s.method in ("adaptive", "per_image"):
-        raise ValueError("step skipping cannot be combined with an adaptive step-size method; use multistep or "
-                         "singlestep")
+        raise ValueError(
+            "step skipping cannot be combined with an adaptive step-size method; use multistep or "
+            "singlestep"
+        )
     if s.teleport is not None and s.method in ("adaptive", "per_image"):
-        raise ValueError("a teleport starts a fixed grid; it cannot be combined with an adaptive method")
+        raise ValueError(
+            "a teleport starts a fixed grid; it cannot be combined with an adaptive method"
+        )
     if s.method == "per_image" and order not in (2, 3):
-        raise ValueError("the per-image method is DPM-Solver-12 or -23 (or UniPC's predictor-corrector): use "
-                         "order 2 or 3")
+        raise ValueError(
+            "the per-image method is DPM-Solver-12 or -23 (or UniPC's predictor-corrector): use "
+            "order 2 or 3"
+        )
     for name in ("atol", "rtol", "h_init"):
         value = getattr(s, name)
         if not (math.isfinite(value) and value > 0):
@@ -154,15 +165,24 @@ def _check_options(s: Settings, order: int) -> None:
         raise ValueError(f"max_nfe must be at least 1, got {s.max_nfe}")
 
 
-def check_settings(solver: str = "ipndm", method: str = "multistep", order: int | None = None, steps: int = 20,
-                   skip_type: str = "logSNR", prediction: str = "eps", solver_type: str | None = None) -> str:
+def check_settings(
+    solver: str = "ipndm",
+    method: str = "multistep",
+    order: int | None = None,
+    steps: int = 20,
+    skip_type: str = "logSNR",
+    prediction: str = "eps",
+    solver_type: str | None = None,
+) -> str:
     """Raise a ValueError naming the fix for any unusable combination; return the variant to use."""
     spec = solver_spec(solver)
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ALL_METHODS)}")
     if method not in spec.methods:
         owners = [name for name in SOLVERS if method in solver_spec(name).methods]
-        raise ValueError(f"method {method!r} exists only for {' and '.join(owners)}; {solver} is multistep")
+        raise ValueError(
+            f"method {method!r} exists only for {' and '.join(owners)}; {solver} is multistep"
+        )
     if skip_type not in SKIP_TYPES:
         raise ValueError(f"unknown grid {skip_type!r}; choose one of {', '.join(SKIP_TYPES)}")
     if prediction not in TARGETS:
@@ -172,21 +192,33 @@ def check_settings(solver: str = "ipndm", method: str = "multistep", order: int 
         order = 1  # first-order samplers: the order argument does not apply
     elif order not in spec.orders:
         orders = spec.orders
-        raise ValueError(f"order must be {', '.join(map(str, orders[:-1]))} or {orders[-1]} for {solver}, got {order}")
+        raise ValueError(
+            f"order must be {', '.join(map(str, orders[:-1]))} or {orders[-1]} for {solver}, got {order}"
+        )
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     if method == "singlestep_fixed" and steps < order:
-        raise ValueError(f"singlestep_fixed of order {order} needs at least {order} steps, got {steps}; "
-                         "raise --steps or lower --order")
+        raise ValueError(
+            f"singlestep_fixed of order {order} needs at least {order} steps, got {steps}; "
+            "raise --steps or lower --order"
+        )
     if method == "adaptive" and order not in (2, 3):
         raise ValueError("the adaptive method is DPM-Solver-12 or -23: use order 2 or 3")
     if not spec.variants:  # no variants: a DPM-Solver variant name is accepted and ignored
         if solver_type not in (None, *solver_spec("dpmsolver").variants, *VARIANT_ALIASES):
-            raise ValueError(f"solver_type {solver_type!r} does not apply to {solver}; leave it unset")
+            raise ValueError(
+                f"solver_type {solver_type!r} does not apply to {solver}; leave it unset"
+            )
         return "dpmsolver"
     if solver_type is None:
         return spec.variants[0]
-    canonical = VARIANT_ALIASES.get(solver_type, solver_type) if "dpmsolver" in spec.variants else solver_type
+    canonical = (
+        VARIANT_ALIASES.get(solver_type, solver_type)
+        if "dpmsolver" in spec.variants
+        else solver_type
+    )
     if canonical not in spec.variants:
-        raise ValueError(f"unknown solver_type {solver_type!r} for {solver}; choose one of {', '.join(spec.variants)}")
+        raise ValueError(
+            f"unknown solver_type {solver_type!r} for {solver}; choose one of {', '.join(spec.variants)}"
+        )
     return canonical

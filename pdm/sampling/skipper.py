@@ -19,7 +19,9 @@ from torch import Tensor
 from pdm.sampling.skipping import CRITERION_CLASSES, AdaptiveSkip, FixedSkip
 from pdm.sampling.solvers import TimePoint
 
-RawCall = Callable[[Tensor, TimePoint, Tensor], Tensor]  # (x, point, rows) -> the model's raw output of rows
+RawCall = Callable[
+    [Tensor, TimePoint, Tensor], Tensor
+]  # (x, point, rows) -> the model's raw output of rows
 Convert = Callable[[Tensor, Tensor, TimePoint], Tensor]  # (raw, x, point) -> solver-form output
 
 
@@ -54,7 +56,9 @@ class OutputHistory:
         if self.values is None:
             raise RuntimeError("call start(batch_like) before push")
         self.values[:, rows] = torch.cat([self.values[1:, rows], values[None]])
-        self.lams[:, rows] = torch.cat([self.lams[1:, rows], lam.to(self.lams.dtype).expand(1, rows.numel())])
+        self.lams[:, rows] = torch.cat(
+            [self.lams[1:, rows], lam.to(self.lams.dtype).expand(1, rows.numel())]
+        )
         self.count[rows] += 1
 
     def start(self, like: Tensor) -> None:
@@ -71,7 +75,9 @@ class OutputHistory:
             sel = torch.nonzero(eff == p).flatten()
             if sel.numel():
                 r = rows[sel]
-                out[sel] = lagrange_extrapolate(self.lams[-p - 1:, r], self.values[-p - 1:, r], lam)
+                out[sel] = lagrange_extrapolate(
+                    self.lams[-p - 1 :, r], self.values[-p - 1 :, r], lam
+                )
         return out
 
 
@@ -84,14 +90,23 @@ class Skipper:
         convert: ``convert(raw, x, point)``, the model's raw output as the solver consumes it.
     """
 
-    def __init__(self, config: AdaptiveSkip | FixedSkip | None, batch: int, device: torch.device,
-                 convert: Convert) -> None:
+    def __init__(
+        self,
+        config: AdaptiveSkip | FixedSkip | None,
+        batch: int,
+        device: torch.device,
+        convert: Convert,
+    ) -> None:
         self.config, self.batch, self.device, self.convert = config, batch, device, convert
         self.fill = None if config is None else config.fill
         order = 0 if config is None else config.forecast_order
         self.history = OutputHistory(order + 1) if self.fill == "forecast" else None
         self.raw_cache: Tensor | None = None  # last raw output of every sample (reuse fill)
-        self.criterion = CRITERION_CLASSES[config.criterion](config) if isinstance(config, AdaptiveSkip) else None
+        self.criterion = (
+            CRITERION_CLASSES[config.criterion](config)
+            if isinstance(config, AdaptiveSkip)
+            else None
+        )
         self.streak = torch.zeros(batch, dtype=torch.long, device=device)
         self.next_mask: Tensor | None = None  # None: every sample evaluates
         self.steps_seen = 0
@@ -100,19 +115,29 @@ class Skipper:
         """(every sample's solver-form output at (x, point), which samples ran the network)."""
         mask = self.next_mask
         everyone = mask is None or self.fill is None or bool(mask.all())
-        rows = torch.arange(self.batch, device=x.device) if everyone else torch.nonzero(mask).flatten()
+        rows = (
+            torch.arange(self.batch, device=x.device) if everyone else torch.nonzero(mask).flatten()
+        )
         if everyone:
             evaluated = torch.ones(self.batch, dtype=torch.bool, device=x.device)
         else:
             evaluated = mask.clone()
         raw = call(x, point, rows)
         if self.fill == "reuse":
-            self.raw_cache = raw if self.raw_cache is None or everyone else self._scatter(self.raw_cache, rows, raw)
+            self.raw_cache = (
+                raw
+                if self.raw_cache is None or everyone
+                else self._scatter(self.raw_cache, rows, raw)
+            )
             return self.convert(self.raw_cache, x, point), evaluated
         if everyone:  # no gather: x[arange] would copy the whole batch at every evaluation
             out = self.convert(raw, x, point)
         else:
-            out = self.convert(raw, x[rows], point) if rows.numel() else x.new_zeros((0, *x.shape[1:]))
+            out = (
+                self.convert(raw, x[rows], point)
+                if rows.numel()
+                else x.new_zeros((0, *x.shape[1:]))
+            )
         if self.history is None:
             return out, evaluated
         if self.history.values is None:
@@ -124,7 +149,9 @@ class Skipper:
         full = x.new_empty(x.shape)
         full[rows] = out
         skipped = torch.nonzero(~evaluated).flatten()
-        full[skipped] = self.history.forecast(point.lambda_, self.config.forecast_order, skipped).to(x.dtype)
+        full[skipped] = self.history.forecast(
+            point.lambda_, self.config.forecast_order, skipped
+        ).to(x.dtype)
         return full, evaluated
 
     @staticmethod
@@ -133,8 +160,13 @@ class Skipper:
         out[rows] = values
         return out
 
-    def observe(self, x: Tensor, evaluated: Tensor, lam_next: Tensor | None = None,
-                weight_next: Tensor | None = None) -> None:
+    def observe(
+        self,
+        x: Tensor,
+        evaluated: Tensor,
+        lam_next: Tensor | None = None,
+        weight_next: Tensor | None = None,
+    ) -> None:
         """Take the latents after a step and decide which samples evaluate the next one.
 
         ``lam_next`` is the lambda of the coming evaluation and ``weight_next`` the weight its
@@ -146,7 +178,9 @@ class Skipper:
         if isinstance(cfg, FixedSkip):
             k = self.steps_seen
             flag = cfg.evaluate[k] if k < len(cfg.evaluate) else True
-            self.next_mask = torch.full((self.batch,), bool(flag), dtype=torch.bool, device=self.device)
+            self.next_mask = torch.full(
+                (self.batch,), bool(flag), dtype=torch.bool, device=self.device
+            )
             return
         if self.criterion is None or cfg.threshold == 0:
             return

@@ -37,7 +37,10 @@ from torch import Tensor
 
 Fill = Literal["forecast", "reuse"]
 FILLS: tuple[str, ...] = get_args(Fill)
-TOLERANCE = (0.0078, 0.05)  # DPM-Solver's adaptive (atol, rtol) for data in [-1, 1], scaled by the threshold
+TOLERANCE = (
+    0.0078,
+    0.05,
+)  # DPM-Solver's adaptive (atol, rtol) for data in [-1, 1], scaled by the threshold
 
 
 def _check_fill(fill: str, forecast_order: int) -> None:
@@ -57,8 +60,9 @@ class Criterion:
     def __init__(self, config: AdaptiveSkip) -> None:
         self.config = config
 
-    def may_skip(self, x: Tensor, skipper, lam_next: Tensor | None,
-                 weight_next: Tensor | None) -> Tensor | None:
+    def may_skip(
+        self, x: Tensor, skipper, lam_next: Tensor | None, weight_next: Tensor | None
+    ) -> Tensor | None:
         """(B,) bool: may each sample skip the evaluation at ``lam_next``, whose output enters the
         next update with ``weight_next``; None while the criterion cannot tell yet."""
         raise NotImplementedError
@@ -78,7 +82,11 @@ class LatentCriterion(Criterion):
         if len(self.latents) < 2:
             return None
         delta = (self.latents[1] - self.latents[0]).abs()
-        d_k = delta.flatten(1).mean(dim=1) if self.config.per_sample else delta.mean().expand(skipper.batch)
+        d_k = (
+            delta.flatten(1).mean(dim=1)
+            if self.config.per_sample
+            else delta.mean().expand(skipper.batch)
+        )
         self.diffs = (self.diffs + [d_k.to(torch.float64)])[-3:]
         if len(self.diffs) < 3:
             return None
@@ -142,21 +150,36 @@ class AdaptiveSkip:
         if self.max_skips < 0:
             raise ValueError(f"max_skips must be >= 0, got {self.max_skips}")
         if self.warmup < 4:
-            raise ValueError(f"skip warmup must be at least 4 steps (the criteria need three steps after the initial "
-                             f"noise), got {self.warmup}")
+            raise ValueError(
+                f"skip warmup must be at least 4 steps (the criteria need three steps after the initial "
+                f"noise), got {self.warmup}"
+            )
         if self.criterion not in CRITERION_CLASSES:
-            raise ValueError(f"unknown skip criterion {self.criterion!r}; choose one of {', '.join(CRITERION_CLASSES)}")
+            raise ValueError(
+                f"unknown skip criterion {self.criterion!r}; choose one of {', '.join(CRITERION_CLASSES)}"
+            )
         _check_fill(self.fill, self.forecast_order)
         if self.criterion == "error" and not 1 <= self.forecast_order < self.warmup:
-            raise ValueError(f"the error criterion compares forecasts of orders p and p-1: forecast_order must be "
-                             f"1..{self.warmup - 1}, got {self.forecast_order}")
+            raise ValueError(
+                f"the error criterion compares forecasts of orders p and p-1: forecast_order must be "
+                f"1..{self.warmup - 1}, got {self.forecast_order}"
+            )
 
     @classmethod
-    def official(cls, threshold: float = 0.01, max_skips: int = 4, warmup: int = 4,
-                 per_sample: bool = True) -> AdaptiveSkip:
+    def official(
+        cls, threshold: float = 0.01, max_skips: int = 4, warmup: int = 4, per_sample: bool = True
+    ) -> AdaptiveSkip:
         """AdaptiveDiffusion as published: the latent criterion and reuse of the last output.
         With ``per_sample=False`` it makes the official (batch-shared) decisions exactly."""
-        return cls(threshold, max_skips, warmup, per_sample, criterion="latent", fill="reuse", forecast_order=0)
+        return cls(
+            threshold,
+            max_skips,
+            warmup,
+            per_sample,
+            criterion="latent",
+            fill="reuse",
+            forecast_order=0,
+        )
 
 
 @dataclass(frozen=True)
@@ -172,7 +195,9 @@ class FixedSkip:
 
     def __post_init__(self) -> None:
         if not self.evaluate or not self.evaluate[0]:
-            raise ValueError("a skip pattern must evaluate the first step (there is no earlier output to reuse)")
+            raise ValueError(
+                "a skip pattern must evaluate the first step (there is no earlier output to reuse)"
+            )
         object.__setattr__(self, "evaluate", tuple(bool(e) for e in self.evaluate))
         _check_fill(self.fill, self.forecast_order)
 

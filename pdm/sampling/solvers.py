@@ -39,8 +39,13 @@ class TimePoint:
     def at(cls, schedule: VPSchedule, t: Tensor) -> TimePoint:
         """The coefficients of the scalar time ``t`` (a 0-d tensor) in ``t``'s dtype."""
         log_alpha = schedule.log_alpha(t)
-        return cls(t=t, alpha=torch.exp(log_alpha), sigma=schedule.sigma(t), log_alpha=log_alpha,
-                   lambda_=schedule.lambda_(t))
+        return cls(
+            t=t,
+            alpha=torch.exp(log_alpha),
+            sigma=schedule.sigma(t),
+            log_alpha=log_alpha,
+            lambda_=schedule.lambda_(t),
+        )
 
 
 class ExpStep:
@@ -60,7 +65,12 @@ class ExpStep:
             self.phi_1 = torch.expm1(-h)
             self.phi_2 = self.phi_1 / h + 1.0
         else:
-            self.ratio, self.scale, self.hh, self.sign = torch.exp(t.log_alpha - s.log_alpha), t.sigma, h, -1.0
+            self.ratio, self.scale, self.hh, self.sign = (
+                torch.exp(t.log_alpha - s.log_alpha),
+                t.sigma,
+                h,
+                -1.0,
+            )
             self.phi_1 = torch.expm1(h)
             self.phi_2 = self.phi_1 / h - 1.0
         self.phi_3 = self.phi_2 / h - 0.5
@@ -72,13 +82,20 @@ class ExpStep:
 
 # --- DPM-Solver(++) -------------------------------------------------------------------------------
 
+
 def first_order_update(x: Tensor, s: TimePoint, t: TimePoint, m_s: Tensor, data: bool) -> Tensor:
     """DDIM / DPM-Solver-1 from s to t with the output m_s at s."""
     return ExpStep(s, t, data).first_order(x, m_s)
 
 
-def multistep_second_update(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor],
-                            data: bool, solver_type: str) -> Tensor:
+def multistep_second_update(
+    x: Tensor,
+    points: Sequence[TimePoint],
+    t: TimePoint,
+    outputs: Sequence[Tensor],
+    data: bool,
+    solver_type: str,
+) -> Tensor:
     """Multistep DPM-Solver(++)-2M from the last two outputs (at points[-1] and points[-2])."""
     s0, s1 = points[-1], points[-2]
     m0, m1 = outputs[-1], outputs[-2]
@@ -90,8 +107,9 @@ def multistep_second_update(x: Tensor, points: Sequence[TimePoint], t: TimePoint
     return step.first_order(x, m0) + step.sign * step.scale * step.phi_2 * d1
 
 
-def multistep_third_update(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor],
-                           data: bool) -> Tensor:
+def multistep_third_update(
+    x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor], data: bool
+) -> Tensor:
     """Multistep DPM-Solver(++)-3M from the last three outputs."""
     s0, s1, s2 = points[-1], points[-2], points[-3]
     m0, m1, m2 = outputs[-1], outputs[-2], outputs[-3]
@@ -101,14 +119,26 @@ def multistep_third_update(x: Tensor, points: Sequence[TimePoint], t: TimePoint,
     d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
     d2 = (d1_0 - d1_1) / (r0 + r1)
-    return step.first_order(x, m0) + step.sign * step.scale * step.phi_2 * d1 - step.scale * step.phi_3 * d2
+    return (
+        step.first_order(x, m0)
+        + step.sign * step.scale * step.phi_2 * d1
+        - step.scale * step.phi_3 * d2
+    )
 
 
 ModelAt = Callable[[Tensor, TimePoint], Tensor]
 
 
-def singlestep_second_update(x: Tensor, s: TimePoint, s1: TimePoint, t: TimePoint, m_s: Tensor, model_at: ModelAt,
-                             data: bool, solver_type: str) -> tuple[Tensor, list[Tensor]]:
+def singlestep_second_update(
+    x: Tensor,
+    s: TimePoint,
+    s1: TimePoint,
+    t: TimePoint,
+    m_s: Tensor,
+    model_at: ModelAt,
+    data: bool,
+    solver_type: str,
+) -> tuple[Tensor, list[Tensor]]:
     """Singlestep DPM-Solver(++)-2 (2206.00927 Alg. 1): one extra evaluation at s1 in (s, t).
 
     Returns x_t and the outputs [m_s, m_s1].
@@ -119,13 +149,24 @@ def singlestep_second_update(x: Tensor, s: TimePoint, s1: TimePoint, t: TimePoin
     if solver_type == "dpmsolver":
         x_t = step.first_order(x, m_s) - (0.5 / r1) * step.scale * step.phi_1 * (m_s1 - m_s)
     else:
-        x_t = step.first_order(x, m_s) + step.sign * (1.0 / r1) * step.scale * step.phi_2 * (m_s1 - m_s)
+        x_t = step.first_order(x, m_s) + step.sign * (1.0 / r1) * step.scale * step.phi_2 * (
+            m_s1 - m_s
+        )
     return x_t, [m_s, m_s1]
 
 
-def singlestep_third_update(x: Tensor, s: TimePoint, s1: TimePoint, s2: TimePoint, t: TimePoint, m_s: Tensor,
-                            model_at: ModelAt, data: bool, solver_type: str,
-                            m_s1: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+def singlestep_third_update(
+    x: Tensor,
+    s: TimePoint,
+    s1: TimePoint,
+    s2: TimePoint,
+    t: TimePoint,
+    m_s: Tensor,
+    model_at: ModelAt,
+    data: bool,
+    solver_type: str,
+    m_s1: Tensor | None = None,
+) -> tuple[Tensor, list[Tensor]]:
     """Singlestep DPM-Solver(++)-3 (2206.00927 Alg. 2): evaluations at s1 and s2 in (s, t).
 
     ``m_s1`` may be given when it is already known (the adaptive solver's lower-order try).
@@ -137,15 +178,23 @@ def singlestep_third_update(x: Tensor, s: TimePoint, s1: TimePoint, s2: TimePoin
     if m_s1 is None:
         m_s1 = model_at(ExpStep(s, s1, data).first_order(x, m_s), s1)
     to_s2 = ExpStep(s, s2, data)
-    x_s2 = to_s2.first_order(x, m_s) + to_s2.sign * (r2 / r1) * to_s2.scale * to_s2.phi_2 * (m_s1 - m_s)
+    x_s2 = to_s2.first_order(x, m_s) + to_s2.sign * (r2 / r1) * to_s2.scale * to_s2.phi_2 * (
+        m_s1 - m_s
+    )
     m_s2 = model_at(x_s2, s2)
     if solver_type == "dpmsolver":
-        x_t = step.first_order(x, m_s) + step.sign * (1.0 / r2) * step.scale * step.phi_2 * (m_s2 - m_s)
+        x_t = step.first_order(x, m_s) + step.sign * (1.0 / r2) * step.scale * step.phi_2 * (
+            m_s2 - m_s
+        )
     else:
         d1_0, d1_1 = (m_s1 - m_s) / r1, (m_s2 - m_s) / r2
         d1 = (r2 * d1_0 - r1 * d1_1) / (r2 - r1)
         d2 = 2.0 * (d1_1 - d1_0) / (r2 - r1)
-        x_t = step.first_order(x, m_s) + step.sign * step.scale * step.phi_2 * d1 - step.scale * step.phi_3 * d2
+        x_t = (
+            step.first_order(x, m_s)
+            + step.sign * step.scale * step.phi_2 * d1
+            - step.scale * step.phi_3 * d2
+        )
     return x_t, [m_s, m_s1, m_s2]
 
 
@@ -168,6 +217,7 @@ def singlestep_orders(steps: int, order: int) -> list[int]:
 
 
 # --- UniPC (Zhao et al. 2023, arXiv 2302.04867), data form ---------------------------------------
+
 
 def _unipc_system(rks: Tensor, step: ExpStep, variant: str) -> tuple[Tensor, Tensor, Tensor]:
     """R (powers of the ratios r_k), b and B(h) of UniPC's order conditions (Alg. 1-3 of the paper).
@@ -207,8 +257,15 @@ def _combine(x: Tensor, ratio: Tensor, terms: Sequence[tuple[Tensor, Tensor]]) -
     return out
 
 
-def _unipc_step(x: Tensor, outputs: Sequence[Tensor], rhos: Tensor, rks: Sequence[Tensor], step: ExpStep, b_h: Tensor,
-                m_t: Tensor | None = None) -> Tensor:
+def _unipc_step(
+    x: Tensor,
+    outputs: Sequence[Tensor],
+    rhos: Tensor,
+    rks: Sequence[Tensor],
+    step: ExpStep,
+    b_h: Tensor,
+    m_t: Tensor | None = None,
+) -> Tensor:
     """x_t = DDIM(x, m_0) - alpha_t B(h) (sum_k rho_k D_k [+ rho_t (m_t - m_0)]), D_k = (m_k - m_0) / r_k,
     evaluated as one linear combination of x and the outputs (the difference form costs two
     passes over the batch per term; this one, one)."""
@@ -222,8 +279,14 @@ def _unipc_step(x: Tensor, outputs: Sequence[Tensor], rhos: Tensor, rks: Sequenc
     return _combine(x, step.ratio, [(c0, outputs[-1]), *terms])
 
 
-def unipc_predict(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor], order: int,
-                  variant: str) -> Tensor:
+def unipc_predict(
+    x: Tensor,
+    points: Sequence[TimePoint],
+    t: TimePoint,
+    outputs: Sequence[Tensor],
+    order: int,
+    variant: str,
+) -> Tensor:
     """The predictor UniP-p (order p) from points[-1] to t, from the last p data predictions."""
     step = ExpStep(points[-1], t, data=True)
     rks = _unipc_ratios(points, order, step.h)
@@ -235,8 +298,15 @@ def unipc_predict(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs:
     return _unipc_step(x, outputs, rhos, rks, step, b_h)
 
 
-def unipc_correct(x: Tensor, points: Sequence[TimePoint], t: TimePoint, outputs: Sequence[Tensor], m_t: Tensor,
-                  order: int, variant: str) -> Tensor:
+def unipc_correct(
+    x: Tensor,
+    points: Sequence[TimePoint],
+    t: TimePoint,
+    outputs: Sequence[Tensor],
+    m_t: Tensor,
+    order: int,
+    variant: str,
+) -> Tensor:
     """The corrector UniC-p: redo the step from points[-1] (state ``x``) to t using m_t, the
     output at the predicted point, too. It raises the order by one and costs no evaluation,
     since m_t is the output the next predictor needs anyway."""
@@ -259,7 +329,9 @@ IPNDM_COEFFICIENTS: dict[int, tuple[float, ...]] = {
 }
 
 
-def ipndm_update(x: Tensor, s: TimePoint, t: TimePoint, eps_history: Sequence[Tensor], order: int) -> Tensor:
+def ipndm_update(
+    x: Tensor, s: TimePoint, t: TimePoint, eps_history: Sequence[Tensor], order: int
+) -> Tensor:
     """One iPNDM step of the ODE dx̄/dσ̄ = eps in x̄ = x/alpha and σ̄ = sigma/alpha (DDIM eq. 14).
 
     The increment is an Adams-Bashforth combination of the last ``order`` noise predictions
@@ -272,8 +344,15 @@ def ipndm_update(x: Tensor, s: TimePoint, t: TimePoint, eps_history: Sequence[Te
 
 # --- DDPM ancestral sampling (Ho et al. 2020) ---------------------------------------------------------
 
-def ddpm_update(x: Tensor, s: TimePoint, t: TimePoint, x0: Tensor, generator: torch.Generator | None,
-                add_noise: bool = True) -> Tensor:
+
+def ddpm_update(
+    x: Tensor,
+    s: TimePoint,
+    t: TimePoint,
+    x0: Tensor,
+    generator: torch.Generator | None,
+    add_noise: bool = True,
+) -> Tensor:
     """One ancestral step from s to t < s: a draw from q(x_t | x_s, x0) with the predicted x0.
 
     With alpha_{s|t} = alpha_s / alpha_t and sigma2_{s|t} = sigma_s^2 - alpha_{s|t}^2 sigma_t^2,

@@ -59,28 +59,46 @@ class GaussianData:
             return torch.full((batch,), self.whole, dtype=torch.long)
         y = y.long().cpu()
         if ((y < 0) | (y > self.num_classes)).any():
-            raise ValueError(f"class labels must be in 0..{self.num_classes} (the last is unconditional)")
+            raise ValueError(
+                f"class labels must be in 0..{self.num_classes} (the last is unconditional)"
+            )
         return y.clamp(max=self.whole)  # the null label of guidance is the whole data set
 
     def flow(self, x: Tensor, rows: Tensor, a0: float, s0: float, a1: float, s1: float) -> Tensor:
         """The exact flow of each image's Gaussian from (alpha, sigma) = (a0, s0) to (a1, s1)."""
+
         def one(z: Tensor, r: int) -> Tensor:
             coords = z @ self.basis[r]
-            ratio = ((a1 ** 2 * self.variances[r] + s1 ** 2) / (a0 ** 2 * self.variances[r] + s0 ** 2)).sqrt()
-            rest = ((a1 ** 2 * self.residual[r] + s1 ** 2) / (a0 ** 2 * self.residual[r] + s0 ** 2)).sqrt()
-            return a1 * self.means[r] + (coords * ratio) @ self.basis[r].T + rest * (z - coords @ self.basis[r].T)
+            ratio = (
+                (a1**2 * self.variances[r] + s1**2) / (a0**2 * self.variances[r] + s0**2)
+            ).sqrt()
+            rest = ((a1**2 * self.residual[r] + s1**2) / (a0**2 * self.residual[r] + s0**2)).sqrt()
+            return (
+                a1 * self.means[r]
+                + (coords * ratio) @ self.basis[r].T
+                + rest * (z - coords @ self.basis[r].T)
+            )
+
         return self._per_row(x, rows, a0, one)
 
     def denoise(self, x: Tensor, rows: Tensor, a: float, s: float) -> Tensor:
         """E[x0 | x_t = x] under each image's Gaussian (flattened images, float64)."""
+
         def one(z: Tensor, r: int) -> Tensor:
             coords = z @ self.basis[r]
             gain = a * self.variances[r] / (a * a * self.variances[r] + s * s)
             rest = a * self.residual[r] / (a * a * self.residual[r] + s * s)
-            return self.means[r] + (coords * gain) @ self.basis[r].T + rest * (z - coords @ self.basis[r].T)
+            return (
+                self.means[r]
+                + (coords * gain) @ self.basis[r].T
+                + rest * (z - coords @ self.basis[r].T)
+            )
+
         return self._per_row(x, rows, a, one)
 
-    def _per_row(self, x: Tensor, rows: Tensor, a: float, fn: Callable[[Tensor, int], Tensor]) -> Tensor:
+    def _per_row(
+        self, x: Tensor, rows: Tensor, a: float, fn: Callable[[Tensor, int], Tensor]
+    ) -> Tensor:
         """``fn(x - a * mean, row)`` for the images of each row, reassembled in order."""
         out = torch.empty_like(x)
         for r in rows.unique().tolist():
@@ -90,9 +108,16 @@ class GaussianData:
 
     def to_dict(self) -> dict:
         """JSON-ready: arrays as base64 of little-endian float32."""
-        return {"format": GAUSSIAN_FORMAT, "shape": list(self.shape), "num_classes": self.num_classes,
-                "rank": self.basis.shape[-1], "means": _pack(self.means), "basis": _pack(self.basis),
-                "variances": _pack(self.variances), "residual": _pack(self.residual)}
+        return {
+            "format": GAUSSIAN_FORMAT,
+            "shape": list(self.shape),
+            "num_classes": self.num_classes,
+            "rank": self.basis.shape[-1],
+            "means": _pack(self.means),
+            "basis": _pack(self.basis),
+            "variances": _pack(self.variances),
+            "residual": _pack(self.residual),
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> GaussianData:
@@ -103,9 +128,14 @@ class GaussianData:
         d = math.prod(shape)
         num_classes = data.get("num_classes")
         r = (num_classes or 0) + 1
-        return cls(_unpack(data["means"], (r, d)), _unpack(data["basis"], (r, d, k)),
-                   _unpack(data["variances"], (r, k)), _unpack(data["residual"], (r,)), shape,
-                   None if num_classes is None else int(num_classes))
+        return cls(
+            _unpack(data["means"], (r, d)),
+            _unpack(data["basis"], (r, d, k)),
+            _unpack(data["variances"], (r, k)),
+            _unpack(data["residual"], (r,)),
+            shape,
+            None if num_classes is None else int(num_classes),
+        )
 
     def digest(self) -> str:
         """sha256 of the stored arrays (what a run's identity records instead of the arrays)."""
@@ -124,10 +154,14 @@ class Teleport:
     guidance_scale: float = 1.0
     rk_steps: int = 100
 
-    def __call__(self, noise: Tensor, schedule: VPSchedule, t_to: float, y: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, noise: Tensor, schedule: VPSchedule, t_to: float, y: Tensor | None = None
+    ) -> Tensor:
         if tuple(noise.shape[1:]) != self.data.shape:
-            raise ValueError(f"the teleport's Gaussian is for images of shape {self.data.shape}, "
-                             f"not {tuple(noise.shape[1:])}; calibrate it for this model")
+            raise ValueError(
+                f"the teleport's Gaussian is for images of shape {self.data.shape}, "
+                f"not {tuple(noise.shape[1:])}; calibrate it for this model"
+            )
         t0 = schedule.t_max
         if not t_to <= t0:
             raise ValueError(f"cannot teleport from t = {t0} up to t = {t_to}")
@@ -143,18 +177,25 @@ class Teleport:
             out = self._guided(x, rows, schedule, t0, t_to)
         return out.reshape(noise.shape).to(device=noise.device, dtype=noise.dtype)
 
-    def _guided(self, x: Tensor, rows: Tensor, schedule: VPSchedule, t0: float, t1: float) -> Tensor:
+    def _guided(
+        self, x: Tensor, rows: Tensor, schedule: VPSchedule, t0: float, t1: float
+    ) -> Tensor:
         """RK4 in lambda on u = x / sigma: du/dlambda = e^lambda D(x), D the guided Gaussian denoiser."""
         g, whole = self.guidance_scale, torch.full_like(rows, self.data.whole)
         lam = schedule.lambda_(torch.tensor([t0, t1], dtype=torch.float64)).tolist()
+
         def at(lam_: float) -> tuple[float, float]:
             t = schedule.t_of_lambda(torch.tensor(lam_, dtype=torch.float64))
             return float(schedule.alpha(t)), float(schedule.sigma(t))
+
         def f(lam_: float, u: Tensor) -> Tensor:
             a, s = at(lam_)
             xs = s * u
             cond, uncond = self.data.denoise(xs, rows, a, s), self.data.denoise(xs, whole, a, s)
-            return torch.exp(torch.tensor(lam_, dtype=torch.float64)) * (uncond + g * (cond - uncond))
+            return torch.exp(torch.tensor(lam_, dtype=torch.float64)) * (
+                uncond + g * (cond - uncond)
+            )
+
         h = (lam[1] - lam[0]) / self.rk_steps
         u = x / at(lam[0])[1]
         for i in range(self.rk_steps):
@@ -168,14 +209,20 @@ class Teleport:
 
     def record(self) -> dict:
         """What a teleporting path's settings say of it (its path file stores the Gaussian)."""
-        return {"guidance_scale": self.guidance_scale, "gaussian_sha256": self.data.digest(), "rk_steps": self.rk_steps}
+        return {
+            "guidance_scale": self.guidance_scale,
+            "gaussian_sha256": self.data.digest(),
+            "rk_steps": self.rk_steps,
+        }
 
     def __repr__(self) -> str:  # a run's identity records this, not the arrays
         return f"Teleport(gaussian sha256 {self.data.digest()[:16]}, guidance_scale={self.guidance_scale})"
 
 
 def _pack(t: Tensor) -> str:
-    return base64.b64encode(t.to(torch.float32).contiguous().numpy().astype("<f4").tobytes()).decode("ascii")
+    return base64.b64encode(
+        t.to(torch.float32).contiguous().numpy().astype("<f4").tobytes()
+    ).decode("ascii")
 
 
 def _unpack(text: str, shape: tuple[int, ...]) -> Tensor:
@@ -183,5 +230,7 @@ def _unpack(text: str, shape: tuple[int, ...]) -> Tensor:
 
     raw = np.frombuffer(base64.b64decode(text), dtype="<f4")
     if raw.size != int(np.prod(shape)):
-        raise ValueError(f"a stored Gaussian array has {raw.size} numbers, expected {int(np.prod(shape))}")
+        raise ValueError(
+            f"a stored Gaussian array has {raw.size} numbers, expected {int(np.prod(shape))}"
+        )
     return torch.from_numpy(raw.copy()).double().reshape(shape)

@@ -5,4 +5,14 @@ from pdm.training.ema import EMA, ema_decay
 from pdm.training.module import PDMModule
 from pdm.training.preemption import Preemption
 
-__all__ = ["DigitsFD", "EMA", "PDMModule", "Preemption", "RunCheckpoint", "SampleGrid", "ema_decay", "ema_module", "sample_images"]
+__all__ = [
+    "DigitsFD",
+    "EMA",
+    "PDMModule",
+    "Preemption",
+    "RunCheckpoint",
+    "SampleGrid",
+    "ema_decay",
+    "ema_module",
+    "sample_images",
+]

@@ -29,8 +29,15 @@ DEFAULT = Settings()  # the project's default sampler
 
 
 @torch.no_grad()
-def sample_images(module: L.LightningModule, num: int, settings: Settings | None = None, guidance_scale: float = 1.0,
-                  seed: int = 0, batch_size: int = 250, start_images: Tensor | None = None) -> tuple[Tensor, str]:
+def sample_images(
+    module: L.LightningModule,
+    num: int,
+    settings: Settings | None = None,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 250,
+    start_images: Tensor | None = None,
+) -> tuple[Tensor, str]:
     """Sample ``num`` images in [-1, 1] from a PDMModule (labels cycle through the classes) with
     ``settings`` (default: the project's default sampler).
 
@@ -69,7 +76,17 @@ def sample_images(module: L.LightningModule, num: int, settings: Settings | None
         kwargs = {}
         if net.num_classes is not None:
             kwargs["y"] = torch.arange(i, i + x.shape[0], device=x.device) % net.num_classes
-        out.append(sample(fn, x, schedule, settings, prediction=module.hparams.target, model_kwargs=kwargs, **kw).x.cpu())
+        out.append(
+            sample(
+                fn,
+                x,
+                schedule,
+                settings,
+                prediction=module.hparams.target,
+                model_kwargs=kwargs,
+                **kw,
+            ).x.cpu()
+        )
     module.train(was_training)
     return torch.cat(out), tag
 
@@ -110,16 +127,32 @@ class SampleGrid(L.Callback):
     an expert's grid name says what it shows (see :func:`sample_images`).
     """
 
-    def __init__(self, every_n_steps: int = 1000, num_samples: int = 64, steps: int = DEFAULT.steps,
-                 solver: str = DEFAULT.solver, order: int | None = None, guidance_scale: float = 1.0, seed: int = 0,
-                 scale: int = 2, skip_type: str = DEFAULT.grid) -> None:
-        self.every_n_steps, self.num_samples, self.guidance_scale, self.seed = every_n_steps, num_samples, guidance_scale, seed
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 64,
+        steps: int = DEFAULT.steps,
+        solver: str = DEFAULT.solver,
+        order: int | None = None,
+        guidance_scale: float = 1.0,
+        seed: int = 0,
+        scale: int = 2,
+        skip_type: str = DEFAULT.grid,
+    ) -> None:
+        self.every_n_steps, self.num_samples, self.guidance_scale, self.seed = (
+            every_n_steps,
+            num_samples,
+            guidance_scale,
+            seed,
+        )
         self.settings = Settings(steps=steps, solver=solver, order=order, grid=skip_type).resolved()
         self.scale = scale
         self.start_images: Tensor | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        if self.start_images is None:  # a few real images, for an expert that cannot start from noise
+        if (
+            self.start_images is None
+        ):  # a few real images, for an expert that cannot start from noise
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             self.start_images = x[: self.num_samples].detach().cpu().clone()
 
@@ -128,21 +161,31 @@ class SampleGrid(L.Callback):
         """Sample and save one grid; returns its path (rank 0 only)."""
         if not trainer.is_global_zero:
             return None
-        x, kind = sample_images(ema_module(trainer, pl_module), self.num_samples, self.settings, self.guidance_scale,
-                                self.seed, start_images=self.start_images)
+        x, kind = sample_images(
+            ema_module(trainer, pl_module),
+            self.num_samples,
+            self.settings,
+            self.guidance_scale,
+            self.seed,
+            start_images=self.start_images,
+        )
         images = to_uint8(x)
         name = tag if kind == "samples" else f"{tag}_{kind}"
         path = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"{name}.png"
         save_grid(images, path, scale=self.scale)
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_image"):
-            experiment.add_image(f"samples/{kind}", grid_image(images).transpose(2, 0, 1), trainer.global_step)
+            experiment.add_image(
+                f"samples/{kind}", grid_image(images).transpose(2, 0, 1), trainer.global_step
+            )
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         last = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else float("inf")
-        if self.every_n_steps > 0 and 0 < step < last and step % self.every_n_steps == 0:  # the end has its own
+        if (
+            self.every_n_steps > 0 and 0 < step < last and step % self.every_n_steps == 0
+        ):  # the end has its own
             self.make(trainer, pl_module, f"step_{step:07d}")
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -154,8 +197,16 @@ class DigitsFD(L.Callback):
     FD-8x8 to the real digits, next to the FD of as many real digits (the floor). Written to
     ``<log_dir>/digits_fd.json`` and logged as ``fd8x8``."""
 
-    def __init__(self, num_samples: int = 500, steps: int = DEFAULT.steps, guidance_scale: float = 1.0, seed: int = 1,
-                 solver: str = DEFAULT.solver, order: int | None = None, skip_type: str = DEFAULT.grid) -> None:
+    def __init__(
+        self,
+        num_samples: int = 500,
+        steps: int = DEFAULT.steps,
+        guidance_scale: float = 1.0,
+        seed: int = 1,
+        solver: str = DEFAULT.solver,
+        order: int | None = None,
+        skip_type: str = DEFAULT.grid,
+    ) -> None:
         self.num_samples, self.guidance_scale, self.seed = num_samples, guidance_scale, seed
         self.settings = Settings(steps=steps, solver=solver, order=order, grid=skip_type).resolved()
 
@@ -164,16 +215,33 @@ class DigitsFD(L.Callback):
 
         if not trainer.is_global_zero:
             return
-        x, _ = sample_images(ema_module(trainer, pl_module), self.num_samples, self.settings, self.guidance_scale,
-                             self.seed)
+        x, _ = sample_images(
+            ema_module(trainer, pl_module),
+            self.num_samples,
+            self.settings,
+            self.guidance_scale,
+            self.seed,
+        )
         stats, baseline = digits_fd_baseline(self.num_samples)
         fd = fid_against(digits_fd_metric(), stats, to_uint8(x))
-        result = {"fd8x8": fd, "real_vs_real_fd8x8": baseline, "num_samples": self.num_samples,
-                  "steps": self.settings.steps, "solver": self.settings.solver, "guidance_scale": self.guidance_scale,
-                  "global_step": trainer.global_step}
-        print(f"digits FD-8x8 of {self.num_samples} EMA samples: {fd:.3f} "
-              f"(real-vs-real with {self.num_samples} real digits: {baseline:.3f})")
-        atomic_write_text(Path(trainer.log_dir or trainer.default_root_dir) / "digits_fd.json", json.dumps(result, indent=1))
+        result = {
+            "fd8x8": fd,
+            "real_vs_real_fd8x8": baseline,
+            "num_samples": self.num_samples,
+            "steps": self.settings.steps,
+            "solver": self.settings.solver,
+            "guidance_scale": self.guidance_scale,
+            "global_step": trainer.global_step,
+        }
+        print(
+            f"digits FD-8x8 of {self.num_samples} EMA samples: {fd:.3f} "
+            f"(real-vs-real with {self.num_samples} real digits: {baseline:.3f})"
+        )
+        atomic_write_text(
+            Path(trainer.log_dir or trainer.default_root_dir) / "digits_fd.json",
+            json.dumps(result, indent=1),
+        )
         if trainer.logger is not None:
-            trainer.logger.log_metrics({"fd8x8": fd, "fd8x8_real_baseline": baseline}, step=trainer.global_step)
-
+            trainer.logger.log_metrics(
+                {"fd8x8": fd, "fd8x8_real_baseline": baseline}, step=trainer.global_step
+            )

@@ -32,11 +32,15 @@ class EMA(WeightAveraging):
         update_every_n_steps: update the average every n optimiser steps.
     """
 
-    def __init__(self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1) -> None:
+    def __init__(
+        self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1
+    ) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
 
-        def multi_avg_fn(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        def multi_avg_fn(
+            averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor
+        ) -> None:
             # one fused multi-tensor lerp per update instead of a Python loop over the parameters
             d = float(ema_decay(decay, int(num_averaged) - 1, warmup))
             torch._foreach_lerp_(averaged, current, 1.0 - d)
@@ -64,7 +68,9 @@ class EMA(WeightAveraging):
         alike); checkpoints store the same values either way."""
         if self._average_model is not None:
             net = getattr(pl_module, "net", pl_module)
-            self._average_model.to(memory_format=preferred_memory_format(pl_module.device, network_width(net)))
+            self._average_model.to(
+                memory_format=preferred_memory_format(pl_module.device, network_width(net))
+            )
 
     @property
     def ema_module(self) -> nn.Module | None:

@@ -90,9 +90,15 @@ class PDMModule(L.LightningModule):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         if max_nonfinite_skips < 1:
             raise ValueError(f"max_nonfinite_skips must be at least 1, got {max_nonfinite_skips}")
-        lo, hi = (0, num_timesteps - 1) if time_range is None else (int(time_range[0]), int(time_range[1]))
+        lo, hi = (
+            (0, num_timesteps - 1)
+            if time_range is None
+            else (int(time_range[0]), int(time_range[1]))
+        )
         if not 0 <= lo <= hi <= num_timesteps - 1:
-            raise ValueError(f"time_range {time_range} must satisfy 0 <= start <= end <= {num_timesteps - 1}")
+            raise ValueError(
+                f"time_range {time_range} must satisfy 0 <= start <= end <= {num_timesteps - 1}"
+            )
         self.save_hyperparameters(ignore=["net", "init_from"])
         self.hparams["net"] = {"class_path": "pdm.nn.UNet", "init_args": dict(net.config)}
         self.time_range = (lo, hi)
@@ -104,9 +110,13 @@ class PDMModule(L.LightningModule):
         label = (torch.zeros(1, dtype=torch.long),) if net.config.get("num_classes") else ()
         self.example_input_array = (torch.zeros(1, c, size, size), torch.zeros(1), *label)
         # (1 - beta) products as a buffer so they follow the module's device
-        self.register_buffer("alphas_cumprod", self.schedule.alphas_cumprod.float(), persistent=False)
+        self.register_buffer(
+            "alphas_cumprod", self.schedule.alphas_cumprod.float(), persistent=False
+        )
         self._last_batch_time: float | None = None
-        self.noise_seed: int | None = None  # set when training starts, or restored from a checkpoint
+        self.noise_seed: int | None = (
+            None  # set when training starts, or restored from a checkpoint
+        )
         self.nonfinite_skips = 0  # consecutive skipped steps
         self._skip_step = False
         if init_from is not None:
@@ -149,33 +159,54 @@ class PDMModule(L.LightningModule):
         x_t = alpha[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
         return x_t, n, eps, alpha, sigma
 
-    def drop_labels(self, y: Tensor | None, generator: torch.Generator | None = None) -> Tensor | None:
+    def drop_labels(
+        self, y: Tensor | None, generator: torch.Generator | None = None
+    ) -> Tensor | None:
         """Replace a ``label_dropout`` fraction of labels by the null label (index num_classes)."""
         if y is None or self.net.num_classes is None:
             return None
-        drop = torch.rand(y.shape, device=y.device, generator=generator) < self.hparams.label_dropout
+        drop = (
+            torch.rand(y.shape, device=y.device, generator=generator) < self.hparams.label_dropout
+        )
         return torch.where(drop, torch.full_like(y, self.net.num_classes), y)
 
-    def loss_per_sample(self, x0: Tensor, y: Tensor | None,
-                        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    def loss_per_sample(
+        self, x0: Tensor, y: Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(per-sample weighted losses, their discrete steps) for a clean batch."""
         x_t, n, eps, alpha, sigma = self.noised_batch(x0, generator)
         pred = self.net(x_t, n.float(), y)
-        loss = weighted_x0_loss(pred.float(), x0.float(), eps.float(), alpha, sigma, target=self.hparams.target,
-                                weighting=self.hparams.weighting, gamma=self.hparams.min_snr_gamma)
+        loss = weighted_x0_loss(
+            pred.float(),
+            x0.float(),
+            eps.float(),
+            alpha,
+            sigma,
+            target=self.hparams.target,
+            weighting=self.hparams.weighting,
+            gamma=self.hparams.min_snr_gamma,
+        )
         return loss, n
 
     def _split(self, batch) -> tuple[Tensor, Tensor | None]:
-        x0, y = (batch[0], batch[1] if len(batch) > 1 else None) if isinstance(batch, (list, tuple)) else (batch, None)
+        x0, y = (
+            (batch[0], batch[1] if len(batch) > 1 else None)
+            if isinstance(batch, (list, tuple))
+            else (batch, None)
+        )
         if x0.shape[-2:] != (self.net.image_size, self.net.image_size):
-            raise ValueError(f"a batch of {tuple(x0.shape[-2:])} images reached a network built for "
-                             f"{self.net.image_size}x{self.net.image_size}; make data.image_size and the network's agree")
+            raise ValueError(
+                f"a batch of {tuple(x0.shape[-2:])} images reached a network built for "
+                f"{self.net.image_size}x{self.net.image_size}; make data.image_size and the network's agree"
+            )
         return x0, (y if self.net.num_classes is not None else None)
 
     def step_generator(self, device: torch.device) -> torch.Generator:
         """The random source of this optimiser step: (noise seed, step, rank) decide it."""
         if self.noise_seed is None:
-            self.noise_seed = torch.initial_seed() % 2**62  # the run's seed (seed_everything), kept in checkpoints
+            self.noise_seed = (
+                torch.initial_seed() % 2**62
+            )  # the run's seed (seed_everything), kept in checkpoints
         seed = (self.noise_seed * 1_000_003 + self.global_step * 65_537 + self.global_rank) % 2**63
         return torch.Generator(device=device).manual_seed(seed)
 
@@ -196,11 +227,15 @@ class PDMModule(L.LightningModule):
             return None  # no backward; optimizer_step below then leaves the weights, Adam and the EMA alone
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True)
-        if self._is_logging_step():  # per-step values are only recorded on logging steps; skip the syncs otherwise
+        if (
+            self._is_logging_step()
+        ):  # per-step values are only recorded on logging steps; skip the syncs otherwise
             self._log_loss_buckets(losses, n)
             now = time.perf_counter()
             if self._last_batch_time is not None:
-                self.log("train/images_per_second", x0.shape[0] / max(now - self._last_batch_time, 1e-9))
+                self.log(
+                    "train/images_per_second", x0.shape[0] / max(now - self._last_batch_time, 1e-9)
+                )
         self._last_batch_time = time.perf_counter()
         return loss
 
@@ -237,12 +272,16 @@ class PDMModule(L.LightningModule):
         self.log("train/nonfinite_skips", float(self.nonfinite_skips))
         limit = self.hparams.get("max_nonfinite_skips", 10)
         if self.nonfinite_skips >= limit:
-            raise FloatingPointError(f"{self.nonfinite_skips} consecutive non-finite losses (the last at {where}); "
-                                     "the run does not recover: lower the learning rate. The last checkpoint is intact.")
+            raise FloatingPointError(
+                f"{self.nonfinite_skips} consecutive non-finite losses (the last at {where}); "
+                "the run does not recover: lower the learning rate. The last checkpoint is intact."
+            )
         return False
 
     def _log_loss_buckets(self, losses: Tensor, n: Tensor) -> None:
-        buckets = (n * NUM_LOSS_BUCKETS // self.hparams.num_timesteps).clamp(max=NUM_LOSS_BUCKETS - 1)
+        buckets = (n * NUM_LOSS_BUCKETS // self.hparams.num_timesteps).clamp(
+            max=NUM_LOSS_BUCKETS - 1
+        )
         for b in range(NUM_LOSS_BUCKETS):
             sel = buckets == b
             if sel.any():
@@ -256,21 +295,30 @@ class PDMModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x0, y = self._split(batch)
-        g = torch.Generator(device=x0.device).manual_seed(1000 + batch_idx)  # same noise every validation
+        g = torch.Generator(device=x0.device).manual_seed(
+            1000 + batch_idx
+        )  # same noise every validation
         loss, _ = self.loss_per_sample(x0, y, generator=g)
         self.log("val/loss", loss.mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         cls = torch.optim.AdamW if self.hparams.optimizer == "adamw" else torch.optim.Adam
         extra = {"fused": True} if self.hparams.get("fused_optimizer") else {}
-        opt = cls(self.net.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                  weight_decay=self.hparams.weight_decay, **extra)
+        opt = cls(
+            self.net.parameters(),
+            lr=self.hparams.lr,
+            betas=tuple(self.hparams.betas),
+            weight_decay=self.hparams.weight_decay,
+            **extra,
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _lr_factor(self, step: int) -> float:
         total = getattr(self._trainer, "max_steps", -1) if self._trainer is not None else -1
-        return lr_factor(step, self.hparams.warmup_steps, self.hparams.get("lr_decay", "none"), total)
+        return lr_factor(
+            step, self.hparams.warmup_steps, self.hparams.get("lr_decay", "none"), total
+        )
 
 
 def lr_factor(step: int, warmup_steps: int, lr_decay: str, max_steps: int | None) -> float:
@@ -294,16 +342,21 @@ def check_data_fits_network(data, net) -> None:
     for key, net_key in (("image_size", "image_size"), ("channels", "in_channels")):
         have, want = getattr(data, key, None), getattr(net, net_key, None)
         if have is not None and want is not None and have != want:
-            raise ValueError(f"the data has {key}={have} but the network was built for {net_key}={want}; "
-                             f"set model.net.init_args.{net_key}: {have} (or data.init_args.{key}: {want})")
+            raise ValueError(
+                f"the data has {key}={have} but the network was built for {net_key}={want}; "
+                f"set model.net.init_args.{net_key}: {have} (or data.init_args.{key}: {want})"
+            )
     classes, net_classes = getattr(data, "num_classes", None), getattr(net, "num_classes", None)
     if classes is not None and net_classes is not None and classes != net_classes:
-        raise ValueError(f"the data has {classes} classes but the network {net_classes}; "
-                         f"set model.net.init_args.num_classes: {classes}")
+        raise ValueError(
+            f"the data has {classes} classes but the network {net_classes}; "
+            f"set model.net.init_args.num_classes: {classes}"
+        )
 
 
-def _check_arguments(target: str, weighting: str, optimizer: str, label_dropout: float, lr: float,
-                     warmup_steps: int) -> None:
+def _check_arguments(
+    target: str, weighting: str, optimizer: str, label_dropout: float, lr: float, warmup_steps: int
+) -> None:
     """A ValueError naming the fix for a bad training setting, before anything is built."""
     check_target(target)
     if weighting not in WEIGHTINGS:

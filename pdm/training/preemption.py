@@ -54,7 +54,9 @@ class Preemption(L.Callback):
     def __init__(self, signals: tuple[str, ...] = SIGNALS) -> None:
         unknown = [s for s in signals if not hasattr(signal, s)]
         if unknown:
-            raise ValueError(f"unknown signal names {unknown}; use names such as {', '.join(SIGNALS)}")
+            raise ValueError(
+                f"unknown signal names {unknown}; use names such as {', '.join(SIGNALS)}"
+            )
         self.signals = tuple(signals)
         self.signum: int | None = None  # the first signal this process received
         self.agreed: int | None = None  # the signal all ranks stop for
@@ -78,23 +80,35 @@ class Preemption(L.Callback):
                 raise KeyboardInterrupt
             return
         self.signum = signum
-        launcher = getattr(self._trainer.strategy, "launcher", None) if self._trainer is not None else None
+        launcher = (
+            getattr(self._trainer.strategy, "launcher", None) if self._trainer is not None else None
+        )
         if launcher is not None and hasattr(launcher, "kill"):
-            launcher.kill(signum)  # ranks Lightning started itself get the signal too, as Lightning does
+            launcher.kill(
+                signum
+            )  # ranks Lightning started itself get the signal too, as Lightning does
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         """Every rank stops at the same step if any rank was signalled."""
         local = self.signum or 0
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (
+            trainer.world_size > 1
+            and torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+        ):
             value = torch.tensor([local], device=trainer.strategy.root_device)
             torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
             local = int(value.item())
         if local:
             self.agreed = local
-            trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException after this step
+            trainer._signal_connector.received_sigterm = (
+                True  # Lightning raises SIGTERMException after this step
+            )
 
     # --- the stop ---------------------------------------------------------------------------------
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         """Save the step reached, requeue under SLURM, and make the exit code say 'unfinished'."""
         self._restore()
         if not isinstance(exception, SIGTERMException) or self.agreed is None:
@@ -107,8 +121,11 @@ class Preemption(L.Callback):
             name = signal.Signals(signum).name
             where = f"saved {self.saved}" if self.saved else "no checkpoint callback, nothing saved"
             then = "the job is requeued" if requeued else "resume with --ckpt_path last"
-            print(f"train.py: stopped by {name} after step {trainer.global_step}; {where}; {then}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"train.py: stopped by {name} after step {trainer.global_step}; {where}; {then}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
@@ -124,23 +141,34 @@ class Preemption(L.Callback):
         """``scontrol requeue`` the job (rank 0) when SLURM's requeue signal stopped it under
         Lightning's SLURM environment with auto-requeue on."""
         env = trainer._accelerator_connector.cluster_environment
-        if not (isinstance(env, SLURMEnvironment) and env.auto_requeue and signum == env.requeue_signal):
+        if not (
+            isinstance(env, SLURMEnvironment) and env.auto_requeue and signum == env.requeue_signal
+        ):
             return False
         if not trainer.is_global_zero:
             return True
         array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
-        job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
+        job = (
+            f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+            if array_job
+            else os.environ["SLURM_JOB_ID"]
+        )
         try:
             return subprocess.call(["scontrol", "requeue", job]) == 0
         except OSError:
-            print(f"train.py: could not run `scontrol requeue {job}`; resubmit the job", file=sys.stderr)
+            print(
+                f"train.py: could not run `scontrol requeue {job}`; resubmit the job",
+                file=sys.stderr,
+            )
             return False
 
 
 def save_last(trainer: L.Trainer) -> str | None:
     """Save the trainer's state as the checkpoint callback's ``last.ckpt`` (through its own
     last-save, so its bookkeeping and atomic IO apply); the path, or None without one."""
-    callback = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)), None)
+    callback = next(
+        (cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)), None
+    )
     if callback is None:
         return None
     if getattr(callback, "dirpath", None) is None and hasattr(callback, "folder"):

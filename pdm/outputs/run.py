@@ -1,0 +1,212 @@
+"""Making a sampling run's images: per-image noise, the shards of one invocation, Ctrl-C.
+
+Image i's noise and label depend on (seed, i) only, so the batch size, an interruption or a
+split over processes or machines never changes the images (:mod:`pdm.outputs.folder` keeps the
+shards of all of them apart or together).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pdm.atomic import WriteError, atomic_write_text, file_sha256
+from pdm.images import to_uint8
+from pdm.outputs.folder import (
+    hash_path,
+    is_recorded,
+    prepare_out,
+    save_npz,
+    shard_paths,
+    shard_state,
+    write_manifest,
+)
+
+
+def noise_and_label(
+    seed: int, index: int, shape: tuple[int, ...], num_classes: int | None, labels: list[int] | None
+) -> tuple[torch.Tensor, int]:
+    """The starting noise and label of image ``index``: a function of (seed, index) only."""
+    g = torch.Generator().manual_seed((seed << 32) + index)
+    noise = torch.randn(shape, generator=g)
+    if num_classes is None:
+        return noise, -1
+    if labels:
+        return noise, labels[index % len(labels)]
+    return noise, int(torch.randint(0, num_classes, (1,), generator=g))
+
+
+def make_shard(
+    path: Path,
+    indices: range,
+    shape: tuple[int, ...],
+    num_classes: int | None,
+    seed: int,
+    labels: list[int] | None,
+    batch_size: int,
+    device: torch.device,
+    sample_batch: Callable[[torch.Tensor, dict], Any],
+) -> int:
+    """Sample the images ``indices`` batch by batch and write them as one shard; returns their count.
+
+    ``sample_batch(noise, model_kwargs)`` returns a :class:`pdm.sampling.SampleResult`.
+    """
+    images, shard_labels, nfes, masks, seconds = [], [], [], [], 0.0
+    for b0 in range(indices.start, indices.stop, batch_size):
+        idx = range(b0, min(b0 + batch_size, indices.stop))
+        pairs = [noise_and_label(seed, i, shape, num_classes, labels) for i in idx]
+        noise = torch.stack([p[0] for p in pairs]).to(device)
+        kwargs = (
+            {"y": torch.tensor([p[1] for p in pairs], device=device)}
+            if num_classes is not None
+            else {}
+        )
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            res = sample_batch(noise, kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
+        images.append(to_uint8(res.x))
+        shard_labels += [p[1] for p in pairs]
+        nfes.append(res.nfe_per_sample.cpu().numpy())
+        masks.append(res.evaluated.cpu().numpy().T)
+        print(f"images {idx.stop}/{indices.stop}  nfe {res.nfe:.2f}", file=sys.stderr, flush=True)
+    save_npz(
+        path,
+        {
+            "images": np.concatenate(images),
+            "labels": np.asarray(shard_labels, dtype=np.int64),
+            "nfe": np.concatenate(nfes),
+            "evaluated": np.concatenate(masks),
+            "seconds": np.float64(seconds),
+        },
+    )
+    atomic_write_text(
+        hash_path(path), file_sha256(str(path)) + "\n"
+    )  # the shard counts as finished from here
+    return len(indices)
+
+
+class Interrupt:
+    """SIGINT handling that cannot be lost: the handler records the interrupt before raising
+    KeyboardInterrupt, and every batch checks the record. (Python swallows an exception raised
+    while a finalizer runs, so a bare handler would let such a Ctrl-C pass unnoticed.) Once the
+    run has claimed its shards it knows them, so the exit message can say what was kept."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self.run: Run | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt if an interrupt arrived (even one swallowed on the way)."""
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def kept(self, out: str) -> str:
+        """What an interrupted run leaves in ``out``, in words."""
+        if self.run is None:
+            return "interrupted before any image was made; nothing was written"
+        paths = [self.run.paths[k] for k in self.run.mine]
+        done = sum(map(is_recorded, paths))
+        if done == 0:
+            return f"interrupted before the first shard was finished; no images kept in {out}"
+        return (
+            f"interrupted; {done} of {len(paths)} shards are finished in {out} ({self.run.made} made by this "
+            "run); re-run the same command to resume"
+        )
+
+
+class Run:
+    """One invocation's part of a sampling run's folder: the shards it owns (every
+    ``num_shards``-th from ``shard_index``), which of them are unfinished, and the loop that makes
+    them. Under torchrun or srun (``launch``) rank 0 prepares the folder and the ranks deal the
+    unfinished shards out round-robin."""
+
+    def __init__(
+        self,
+        out: Path,
+        num_samples: int,
+        shard_size: int,
+        num_shards: int,
+        shard_index: int,
+        launch,
+    ) -> None:
+        self.out, self.num_samples, self.shard_size, self.launch = (
+            out,
+            num_samples,
+            shard_size,
+            launch,
+        )
+        self.num_shards, self.shard_index = num_shards, shard_index
+        self.paths = shard_paths(out, num_samples, shard_size)
+        self.mine = [k for k in range(len(self.paths)) if k % num_shards == shard_index]
+        self.todo: list[int] = []
+        self.made = 0
+
+    def claim(self, identity: dict, overwrite: bool, ckpt_files: list[str], info: dict) -> None:
+        """Rank 0 makes the folder this run's (or refuses, for every rank) and reads which shards
+        are unfinished; every rank gets the same list before any rank writes."""
+        refused, states = None, None
+        if self.launch.rank == 0:
+            try:
+                prepare_out(self.out, identity, overwrite, ckpt_files)
+                write_manifest(self.out, identity, info)
+                states = {k: shard_state(self.paths[k]) for k in self.mine}
+            except (ValueError, WriteError) as e:  # every rank stops with rank 0's one line
+                refused = str(e)
+        refused, states = self.launch.broadcast((refused, states))
+        if refused is not None:
+            raise ValueError(refused)
+        self.todo = [k for k in self.mine if states[k] != "finished"]
+        if self.launch.rank == 0:
+            for k in (k for k in self.todo if states[k] == "damaged"):
+                print(
+                    f"{self.paths[k].name} does not match its recorded hash (damaged or unfinished); remaking it",
+                    file=sys.stderr,
+                )
+
+    def make(
+        self,
+        batch: Callable[[torch.Tensor, dict], Any],
+        shape: tuple[int, ...],
+        num_classes: int | None,
+        seed: int,
+        labels: list[int] | None,
+        batch_size: int,
+        device: torch.device,
+    ) -> int:
+        """Make this rank's unfinished shards with ``batch(noise, model_kwargs)``; the images made
+        by all ranks together."""
+        done = 0
+        for k in self.todo[self.launch.rank :: self.launch.world_size]:
+            indices = range(k * self.shard_size, min((k + 1) * self.shard_size, self.num_samples))
+            done += make_shard(
+                self.paths[k], indices, shape, num_classes, seed, labels, batch_size, device, batch
+            )
+            self.made += 1
+        return sum(self.launch.gather(done))
+
+    def missing(self) -> int:
+        """Shards of the whole run not yet finished (rank 0 counts; a part's run says how to merge)."""
+        if self.launch.rank != 0:
+            return 0
+        missing = sum(not is_recorded(p) for p in self.paths)  # write_outputs checks every hash
+        if missing:
+            print(
+                f"part {self.shard_index} of {self.num_shards} done: {len(self.paths) - missing} of "
+                f"{len(self.paths)} shards in {self.out}; when every part is done, join them with "
+                "`python sample.py --merge PART_DIR ... --out DIR`",
+                file=sys.stderr,
+            )
+        return missing
