@@ -35,21 +35,15 @@ from pdm.nn.runtime import COMPILE_MODES, PRECISIONS, check_compile, precision_d
 from pdm.outputs import Interrupt, Request, merge_parts, sample_to_folder
 from pdm.sampling import METHODS, SOLVERS, AdaptiveSkip, LearnedSchedule, ScheduleFile, Settings
 from pdm.sampling.catalog import all_variants, solver_spec
+from pdm.sampling.per_image import ESTIMATORS
 from pdm.schedule import SKIP_TYPES
 
 DEFAULT = Settings()  # the project's one default sampler
-FLAG_FIELDS = (
-    "steps",
-    "solver",
-    "order",
-    "method",
-    "grid",
-    "variant",
-)  # flags that are Settings fields
+# the flags that are Settings fields
+FLAG_FIELDS = ("steps", "solver", "order", "method", "grid", "variant", "estimator", "max_nfe")
 VARIANTS = "bh1/bh2 for UniPC, dpmsolver/taylor for DPM-Solver"
 SCHEDULE = (
-    "replay a calibrate.py schedule file ('embedded': the one in a --ckpt export); --steps N "
-    "picks its budget"
+    "replay a calibrate.py schedule file ('embedded': an export's own); --steps N: its budget"
 )
 OLD_NAMES = {"skip_path": "--schedule", "force_skip_path": "--force-schedule"}
 
@@ -82,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=all_variants(),
         help=VARIANTS,
     )
+    a(
+        "--estimator",
+        default=None,
+        choices=ESTIMATORS,
+        help="--method per_image: its error estimate",
+    )
+    a("--max-nfe", type=int, default=None, help="--method per_image: most evaluations per image")
     a("--denoise-to-zero", action="store_true", help="end with x0 at the last time (one more NFE)")
     a("--thresholding", action="store_true", help="dynamic thresholding of x0 (0.995, max 1)")
     a("--schedule", "--skip-path", dest="schedule", metavar="FILE", help=SCHEDULE)
@@ -156,6 +157,8 @@ def build_settings(
             f"--method {flags['method']} is a DPM-Solver method and the default solver is "
             f"{DEFAULT.solver}; add --solver dpmsolver++ (or dpmsolver)"
         )
+    if "estimator" in flags and flags.get("method") != "per_image":
+        raise ValueError("--estimator does nothing without --method per_image; drop it")
     settings = Settings(**flags, **extra).resolved()
     spec = solver_spec(settings.solver)
     if spec.first_order and "order" in given:

@@ -452,3 +452,28 @@ def test_calibration_holdout_scores_several_blocks_each_on_its_own(capsys, tmp_p
 
     plot_blocks(rows, ["ipndm"], tmp_path / "blocks.png", "mixture")
     assert (tmp_path / "blocks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_image_benchmark_scores_every_method_on_held_out_seeds(monkeypatch, tmp_path):
+    import benchmarks.per_image as bench_module
+    from benchmarks.common import SCORE_SEEDS, mixture_bench, per_image_rms
+
+    monkeypatch.setattr(bench_module, "PLAIN_NFES", (10, 12))
+    monkeypatch.setattr(bench_module, "SCALES", (1.0, 0.3, 0.1))
+    monkeypatch.setattr(bench_module, "_learned", lambda bench, schedule_file: {})
+    bench, seeds = mixture_bench(), list(SCORE_SEEDS[:6])
+    ref, _ = bench.reference(seeds)
+    result = bench_module.curves(bench, seeds, ref, 3, None)
+    assert set(result) == {"best plain", *bench_module.SHARED, *bench_module.PER_IMAGE}
+    per_image = result["per-image DPM-Solver-12"][0]
+    x = bench.run(
+        seeds, solver="dpmsolver++", order=2, method="per_image"
+    )  # batches of 3: per-image needs none
+    assert per_image["rms"] == pytest.approx(float(per_image_rms(x.x, ref).pow(2).mean().sqrt()))
+    assert per_image["median"] <= per_image["p90"] <= per_image["p99"] <= per_image["max"]
+    shared = result["batch-shared DPM-Solver-12"][0]
+    assert shared["nfe_max"] >= per_image["nfe_max"] or shared["nfe"] > per_image["nfe"]
+    rows = bench_module.at_equal_nfe(result)
+    assert all(10 <= float(r[2]) <= 30 for r in rows)
+    bench_module.plot({"mixture": result}, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,25 +14,34 @@ from torch import Tensor
 
 from pdm.checkpoints.reading import SAMPLING_KEYS, load_checkpoint, load_net_state
 from pdm.nn import UNet
-from pdm.nn.runtime import autocast, compile_network, place, precision_dtype
+from pdm.nn.runtime import FixedBatch, autocast, compile_network, place, precision_dtype
 from pdm.sampling import classifier_free_guidance, expert_router
 from pdm.schedule import VPSchedule, build_schedule
 
 
 def network_model_fn(
-    net: UNet, schedule: VPSchedule, compile_mode: str | None = None, batch: int | None = None
+    net: UNet,
+    schedule: VPSchedule,
+    compile_mode: str | None = None,
+    batch: int | None = None,
+    fixed_batch: bool = False,
 ) -> Callable[..., Tensor]:
     """``model_fn(x, t, y=None)`` in continuous time: the network sees the label N (t - 1/N).
 
     The network computes in its parameters' dtype (under autocast when that is bf16 or fp16, so
     reductions stay accurate) and its output comes back in x's dtype: a sampler's state and
     updates keep their own precision. ``compile_mode`` runs a ``torch.compile``d network on
-    fixed batches of ``batch`` rows (:func:`pdm.nn.runtime.compile_network`).
+    fixed batches of ``batch`` rows (:func:`pdm.nn.runtime.compile_network`); ``fixed_batch`` pads
+    an eager network's calls to ``batch`` rows too, so that a row's output never depends on how
+    many rows share its call (CPU kernels round differently at other batch sizes): what per-image
+    step control needs, whose calls hold however many images are still going.
     """
     dtype = next(net.parameters()).dtype
-    if compile_mode is not None and batch is None:
-        raise ValueError("a compiled network needs its fixed batch size")
+    if (compile_mode is not None or fixed_batch) and batch is None:
+        raise ValueError("a compiled or fixed-batch network needs its batch size")
     run = net if compile_mode is None else compile_network(net, batch, compile_mode)
+    if compile_mode is None and fixed_batch:
+        run = FixedBatch(net, batch)
 
     def fn(x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         label = schedule.label(t.double()).to(x.device, torch.float32)
@@ -109,18 +118,22 @@ def load_for_sampling(
     precision: str = "fp32",
     compile_mode: str | None = None,
     batch_size: int | None = None,
+    fixed_batch: bool = False,
 ) -> LoadedModel:
     """One checkpoint, or two expert checkpoints (high- and low-noise, in any order).
 
     ``precision`` is the networks' (``fp32``, ``bf16``, ``fp16``); ``compile_mode`` compiles
     them for batches of ``batch_size`` images (twice that under guidance, where the conditional
-    and unconditional halves share one call).
+    and unconditional halves share one call); ``fixed_batch`` pads eager calls to that size
+    (:func:`network_model_fn`).
     """
     if not 1 <= len(paths) <= 2:
         raise ValueError("pass one --ckpt, or two for a high-noise / low-noise expert pair")
     models = [load_model(p, device, precision) for p in paths]
     net_batch = None if batch_size is None else batch_size * (2 if guidance_scale != 1.0 else 1)
-    model_fn = partial(network_model_fn, compile_mode=compile_mode, batch=net_batch)
+    model_fn = partial(
+        network_model_fn, compile_mode=compile_mode, batch=net_batch, fixed_batch=fixed_batch
+    )
     first = models[0]
     n = first.schedule.num_timesteps
     if len(models) == 2:

@@ -226,8 +226,15 @@ def write_outputs(
     save_npz(out / "samples.npz", arrays)
     save_grid(images[:64], out / "grid.png", scale=2 if image_size <= 64 else 1)
     seconds = float(sum(p["seconds"] for p in parts))
+    nfe = np.concatenate([p["nfe"] for p in parts]).astype(np.float64)
     stats = {
-        "nfe": float(np.concatenate([p["nfe"] for p in parts]).mean()),
+        "nfe": float(nfe.mean()),
+        "nfe_per_image": {
+            "mean": float(nfe.mean()),
+            "p50": float(np.quantile(nfe, 0.5)),
+            "p99": float(np.quantile(nfe, 0.99)),
+            "max": float(nfe.max()),
+        },
         "seconds": seconds,
         "images_per_second": len(images) / seconds if seconds > 0 else None,
         "images_sampled_this_run": sampled_now,

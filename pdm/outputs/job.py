@@ -44,6 +44,10 @@ class Request:
             "precision": self.precision,
             "compile": self.compile_mode,
         }
+        if (
+            settings.method == "per_image"
+        ):  # its network calls are padded to the batch: part of the pixels
+            run["batch_size"] = self.batch_size
         return {
             "pdm_version": __version__,
             "code": code_fingerprint(),
@@ -86,6 +90,8 @@ def sample_to_folder(
             request.precision,
             request.compile_mode,
             request.batch_size,
+            fixed_batch=settings.method
+            == "per_image",  # a row's pixels never depend on its batch-mates
         )
         _check_labels(request.labels, loaded.num_classes)
         hashes = [file_sha256(p) for p in request.ckpt]
@@ -204,4 +210,27 @@ def _checked_batch(
             raise ValueError(f"sampling produced non-finite values: {hint}")
         return res
 
+    if (
+        settings.method == "per_image"
+    ):  # continuous batching: a finished image's slot takes the next
+
+        def images(items):
+            from pdm.sampling.per_image import stream
+
+            for index, x, nfe in stream(
+                loaded.model_fn,
+                loaded.schedule,
+                settings,
+                request.batch_size,
+                items,
+                loaded.prediction,
+            ):
+                check_interrupt()
+                if not bool(torch.isfinite(x).all()):
+                    raise ValueError(
+                        "sampling produced non-finite values: the checkpoint may be broken"
+                    )
+                yield index, x, nfe
+
+        batch.stream = images
     return batch

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from pdm.atomic import WriteError, atomic_write_text, file_sha256
 from pdm.images import to_uint8
@@ -53,45 +54,72 @@ def make_shard(
     device: torch.device,
     sample_batch: Callable[[torch.Tensor, dict], Any],
 ) -> int:
-    """Sample the images ``indices`` batch by batch and write them as one shard; returns their count.
+    """Sample the images ``indices`` and write them as one shard; returns their count.
 
-    ``sample_batch(noise, model_kwargs)`` returns a :class:`pdm.sampling.SampleResult`.
+    ``sample_batch(noise, model_kwargs)`` returns a :class:`pdm.sampling.SampleResult`. When it
+    has a ``stream`` attribute (per-image step control), images go through
+    ``sample_batch.stream(items)`` instead, which keeps its batch full: a slot whose image is done
+    takes the next one (:func:`pdm.sampling.per_image.stream`).
     """
-    images, shard_labels, nfes, masks, seconds = [], [], [], [], 0.0
-    for b0 in range(indices.start, indices.stop, batch_size):
-        idx = range(b0, min(b0 + batch_size, indices.stop))
-        pairs = [noise_and_label(seed, i, shape, num_classes, labels) for i in idx]
-        noise = torch.stack([p[0] for p in pairs]).to(device)
-        kwargs = (
-            {"y": torch.tensor([p[1] for p in pairs], device=device)}
-            if num_classes is not None
-            else {}
-        )
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            res = sample_batch(noise, kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - t0
+
+    def item(i: int) -> tuple[int, Tensor, dict]:
+        noise, label = noise_and_label(seed, i, shape, num_classes, labels)
+        kwargs = {"y": torch.tensor(label, device=device)} if num_classes is not None else {}
+        return i, noise.to(device), kwargs
+
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if getattr(sample_batch, "stream", None) is not None:
+            made = _streamed(sample_batch.stream, map(item, indices), indices)
+        else:
+            made = _batched(sample_batch, [item(i) for i in indices], batch_size, indices)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    label_of = [noise_and_label(seed, i, shape, num_classes, labels)[1] for i in indices]
+    arrays = {**made, "labels": np.asarray(label_of, dtype=np.int64)}
+    save_npz(path, arrays | {"seconds": np.float64(time.perf_counter() - t0)})
+    atomic_write_text(hash_path(path), file_sha256(str(path)) + "\n")  # finished from here on
+    return len(indices)
+
+
+def _batched(sample_batch: Callable, items: list, batch_size: int, indices: range) -> dict:
+    """Fixed batches of ``batch_size`` images, in order."""
+    images, nfes, masks = [], [], []
+    for b0 in range(0, len(items), batch_size):
+        part = items[b0 : b0 + batch_size]
+        noise = torch.stack([x for _, x, _ in part])
+        kwargs = {k: torch.stack([kw[k] for _, _, kw in part]) for k in part[0][2]}
+        res = sample_batch(noise, kwargs)
         images.append(to_uint8(res.x))
-        shard_labels += [p[1] for p in pairs]
         nfes.append(res.nfe_per_sample.cpu().numpy())
         masks.append(res.evaluated.cpu().numpy().T)
-        print(f"images {idx.stop}/{indices.stop}  nfe {res.nfe:.2f}", file=sys.stderr, flush=True)
-    save_npz(
-        path,
-        {
-            "images": np.concatenate(images),
-            "labels": np.asarray(shard_labels, dtype=np.int64),
-            "nfe": np.concatenate(nfes),
-            "evaluated": np.concatenate(masks),
-            "seconds": np.float64(seconds),
-        },
-    )
-    atomic_write_text(
-        hash_path(path), file_sha256(str(path)) + "\n"
-    )  # the shard counts as finished from here
-    return len(indices)
+        _say(indices.start + b0 + len(part), indices, res.nfe)
+    width = max(m.shape[1] for m in masks)  # adaptive batches take different numbers of steps
+    masks = [np.pad(m, ((0, 0), (0, width - m.shape[1]))) for m in masks]
+    return {
+        "images": np.concatenate(images),
+        "nfe": np.concatenate(nfes),
+        "evaluated": np.concatenate(masks),
+    }
+
+
+def _streamed(stream: Callable, items, indices: range) -> dict:
+    """Images as each finishes (continuous batching), put back in index order."""
+    done: dict[int, tuple[Tensor, int]] = {}
+    for index, x, nfe in stream(items):
+        done[index] = (x, nfe)
+        if len(done) % 64 == 0 or len(done) == len(indices):
+            _say(indices.start + len(done), indices, float(np.mean([n for _, n in done.values()])))
+    xs = torch.stack([done[i][0] for i in indices])
+    return {
+        "images": to_uint8(xs),
+        "nfe": np.asarray([done[i][1] for i in indices], dtype=np.int64),
+        "evaluated": np.zeros((len(indices), 0), dtype=bool),
+    }
+
+
+def _say(upto: int, indices: range, nfe: float) -> None:
+    print(f"images {upto}/{indices.stop}  nfe {nfe:.2f}", file=sys.stderr, flush=True)
 
 
 class Interrupt:

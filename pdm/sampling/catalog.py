@@ -288,7 +288,7 @@ class SolverSpec:
         return self.orders == (1,)
 
 
-ALL_METHODS = ("multistep", "singlestep", "singlestep_fixed", "adaptive")
+ALL_METHODS = ("multistep", "singlestep", "singlestep_fixed", "adaptive", "per_image")
 
 SOLVER_TABLE: dict[str, SolverSpec] = {
     spec.name: spec
@@ -336,6 +336,7 @@ SOLVER_TABLE: dict[str, SolverSpec] = {
             orders=(1, 2, 3, 4),
             default_order=4,
             data=False,
+            methods=("multistep", "per_image"),
         ),
         SolverSpec(
             "deis",

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from pdm.objectives import to_eps, to_x0
 from pdm.sampling.guidance import dynamic_threshold
-from pdm.sampling.solvers import TimePoint
+from pdm.sampling.points import TimePoint
 
 ModelFn = Callable[..., Tensor]
 

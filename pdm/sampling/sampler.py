@@ -25,6 +25,7 @@ from pdm.sampling.catalog import (
 )
 from pdm.sampling.evaluator import ModelEvaluator, Thresholding
 from pdm.sampling.methods import StepInfo, adaptive_step_size, multistep, singlestep
+from pdm.sampling.per_image import per_image
 from pdm.sampling.settings import Settings
 from pdm.sampling.skipper import Skipper
 from pdm.sampling.solvers import TimePoint, singlestep_orders
@@ -91,7 +92,7 @@ def sample(
         model_fn, prediction, solver_spec(s.solver).data, kwargs, clamp, batch, device
     )
     controller = Skipper(s.skip, batch, device, evaluate.convert)
-    steps = None if s.method == "adaptive" else grid.numel() - 1
+    steps = None if s.method in ("adaptive", "per_image") else grid.numel() - 1
     with _reporting(steps, progress, callback) as on_step:
         x, rows, grid = _integrate(
             noise, grid, schedule, s, evaluate, controller, generator, on_step
@@ -118,6 +119,9 @@ def _integrate(
     variant = s.variant or "dpmsolver"
     if s.method == "adaptive":
         return adaptive_step_size(x, grid[0], grid[-1], schedule, evaluate, s, on_step)
+    if s.method == "per_image":
+        x = per_image(x, evaluate, schedule, s, grid, lambda rounds: on_step(None))
+        return x, [], grid[[0, -1]]
     if s.method == "multistep":
         points = [TimePoint.at(schedule, t) for t in grid]
         stepper = multistep_solver(s, schedule, generator)
@@ -149,9 +153,9 @@ def _reporting(total: int | None, progress: bool, callback: Callable[[StepInfo],
 
     with tqdm(total=total, desc="sampling", leave=False, disable=not progress) as bar:
 
-        def on_step(info: StepInfo) -> None:
+        def on_step(info: StepInfo | None) -> None:
             bar.update()
-            if callback is not None:
+            if callback is not None and info is not None:  # per-image rounds are not steps
                 callback(info)
 
         yield on_step

@@ -49,7 +49,9 @@ class Settings:
         teleport: a callable carrying t_max noise to the grid's first time without the network
             (:class:`pdm.sampling.teleport.Teleport`, a learned schedule's).
         atol, rtol, h_init: tolerances and first step (in lambda) of the adaptive methods.
-        max_nfe: the adaptive methods' cap on network evaluations per image (None: no cap).
+        max_nfe: the per-image method's cap on network evaluations per image (None: no cap).
+        estimator: the per-image method's error estimate: ``singlestep`` (DPM-Solver's embedded
+            pairs) or ``multistep`` (consecutive orders over each image's own history).
     """
 
     steps: int = 20
@@ -73,6 +75,7 @@ class Settings:
     rtol: float = 0.05
     h_init: float = 0.05
     max_nfe: int | None = None
+    estimator: str = "singlestep"
 
     def __post_init__(self) -> None:
         if self.timesteps is not None and not isinstance(self.timesteps, tuple):
@@ -152,17 +155,29 @@ def _check_options(s: Settings, order: int) -> None:
         raise ValueError(
             "a teleport starts a fixed grid; it cannot be combined with an adaptive method"
         )
-    if s.method == "per_image" and order not in (2, 3):
-        raise ValueError(
-            "the per-image method is DPM-Solver-12 or -23 (or UniPC's predictor-corrector): use "
-            "order 2 or 3"
-        )
+    if s.method == "per_image":
+        top = 4 if s.solver == "ipndm" else 3
+        if not 2 <= order <= top:
+            raise ValueError(
+                f"the per-image method compares two consecutive orders: use order 2 to {top}, "
+                f"got {order}"
+            )
+        if s.solver == "ipndm" and s.estimator != "multistep":
+            raise ValueError(
+                "per-image iPNDM estimates its error with its own orders: use estimator='multistep'"
+            )
+    if s.estimator not in ("singlestep", "multistep"):
+        raise ValueError(f"unknown estimator {s.estimator!r}; choose singlestep or multistep")
+    if s.max_nfe is not None and s.method != "per_image":
+        raise ValueError("max_nfe caps the per-image method; use method='per_image' or drop it")
     for name in ("atol", "rtol", "h_init"):
         value = getattr(s, name)
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a positive number, got {value}")
-    if s.max_nfe is not None and s.max_nfe < 1:
-        raise ValueError(f"max_nfe must be at least 1, got {s.max_nfe}")
+    if s.max_nfe is not None and s.max_nfe < (order if s.estimator == "singlestep" else 1):
+        raise ValueError(
+            f"max_nfe must be at least {order} (one try of order {order}), got {s.max_nfe}"
+        )
 
 
 def check_settings(

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from pdm.sampling.points import TimePoint
 from pdm.sampling.skipping import CRITERION_CLASSES, AdaptiveSkip, FixedSkip
-from pdm.sampling.solvers import TimePoint
 
 RawCall = Callable[
     [Tensor, TimePoint, Tensor], Tensor

@@ -17,68 +17,11 @@ formulas below read the same in either form:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from pdm.schedule import VPSchedule
-
-
-@dataclass(frozen=True)
-class TimePoint:
-    """The marginal coefficients of one time t: alpha, sigma, log alpha and lambda."""
-
-    t: Tensor
-    alpha: Tensor
-    sigma: Tensor
-    log_alpha: Tensor
-    lambda_: Tensor
-
-    @classmethod
-    def at(cls, schedule: VPSchedule, t: Tensor) -> TimePoint:
-        """The coefficients of the scalar time ``t`` (a 0-d tensor) in ``t``'s dtype."""
-        log_alpha = schedule.log_alpha(t)
-        return cls(
-            t=t,
-            alpha=torch.exp(log_alpha),
-            sigma=schedule.sigma(t),
-            log_alpha=log_alpha,
-            lambda_=schedule.lambda_(t),
-        )
-
-
-class ExpStep:
-    """Exponential-integrator coefficients of one step s -> t in the data or the noise form.
-
-    ``first_order(x, m0)`` is DDIM / DPM-Solver-1. ``phi_1, phi_2, phi_3`` are the official
-    code's h-scaled phi functions (phi_2 = phi_1/h + 1 and phi_3 = phi_2/h - 1/2 in the data
-    form, phi_2 = phi_1/h - 1 in the noise form). ``sign`` is the sign the first difference
-    D1 carries through phi_2: + in the data form, - in the noise form (2211.01095, App. B).
-    ``hh`` is the signed step UniPC writes its coefficients in (-h data, +h noise).
-    """
-
-    def __init__(self, s: TimePoint, t: TimePoint, data: bool) -> None:
-        self.h = h = t.lambda_ - s.lambda_
-        if data:
-            self.ratio, self.scale, self.hh, self.sign = t.sigma / s.sigma, t.alpha, -h, 1.0
-            self.phi_1 = torch.expm1(-h)
-            self.phi_2 = self.phi_1 / h + 1.0
-        else:
-            self.ratio, self.scale, self.hh, self.sign = (
-                torch.exp(t.log_alpha - s.log_alpha),
-                t.sigma,
-                h,
-                -1.0,
-            )
-            self.phi_1 = torch.expm1(h)
-            self.phi_2 = self.phi_1 / h - 1.0
-        self.phi_3 = self.phi_2 / h - 0.5
-
-    def first_order(self, x: Tensor, m0: Tensor) -> Tensor:
-        """The linear part solved exactly with the model output held at m0 (DDIM)."""
-        return self.ratio * x - self.scale * self.phi_1 * m0
-
+from pdm.sampling.points import ExpStep, TimePoint
 
 # --- DPM-Solver(++) -------------------------------------------------------------------------------
 
