@@ -19,6 +19,7 @@ import sys
 import warnings
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from pdm.atomic import WriteError
@@ -57,6 +58,7 @@ class PDMCLI(LightningCLI):
         if self.subcommand != "fit":
             return
         cfg = self.config[self.subcommand]
+        _lock_run_folder(cfg)
         if cfg.get("ckpt_path") is None:
             for folder in _checkpoint_folders(cfg):
                 if os.path.isdir(folder) and any(f.endswith(".ckpt") for f in os.listdir(folder)):
@@ -80,6 +82,23 @@ class PDMCLI(LightningCLI):
         if not any(isinstance(cb, Preemption) for cb in self.trainer.callbacks):
             # SIGTERM / SIGUSR1 / SIGINT: finish the step, save last.ckpt, exit 128 + signal (requeue under SLURM)
             self.trainer.callbacks.append(Preemption())
+
+
+def _lock_run_folder(cfg) -> None:
+    """One run per folder: rank 0 holds ``<default_root_dir>/.lock`` until it exits (a run that
+    writes nothing, the smoke overlay, takes no lock)."""
+    from pdm.launch import detect
+    from pdm.locks import FolderLock
+
+    writes = cfg.trainer.get("enable_checkpointing") is not False or cfg.trainer.get(
+        "logger"
+    ) not in (False, None)
+    if writes and detect().rank == 0 and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        root = cfg.trainer.get("default_root_dir") or os.getcwd()
+        _HELD.append(FolderLock(root, "the run folder").acquire())
+
+
+_HELD: list = []  # this process's run-folder locks, released when main() returns or raises
 
 
 def _checkpoint_folders(cfg) -> list[str]:
@@ -135,6 +154,7 @@ def _check_resumable(path: str, ckpt: dict, cfg) -> None:
     cosine = (
         model.get("lr_decay") or (ckpt.get("hyper_parameters") or {}).get("lr_decay")
     ) == "cosine"
+    _check_same_settings(path, ckpt, cfg)
     if max_steps is None or max_steps < 0:
         return
     if cosine and made_for is not None and max_steps != made_for:
@@ -152,6 +172,44 @@ def _check_resumable(path: str, ckpt: dict, cfg) -> None:
             "Sample it, or train on from its weights in a new run: --model.init_from "
             f"{path} --trainer.default_root_dir NEW_FOLDER"
         )
+
+
+def _check_same_settings(path: str, ckpt: dict, cfg) -> None:
+    """A resume continues the run it resumes: a model setting that differs from the checkpoint's
+    would not be honoured (Lightning restores the checkpoint's), so it is refused, named."""
+    saved = {k: v for k, v in (ckpt.get("hyper_parameters") or {}).items() if not k.startswith("_")}
+    model = cfg.get("model")
+    now = model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
+    changed = [f"{key} {old!r} -> {new!r}" for key, old, new in _differences(saved, now)]
+    if changed:
+        raise ValueError(
+            f"{path} was trained with other settings than this command gives ({'; '.join(changed[:3])}"
+            f"{' ...' if len(changed) > 3 else ''}); a resume continues a run as it was made. Drop the "
+            f"change to resume, or train on from its weights in a new run: --model.init_from {path} "
+            "--trainer.default_root_dir NEW_FOLDER"
+        )
+
+
+def _differences(saved, now, prefix: str = ""):
+    """(dotted key, saved value, value now) where both name a setting and the values differ."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in saved:
+            if key in now:
+                yield from _differences(saved[key], now[key], f"{prefix}{key}.")
+        return
+    if _plain(saved) != _plain(now):
+        yield prefix.rstrip("."), saved, now
+
+
+def _plain(value):
+    """Numbers as floats and sequences as lists, so that 2 == 2.0 and (1, 2) == [1, 2]."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return value
 
 
 class _DropAdvertisements(logging.Filter):
@@ -201,7 +259,7 @@ def main() -> None:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False, "allow_abbrev": False},
         )
-    except (ValueError, argparse.ArgumentError, WriteError) as e:
+    except (ValueError, argparse.ArgumentError, WriteError, MisconfigurationException) as e:
         cause = e
         while cause.__cause__ is not None and isinstance(cause.__cause__, ValueError):
             cause = cause.__cause__
@@ -214,6 +272,13 @@ def main() -> None:
         hint = "; see `python train.py fit --help`" if isinstance(e, argparse.ArgumentError) else ""
         print(f"train.py: error: {message}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        _release()
+
+
+def _release() -> None:
+    while _HELD:
+        _HELD.pop().release()
 
 
 if __name__ == "__main__":

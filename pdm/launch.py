@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,7 +87,12 @@ def detect() -> Launch:
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
     for env_cls in (TorchElasticEnvironment, SLURMEnvironment):
-        if env_cls.detect():
+        with (
+            warnings.catch_warnings()
+        ):  # Lightning's "srun is available but not used" is for training
+            warnings.filterwarnings("ignore", message=r".*`srun` command is available.*")
+            found = env_cls.detect()
+        if found:
             try:
                 env = env_cls()
             except RuntimeError as e:  # e.g. srun --ntasks without --ntasks-per-node

@@ -13,6 +13,7 @@ ARCHITECTURE = PDM.parent / "ARCHITECTURE.md"
 # ARCHITECTURE.md's table, top to bottom: a room imports only from rooms above it
 ROOMS = (
     "pdm.atomic",
+    "pdm.locks",
     "pdm.cli",
     "pdm.launch",
     "pdm.images",

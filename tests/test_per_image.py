@@ -94,6 +94,21 @@ def test_an_image_does_not_depend_on_its_batch_mates_or_its_slot(estimator):
         assert torch.equal(whole[i], x) and torch.equal(streamed[i], x)
 
 
+def test_model_arguments_follow_their_images():
+    # a class-conditional stand-in: the label shifts the output, so a label on the wrong row shows
+    labels = torch.arange(32) % 4
+
+    def model(x, t, y):
+        return GM.model_fn(S)(x, t) + 0.01 * y.to(x.dtype).reshape(-1, 1, 1, 1)
+
+    whole = sample(model, NOISE, S, PER_IMAGE, model_kwargs={"y": labels}).x
+    for i in (3, 10):
+        alone = sample(
+            model, NOISE[i : i + 1], S, PER_IMAGE, model_kwargs={"y": labels[i : i + 1]}
+        ).x[0]
+        assert torch.allclose(alone, whole[i], atol=1e-12)
+
+
 def test_the_batch_shared_adaptive_method_still_takes_one_step_for_all():
     res = sample(GM.model_fn(S), NOISE, S, PER_IMAGE, method="adaptive")
     assert (

@@ -35,6 +35,10 @@ def is_safetensors(path: str) -> bool:
     return 2 <= size <= os.path.getsize(path) - 8
 
 
+CHECKPOINT_FORMAT = 1  # checkpoint["pdm_format"] of the .ckpt files train.py writes
+EXPORT_VERSION = 2  # the safetensors exports' metadata "format": "pdm-ema-v2"
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
@@ -44,7 +48,7 @@ def load_checkpoint(
     path = os.fspath(path)
     if os.path.isdir(path):
         raise ValueError(
-            f"{path!r} is a folder; pass the checkpoint file inside it (e.g. {path}/checkpoints/last.ckpt)"
+            f"{path!r} is a folder; pass the checkpoint file inside it (e.g. {_example_inside(path)})"
         )
     if not os.path.isfile(path):
         raise ValueError(
@@ -73,7 +77,17 @@ def load_checkpoint(
         raise ValueError(
             f"{path!r} is not a pdm checkpoint (no state_dict); pass a .ckpt written by train.py"
         )
+    _check_version(path, int(ckpt.get("pdm_format", 1)), CHECKPOINT_FORMAT, "checkpoint format")
     return ckpt
+
+
+def _check_version(path: str, found: int, readable: int, what: str) -> None:
+    """A file written by a newer pdm is refused in one line naming the version it needs."""
+    if found > readable:
+        raise ValueError(
+            f"{path!r} was written by a newer pdm ({what} {found}; this pdm reads up to "
+            f"{readable}); upgrade pdm to read it"
+        )
 
 
 def load_safetensors(path: str) -> dict[str, Any]:
@@ -88,6 +102,8 @@ def load_safetensors(path: str) -> dict[str, Any]:
         raise ValueError(f"{path!r} is not a readable safetensors file: {e}") from None
     if "pdm_config" not in metadata:
         raise ValueError(f"{path!r} has no pdm model config; {SAFETENSORS_HINT}")
+    version = str(metadata.get("format", "pdm-ema-v1")).rpartition("-v")[2]
+    _check_version(path, int(version) if version.isdigit() else 1, EXPORT_VERSION, "export format")
     return {
         "state_dict": state,
         "hyper_parameters": json.loads(metadata["pdm_config"]),
@@ -145,3 +161,20 @@ def load_checkpoint_state(path: str) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"{path!r} holds no state dict of tensors")
     return obj
+
+
+def _example_inside(folder: str) -> str:
+    """A checkpoint file a user probably meant: the newest step file or last.ckpt in the folder (or
+    its checkpoints/ subfolder)."""
+    for where in (folder, os.path.join(folder, "checkpoints")):
+        if os.path.isdir(where):
+            found = sorted(f for f in os.listdir(where) if f.endswith((".ckpt", ".safetensors")))
+            if found:
+                steps = [f for f in found if f.startswith("step")]
+                return os.path.join(where, (steps or found)[-1])
+    inside = (
+        folder
+        if os.path.basename(os.path.normpath(folder)) == "checkpoints"
+        else os.path.join(folder, "checkpoints")
+    )
+    return os.path.join(inside, "last.ckpt")

@@ -44,7 +44,9 @@ def _reference(args):
 
 
 def _labels(spec: str) -> np.ndarray | None:
-    """arr_1 of a samples.npz, if it has one."""
+    """arr_1 of a samples.npz (or of a sample.py output folder's), if it has one."""
+    if (Path(spec) / "samples.npz").is_file() and (Path(spec) / "run.json").is_file():
+        spec = str(Path(spec) / "samples.npz")
     if not spec.endswith(".npz"):
         return None
     with np.load(spec, allow_pickle=False) as z:

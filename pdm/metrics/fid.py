@@ -161,9 +161,12 @@ def fid_against(metric, stats: FeatureStats, images: np.ndarray, batch_size: int
 
 
 def load_images(path: str | os.PathLike, min_images: int = 1) -> np.ndarray:
-    """uint8 NHWC images from a ``samples.npz`` (arr_0) or a folder of image files, checked:
-    a ValueError names what is wrong and how to fix it."""
+    """uint8 NHWC images from a ``samples.npz`` (arr_0), a sample.py output folder (its
+    samples.npz) or a folder of image files, checked: a ValueError names what is wrong and how to
+    fix it."""
     path = Path(path)
+    if path.is_dir() and (path / "samples.npz").is_file() and (path / "run.json").is_file():
+        path = path / "samples.npz"  # a sample.py output folder: its samples, not its grid.png
     if path.is_file() and path.suffix == ".npz":
         images = _npz_images(path)
     elif path.is_dir():

@@ -25,7 +25,9 @@ import torch
 
 from pdm.atomic import atomic_write, atomic_write_text, file_sha256
 from pdm.images import save_grid
+from pdm.locks import FolderLock
 
+RUN_FORMAT = 1  # run.json's "format"; a newer one is refused by name
 PIXEL_CODE = (
     "sampling",
     "nn",
@@ -106,15 +108,15 @@ OUTPUT_FILES = ("shards", "samples.npz", "stats.json", "grid.png", "run.json")
 def prepare_out(
     out: Path, identity: dict, overwrite: bool, ckpt_files: list[str] | None = None
 ) -> None:
-    """Make ``out`` this run's: resume when its run.json matches, start afresh with ``overwrite``,
-    otherwise a ValueError naming what differs (``ckpt_files``: this run's --ckpt paths, to name a
+    """Make ``out`` this run's: start afresh with ``overwrite`` (whatever it holds), else resume
+    when its run.json matches, otherwise a ValueError naming what differs (``ckpt_files``: this run's --ckpt paths, to name a
     changed checkpoint by its file); nothing is touched then."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; choose a folder")
     held = [p for p in OUTPUT_FILES if (out / p).exists()]
     if held:
         old = read_identity(out)
-        if old == identity:
+        if old == identity and not overwrite:
             return
         if not overwrite:
             old_files = (read_info(out) or {}).get("ckpt")
@@ -141,11 +143,18 @@ def prepare_out(
 
 
 def read_identity(out: Path) -> dict | None:
-    """The identity recorded in ``out/run.json``, or None."""
+    """The identity recorded in ``out/run.json``, or None; a ValueError for a newer format."""
     try:
-        return json.loads((out / "run.json").read_text()).get("identity")
-    except (OSError, ValueError, AttributeError):
+        manifest = json.loads((out / "run.json").read_text())
+        found = int(manifest.get("format", 1))
+    except (OSError, ValueError, AttributeError, TypeError):
         return None
+    if found > RUN_FORMAT:
+        raise ValueError(
+            f"{out / 'run.json'} was written by a newer pdm (run format {found}; this pdm reads up "
+            f"to {RUN_FORMAT}); upgrade pdm, or sample into another --out"
+        )
+    return manifest.get("identity")
 
 
 def read_info(out: Path) -> dict | None:
@@ -158,9 +167,8 @@ def read_info(out: Path) -> dict | None:
 
 def write_manifest(out: Path, identity: dict, info: dict) -> None:
     """Record what produces this folder's images (before the first shard is written)."""
-    atomic_write_text(
-        out / "run.json", json.dumps({"identity": identity, "info": info}, indent=1, default=str)
-    )
+    manifest = {"format": RUN_FORMAT, "identity": identity, "info": info}
+    atomic_write_text(out / "run.json", json.dumps(manifest, indent=1, default=str))
 
 
 def shard_paths(out: Path, num_samples: int, shard_size: int) -> list[Path]:
@@ -284,6 +292,16 @@ def merge_parts(parts: list[Path], out: Path) -> dict:
             f"shard {damaged[0]} does not match its recorded hash ({len(damaged)} such); re-run that "
             "part's command to remake it, then merge"
         )
+    lock = FolderLock(out, "the output folder").acquire()
+    try:
+        return _merge_into(out, parts, identity, found, names)
+    finally:
+        lock.release()
+
+
+def _merge_into(
+    out: Path, parts: list[Path], identity: dict, found: dict, names: list[str]
+) -> dict:
     prepare_out(out, identity, overwrite=False)
     info = json.loads((parts[0] / "run.json").read_text()).get("info", {})
     write_manifest(out, identity, {**info, "merged_from": [str(p) for p in parts]})

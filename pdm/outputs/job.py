@@ -111,9 +111,12 @@ def sample_to_folder(
                 denoise_to_zero=settings.denoise_to_zero,
                 thresholding=settings.thresholding,
             )
-        return _make_and_write(
-            request, settings, loaded, hashes, launch, device, interrupt or Interrupt()
-        )
+        interrupt = interrupt or Interrupt()
+        try:
+            return _make_and_write(request, settings, loaded, hashes, launch, device, interrupt)
+        finally:  # the folder is free again, however the run ended
+            if interrupt.run is not None and interrupt.run.lock is not None:
+                interrupt.run.lock.release()
     finally:
         launch.stop()
 
@@ -192,6 +195,17 @@ def _checked_batch(
 
     def batch(noise: torch.Tensor, model_kwargs: dict):
         check_interrupt()
+        try:
+            return sample_one(noise, model_kwargs)
+        except (torch.OutOfMemoryError, RuntimeError) as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
+                raise
+            raise ValueError(
+                f"a batch of {noise.shape[0]} images does not fit in memory on {noise.device} "
+                f"({str(e).splitlines()[0][:120]}); try --batch-size {max(1, noise.shape[0] // 8)}"
+            ) from None
+
+    def sample_one(noise: torch.Tensor, model_kwargs: dict):
         res = sample(
             loaded.model_fn,
             noise,
@@ -210,9 +224,8 @@ def _checked_batch(
             raise ValueError(f"sampling produced non-finite values: {hint}")
         return res
 
-    if (
-        settings.method == "per_image"
-    ):  # continuous batching: a finished image's slot takes the next
+    # per-image step control: continuous batching, a finished image's slot takes the next one
+    if settings.method == "per_image":
 
         def images(items):
             from pdm.sampling.per_image import stream

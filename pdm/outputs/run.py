@@ -19,6 +19,7 @@ from torch import Tensor
 
 from pdm.atomic import WriteError, atomic_write_text, file_sha256
 from pdm.images import to_uint8
+from pdm.locks import FolderLock
 from pdm.outputs.folder import (
     hash_path,
     is_recorded,
@@ -53,8 +54,10 @@ def make_shard(
     batch_size: int,
     device: torch.device,
     sample_batch: Callable[[torch.Tensor, dict], Any],
+    total: int | None = None,
 ) -> int:
-    """Sample the images ``indices`` and write them as one shard; returns their count.
+    """Sample the images ``indices`` and write them as one shard; returns their count (progress
+    lines count to ``total``, the run's images, when given).
 
     ``sample_batch(noise, model_kwargs)`` returns a :class:`pdm.sampling.SampleResult`. When it
     has a ``stream`` attribute (per-image step control), images go through
@@ -70,9 +73,9 @@ def make_shard(
     t0 = time.perf_counter()
     with torch.no_grad():
         if getattr(sample_batch, "stream", None) is not None:
-            made = _streamed(sample_batch.stream, map(item, indices), indices)
+            made = _streamed(sample_batch.stream, map(item, indices), indices, total)
         else:
-            made = _batched(sample_batch, [item(i) for i in indices], batch_size, indices)
+            made = _batched(sample_batch, [item(i) for i in indices], batch_size, indices, total)
     if device.type == "cuda":
         torch.cuda.synchronize()
     label_of = [noise_and_label(seed, i, shape, num_classes, labels)[1] for i in indices]
@@ -82,7 +85,9 @@ def make_shard(
     return len(indices)
 
 
-def _batched(sample_batch: Callable, items: list, batch_size: int, indices: range) -> dict:
+def _batched(
+    sample_batch: Callable, items: list, batch_size: int, indices: range, total: int | None
+) -> dict:
     """Fixed batches of ``batch_size`` images, in order."""
     images, nfes, masks = [], [], []
     for b0 in range(0, len(items), batch_size):
@@ -93,7 +98,7 @@ def _batched(sample_batch: Callable, items: list, batch_size: int, indices: rang
         images.append(to_uint8(res.x))
         nfes.append(res.nfe_per_sample.cpu().numpy())
         masks.append(res.evaluated.cpu().numpy().T)
-        _say(indices.start + b0 + len(part), indices, res.nfe)
+        _say(indices.start + b0 + len(part), total or indices.stop, res.nfe)
     width = max(m.shape[1] for m in masks)  # adaptive batches take different numbers of steps
     masks = [np.pad(m, ((0, 0), (0, width - m.shape[1]))) for m in masks]
     return {
@@ -103,13 +108,17 @@ def _batched(sample_batch: Callable, items: list, batch_size: int, indices: rang
     }
 
 
-def _streamed(stream: Callable, items, indices: range) -> dict:
+def _streamed(stream: Callable, items, indices: range, total: int | None) -> dict:
     """Images as each finishes (continuous batching), put back in index order."""
     done: dict[int, tuple[Tensor, int]] = {}
     for index, x, nfe in stream(items):
         done[index] = (x, nfe)
         if len(done) % 64 == 0 or len(done) == len(indices):
-            _say(indices.start + len(done), indices, float(np.mean([n for _, n in done.values()])))
+            _say(
+                indices.start + len(done),
+                total or indices.stop,
+                float(np.mean([n for _, n in done.values()])),
+            )
     xs = torch.stack([done[i][0] for i in indices])
     return {
         "images": to_uint8(xs),
@@ -118,8 +127,8 @@ def _streamed(stream: Callable, items, indices: range) -> dict:
     }
 
 
-def _say(upto: int, indices: range, nfe: float) -> None:
-    print(f"images {upto}/{indices.stop}  nfe {nfe:.2f}", file=sys.stderr, flush=True)
+def _say(upto: int, total: int, nfe: float) -> None:
+    print(f"images {upto}/{total}  nfe {nfe:.2f}", file=sys.stderr, flush=True)
 
 
 class Interrupt:
@@ -181,6 +190,7 @@ class Run:
         self.mine = [k for k in range(len(self.paths)) if k % num_shards == shard_index]
         self.todo: list[int] = []
         self.made = 0
+        self.lock: FolderLock | None = None
 
     def claim(self, identity: dict, overwrite: bool, ckpt_files: list[str], info: dict) -> None:
         """Rank 0 makes the folder this run's (or refuses, for every rank) and reads which shards
@@ -188,6 +198,9 @@ class Run:
         refused, states = None, None
         if self.launch.rank == 0:
             try:
+                self.lock = FolderLock(
+                    self.out, "the output folder"
+                ).acquire()  # one run per folder
                 prepare_out(self.out, identity, overwrite, ckpt_files)
                 write_manifest(self.out, identity, info)
                 states = {k: shard_state(self.paths[k]) for k in self.mine}
@@ -197,6 +210,13 @@ class Run:
         if refused is not None:
             raise ValueError(refused)
         self.todo = [k for k in self.mine if states[k] != "finished"]
+        finished = len(self.mine) - len(self.todo)
+        if self.launch.rank == 0 and finished:
+            print(
+                f"resuming {self.out}: {finished} of {len(self.mine)} shards already finished, "
+                f"{len(self.todo)} to make",
+                file=sys.stderr,
+            )
         if self.launch.rank == 0:
             for k in (k for k in self.todo if states[k] == "damaged"):
                 print(
@@ -220,7 +240,16 @@ class Run:
         for k in self.todo[self.launch.rank :: self.launch.world_size]:
             indices = range(k * self.shard_size, min((k + 1) * self.shard_size, self.num_samples))
             done += make_shard(
-                self.paths[k], indices, shape, num_classes, seed, labels, batch_size, device, batch
+                self.paths[k],
+                indices,
+                shape,
+                num_classes,
+                seed,
+                labels,
+                batch_size,
+                device,
+                batch,
+                total=self.num_samples,
             )
             self.made += 1
         return sum(self.launch.gather(done))

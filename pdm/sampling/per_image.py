@@ -268,7 +268,7 @@ def per_image(
     """Integrate the whole batch ``noise`` with per-image step control; x at ``grid[-1]``."""
     solver = PerImageSolver(evaluate, schedule, s, noise, float(grid[0]), float(grid[-1]))
     rows = torch.arange(noise.shape[0], device=noise.device)
-    solver.start(rows, noise, {k: v for k, v in evaluate.model_kwargs.items()})
+    solver.start(rows, noise, {k: v.clone() for k, v in evaluate.model_kwargs.items()})
     rounds = 0
     while bool(solver.active.any()):
         solver.step()

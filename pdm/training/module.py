@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from pdm.checkpoints import load_checkpoint, load_net_state, network_model_fn
+from pdm.checkpoints.reading import CHECKPOINT_FORMAT
 from pdm.nn import UNet
 from pdm.nn.runtime import network_width, preferred_memory_format
 from pdm.objectives import WEIGHTINGS, Target, check_target, weighted_x0_loss
@@ -211,6 +212,7 @@ class PDMModule(L.LightningModule):
         return torch.Generator(device=device).manual_seed(seed)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["pdm_format"] = CHECKPOINT_FORMAT  # a newer pdm's files are refused by name
         checkpoint["pdm_noise_seed"] = self.noise_seed
         # the step count the learning-rate schedule decays over (train.py refuses to stretch it)
         checkpoint["pdm_max_steps"] = self.trainer.max_steps if self._trainer is not None else None
