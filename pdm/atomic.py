@@ -10,8 +10,10 @@ names the folder and its free space; the previous version of the file is untouch
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -44,8 +46,9 @@ def free_space(folder: str | os.PathLike) -> str:
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` to fill a temporary file, fsync it and rename it to ``path``.
 
-    An ``OSError`` on the way (ENOSPC, EIO, ...) becomes a :class:`WriteError` after the
-    temporary file is removed; ``path`` keeps its previous content.
+    An ``OSError`` on the way (ENOSPC, EIO, ...; also one a writer wraps in its own error type,
+    as safetensors does) becomes a :class:`WriteError` after the temporary file is removed;
+    ``path`` keeps its previous content.
     """
     path = Path(path)
     try:
@@ -64,6 +67,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         raise WriteError(_describe(path, e)) from e
+    except Exception as e:  # a writer that wraps the OS error in its own type
+        code = _wrapped_errno(e, path.parent)
+        if code is None:
+            raise
+        raise WriteError(_describe(path, OSError(code, os.strerror(code)))) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -89,3 +97,22 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+TORCH_WRITER_FAILURES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+def _wrapped_errno(e: Exception, folder: Path) -> int | None:
+    """The OS error behind a writer's own exception: safetensors says "(os error 28)"; torch.save's
+    zip writer says only "unexpected pos" or "PytorchStreamWriter failed writing file" when the
+    disk fills mid-file, so a nearly full disk is taken to be the cause. None for other errors."""
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    if found is not None:
+        return int(found.group(1))
+    if any(text in str(e) for text in TORCH_WRITER_FAILURES):
+        try:
+            full = shutil.disk_usage(folder).free < (1 << 20)
+        except OSError:
+            full = False
+        return errno.ENOSPC if full else errno.EIO
+    return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from pdm.atomic import WriteError
 from pdm.checkpoints.writing import export_official, export_safetensors
 from pdm.cli import fail, parser
 
@@ -29,7 +30,7 @@ def convert(argv: list[str]) -> None:
     args = p.parse_args(argv)
     try:
         print(export_official(args.official, args.config, args.out, args.overwrite))
-    except ValueError as e:
+    except (ValueError, WriteError) as e:
         fail("python -m pdm.checkpoints convert", str(e))
 
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         fail("python -m pdm.checkpoints", "--force does nothing without --schedule; drop it")
     try:
         print(export_safetensors(args.ckpt, args.out, args.overwrite, args.schedule, args.force))
-    except ValueError as e:
+    except (ValueError, WriteError) as e:
         fail("python -m pdm.checkpoints", str(e))
 
 

@@ -113,7 +113,12 @@ def prepare_out(
     changed checkpoint by its file); nothing is touched then."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; choose a folder")
-    held = [p for p in OUTPUT_FILES if (out / p).exists()]
+    # an empty shards/ holds nothing (a run stopped before its manifest, e.g. on a full disk)
+    held = [
+        p
+        for p in OUTPUT_FILES
+        if (out / p).exists() and not (p == "shards" and not any((out / p).iterdir()))
+    ]
     if held:
         old = read_identity(out)
         if old == identity and not overwrite:
