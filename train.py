@@ -26,6 +26,7 @@ from pdm.atomic import WriteError
 from pdm.checkpoints import AtomicCheckpointIO, training_checkpoint
 from pdm.training import PDMModule, Preemption
 from pdm.training.module import check_data_fits_network, lr_factor
+from pdm.training.preemption import catch_early_signals
 
 CHECKPOINT_CALLBACKS = (
     "pdm.training.RunCheckpoint",
@@ -251,6 +252,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
     logging.getLogger("lightning.fabric.utilities.seed").addFilter(_DropSeedLine())
     _quiet_warnings()
+    catch_early_signals()  # a scheduler's signal during start-up is acted on after the first step
     try:
         PDMCLI(
             PDMModule,
@@ -272,6 +274,9 @@ def main() -> None:
         hint = "; see `python train.py fit --help`" if isinstance(e, argparse.ArgumentError) else ""
         print(f"train.py: error: {message}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
+    except FloatingPointError as e:  # a non-finite loss: the run stops, its last checkpoint intact
+        print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         _release()
 

@@ -13,7 +13,7 @@ import sys
 
 from pdm.atomic import WriteError
 from pdm.checkpoints.writing import export_official, export_safetensors
-from pdm.cli import fail, parser
+from pdm.cli import EXIT_INTERRUPTED, fail, parser
 
 
 def convert(argv: list[str]) -> None:
@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> None:
         print(export_safetensors(args.ckpt, args.out, args.overwrite, args.schedule, args.force))
     except (ValueError, WriteError) as e:
         fail("python -m pdm.checkpoints", str(e))
+    except KeyboardInterrupt:  # the export is written atomically: nothing half-written is left
+        fail(
+            "python -m pdm.checkpoints",
+            f"interrupted; {args.out} was not written",
+            EXIT_INTERRUPTED,
+        )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+EARLY: list[int] = []  # SIGTERM / SIGUSR1 received before training started (catch_early_signals)
+
+
+def catch_early_signals() -> None:
+    """Record SIGTERM and SIGUSR1 from now on instead of dying of them: a scheduler's signal can
+    come while the job is still starting (loading data, restoring a checkpoint, compiling), before
+    :class:`Preemption` listens. It acts on them after the first step, as on any other."""
+    if not _main_thread():
+        return
+    for name in ("SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), lambda signum, frame: EARLY.append(signum))
 
 
 class Preemption(L.Callback):
@@ -73,6 +84,8 @@ class Preemption(L.Callback):
         for name in self.signals:
             num = getattr(signal, name)
             self._previous[num] = signal.signal(num, self._record)
+        if EARLY:  # a signal that came while the run was starting: stop after the first step
+            self._record(EARLY[0], None)
 
     def _record(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
