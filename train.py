@@ -155,8 +155,8 @@ def _check_resumable(path: str, ckpt: dict, cfg) -> None:
     cosine = (
         model.get("lr_decay") or (ckpt.get("hyper_parameters") or {}).get("lr_decay")
     ) == "cosine"
-    _check_same_settings(path, ckpt, cfg)
     if max_steps is None or max_steps < 0:
+        _check_same_settings(path, ckpt, cfg)
         return
     if cosine and made_for is not None and max_steps != made_for:
         lr = float(model.get("lr") or 0.0)
@@ -173,6 +173,7 @@ def _check_resumable(path: str, ckpt: dict, cfg) -> None:
             "Sample it, or train on from its weights in a new run: --model.init_from "
             f"{path} --trainer.default_root_dir NEW_FOLDER"
         )
+    _check_same_settings(path, ckpt, cfg)
 
 
 def _check_same_settings(path: str, ckpt: dict, cfg) -> None:

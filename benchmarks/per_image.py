@@ -324,6 +324,11 @@ def main(argv: list[str] | None = None) -> dict:
             )
             + "\n"
         )
+        report["results"] = results  # written after each model: a long run keeps what it finished
+        if args.json:
+            write_json(args.json, report)
+        if args.plot:
+            plot(results, args.plot)
     if args.throughput:
         rows = throughput(args.ckpt, args.batch, args.throughput, 1.0)
         report["throughput"] = rows

@@ -31,7 +31,13 @@ class FolderLock:
 
     def acquire(self) -> FolderLock:
         """Take the lock (creating the folder), or raise ValueError naming its holder."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(
+                f"cannot write to {self.what.removeprefix('the ')} {self.folder}: {e.strerror}; "
+                "choose another folder"
+            ) from None
         for _ in range(3):  # a stale lock is moved away and the creation tried again
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -103,35 +103,6 @@ def test_step_cost_builds_each_config_network_as_the_config_says():
     assert list(net.config["channel_mult"]) == [float(m) for m in cfg["channel_mult"]]
 
 
-def test_patch_ablation_trains_and_scores_each_patch_size(tmp_path, monkeypatch):
-    import json
-
-    from benchmarks import patch_ablation
-
-    monkeypatch.setattr(
-        sys,
-        "argv",
-        [
-            "patch_ablation.py",
-            "--max-steps",
-            "2",
-            "--num-samples",
-            "8",
-            "--steps",
-            "3",
-            "--patch-sizes",
-            "8",
-            "4",
-            "--out",
-            str(tmp_path),
-        ],
-    )
-    patch_ablation.main()
-    rows = json.loads((tmp_path / "patch_ablation.json").read_text())["rows"]
-    assert [r["patch_size"] for r in rows] == [8, 4] and all(r["train_steps"] == 2 for r in rows)
-    assert all(r["fd8x8"] > 0 for r in rows) and (tmp_path / "patch_ablation_P4.png").exists()
-
-
 def test_sample_throughput_compares_each_variant_with_fp32_on_the_same_noise(tmp_path, monkeypatch):
     import json
 

@@ -29,6 +29,7 @@ ROOMS = (
     "pdm.metrics",
     "pdm.outputs",
     "pdm.training",
+    "pdm.ablation",
 )
 MAX_FUNCTION_LINES = 60  # code lines, docstring excluded
 MAX_MODULE_LINES = 400

@@ -206,6 +206,8 @@ class Run:
                 states = {k: shard_state(self.paths[k]) for k in self.mine}
             except (ValueError, WriteError) as e:  # every rank stops with rank 0's one line
                 refused = str(e)
+                if self.lock is not None:
+                    self.lock.release()
         refused, states = self.launch.broadcast((refused, states))
         if refused is not None:
             raise ValueError(refused)

@@ -1,0 +1,357 @@
+"""The patch-size ablation as researchers run it: one ordinary train.py run per patch size.
+
+    python -m pdm.ablation --config configs/digits.yaml --patch-sizes 1 2 4 8 --budget steps 1000 \\
+        --root runs/ablation [--reference REF.npz] [-- TRAIN.PY OVERRIDES ...]
+
+Each P gets its own run folder ``ROOT/P{p}``: the config with only the patch size changed, and
+what it forces (the attention stays on the same levels of the U-Net, so every P has the same
+parameters), recorded in the run's own ``config.yaml``. A :class:`~pdm.training.QualityMonitor`
+scores EMA samples about ten times along each run (FD-8x8 on digits; FID against ``--reference``
+otherwise) with the step, images seen, training FLOPs and wall time. Runs resume when the command
+is re-run (``--ckpt_path auto``) and finished ones are skipped, so a pre-empted ablation goes on
+where it stopped; under SLURM, give each job one ``--only P`` and run ``--report`` once they end.
+
+Budgets, the same for every P: ``steps N`` (equal optimiser steps), ``flops F`` (equal training
+FLOPs, counted by ``torch.utils.flop_counter`` on one step of each P; the steps follow), ``time S``
+(equal seconds of training, the quality checks not counted; the learning rate does not decay, as
+no step count is fixed).
+The report, from the runs' quality logs and checkpoints: ``ROOT/ablation.md`` and ``.json`` (per P:
+parameters, step cost and memory, steps, FLOPs, seconds, best and final score),
+``ROOT/ablation.png`` (quality against steps, training FLOPs and wall time) and
+``ROOT/samples.png`` (each P's final EMA samples side by side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+BUDGETS = ("steps", "flops", "time")
+TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The driver's flags, and train.py overrides after ``--``."""
+    from pdm.cli import parser
+
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = parser(__doc__, prog="python -m pdm.ablation")
+    p.add_argument("--config", required=True, help="the training config (its P is replaced)")
+    p.add_argument("--patch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument(
+        "--budget",
+        nargs=2,
+        metavar=("KIND", "VALUE"),
+        required=True,
+        help="steps N | flops F | time SECONDS, the same for every P",
+    )
+    p.add_argument(
+        "--root", required=True, help="the ablation's folder: one run folder per P inside"
+    )
+    p.add_argument(
+        "--reference", default=None, help="reference statistics for FID (not needed on digits)"
+    )
+    p.add_argument(
+        "--feature",
+        choices=["inception", "digits"],
+        default=None,
+        help="the score's features: inception (FID; the default, needs --reference) or digits "
+        "(FD on 8x8 grey levels; the default on the embedded digits)",
+    )
+    p.add_argument("--samples", type=int, default=500, help="images per quality check")
+    p.add_argument("--checks", type=int, default=10, help="quality checks along each run")
+    p.add_argument(
+        "--max-cost",
+        type=float,
+        default=0.1,
+        help="the largest share of training time the checks may take (later checks are skipped)",
+    )
+    p.add_argument("--only", type=int, default=None, help="train this P only (one SLURM job per P)")
+    p.add_argument(
+        "--report", action="store_true", help="only write the report from the runs so far"
+    )
+    args = p.parse_args(argv)
+    if args.budget[0] not in BUDGETS:
+        raise ValueError(f"--budget {args.budget[0]!r}: choose steps, flops or time")
+    try:
+        args.value = float(args.budget[1])
+    except ValueError:
+        raise ValueError(
+            f"--budget {args.budget[0]} needs a number, got {args.budget[1]!r}"
+        ) from None
+    if args.value <= 0:
+        raise ValueError("--budget needs a positive value")
+    if args.only is not None and args.only not in args.patch_sizes:
+        raise ValueError(f"--only {args.only} is not one of --patch-sizes {args.patch_sizes}")
+    return args, extra
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except OSError:
+        raise ValueError(
+            f"--config {path} does not exist; name a training config, e.g. configs/digits.yaml"
+        ) from None
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` layered on ``base`` as LightningCLI layers configs (mappings merge, the rest replaces)."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str, extra: list[str] = ()) -> dict:
+    """The config as train.py will see it: ``path``, then the ``--config`` overlays and the dotted
+    ``--section.key=value`` overrides among ``extra`` (a ValueError names a missing file)."""
+    config = _read_yaml(path)
+    items = list(extra)
+    i = 0
+    while i < len(items):
+        flag = items[i]
+        if not flag.startswith("--"):
+            i += 1
+            continue
+        name, eq, value = flag[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(items) or items[i + 1].startswith("--"):
+                i += 1
+                continue
+            value = items[i + 1]
+            i += 1
+        i += 1
+        if name == "config":
+            config = _merge(config, _read_yaml(value))
+        elif name.split(".")[0] in ("model", "data") and "+" not in name:
+            *parents, leaf = name.split(".")
+            node = config
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = yaml.safe_load(value)
+    return config
+
+
+def net_for(config: dict, patch_size: int) -> dict:
+    """The config's network arguments at ``patch_size``: the attention kept on the same levels."""
+    net = dict(config["model"]["net"]["init_args"])
+    size, base = net["image_size"], net.get("patch_size", 1)
+    if size % patch_size:
+        raise ValueError(f"patch size {patch_size} does not divide the image size {size}")
+    levels = len(net.get("channel_mult", (1,)))
+    grid, base_grid = size // patch_size, size // base
+    if grid % 2 ** (levels - 1):
+        raise ValueError(
+            f"at patch size {patch_size} the {grid}x{grid} grid cannot be halved {levels - 1} times"
+        )
+    attention = [
+        i for i in range(levels) if base_grid // 2**i in set(net.get("attention_resolutions", ()))
+    ]
+    return {
+        **net,
+        "patch_size": patch_size,
+        "attention_resolutions": [grid // 2**i for i in attention],
+    }
+
+
+def is_digits(config: dict) -> bool:
+    """Whether the config trains on the embedded digits."""
+    return ((config.get("data") or {}).get("class_path") or "").endswith("DigitsDataModule")
+
+
+def quality_feature(config: dict, args: argparse.Namespace) -> str:
+    """The quality checks' features (see ``--feature``); a ValueError where they cannot score."""
+    feature = args.feature or ("digits" if is_digits(config) else "inception")
+    if feature == "digits" and args.reference is None and not is_digits(config):
+        raise ValueError(
+            "--feature digits on data other than the embedded digits needs --reference: compute it "
+            "with `python -m pdm.metrics ref-stats --images DATA --feature digits --out REF.npz`"
+        )
+    return feature
+
+
+def check_data(config: dict) -> None:
+    """The dataset is there (or one line naming the script that prepares it) before any run starts."""
+    import importlib
+
+    section = config.get("data") or {}
+    module, _, name = section.get("class_path", "").rpartition(".")
+    if not module:
+        return
+    data = getattr(importlib.import_module(module), name)(**(section.get("init_args") or {}))
+    data.setup("fit")
+
+
+def batch_size(config: dict) -> int:
+    """The config's batch size (per device)."""
+    return int(((config.get("data") or {}).get("init_args") or {}).get("batch_size", 64))
+
+
+def step_flops(config: dict, patch_size: int) -> int:
+    """Training FLOPs of one optimiser step at ``patch_size`` (the config's batch), counted."""
+    import torch
+
+    from pdm.metrics.cost import count_flops
+    from pdm.nn import UNet
+
+    net = UNet(**net_for(config, patch_size))
+    batch = batch_size(config)
+    c, s = net.in_channels, net.image_size
+    y = torch.zeros(batch, dtype=torch.long) if net.num_classes is not None else None
+    return count_flops(net, torch.randn(batch, c, s, s), torch.zeros(batch), y, train=True)
+
+
+SAMPLERS = ("pdm.training.SampleGrid", "pdm.training.DigitsFD")  # replaced by the quality checks
+
+
+def plan(config: dict, args: argparse.Namespace) -> dict[int, dict]:
+    """Per P: its run folder, steps (None under a time budget) and the config overlay of its run.
+
+    The overlay changes the patch size and the attention levels, sets the budget, and swaps the
+    config's sample-grid and FD callbacks for one :class:`~pdm.training.QualityMonitor` (so all
+    sampling along the run is the monitor's, kept out of the training time it measures).
+    """
+    kind, out = args.budget[0], {}
+    feature = quality_feature(config, args)
+    kept = [
+        cb
+        for cb in (config.get("trainer") or {}).get("callbacks") or []
+        if not (isinstance(cb, dict) and cb.get("class_path") in SAMPLERS)
+    ]
+    for p in args.patch_sizes:
+        net = net_for(config, p)
+        steps = None
+        if kind == "steps":
+            steps = int(args.value)
+        elif kind == "flops":
+            steps = max(1, math.ceil(args.value / step_flops(config, p)))
+        folder = Path(args.root) / f"P{p}"
+        expected = steps
+        every = None
+        if steps is None and (folder / "ablation.yaml").exists():  # a resumed run keeps its checks
+            previous = yaml.safe_load((folder / "ablation.yaml").read_text())
+            every = previous["trainer"]["callbacks"][-1]["init_args"]["every_n_steps"]
+        elif steps is None and not args.report:  # a time budget: checks spread by a measured step
+            from pdm.ablation.report import step_cost
+
+            expected = int(args.value / step_cost(config, p, iters=2)["seconds_per_step"])
+        every = every or max(1, (expected or 1000) // args.checks)
+        monitor = {
+            "every_n_steps": every,
+            "num_samples": args.samples,
+            "feature": feature,
+            "reference": args.reference,
+            "max_cost": args.max_cost,
+        }
+        trainer = {"default_root_dir": str(folder), "max_steps": steps or -1}
+        overlay = {
+            "model": {
+                "net": {
+                    "init_args": {
+                        "patch_size": p,
+                        "attention_resolutions": net["attention_resolutions"],
+                    }
+                }
+            },
+            "trainer": trainer,
+        }
+        if steps is None:  # a time budget: no step count for a decay to aim at
+            trainer["max_epochs"] = -1
+            monitor["max_train_seconds"] = args.value
+            overlay["model"]["lr_decay"] = "none"
+        trainer["callbacks"] = [
+            *kept,
+            {"class_path": "pdm.training.QualityMonitor", "init_args": monitor},
+        ]
+        out[p] = {"folder": folder, "steps": steps, "every": every, "overlay": overlay}
+    return out
+
+
+def finished(run: dict) -> bool:
+    """Whether a run reached its budget (its driver-written marker)."""
+    return (run["folder"] / "ablation_done.json").exists()
+
+
+def train(config_path: str, run: dict, extra: list[str], patch_size: int) -> None:
+    """One train.py run (resumed when its folder holds one); a failure stops the driver naming it.
+
+    The run's overlay is written to ``ROOT/P{p}/ablation.yaml`` and layered last, so train.py
+    records the config it ran in the run's own ``config.yaml``.
+    """
+    folder = run["folder"]
+    folder.mkdir(parents=True, exist_ok=True)
+    overlay = folder / "ablation.yaml"
+    overlay.write_text(yaml.safe_dump(run["overlay"], sort_keys=False))
+    cmd = [
+        sys.executable,
+        str(TRAIN_PY),
+        "fit",
+        "--config",
+        config_path,
+        *extra,
+        "--config",
+        str(overlay),
+        "--ckpt_path",
+        "auto",
+    ]
+    print(f"ablation: P = {patch_size}: {folder}", file=sys.stderr, flush=True)
+    code = subprocess.call(cmd)
+    if code != 0:
+        raise ValueError(
+            f"the run of P = {patch_size} stopped (exit {code}); run the same command again to resume "
+            "it (finished runs are skipped)"
+        )
+    (folder / "ablation_done.json").write_text(
+        json.dumps({"patch_size": patch_size, "steps": run["steps"]})
+    )
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Train what is missing, then write the report."""
+    from pdm.cli import fail
+
+    try:
+        args, extra = parse_args(argv)
+        config = load_config(args.config, extra)
+        if not args.report:
+            check_data(config)
+            if args.reference is not None:
+                from pdm.metrics import FeatureStats
+
+                FeatureStats.load(args.reference)
+        runs = plan(config, args)
+        if not args.report:
+            if args.reference is None and runs and quality_feature(config, args) == "inception":
+                print(
+                    "ablation: no --reference, so quality is not scored along the runs (the report "
+                    "gives their costs only); make one with `python -m pdm.metrics ref-stats`",
+                    file=sys.stderr,
+                )
+            for p in [args.only] if args.only is not None else args.patch_sizes:
+                if finished(runs[p]):
+                    print(f"ablation: P = {p} is finished; skipped", file=sys.stderr)
+                    continue
+                train(args.config, runs[p], extra, p)
+            if args.only is not None:
+                return None
+        from pdm.ablation.report import write_report
+
+        return write_report(config, runs, args)
+    except ValueError as e:
+        fail("python -m pdm.ablation", str(e))
+
+
+if __name__ == "__main__":
+    main()
