@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import HERE, config_module, machine, markdown_table, write_json  # noqa: E402
 from pdm.metrics import count_flops, peak_bf16_flops  # noqa: E402
-from pdm.nn.runtime import network_width, preferred_memory_format  # noqa: E402
+from pdm.nn.runtime import fuse_norms, network_width, preferred_memory_format  # noqa: E402
 
 
 def measure(name: str, batch: int, args) -> dict:
@@ -51,6 +51,8 @@ def measure(name: str, batch: int, args) -> dict:
     t_label = torch.randint(*module.time_range, (batch,), device=device).float()
     with autocast:
         flops = count_flops(net, x0, t_label, y, train=True)
+    if args.fused_norm:
+        fuse_norms(net)  # after counting: the same FLOPs (norms are not counted), fused kernels
     if args.compile and args.compile_mode == "default":
         module.compile_net()  # in place, as PDMModule(compile_network=True) does in training
     elif args.compile:
@@ -134,7 +136,7 @@ def kernel_profile(step, sync, device: torch.device, steps: int = 2) -> dict:
 
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     sync()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             step()
         sync()
@@ -159,7 +161,27 @@ def kernel_profile(step, sync, device: torch.device, steps: int = 2) -> dict:
     for e in events:
         kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + getattr(e, attr)
     top = sorted(events, key=lambda e: -getattr(e, attr))[:10]
+    # who makes the copies: the operators (with their input shapes) that dispatched copy kernels
+    by_shape = prof.key_averages(group_by_input_shape=True)
+    copies = sorted(
+        (
+            e
+            for e in by_shape
+            if e.key in ("aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy")
+            and getattr(e, attr, 0) > 0
+        ),
+        key=lambda e: -getattr(e, attr),
+    )[:8]
     return {
+        "copy_operators": [
+            {
+                "operator": e.key,
+                "input_shapes": str(e.input_shapes)[:200],
+                "share": getattr(e, attr) / total,
+                "calls_per_step": e.count / steps,
+            }
+            for e in copies
+        ],
         "device_ms_per_step": total / 1e3 / steps,
         "share_by_kind": {k: v / total for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "top_kernels": [
@@ -202,6 +224,11 @@ def main() -> None:
     )
     p.add_argument("--compile", action="store_true")
     p.add_argument(
+        "--fused-norm",
+        action="store_true",
+        help="GroupNorm + SiLU (+ scale-shift) as one fusable expression (pdm.nn.runtime.fuse_norms)",
+    )
+    p.add_argument(
         "--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"]
     )
     p.add_argument(
@@ -225,7 +252,7 @@ def main() -> None:
     )
     tag = (
         f"{args.device}_b{'-'.join(map(str, args.batch))}{layout_tag}"
-        f"{'_compile' + mode if args.compile else ''}"
+        f"{'_compile' + mode if args.compile else ''}{'_fusednorm' if args.fused_norm else ''}"
     )
     for name in args.configs:
         for batch in args.batch:

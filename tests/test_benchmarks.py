@@ -176,6 +176,7 @@ def test_sampler_overhead_times_the_network_apart_from_the_sampler(tmp_path, mon
 
 @pytest.mark.slow  # ~2 min: every stage of the GPU script, tiny, on the CPU
 def test_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
+    import json
     import os
     import subprocess
 
@@ -191,14 +192,13 @@ def test_gpu_suite_runs_every_stage_in_smoke_mode(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:]
     log = (tmp_path / "gpu_suite" / "gpu_suite.log").read_text()
     assert log.count(": exit 0 after") == 4, log[-3000:]
-    assert (tmp_path / "gpu_suite" / "sample_throughput_cpu_tiny.json").exists()
-    # sample.py itself: a compiled run with a padded last batch, equal to the eager one
-    import re
-
-    found = re.search(
-        r"sample.py fp32 on cpu: compiled vs eager, 100 images: mean \|diff\| ([0-9.]+)/255", log
-    )
-    assert found and float(found.group(1)) <= 1.0, log[-3000:]
+    results = tmp_path / "gpu_suite"
+    assert (results / "sample_throughput_cpu_tiny.json").exists()
+    assert (results / "data_pipeline.json").exists()
+    eager = json.loads((results / "train_throughput_cpu_b4.json").read_text())["rows"][0]
+    fused = json.loads((results / "train_throughput_cpu_b4_fusednorm.json").read_text())["rows"][0]
+    assert eager["flops_per_step"] == fused["flops_per_step"] > 0  # the same network and work
+    assert eager["profile"]["share_by_kind"] and "copy_operators" in fused["profile"]
 
 
 def test_calibration_holdout_scores_each_budget_against_the_best_plain_setting_on_held_out_seeds(
@@ -448,3 +448,24 @@ def test_per_image_benchmark_scores_every_method_on_held_out_seeds(monkeypatch, 
     assert all(10 <= float(r[2]) <= 30 for r in rows)
     bench_module.plot({"mixture": result}, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_pipeline_times_every_way_on_generated_datasets(tmp_path):
+    from benchmarks import data_pipeline
+
+    rows = data_pipeline.main(
+        ["--images", "4", "--repeats", "1", "--root", str(tmp_path / "data")]
+        + ["--out", str(tmp_path)]
+    )
+    ways = {(r["kind"], r["way"]) for r in rows}
+    for kind in ("folder", "folder64", "lmdb", "hf"):
+        assert {(kind, "pdm"), (kind, "torchvision decode"), (kind, "torchvision resize")} <= ways
+    assert ("folder64", "PIL draft") in ways and ("lmdb", "PIL draft") not in ways
+    assert all(r["images_per_second"] > 0 for r in rows)
+    by = {(r["kind"], r["way"]): r for r in rows}
+    assert by[("hf", "torchvision decode")]["max_diff"] == 0  # PNG is lossless: the same pixels
+    for kind in ("folder", "lmdb"):  # the same decoder family: at most one step of rounding
+        assert by[(kind, "torchvision decode")]["max_diff"] <= 1
+    # the reduced-scale JPEG decode changes pixels at 64 (that is its point), but not grossly
+    assert 0 < by[("folder64", "PIL draft")]["mean_diff"] < 8
+    assert (tmp_path / "data_pipeline.json").exists()

@@ -32,17 +32,16 @@ from pathlib import Path
 
 import yaml
 
+from pdm.ablation.configs import check_data, is_digits, load_config, net_for
+from pdm.ablation.cost import print_plan, step_cost, step_flops
+
 BUDGETS = ("steps", "flops", "time")
 TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    """The driver's flags, and train.py overrides after ``--``."""
+def _parser() -> argparse.ArgumentParser:
     from pdm.cli import parser
 
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
     p = parser(__doc__, prog="python -m pdm.ablation")
     p.add_argument("--config", required=True, help="the training config (its P is replaced)")
     p.add_argument("--patch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -78,7 +77,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument(
         "--report", action="store_true", help="only write the report from the runs so far"
     )
-    args = p.parse_args(argv)
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="only print what each run will cost (counted FLOPs, estimated GPU-hours)",
+    )
+    p.add_argument("--gpu", default="H100", help="--plan's GPU for the hours (its bf16 peak)")
+    p.add_argument(
+        "--mfu",
+        type=float,
+        default=0.3,
+        help="--plan's model FLOPs utilisation (0.3: measured for LSUN P = 4, bf16 + compile)",
+    )
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The driver's flags, and train.py overrides after ``--``."""
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    args = _parser().parse_args(argv)
     if args.budget[0] not in BUDGETS:
         raise ValueError(f"--budget {args.budget[0]!r}: choose steps, flops or time")
     try:
@@ -94,83 +113,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return args, extra
 
 
-def _read_yaml(path: str) -> dict:
-    try:
-        return yaml.safe_load(Path(path).read_text()) or {}
-    except OSError:
-        raise ValueError(
-            f"--config {path} does not exist; name a training config, e.g. configs/digits.yaml"
-        ) from None
-
-
-def _merge(base: dict, top: dict) -> dict:
-    """``top`` layered on ``base`` as LightningCLI layers configs (mappings merge, the rest replaces)."""
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_config(path: str, extra: list[str] = ()) -> dict:
-    """The config as train.py will see it: ``path``, then the ``--config`` overlays and the dotted
-    ``--section.key=value`` overrides among ``extra`` (a ValueError names a missing file)."""
-    config = _read_yaml(path)
-    items = list(extra)
-    i = 0
-    while i < len(items):
-        flag = items[i]
-        if not flag.startswith("--"):
-            i += 1
-            continue
-        name, eq, value = flag[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(items) or items[i + 1].startswith("--"):
-                i += 1
-                continue
-            value = items[i + 1]
-            i += 1
-        i += 1
-        if name == "config":
-            config = _merge(config, _read_yaml(value))
-        elif name.split(".")[0] in ("model", "data") and "+" not in name:
-            *parents, leaf = name.split(".")
-            node = config
-            for key in parents:
-                node = node.setdefault(key, {})
-            node[leaf] = yaml.safe_load(value)
-    return config
-
-
-def net_for(config: dict, patch_size: int) -> dict:
-    """The config's network arguments at ``patch_size``: the attention kept on the same levels."""
-    net = dict(config["model"]["net"]["init_args"])
-    size, base = net["image_size"], net.get("patch_size", 1)
-    if size % patch_size:
-        raise ValueError(f"patch size {patch_size} does not divide the image size {size}")
-    levels = len(net.get("channel_mult", (1,)))
-    grid, base_grid = size // patch_size, size // base
-    if grid % 2 ** (levels - 1):
-        raise ValueError(
-            f"at patch size {patch_size} the {grid}x{grid} grid cannot be halved {levels - 1} times"
-        )
-    attention = [
-        i for i in range(levels) if base_grid // 2**i in set(net.get("attention_resolutions", ()))
-    ]
-    return {
-        **net,
-        "patch_size": patch_size,
-        "attention_resolutions": [grid // 2**i for i in attention],
-    }
-
-
-def is_digits(config: dict) -> bool:
-    """Whether the config trains on the embedded digits."""
-    return ((config.get("data") or {}).get("class_path") or "").endswith("DigitsDataModule")
-
-
 def quality_feature(config: dict, args: argparse.Namespace) -> str:
     """The quality checks' features (see ``--feature``); a ValueError where they cannot score."""
     feature = args.feature or ("digits" if is_digits(config) else "inception")
@@ -180,37 +122,6 @@ def quality_feature(config: dict, args: argparse.Namespace) -> str:
             "with `python -m pdm.metrics ref-stats --images DATA --feature digits --out REF.npz`"
         )
     return feature
-
-
-def check_data(config: dict) -> None:
-    """The dataset is there (or one line naming the script that prepares it) before any run starts."""
-    import importlib
-
-    section = config.get("data") or {}
-    module, _, name = section.get("class_path", "").rpartition(".")
-    if not module:
-        return
-    data = getattr(importlib.import_module(module), name)(**(section.get("init_args") or {}))
-    data.setup("fit")
-
-
-def batch_size(config: dict) -> int:
-    """The config's batch size (per device)."""
-    return int(((config.get("data") or {}).get("init_args") or {}).get("batch_size", 64))
-
-
-def step_flops(config: dict, patch_size: int) -> int:
-    """Training FLOPs of one optimiser step at ``patch_size`` (the config's batch), counted."""
-    import torch
-
-    from pdm.metrics.cost import count_flops
-    from pdm.nn import UNet
-
-    net = UNet(**net_for(config, patch_size))
-    batch = batch_size(config)
-    c, s = net.in_channels, net.image_size
-    y = torch.zeros(batch, dtype=torch.long) if net.num_classes is not None else None
-    return count_flops(net, torch.randn(batch, c, s, s), torch.zeros(batch), y, train=True)
 
 
 SAMPLERS = ("pdm.training.SampleGrid", "pdm.training.DigitsFD")  # replaced by the quality checks
@@ -243,9 +154,9 @@ def plan(config: dict, args: argparse.Namespace) -> dict[int, dict]:
         if steps is None and (folder / "ablation.yaml").exists():  # a resumed run keeps its checks
             previous = yaml.safe_load((folder / "ablation.yaml").read_text())
             every = previous["trainer"]["callbacks"][-1]["init_args"]["every_n_steps"]
-        elif steps is None and not args.report:  # a time budget: checks spread by a measured step
-            from pdm.ablation.report import step_cost
-
+        elif steps is None and not (
+            args.report or args.plan
+        ):  # a time budget: checks spread by a measured step
             expected = int(args.value / step_cost(config, p, iters=2)["seconds_per_step"])
         every = every or max(1, (expected or 1000) // args.checks)
         monitor = {
@@ -325,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     try:
         args, extra = parse_args(argv)
         config = load_config(args.config, extra)
+        if args.plan:
+            print_plan(config, plan(config, args), args)
+            return None
         if not args.report:
             check_data(config)
             if args.reference is not None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pdm.ablation.driver import batch_size
+from pdm.ablation.configs import batch_size
+from pdm.ablation.cost import device_name, step_cost
 
 
 def read_quality(folder: Path) -> list[dict]:
@@ -24,46 +25,6 @@ def read_quality(folder: Path) -> list[dict]:
             record = json.loads(line)
             by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
-
-
-def step_cost(config: dict, patch_size: int, iters: int = 3) -> dict:
-    """One training step's cost at ``patch_size`` and the config's batch size, measured on this
-    machine's GPU (or CPU): parameters, seconds per step, ms per image, memory."""
-    from pdm.ablation.driver import net_for
-    from pdm.metrics.cost import measure_step_cost
-    from pdm.nn import UNet
-
-    net = UNet(**net_for(config, patch_size))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    batch = batch_size(config)
-    cost = measure_step_cost(
-        net, batch, net.image_size, net.in_channels, device, train=True, warmup=1, iters=iters
-    )
-    return {
-        "parameters": cost["parameters"],
-        "seconds_per_step": cost["seconds_per_call"],
-        "train_ms_per_image": cost["ms_per_image"],
-        "activation_mib": cost["activation_bytes"] / 2**20,
-        "peak_cuda_mib": None
-        if cost["peak_cuda_bytes"] is None
-        else cost["peak_cuda_bytes"] / 2**20,
-    }
-
-
-def device_name() -> str:
-    """The GPU's name, or the CPU's model (with its widest vector extension)."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    import platform
-
-    model, flags = platform.processor() or "CPU", ""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        model = next(ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln)
-        flags = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else ""
-    except (OSError, StopIteration):
-        pass
-    return f"{model}{f' ({flags})' if flags else ''}, {torch.get_num_threads()} threads"
 
 
 def write_report(config: dict, runs: dict[int, dict], args) -> dict:

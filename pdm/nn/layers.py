@@ -56,6 +56,37 @@ def group_norm(channels: int, affine: bool = True, eps: float = 1e-5) -> nn.Grou
     return GroupNorm32(math.gcd(GROUPS, channels), channels, eps=eps, affine=affine)
 
 
+def group_norm_act(
+    x: Tensor,
+    norm: nn.GroupNorm,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    act: bool = True,
+) -> Tensor:
+    """``SiLU(norm(x) * (1 + scale) + shift)`` as one expression of a reduction and pointwise ops.
+
+    The same function as the eager modules (statistics and arithmetic in float32, one cast back
+    to x's dtype at the end), written so that ``torch.compile`` fuses it into one statistics pass
+    and one pointwise pass in x's own memory format: the groups are a view of the channel axis
+    (``unflatten``), so channels-last input is never copied to NCHW, as PyTorch's CUDA GroupNorm
+    kernel does. Eager, it is slower than ``F.group_norm``; :func:`pdm.nn.runtime.fuse_norms`
+    switches a network to it for compiled runs.
+    """
+    n, c = x.shape[:2]
+    groups = x.unflatten(1, (norm.num_groups, c // norm.num_groups)).float()
+    dims = tuple(range(2, groups.dim()))
+    var, mean = torch.var_mean(groups, dim=dims, keepdim=True, correction=0)
+    h = ((groups - mean) * torch.rsqrt(var + norm.eps)).flatten(1, 2)
+    lift = (slice(None),) + (None,) * (x.dim() - 2)  # (C,) -> (C, 1, 1)
+    if norm.weight is not None:
+        h = h * norm.weight.float()[lift] + norm.bias.float()[lift]
+    if scale is not None:
+        h = h * (1.0 + scale.float()) + shift.float()
+    if act:
+        h = F.silu(h)
+    return h.to(x.dtype)
+
+
 def silu_(x: Tensor) -> Tensor:
     """SiLU, in place when autograd is not recording (x is then a fresh normalised tensor no one else holds)."""
     return F.silu(x, inplace=not torch.is_grad_enabled())
@@ -150,12 +181,19 @@ class ResBlock(nn.Module):
             else nn.Conv2d(in_channels, out_channels, 1)
         )
 
+    fused_norm = False  # group_norm_act instead of the eager modules (pdm.nn.runtime.fuse_norms)
+
     def forward(self, x: Tensor, emb: Tensor, class_emb: Tensor | None = None) -> Tensor:
-        h = self.in_conv(self.resample(silu_(self.in_norm(x))))
-        x = self.resample(x)
         scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
-        h = torch.addcmul(shift, self.out_norm(h), 1.0 + scale)
-        h = self.out_conv(self.dropout(silu_(h)))
+        if self.fused_norm:
+            h = self.in_conv(self.resample(group_norm_act(x, self.in_norm)))
+            x = self.resample(x)
+            h = self.out_conv(self.dropout(group_norm_act(h, self.out_norm, scale, shift)))
+        else:
+            h = self.in_conv(self.resample(silu_(self.in_norm(x))))
+            x = self.resample(x)
+            h = torch.addcmul(shift, self.out_norm(h), 1.0 + scale)
+            h = self.out_conv(self.dropout(silu_(h)))
         if self.gate is not None and class_emb is not None:
             h = h * torch.sigmoid(self.gate(class_emb) + 2.0)[:, :, None, None]
         return self.skip(x) + h

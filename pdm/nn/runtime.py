@@ -52,6 +52,18 @@ def preferred_memory_format(
     return torch.contiguous_format
 
 
+def fuse_norms(net: nn.Module, on: bool = True) -> nn.Module:
+    """Run every GroupNorm + SiLU (+ the time embedding's scale-shift) of a U-Net as
+    :func:`pdm.nn.layers.group_norm_act`, one expression that ``torch.compile`` fuses in the
+    input's memory format (``on=False``: back to the eager modules). Weights are untouched."""
+    from pdm.nn.layers import ResBlock
+
+    for module in net.modules():
+        if isinstance(module, ResBlock) or hasattr(module, "widths"):
+            module.fused_norm = on
+    return net
+
+
 def network_width(net: nn.Module) -> int | None:
     """The widest level of a U-Net (``net.widths``), or None for another module."""
     widths = getattr(net, "widths", None)

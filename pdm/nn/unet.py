@@ -25,6 +25,7 @@ from pdm.nn.layers import (
     ResBlock,
     Upsample,
     group_norm,
+    group_norm_act,
     silu_,
     timestep_embedding,
     zero_init,
@@ -191,6 +192,8 @@ class UNet(nn.Module):
                     ch, side = self.widths[level - 1], side * 2
         return blocks
 
+    fused_norm = False  # see pdm.nn.runtime.fuse_norms
+
     def forward(self, x: Tensor, t_label: Tensor, y: Tensor | None = None) -> Tensor:
         """Predict from a noisy image.
 
@@ -226,8 +229,8 @@ class UNet(nn.Module):
         h = self.middle[2](h, emb, class_emb)
         for block in self.up:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, class_emb)
-        h = self.out_conv(silu_(self.out_norm(h)))
-        return unpatchify(h, self.patch_size)
+        h = group_norm_act(h, self.out_norm) if self.fused_norm else silu_(self.out_norm(h))
+        return unpatchify(self.out_conv(h), self.patch_size)
 
     def _class_embedding(self, y: Tensor | None, x: Tensor) -> Tensor | None:
         if self.class_embed is None:
