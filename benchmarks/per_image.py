@@ -61,6 +61,20 @@ def summary(errors: torch.Tensor, nfe: torch.Tensor) -> dict:
         "p90": q(0.9),
         "p99": q(0.99),
         "max": float(errors.max()),
+        # why: how much of the squared error the worst 1% of images hold, and how many
+        # evaluations the method gave them (an estimator that misses them gives them no more)
+        **worst_share(errors, nfe),
+    }
+
+
+def worst_share(errors: torch.Tensor, nfe: torch.Tensor, fraction: float = 0.01) -> dict:
+    """The share of the squared error in the worst ``fraction`` of images and their mean NFE."""
+    k = max(1, round(fraction * len(errors)))
+    worst = errors.topk(k).indices
+    squared = errors.double().pow(2)
+    return {
+        "worst1pct_share": float(squared[worst].sum() / squared.sum()),
+        "worst1pct_nfe": float(nfe[worst].double().mean()),
     }
 
 
@@ -296,13 +310,25 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['p90']:.2e}",
                 f"{r['p99']:.2e}",
                 f"{r['max']:.2e}",
+                f"{100 * r['worst1pct_share']:.0f}% @ {r['worst1pct_nfe']:.1f}",
             ]
             for name, runs in results[model].items()
             for r in runs
         ]
         print(
             markdown_table(
-                ["method", "setting", "mean NFE", "max NFE", "RMS", "median", "p90", "p99", "max"],
+                [
+                    "method",
+                    "setting",
+                    "mean NFE",
+                    "max NFE",
+                    "RMS",
+                    "median",
+                    "p90",
+                    "p99",
+                    "max",
+                    "worst 1%: error share @ NFE",
+                ],
                 table,
             )
         )

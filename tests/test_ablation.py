@@ -185,6 +185,48 @@ def test_quality_monitor_cost_is_bounded_and_it_is_off_without_reference(tmp_pat
     assert not (off / "checkpoints" / "best.ckpt").exists()
 
 
+def test_quality_monitor_refuses_what_would_fail_at_the_first_check(tmp_path):
+    """Missing Inception weights, or statistics of the other feature, stop the run before its
+    first step in one line (exit 2), not at the first check hours later."""
+    ref = tmp_path / "ref.npz"
+    from pdm.metrics import FeatureStats
+
+    FeatureStats(np.zeros(64), np.eye(64), 100).save(ref)
+    wide = tmp_path / "wide.npz"
+    FeatureStats(np.zeros(128), np.eye(128), 100).save(wide)
+    base = TRAIN + ["--config", str(_config(tmp_path)), "--trainer.default_root_dir"]
+    monitor = ["--trainer.callbacks+=pdm.training.QualityMonitor"]
+    monitor += [f"--trainer.callbacks.reference={ref}"]
+    env = {**_env(), "TORCH_HOME": str(tmp_path / "torch_home")}  # no cached Inception weights
+    env.pop("PDM_INCEPTION_WEIGHTS", None)
+    for run, extra, says in (
+        ("a", [], "Inception-v3 weights not found"),
+        (
+            "b",
+            [
+                "--trainer.callbacks.feature=digits",
+                "--trainer.callbacks.reference=" + str(tmp_path / "none.npz"),
+            ],
+            "ref-stats",
+        ),
+        (
+            "c",
+            ["--trainer.callbacks.feature=digits", f"--trainer.callbacks.reference={wide}"],
+            "128-dimensional",
+        ),
+    ):
+        out = subprocess.run(
+            base + [str(tmp_path / run), *monitor, *extra],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        lines = [ln for ln in out.stderr.splitlines() if ln.startswith("train.py: error")]
+        assert out.returncode == 2 and len(lines) == 1 and says in lines[0], out.stderr[-2000:]
+        assert not (tmp_path / run / "checkpoints").exists()  # no step was taken
+
+
 # -- the driver --------------------------------------------------------------------------------
 
 
@@ -243,8 +285,10 @@ def test_a_killed_ablation_resumes_where_it_stopped(tmp_path):
         while time.time() < deadline and not (folder / "quality.jsonl").exists():
             time.sleep(0.2)
         assert (folder / "quality.jsonl").exists(), (tmp_path / "first.log").read_text()[-3000:]
-        os.killpg(first.pid, signal.SIGTERM)  # what a scheduler does to the job
-        first.wait(timeout=120)
+        os.kill(first.pid, signal.SIGTERM)  # the driver alone: it passes the signal on
+        assert first.wait(timeout=120) == 128 + signal.SIGTERM
+    said = (tmp_path / "first.log").read_text()
+    assert "was stopped by signal 15 and saved; run the same command again" in said
     stopped_at = _step_of(folder / "checkpoints" / "last.ckpt")
     assert 0 < stopped_at < 60
     assert not (folder / "ablation_done.json").exists()

@@ -124,7 +124,8 @@ def quality_feature(config: dict, args: argparse.Namespace) -> str:
     return feature
 
 
-SAMPLERS = ("pdm.training.SampleGrid", "pdm.training.DigitsFD")  # replaced by the quality checks
+# replaced by the driver's own quality checks
+SAMPLERS = ("pdm.training.SampleGrid", "pdm.training.DigitsFD", "pdm.training.QualityMonitor")
 
 
 def plan(config: dict, args: argparse.Namespace) -> dict[int, dict]:
@@ -195,6 +196,31 @@ def finished(run: dict) -> bool:
     return (run["folder"] / "ablation_done.json").exists()
 
 
+def run_forwarding_signals(cmd: list[str]) -> int:
+    """Run ``cmd`` and wait for it; SIGTERM and SIGUSR1 sent to the driver alone (a scheduler that
+    signals only the job's first process) are passed on, so train.py saves its step and exits
+    128 + signal. SIGINT is not passed on: a terminal's Ctrl-C reaches both already, and a
+    second one would stop train.py without saving."""
+    import signal
+
+    child = subprocess.Popen(cmd)
+    forwarded = [getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name)]
+    previous = {}
+
+    def forward(signum, frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    for num in forwarded:
+        previous[num] = signal.signal(num, forward)
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        return child.wait()
+    finally:
+        for num, handler in previous.items():
+            signal.signal(num, handler)
+
+
 def train(config_path: str, run: dict, extra: list[str], patch_size: int) -> None:
     """One train.py run (resumed when its folder holds one); a failure stops the driver naming it.
 
@@ -218,12 +244,17 @@ def train(config_path: str, run: dict, extra: list[str], patch_size: int) -> Non
         "auto",
     ]
     print(f"ablation: P = {patch_size}: {folder}", file=sys.stderr, flush=True)
-    code = subprocess.call(cmd)
+    code = run_forwarding_signals(cmd)
     if code != 0:
-        raise ValueError(
-            f"the run of P = {patch_size} stopped (exit {code}); run the same command again to resume "
-            "it (finished runs are skipped)"
-        )
+        again = "run the same command again to resume it (finished runs are skipped)"
+        if code >= 128:  # a scheduler's signal: the run saved its step; the exit code says so
+            print(
+                f"python -m pdm.ablation: the run of P = {patch_size} was stopped by signal "
+                f"{code - 128} and saved; {again}",
+                file=sys.stderr,
+            )
+            raise SystemExit(code)
+        raise ValueError(f"the run of P = {patch_size} stopped (exit {code}); {again}")
     (folder / "ablation_done.json").write_text(
         json.dumps({"patch_size": patch_size, "steps": run["steps"]})
     )

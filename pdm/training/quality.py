@@ -86,6 +86,7 @@ class QualityMonitor(L.Callback):
         self.flops_per_step: int | None = None
         self._metric = self._stats = None
         self._tick: float | None = None
+        self._checked_step: int | None = None
 
     # -- state that a resume restores ---------------------------------------------------------
     def state_dict(self) -> dict:
@@ -103,6 +104,24 @@ class QualityMonitor(L.Callback):
         self.flops_per_step = state.get("flops_per_step")
 
     # -- hooks ----------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Refuse, before the first step, what would fail at the first check."""
+        if not self.enabled:
+            return
+        from pdm.metrics import FeatureStats, inception_weights_path
+
+        if self.feature == "inception":
+            inception_weights_path(self.inception_weights)  # a ValueError naming the download
+        if self.reference is not None:
+            dims = FeatureStats.load(self.reference).mu.shape[0]
+            needed = 64 if self.feature == "digits" else 2048
+            if dims != needed:
+                raise ValueError(
+                    f"QualityMonitor reference {self.reference} holds {dims}-dimensional features, "
+                    f"feature {self.feature} makes {needed}; compute it with `python -m pdm.metrics "
+                    f"ref-stats --feature {self.feature}`"
+                )
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled and trainer.is_global_zero:
             print(
@@ -136,7 +155,8 @@ class QualityMonitor(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled:
             return
-        self.check(trainer, pl_module)
+        if self._checked_step != trainer.global_step:  # the last step may have had its check
+            self.check(trainer, pl_module)
         if trainer.is_global_zero and self.train_seconds > 0:
             share = self.check_seconds / self.train_seconds
             print(
@@ -161,7 +181,7 @@ class QualityMonitor(L.Callback):
             score = self._score(to_uint8(x))
         score = trainer.strategy.broadcast(score, src=0)
         self.check_seconds += time.perf_counter() - t0
-        step = trainer.global_step
+        step = self._checked_step = trainer.global_step
         record = {
             "step": step,
             "images_seen": step * _batch_size(trainer) * max(trainer.world_size, 1),
