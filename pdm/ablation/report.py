@@ -109,6 +109,9 @@ def plot(curves: dict[int, list[dict]], path: Path) -> None:
     ):
         ax.set_xlabel(label), ax.set_ylabel("score (lower is better)"), ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[1:]:  # the patch sizes' costs span more than an order of magnitude
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
