@@ -48,6 +48,10 @@ PER_IMAGE = {
     "per-image iPNDM-3 vs 2": dict(solver="ipndm", order=3, estimator="multistep"),
 }
 SHARED = {"batch-shared DPM-Solver-12": 2, "batch-shared DPM-Solver-23": 3}
+# DPM-Solver's form for its rows: data prediction (dpmsolver++, the default, as for guidance) or
+# noise prediction (dpmsolver, --form noise); set once by main()
+FORM = {"data": "dpmsolver++", "noise": "dpmsolver"}
+DPM = "dpmsolver++"
 
 
 def summary(errors: torch.Tensor, nfe: torch.Tensor) -> dict:
@@ -102,7 +106,7 @@ def curves(bench: Bench, seeds, ref: torch.Tensor, batch: int, schedule_file: st
         for scale in SCALES[:3]:
             tol = dict(atol=0.0078 * scale, rtol=0.05 * scale)
             x, nfe = in_batches(
-                bench, seeds, batch, solver="dpmsolver++", order=order, method="adaptive", **tol
+                bench, seeds, batch, solver=DPM, order=order, method="adaptive", **tol
             )
             out[name].append(
                 {"setting": f"tolerance x{scale:g}", **summary(per_image_rms(x, ref), nfe)}
@@ -111,6 +115,7 @@ def curves(bench: Bench, seeds, ref: torch.Tensor, batch: int, schedule_file: st
         out[name] = []
         for scale in SCALES:
             tol = dict(atol=0.0078 * scale, rtol=0.05 * scale)
+            kw = {**kw, "solver": DPM} if kw["solver"] == "dpmsolver++" else kw
             x, nfe = in_batches(bench, seeds, batch, method="per_image", **kw, **tol)
             out[name].append(
                 {"setting": f"tolerance x{scale:g}", **summary(per_image_rms(x, ref), nfe)}
@@ -279,13 +284,21 @@ def main(argv: list[str] | None = None) -> dict:
         metavar="IMAGES",
         help="also time this many digits images",
     )
+    p.add_argument(
+        "--form",
+        choices=sorted(FORM),
+        default="data",
+        help="DPM-Solver's rows in the data-prediction (dpmsolver++) or noise-prediction form",
+    )
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    global DPM
+    DPM = FORM[args.form]
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     results, report = (
         {},
-        {"machine": machine(), "seeds": [seeds[0], seeds[-1]], "batch": args.batch},
+        {"machine": machine(), "seeds": [seeds[0], seeds[-1]], "batch": args.batch, "form": DPM},
     )
     for model in args.models:
         bench = (
