@@ -10,6 +10,7 @@ Takes 3-10 minutes (the controller checks time limits every 30 s): ``python -m p
 tests/test_slurm.py``.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -168,3 +169,47 @@ def test_srun_two_tasks_sample_one_output_equal_to_one_process(slurm, tiny_ckpts
     assert (tmp_path / "two" / "samples.npz").read_bytes() == (
         tmp_path / "one" / "samples.npz"
     ).read_bytes()
+
+
+def test_the_patch_size_ablation_runs_one_job_per_patch_size(slurm, tmp_path):
+    """README "Choosing a patch size": one sbatch job per P (``--only P``), then ``--report``."""
+    from test_ablation import ABLATION, _config, _env
+
+    config = _config(tmp_path)
+    common = [*ABLATION, "--config", str(config), "--root", str(tmp_path / "abl")]
+    common += [
+        "--samples",
+        "8",
+        "--checks",
+        "2",
+        "--patch-sizes",
+        "2",
+        "8",
+        "--budget",
+        "steps",
+        "4",
+    ]
+    env = " ".join(f"{k}={v}" for k, v in _env().items() if k in ("PYTHONPATH", "PYTHONWARNINGS"))
+    jobs = [
+        _submit(
+            f"#!/bin/bash\n#SBATCH --time=5 --signal=USR1@90 --requeue\ncd {ROOT}\n"
+            f"{env} srun {' '.join(common)} --only {p}\n",
+            tmp_path,
+            f"P{p}",
+        )
+        for p in (2, 8)
+    ]
+    for job in jobs:
+        _wait_gone(job, 600)
+    for p in (2, 8):
+        log = (tmp_path / f"P{p}.log").read_text()
+        last = tmp_path / "abl" / f"P{p}" / "checkpoints" / "last.ckpt"
+        assert last.exists() and load_checkpoint(last)["global_step"] == 4, log[-2000:]
+        started = [line for line in log.splitlines() if line.startswith("ablation: P = ")]
+        assert started and all(line.startswith(f"ablation: P = {p}:") for line in started), log
+    report = subprocess.run(
+        [*common, "--report"], env=_env(), capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+    assert report.returncode == 0, report.stderr[-2000:]
+    result = json.loads((tmp_path / "abl" / "ablation.json").read_text())
+    assert {p: r["steps"] for p, r in result["runs"].items()} == {"2": 4, "8": 4}
