@@ -24,8 +24,13 @@ def test_readme_is_a_short_guide_that_starts_with_the_path():
 
 
 def test_results_are_dated_by_date_and_commit_not_by_work_period():
-    for name, text in (("README.md", README), ("RESULTS.md", RESULTS)):
-        found = re.findall(r"(?i)\b(?:session|sprint|work period|round) \d+\b", text)
+    history = sorted((ROOT / "benchmarks" / "history").glob("*.md"))
+    texts = [("README.md", README), ("RESULTS.md", RESULTS)]
+    texts += [(p.name, p.read_text()) for p in history]
+    period = r"(?i)\b(?:(?:session|sprint|work period|round) \d+|(?:this|previous|last|first|"
+    period += r"earlier|next) (?:round|session)s?\b)"
+    for name, text in texts:
+        found = re.findall(period, text)
         assert not found, f"{name} names work periods: {found}"
 
 
