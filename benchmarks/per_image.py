@@ -49,9 +49,8 @@ PER_IMAGE = {
 }
 SHARED = {"batch-shared DPM-Solver-12": 2, "batch-shared DPM-Solver-23": 3}
 # DPM-Solver's form for its rows: data prediction (dpmsolver++, the default, as for guidance) or
-# noise prediction (dpmsolver, --form noise); set once by main()
+# noise prediction (dpmsolver, --form noise)
 FORM = {"data": "dpmsolver++", "noise": "dpmsolver"}
-DPM = "dpmsolver++"
 
 
 def summary(errors: torch.Tensor, nfe: torch.Tensor) -> dict:
@@ -91,8 +90,15 @@ def in_batches(bench: Bench, seeds, batch: int, **kw):
     return torch.cat(xs), torch.cat(nfes)
 
 
-def curves(bench: Bench, seeds, ref: torch.Tensor, batch: int, schedule_file: str | None) -> dict:
-    """{method: [summary per setting]} on ``seeds``."""
+def curves(
+    bench: Bench,
+    seeds,
+    ref: torch.Tensor,
+    batch: int,
+    schedule_file: str | None,
+    dpm: str = FORM["data"],
+) -> dict:
+    """{method: [summary per setting]} on ``seeds``; ``dpm`` is DPM-Solver's form for its rows."""
     out: dict[str, list] = {"best plain": []}
     for n in PLAIN_NFES:
         runs = [
@@ -106,7 +112,7 @@ def curves(bench: Bench, seeds, ref: torch.Tensor, batch: int, schedule_file: st
         for scale in SCALES[:3]:
             tol = dict(atol=0.0078 * scale, rtol=0.05 * scale)
             x, nfe = in_batches(
-                bench, seeds, batch, solver=DPM, order=order, method="adaptive", **tol
+                bench, seeds, batch, solver=dpm, order=order, method="adaptive", **tol
             )
             out[name].append(
                 {"setting": f"tolerance x{scale:g}", **summary(per_image_rms(x, ref), nfe)}
@@ -115,7 +121,7 @@ def curves(bench: Bench, seeds, ref: torch.Tensor, batch: int, schedule_file: st
         out[name] = []
         for scale in SCALES:
             tol = dict(atol=0.0078 * scale, rtol=0.05 * scale)
-            kw = {**kw, "solver": DPM} if kw["solver"] == "dpmsolver++" else kw
+            kw = {**kw, "solver": dpm} if kw["solver"] == FORM["data"] else kw
             x, nfe = in_batches(bench, seeds, batch, method="per_image", **kw, **tol)
             out[name].append(
                 {"setting": f"tolerance x{scale:g}", **summary(per_image_rms(x, ref), nfe)}
@@ -293,12 +299,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-    global DPM
-    DPM = FORM[args.form]
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     results, report = (
         {},
-        {"machine": machine(), "seeds": [seeds[0], seeds[-1]], "batch": args.batch, "form": DPM},
+        {
+            "machine": machine(),
+            "seeds": [seeds[0], seeds[-1]],
+            "batch": args.batch,
+            "form": FORM[args.form],
+        },
     )
     for model in args.models:
         bench = (
@@ -308,9 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         t0 = time.perf_counter()
         ref, _ = bench.reference(seeds)
-        results[model] = curves(
-            bench, seeds, ref, args.batch, args.schedule if model == "digits" else None
-        )
+        schedule_file = args.schedule if model == "digits" else None
+        results[model] = curves(bench, seeds, ref, args.batch, schedule_file, FORM[args.form])
         print(f"## {model} ({time.perf_counter() - t0:.0f} s)\n")
         table = [
             [

@@ -70,6 +70,17 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
 
 
+def _run(cmd: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """A command line of the project, run from its root, its output kept as text."""
+    return subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, cwd=ROOT, **kw)
+
+
+def _train(tmp_path: Path, run: Path, *args: str) -> subprocess.CompletedProcess:
+    """train.py on the tiny config into ``run``."""
+    cmd = TRAIN + ["--config", str(_config(tmp_path)), "--trainer.default_root_dir", str(run)]
+    return _run(cmd + list(args))
+
+
 def _config(tmp_path: Path, **trainer) -> Path:
     config = json.loads(json.dumps(TINY))
     config["trainer"].update(trainer)
@@ -91,13 +102,9 @@ def _step_of(ckpt: Path) -> int:
 
 def test_quality_monitor_scores_against_stored_statistics_and_keeps_the_best(tmp_path):
     ref = tmp_path / "ref.npz"
-    made = subprocess.run(
+    made = _run(
         [sys.executable, "-m", "pdm.metrics", "ref-stats", "--images", "digits"]
-        + ["--feature", "digits", "--out", str(ref)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+        + ["--feature", "digits", "--out", str(ref)]
     )
     assert made.returncode == 0, made.stderr
     run = tmp_path / "run"
@@ -105,14 +112,7 @@ def test_quality_monitor_scores_against_stored_statistics_and_keeps_the_best(tmp
     monitor += ["--trainer.callbacks.every_n_steps=2", "--trainer.callbacks.num_samples=16"]
     monitor += ["--trainer.callbacks.feature=digits", f"--trainer.callbacks.reference={ref}"]
     monitor += ["--trainer.callbacks.max_cost=100"]
-    out = subprocess.run(
-        TRAIN
-        + ["--config", str(_config(tmp_path)), "--trainer.default_root_dir", str(run), *monitor],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    out = _train(tmp_path, run, *monitor)
     assert out.returncode == 0, out.stderr[-3000:]
     checks = _quality(run)
     assert [c["step"] for c in checks] == [2, 4]
@@ -156,27 +156,14 @@ def test_quality_monitor_cost_is_bounded_and_it_is_off_without_reference(tmp_pat
     bounded = ["--trainer.callbacks+=pdm.training.QualityMonitor"]
     bounded += ["--trainer.callbacks.every_n_steps=1", "--trainer.callbacks.num_samples=8"]
     bounded += ["--trainer.callbacks.feature=digits", "--trainer.callbacks.max_cost=0"]
-    out = subprocess.run(
-        TRAIN
-        + ["--config", str(_config(tmp_path)), "--trainer.default_root_dir", str(run), *bounded],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    out = _train(tmp_path, run, *bounded)
     assert out.returncode == 0, out.stderr[-3000:]
     # max_cost 0: the first check is free, every later one would exceed the share; the end's is kept
     assert [c["step"] for c in _quality(run)] == [1, 4]
 
     off = tmp_path / "off"
-    out = subprocess.run(
-        TRAIN
-        + ["--config", str(_config(tmp_path)), "--trainer.default_root_dir", str(off)]
-        + ["--trainer.callbacks+=pdm.training.QualityMonitor", "--trainer.max_steps=2"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    out = _train(
+        tmp_path, off, "--trainer.callbacks+=pdm.training.QualityMonitor", "--trainer.max_steps=2"
     )
     assert out.returncode == 0, out.stderr[-3000:]
     said = [line for line in out.stderr.splitlines() if line.startswith("QualityMonitor:")]
@@ -215,13 +202,7 @@ def test_quality_monitor_refuses_what_would_fail_at_the_first_check(tmp_path):
             "128-dimensional",
         ),
     ):
-        out = subprocess.run(
-            base + [str(tmp_path / run), *monitor, *extra],
-            env=env,
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
+        out = _run(base + [str(tmp_path / run), *monitor, *extra], env=env)
         lines = [ln for ln in out.stderr.splitlines() if ln.startswith("train.py: error")]
         assert out.returncode == 2 and len(lines) == 1 and says in lines[0], out.stderr[-2000:]
         assert not (tmp_path / run / "checkpoints").exists()  # no step was taken
@@ -235,7 +216,7 @@ def _ablate(tmp_path, *args, extra=(), **kw):
     cmd += ["--samples", "8", "--checks", "2", *args]
     if extra:
         cmd += ["--", *extra]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=ROOT, **kw)
+    return _run(cmd, **kw)
 
 
 def test_driver_makes_one_run_per_patch_size_resumes_and_reports(tmp_path):
@@ -293,7 +274,7 @@ def test_a_killed_ablation_resumes_where_it_stopped(tmp_path):
     assert 0 < stopped_at < 60
     assert not (folder / "ablation_done.json").exists()
 
-    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=ROOT)
+    again = _run(cmd)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Restoring states from the checkpoint" in again.stderr or "resum" in again.stderr
     assert _step_of(folder / "checkpoints" / "last.ckpt") == 60
@@ -332,15 +313,11 @@ def test_each_budget_stops_the_runs_where_it_says(tmp_path):
 
 
 def test_cifar_without_its_dataset_stops_at_once_naming_the_script(tmp_path):
-    out = subprocess.run(
+    out = _run(
         ABLATION
         + ["--config", "configs/cifar10_p4.yaml", "--patch-sizes", "2", "4"]
         + ["--budget", "steps", "10", "--root", str(tmp_path / "abl")]
         + ["--", "--data.init_args.name=" + str(tmp_path / "cifar10")],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
         timeout=120,
     )
     assert out.returncode == 2
@@ -363,27 +340,19 @@ def test_cifar_config_with_the_smoke_overlay_and_a_stand_in_dataset_runs_end_to_
         ),
     ).save_to_disk(str(data))
     ref = tmp_path / "ref.npz"
-    made = subprocess.run(
+    made = _run(
         [sys.executable, "-m", "pdm.metrics", "ref-stats", "--images", str(data)]
-        + ["--feature", "digits", "--out", str(ref)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+        + ["--feature", "digits", "--out", str(ref)]
     )
     assert made.returncode == 0, made.stderr
-    out = subprocess.run(
+    out = _run(
         ABLATION
         + ["--config", "configs/cifar10_p4.yaml", "--patch-sizes", "4", "8"]
         + ["--budget", "steps", "2", "--root", str(tmp_path / "abl"), "--samples", "8"]
         + ["--feature", "digits", "--reference", str(ref), "--"]
         + ["--config", "configs/overlays/smoke.yaml", f"--data.init_args.name={data}"]
         + ["--data.init_args.batch_size=4", "--data.init_args.num_workers=0"]
-        + ["--model.net.init_args.model_channels=32", "--trainer.precision=32-true"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+        + ["--model.net.init_args.model_channels=32", "--trainer.precision=32-true"]
     )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "abl" / "ablation.json").read_text())

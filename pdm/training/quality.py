@@ -4,8 +4,8 @@
 scores them with a Fréchet distance through torchmetrics against stored reference statistics
 (``python -m pdm.metrics ref-stats``; Inception-v3 features, or the digits' 8x8 grey levels with
 ``feature: digits``, which need no file), and logs the score with the step, the images seen, the
-training FLOPs so far (counted once per step by ``torch.utils.flop_counter``) and the training
-wall time. Each check is appended to ``<default_root_dir>/quality.jsonl``; the checkpoint with the
+training FLOPs so far (one step counted by ``torch.utils.flop_counter`` on the first batch) and
+the training wall time. Each check is appended to ``<default_root_dir>/quality.jsonl``; the checkpoint with the
 best score is kept as ``checkpoints/best.ckpt`` beside ``last.ckpt``.
 
 Its cost is bounded: a check is skipped while the time spent checking exceeds ``max_cost``
@@ -136,7 +136,7 @@ class QualityMonitor(L.Callback):
     ) -> None:
         now = time.perf_counter()
         self.train_seconds += now - (self._tick or now)
-        if self.flops_per_step is None:
+        if self.enabled and self.flops_per_step is None:  # counted once: only checks log it
             self.flops_per_step = _step_flops(pl_module, batch) * max(trainer.world_size, 1)
         step = trainer.global_step
         last = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
