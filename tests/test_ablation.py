@@ -361,3 +361,14 @@ def test_cifar_config_with_the_smoke_overlay_and_a_stand_in_dataset_runs_end_to_
         assert row["steps"] == 2 and row["metric"] == "fd8x8" and math.isfinite(row["final"])
     # the overrides reached the plan: a 32-channel network, not the config's 192
     assert report["runs"]["4"]["parameters"] < 2e6
+
+
+def test_a_quality_log_cut_off_by_a_kill_keeps_its_whole_records(tmp_path):
+    from pdm.ablation.report import read_quality
+
+    good = [json.dumps({"step": s, "fd8x8": 1.0 / s}) for s in (2, 4)]
+    (tmp_path / "quality.jsonl").write_text("\n".join([*good, '{"step": 6, "fd8'] + [""]))
+    assert [c["step"] for c in read_quality(tmp_path)] == [2, 4]
+    (tmp_path / "quality.jsonl").write_text("\n".join([good[0], '{"step"', good[1]]))
+    with pytest.raises(ValueError, match="line 2"):
+        read_quality(tmp_path)

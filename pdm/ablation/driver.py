@@ -34,6 +34,7 @@ import yaml
 
 from pdm.ablation.configs import check_data, is_digits, load_config, net_for
 from pdm.ablation.cost import print_plan, step_cost, step_flops
+from pdm.atomic import WriteError, atomic_write_text
 
 BUDGETS = ("steps", "flops", "time")
 TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
@@ -143,6 +144,8 @@ def plan(config: dict, args: argparse.Namespace) -> dict[int, dict]:
         if not (isinstance(cb, dict) and cb.get("class_path") in SAMPLERS)
     ]
     for p in args.patch_sizes:
+        if args.only not in (None, p):  # one SLURM job per P: count and time only its own
+            continue
         net = net_for(config, p)
         steps = None
         if kind == "steps":
@@ -230,7 +233,7 @@ def train(config_path: str, run: dict, extra: list[str], patch_size: int) -> Non
     folder = run["folder"]
     folder.mkdir(parents=True, exist_ok=True)
     overlay = folder / "ablation.yaml"
-    overlay.write_text(yaml.safe_dump(run["overlay"], sort_keys=False))
+    atomic_write_text(overlay, yaml.safe_dump(run["overlay"], sort_keys=False))
     cmd = [
         sys.executable,
         str(TRAIN_PY),
@@ -255,8 +258,8 @@ def train(config_path: str, run: dict, extra: list[str], patch_size: int) -> Non
             )
             raise SystemExit(code)
         raise ValueError(f"the run of P = {patch_size} stopped (exit {code}); {again}")
-    (folder / "ablation_done.json").write_text(
-        json.dumps({"patch_size": patch_size, "steps": run["steps"]})
+    atomic_write_text(
+        folder / "ablation_done.json", json.dumps({"patch_size": patch_size, "steps": run["steps"]})
     )
 
 
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         from pdm.ablation.report import write_report
 
         return write_report(config, runs, args)
-    except ValueError as e:
+    except (ValueError, WriteError) as e:  # bad input, or a full disk (the files stay whole)
         fail("python -m pdm.ablation", str(e))
 
 

@@ -12,6 +12,7 @@ import torch
 
 from pdm.ablation.configs import batch_size
 from pdm.ablation.cost import device_name, step_cost
+from pdm.atomic import atomic_write, atomic_write_text
 
 
 def read_quality(folder: Path) -> list[dict]:
@@ -20,10 +21,15 @@ def read_quality(folder: Path) -> list[dict]:
     if not path.exists():
         return []
     by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        try:
             record = json.loads(line)
-            by_step[record["step"]] = record
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a check cut off by a kill or a full disk: not scored
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a quality record") from None
+        by_step[record["step"]] = record
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -55,9 +61,9 @@ def write_report(config: dict, runs: dict[int, dict], args) -> dict:
         "curves": curves,
     }
     root.mkdir(parents=True, exist_ok=True)
-    (root / "ablation.json").write_text(json.dumps(report, indent=1, default=str))
+    atomic_write_text(root / "ablation.json", json.dumps(report, indent=1, default=str))
     table = markdown(rows, args.budget, report["device"], report["batch_size"])
-    (root / "ablation.md").write_text(table)
+    atomic_write_text(root / "ablation.md", table)
     plot(curves, root / "ablation.png")
     samples_side_by_side(runs, root / "samples.png")
     print(table)
@@ -114,7 +120,7 @@ def plot(curves: dict[int, list[dict]], path: Path) -> None:
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
@@ -163,4 +169,4 @@ def samples_side_by_side(runs: dict[int, dict], path: Path, num: int = 16) -> No
     for panel in panels:
         out.paste(panel, (x0, 0))
         x0 += panel.width + 8
-    out.save(path)
+    atomic_write(path, lambda tmp: out.save(tmp, format="PNG"))

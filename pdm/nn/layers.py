@@ -185,15 +185,14 @@ class ResBlock(nn.Module):
 
     def forward(self, x: Tensor, emb: Tensor, class_emb: Tensor | None = None) -> Tensor:
         scale, shift = self.emb_proj(emb)[:, :, None, None].chunk(2, dim=1)
+        h = group_norm_act(x, self.in_norm) if self.fused_norm else silu_(self.in_norm(x))
+        h = self.in_conv(self.resample(h))
+        x = self.resample(x)
         if self.fused_norm:
-            h = self.in_conv(self.resample(group_norm_act(x, self.in_norm)))
-            x = self.resample(x)
-            h = self.out_conv(self.dropout(group_norm_act(h, self.out_norm, scale, shift)))
+            h = group_norm_act(h, self.out_norm, scale, shift)
         else:
-            h = self.in_conv(self.resample(silu_(self.in_norm(x))))
-            x = self.resample(x)
-            h = torch.addcmul(shift, self.out_norm(h), 1.0 + scale)
-            h = self.out_conv(self.dropout(silu_(h)))
+            h = silu_(torch.addcmul(shift, self.out_norm(h), 1.0 + scale))
+        h = self.out_conv(self.dropout(h))
         if self.gate is not None and class_emb is not None:
             h = h * torch.sigmoid(self.gate(class_emb) + 2.0)[:, :, None, None]
         return self.skip(x) + h
