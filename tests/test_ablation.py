@@ -244,20 +244,162 @@ def test_driver_makes_one_run_per_patch_size_resumes_and_reports(tmp_path):
     # a smaller patch costs more per step: counted FLOPs, measured time
     assert report["runs"]["2"]["train_flops"] > 3 * report["runs"]["8"]["train_flops"]
     table = (abl / "ablation.md").read_text()
-    assert table.count("\n| 2 |") == 1 and table.count("\n| 8 |") == 1
+    assert table.count("\n| 2 |") == 2 and table.count("\n| 8 |") == 2  # its run, its summary
     for image in ("ablation.png", "samples.png"):
         assert (abl / image).stat().st_size > 1000
+
+    # each run scored on the held-out digits with its EMA weights: a curve and bits/dim
+    for p in ("2", "8"):
+        held = json.loads((abl / f"P{p}" / "heldout.json").read_text())
+        assert held["held_out_images"] == 89 and held["conditional"]  # digits' 5% validation split
+        assert len(held["rmse"]) == 24 and math.isfinite(held["bits_per_dim"])
+        assert report["runs"][p]["bits_per_dim"] == held["bits_per_dim"]
+    assert (abl / "noise_levels.png").stat().st_size > 1000
+    assert "one seed per value gives no interval" in table
 
     again = _ablate(tmp_path, "--patch-sizes", "2", "8", "--budget", "steps", "4")
     assert again.returncode == 0
     assert again.stderr.count("is finished; skipped") == 2
     assert [c["step"] for c in _quality(abl / "P8")] == [2, 4]
 
+    # folders of the previous driver (no held-out score, no run identity, the old done marker)
+    # are read as they are: the report scores them and is otherwise the same
+    for p in (2, 8):
+        for name in ("heldout.json", "ablation_run.json"):
+            (abl / f"P{p}" / name).unlink()
+        (abl / f"P{p}" / "ablation_done.json").write_text(json.dumps({"patch_size": p, "steps": 4}))
+    old = _ablate(tmp_path, "--patch-sizes", "2", "8", "--budget", "steps", "4", "--report")
+    assert old.returncode == 0, old.stderr[-3000:]
+    again = json.loads((abl / "ablation.json").read_text())
+    for p in ("2", "8"):
+        assert again["runs"][p]["final"] == report["runs"][p]["final"]
+        assert again["runs"][p]["bits_per_dim"] == report["runs"][p]["bits_per_dim"]
+
+
+def test_repeats_of_another_axis_record_their_change_and_report_intervals(tmp_path):
+    out = _ablate(
+        tmp_path,
+        *("--vary", "model.prediction", "eps", "x", "--seeds", "2", "--budget", "steps", "2"),
+        *("--heldout-images", "16", "--bins", "4"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    abl = tmp_path / "abl"
+    for target in ("eps", "x0"):  # x is the paper's name for x0
+        for seed, folder in enumerate((abl / f"target-{target}", abl / f"target-{target}_seed1")):
+            recorded = yaml.safe_load(next(folder.rglob("config.yaml")).read_text())
+            assert recorded["model"]["target"] == target
+            assert recorded["model"]["net"]["init_args"]["patch_size"] == 4  # nothing else moved
+            assert recorded["seed_everything"] == seed
+            assert recorded["data"]["init_args"]["seed"] == 0  # the same held-out split
+            assert recorded["data"]["init_args"]["shuffle_seed"] == (1 if seed else None)
+            identity = json.loads((folder / "ablation_run.json").read_text())
+            assert identity == {**identity, "key": "model.target", "value": target, "seed": seed}
+            held = json.loads((folder / "heldout.json").read_text())
+            assert held["target"] == target and len(held["rmse"]) == 4
+    # different seeds trained differently; the same seed of two targets saw the same noise draws
+    first = torch.load(abl / "target-eps" / "checkpoints" / "last.ckpt", weights_only=True)
+    second = torch.load(abl / "target-eps_seed1" / "checkpoints" / "last.ckpt", weights_only=True)
+    name = next(k for k in first["state_dict"] if k.endswith("weight"))
+    assert not torch.equal(first["state_dict"][name], second["state_dict"][name])
+    report = json.loads((abl / "ablation.json").read_text())
+    assert report["axis"] == "model.target" and report["values"] == ["eps", "x0"]
+    assert set(report["runs"]) == {"eps", "eps/seed1", "x0", "x0/seed1"}
+    summary = report["summary"]["eps"]["bits_per_dim"]
+    assert len(summary["values"]) == 2 and summary["half_width"] > 0
+    assert {(t["a"], t["b"]) for t in report["differences"]["bits_per_dim"]} == {("eps", "x0")}
+    table = (abl / "ablation.md").read_text()
+    assert "| eps | 2 |" in table and "Welch" in table
+    assert (abl / "noise_levels.png").stat().st_size > 1000
+
+
+def test_runs_are_picked_one_at_a_time_and_bad_picks_refused(tmp_path, capsys):
+    from pdm.ablation.driver import load_config, main, parse_args, plan
+
+    config = load_config(str(_config(tmp_path)))
+    args, _ = parse_args(
+        [
+            "--config",
+            "x",
+            "--root",
+            str(tmp_path),
+            "--budget",
+            "steps",
+            "3",
+            "--seeds",
+            "3",
+            "--patch-sizes",
+            "8",
+            "2",
+            "--task",
+            "4",
+        ]
+    )
+    (run,) = plan(config, args)
+    assert run.folder.name == "P8_seed1" and run.value == 8 and run.seed == 1  # finest P first
+    args, _ = parse_args(
+        [
+            "--config",
+            "x",
+            "--root",
+            str(tmp_path),
+            "--budget",
+            "steps",
+            "3",
+            "--seeds",
+            "3",
+            "--patch-sizes",
+            "2",
+            "8",
+            "--only",
+            "8",
+            "--seed",
+            "2",
+        ]
+    )
+    assert [r.folder.name for r in plan(config, args)] == ["P8_seed2"]
+    main(
+        [
+            "--config",
+            str(_config(tmp_path)),
+            "--root",
+            str(tmp_path / "abl"),
+            "--budget",
+            "steps",
+            "3",
+            "--seeds",
+            "2",
+            "--patch-sizes",
+            "2",
+            "8",
+            "--plan",
+        ]
+    )
+    listed = capsys.readouterr().out
+    assert "| 3 | P8_seed1 | 8 |" in listed and "| 0 | P2 | 2 |" in listed
+    for bad, says in (
+        (["--seeds", "2", "--only", "8", "--seed", "2"], "--seed 2 is not one of"),
+        (["--seeds", "2", "--seed", "1"], "give --only too"),
+        (["--task", "9"], "numbered 0..1"),
+        (["--vary", "model.target", "eps", "--patch-sizes", "2"], "not both"),
+        (["--vary", "model.target", "eps", "eps"], "repeat"),
+    ):
+        argv = ["--config", "x", "--root", "r", "--budget", "steps", "3", *bad]
+        if "--patch-sizes" not in bad and "--vary" not in bad:
+            argv += ["--patch-sizes", "2", "8"]
+        with pytest.raises(ValueError, match=says):
+            parse_args(argv)
+    args, _ = parse_args(
+        ["--config", "x", "--root", "r", "--budget", "steps", "3", "--vary", "model.target", "tau"]
+    )
+    with pytest.raises(ValueError, match="unknown prediction target"):
+        plan(config, args)
+
 
 def test_a_killed_ablation_resumes_where_it_stopped(tmp_path):
     cmd = ABLATION + ["--config", str(_config(tmp_path)), "--root", str(tmp_path / "abl")]
     cmd += ["--samples", "8", "--checks", "3", "--patch-sizes", "8", "--budget", "steps", "60"]
-    folder = tmp_path / "abl" / "P8"
+    cmd += ["--seeds", "2", "--task", "1", "--heldout-images", "8", "--bins", "2"]
+    folder = tmp_path / "abl" / "P8_seed1"  # one (value, seed) of a repeated ablation
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(
             cmd, env=_env(), stdout=log, stderr=log, cwd=ROOT, start_new_session=True
@@ -281,8 +423,13 @@ def test_a_killed_ablation_resumes_where_it_stopped(tmp_path):
     steps = [c["step"] for c in _quality(folder)]
     assert steps[0] == 20 and steps[-1] == 60
     assert steps == sorted(steps) and set(steps) <= {20, 40, 60, stopped_at}
+    assert (folder / "heldout.json").exists()
+    assert not (tmp_path / "abl" / "P8").exists()  # the other seed was not touched
+    assert not (tmp_path / "abl" / "ablation.json").exists()  # a task does not report
+    report = _run(cmd[: cmd.index("--task")] + ["--report"])
+    assert report.returncode == 0, report.stderr[-3000:]
     report = json.loads((tmp_path / "abl" / "ablation.json").read_text())
-    assert report["runs"]["8"]["steps"] == 60
+    assert report["runs"]["8/seed1"]["steps"] == 60 and report["runs"]["8"]["steps"] is None
 
 
 def test_each_budget_stops_the_runs_where_it_says(tmp_path):

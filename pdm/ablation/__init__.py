@@ -1,5 +1,6 @@
-"""The patch-size ablation over real training runs (``python -m pdm.ablation``): the driver
-(:mod:`~pdm.ablation.driver`) and its report (:mod:`~pdm.ablation.report`)."""
+"""Ablations over real training runs (``python -m pdm.ablation``): the driver
+(:mod:`~pdm.ablation.driver`), the held-out scoring of each run (:mod:`~pdm.ablation.heldout`),
+the statistics over seeds (:mod:`~pdm.ablation.stats`) and the report (:mod:`~pdm.ablation.report`)."""
 
 from pdm.ablation.driver import main, net_for, plan
 

@@ -100,3 +100,106 @@ def check_data(config: dict) -> None:
         return
     data = getattr(importlib.import_module(module), name)(**(section.get("init_args") or {}))
     data.setup("fit")
+
+
+# -- the axis an ablation varies -----------------------------------------------------------------
+
+PATCH_KEYS = ("patch_size", "model.net.init_args.patch_size", "model.patch_size")
+# the paper's names for the prediction targets, and the config's
+KEY_ALIASES = {"model.prediction": "model.target"}
+VALUE_ALIASES = {"model.target": {"x": "x0", "epsilon": "eps"}}
+
+
+def canonical_key(key: str) -> str:
+    """The config key an axis name stands for (``patch_size`` for the patch-size axis)."""
+    if key in PATCH_KEYS:
+        return "patch_size"
+    return KEY_ALIASES.get(key, key)
+
+
+def parse_value(key: str, text: str):
+    """A command-line value of axis ``key`` as the config holds it (int, float, bool or text)."""
+    text = VALUE_ALIASES.get(key, {}).get(text, text)
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def get_key(config: dict, key: str):
+    """The value at dotted ``key`` of a config (None where it is not set)."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def nested(key: str, value) -> dict:
+    """``{'a': {'b': value}}`` for ``key = 'a.b'``."""
+    out = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def axis_overlay(config: dict, key: str, value) -> tuple[dict, dict]:
+    """The config overlay that sets axis ``key`` to ``value``, and what the change forces besides.
+
+    Patch size: the attention stays on the same U-Net levels (so every P has the same
+    parameters). A prediction target (``model.target``): nothing else; the loss weighting stays
+    on the x0 error, so targets are compared under one objective. Any other dotted key: itself.
+    """
+    if key == "patch_size":
+        net = net_for(config, int(value))
+        forced = {"attention_resolutions": net["attention_resolutions"]}
+        overlay = {"model": {"net": {"init_args": {"patch_size": int(value), **forced}}}}
+        return overlay, forced
+    if key.split(".")[0] not in ("model", "data", "trainer", "seed_everything"):
+        raise ValueError(
+            f"--vary {key}: name a config key under model., data. or trainer. "
+            "(e.g. model.target, model.weighting) or patch_size"
+        )
+    if key == "model.target":
+        from pdm.objectives import check_target
+
+        check_target(value)
+    return nested(key, value), {}
+
+
+def data_takes(config: dict, name: str) -> bool:
+    """Whether the config's data module accepts the argument ``name``."""
+    import importlib
+    import inspect
+
+    section = config.get("data") or {}
+    module, _, cls = (section.get("class_path") or "").rpartition(".")
+    if not module:
+        return False
+    try:
+        target = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError):
+        return False
+    return name in inspect.signature(target.__init__).parameters
+
+
+def seed_overlay(config: dict, seed_index: int) -> dict:
+    """The overlay of repeat ``seed_index``: 0 is the config as it is; repeat s adds s to the
+    run's seed (initialisation and training noise) and to the data order's seed, leaving the
+    data module's ``seed`` (its train/held-out split) alone."""
+    if seed_index == 0:
+        return {}
+    base = int(config.get("seed_everything") or 0)
+    overlay: dict = {"seed_everything": base + seed_index}
+    if data_takes(config, "shuffle_seed"):
+        data_seed = int(((config.get("data") or {}).get("init_args") or {}).get("seed", 0))
+        overlay["data"] = {"init_args": {"shuffle_seed": data_seed + seed_index}}
+    return overlay
+
+
+def merge(base: dict, top: dict) -> dict:
+    """``top`` layered on ``base`` as LightningCLI layers configs."""
+    return _merge(base, top)

@@ -13,52 +13,70 @@ from pdm.metrics.cost import count_flops, measure_step_cost, peak_bf16_flops
 from pdm.nn import UNet
 
 
-def step_flops(config: dict, patch_size: int) -> int:
-    """Training FLOPs of one optimiser step at ``patch_size`` and the config's batch size,
-    counted on one image (the count is linear in the batch) on this machine."""
+def step_flops(config: dict, patch_size: int | None = None) -> int:
+    """Training FLOPs of one optimiser step at ``patch_size`` (default: the config's own) and the
+    config's batch size, counted on one image (the count is linear in the batch) on this machine."""
 
-    net = UNet(**net_for(config, patch_size))
+    net = UNet(**net_for(config, patch_size or _patch_size(config)))
     c, s = net.in_channels, net.image_size
     y = torch.zeros(1, dtype=torch.long) if net.num_classes is not None else None
     one = count_flops(net, torch.randn(1, c, s, s), torch.zeros(1), y, train=True)
     return one * batch_size(config)
 
 
-def print_plan(config: dict, runs: dict[int, dict], args: argparse.Namespace) -> list[dict]:
-    """What each run will cost, before any is started (``--plan``): its network, counted FLOPs
-    and, under a steps or FLOPs budget, an estimate of GPU-hours at ``--mfu`` of ``--gpu``."""
+def _patch_size(config: dict) -> int:
+    return int(config["model"]["net"]["init_args"].get("patch_size", 1))
+
+
+def print_plan(config: dict, runs: list, args: argparse.Namespace) -> list[dict]:
+    """The runs and what each will cost, before any is started (``--plan``): the task number a
+    SLURM array gives it, its network, counted FLOPs and, under a steps or FLOPs budget, an
+    estimate of GPU-hours at ``--mfu`` of ``--gpu``."""
 
     peak = peak_bf16_flops(args.gpu)
     if peak is None:
         raise ValueError(f"--gpu {args.gpu!r}: name one of H200, H100, A100, L40S, A10G")
-    rows = []
-    batch = batch_size(config)
+    rows, total_hours = [], 0.0
     print(
-        f"| P | grid | parameters | training GFLOPs/image | steps | training FLOPs | "
-        f"{args.gpu}-hours at {args.mfu:.0%} MFU |\n|---|---|---|---|---|---|---|"
+        f"| task | run | P | grid | parameters | training GFLOPs/image | steps | training FLOPs | "
+        f"{args.gpu}-hours at {args.mfu:.0%} MFU |\n|---|---|---|---|---|---|---|---|---|"
     )
-    for p, run in runs.items():
-        net = UNet(**net_for(config, p))
-        per_step = step_flops(config, p)
-        steps = run["steps"]
+    for task, run in enumerate(runs):
+        p = run.patch_size
+        net = UNet(**net_for(run.config, p))
+        per_step = step_flops(run.config, p)
+        steps = run.steps
         total = per_step * steps if steps else None
         hours = total / (peak * args.mfu) / 3600 if total else None
-        rows.append({"patch_size": p, "flops_per_step": per_step, "steps": steps, "hours": hours})
+        total_hours += hours or 0.0
+        rows.append(
+            {
+                "task": task,
+                "run": run.label,
+                "patch_size": p,
+                "flops_per_step": per_step,
+                "steps": steps,
+                "hours": hours,
+            }
+        )
         grid = net.image_size // p
         params = sum(t.numel() for t in net.parameters())
         print(
-            f"| {p} | {grid}x{grid} | {params / 1e6:.1f}M | {per_step / batch / 1e9:.1f} | "
-            f"{steps or 'by time'} | {'-' if total is None else f'{total:.3g}'} | "
+            f"| {task} | {run.folder.name} | {p} | {grid}x{grid} | {params / 1e6:.1f}M | "
+            f"{per_step / batch_size(run.config) / 1e9:.1f} | {steps or 'by time'} | "
+            f"{'-' if total is None else f'{total:.3g}'} | "
             f"{'-' if hours is None else f'{hours:.1f}'} |"
         )
+    if total_hours:
+        print(f"\nall {len(runs)} runs: {total_hours:.1f} {args.gpu}-hours at {args.mfu:.0%} MFU")
     return rows
 
 
-def step_cost(config: dict, patch_size: int, iters: int = 3) -> dict:
+def step_cost(config: dict, patch_size: int | None = None, iters: int = 3) -> dict:
     """One training step's cost at ``patch_size`` and the config's batch size, measured on this
     machine's GPU (or CPU): parameters, seconds per step, ms per image, memory."""
 
-    net = UNet(**net_for(config, patch_size))
+    net = UNet(**net_for(config, patch_size or _patch_size(config)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     batch = batch_size(config)
     cost = measure_step_cost(

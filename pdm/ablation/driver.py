@@ -1,24 +1,35 @@
-"""The patch-size ablation as researchers run it: one ordinary train.py run per patch size.
+"""Ablations as researchers run them: one ordinary train.py run per setting and seed.
 
-    python -m pdm.ablation --config configs/digits.yaml --patch-sizes 1 2 4 8 --budget steps 1000 \\
-        --root runs/ablation [--reference REF.npz] [-- TRAIN.PY OVERRIDES ...]
+    python -m pdm.ablation --config configs/digits.yaml --patch-sizes 1 2 4 8 --seeds 3 \\
+        --budget flops 2e13 --root runs/ablation [--reference REF.npz] [-- TRAIN.PY OVERRIDES ...]
+    python -m pdm.ablation --config configs/photos.yaml --vary model.target eps x0 v --seeds 3 ...
 
-Each P gets its own run folder ``ROOT/P{p}``: the config with only the patch size changed, and
-what it forces (the attention stays on the same levels of the U-Net, so every P has the same
-parameters), recorded in the run's own ``config.yaml``. A :class:`~pdm.training.QualityMonitor`
-scores EMA samples about ten times along each run (FD-8x8 on digits; FID against ``--reference``
-otherwise) with the step, images seen, training FLOPs and wall time. Runs resume when the command
-is re-run (``--ckpt_path auto``) and finished ones are skipped, so a pre-empted ablation goes on
-where it stopped; under SLURM, give each job one ``--only P`` and run ``--report`` once they end.
+The axis is the patch size (``--patch-sizes``) or any config key (``--vary KEY V1 V2 ...``, e.g.
+``model.target``, also spelt ``model.prediction`` with ``x`` for ``x0``, or ``model.weighting``).
+Each (value, seed) gets its own run folder: ``ROOT/P{p}`` for the config's own seed and
+``ROOT/P{p}_seed{s}`` for repeat s (``ROOT/{key}-{value}[_seed{s}]`` on other axes). Repeat s adds
+s to the run's seed and to the data order's seed, never to the held-out split. The change and
+what it forces (for P, the attention kept on the same levels of the U-Net, so every P has the
+same parameters) are recorded in the run's own ``config.yaml`` and ``ablation_run.json``. A
+:class:`~pdm.training.QualityMonitor` scores EMA samples about ten times along each run (FD-8x8 on
+digits; FID against ``--reference`` otherwise; off without one). Runs resume when the command is
+re-run (``--ckpt_path auto``) and finished ones are skipped. Under SLURM give each array task
+``--task $SLURM_ARRAY_TASK_ID`` (``--plan`` lists the tasks), or one ``--only VALUE`` (with
+``--seed S``) per job, and run ``--report`` once they end.
 
-Budgets, the same for every P: ``steps N`` (equal optimiser steps), ``flops F`` (equal training
-FLOPs, counted by ``torch.utils.flop_counter`` on one step of each P; the steps follow), ``time S``
-(equal seconds of training, the quality checks not counted; the learning rate does not decay, as
-no step count is fixed).
-The report, from the runs' quality logs and checkpoints: ``ROOT/ablation.md`` and ``.json`` (per P:
-parameters, step cost and memory, steps, FLOPs, seconds, best and final score),
-``ROOT/ablation.png`` (quality against steps, training FLOPs and wall time) and
-``ROOT/samples.png`` (each P's final EMA samples side by side).
+After training, each run is scored on held-out images (the data module's validation set) with
+its EMA weights and fixed noise: the x-prediction's RMSE in log-SNR bins and the variational
+bound in bits/dim (:mod:`pdm.metrics.likelihood`), cached in the run's ``heldout.json``.
+
+Budgets, the same for every run: ``steps N`` (equal optimiser steps), ``flops F`` (equal training
+FLOPs, counted by ``torch.utils.flop_counter`` on one step of each setting; the steps follow),
+``time S`` (equal seconds of training, the quality checks not counted; the learning rate does not
+decay, as no step count is fixed).
+
+The report (:mod:`~pdm.ablation.report`): ``ROOT/ablation.md`` and ``.json`` (per run and, over
+seeds, mean and 95% interval per setting, with the differences the intervals support),
+``ROOT/ablation.png`` (quality along training), ``ROOT/noise_levels.png`` (held-out error by noise
+level, the PDM paper's figure) and ``ROOT/samples.png`` (each setting's final EMA samples).
 """
 
 from __future__ import annotations
@@ -28,11 +39,23 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from pdm.ablation.configs import check_data, is_digits, load_config, net_for
+from pdm.ablation.configs import (
+    axis_overlay,
+    canonical_key,
+    check_data,
+    get_key,
+    is_digits,
+    load_config,
+    merge,
+    net_for,  # noqa: F401 - part of the driver's API (pdm.ablation.net_for)
+    parse_value,
+    seed_overlay,
+)
 from pdm.ablation.cost import print_plan, step_cost, step_flops
 from pdm.atomic import WriteError, atomic_write_text
 
@@ -40,22 +63,67 @@ BUDGETS = ("steps", "flops", "time")
 TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
 
 
+@dataclass
+class Run:
+    """One (value, seed) of an ablation: its folder, steps (None under a time budget), the config
+    overlay train.py layers last, and the config it trains (base + overlay)."""
+
+    key: str
+    value: object
+    seed: int
+    folder: Path
+    steps: int | None
+    every: int
+    overlay: dict
+    config: dict
+    forced: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """The run's name in the report: the value, then ``/seed{s}`` for repeats."""
+        return str(self.value) if self.seed == 0 else f"{self.value}/seed{self.seed}"
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.config["model"]["net"]["init_args"].get("patch_size", 1))
+
+
+def folder_name(key: str, value, seed: int) -> str:
+    """``P4``, ``P4_seed1``, ``target-eps``, ``target-eps_seed2``."""
+    name = f"P{value}" if key == "patch_size" else f"{key.split('.')[-1]}-{value}"
+    return name if seed == 0 else f"{name}_seed{seed}"
+
+
 def _parser() -> argparse.ArgumentParser:
     from pdm.cli import parser
 
     p = parser(__doc__, prog="python -m pdm.ablation")
     p.add_argument("--config", required=True, help="the training config (its P is replaced)")
-    p.add_argument("--patch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument(
+        "--patch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the patch sizes to compare (default 1 2 4 8; the axis unless --vary is given)",
+    )
+    p.add_argument(
+        "--vary",
+        nargs="+",
+        metavar=("KEY", "VALUE"),
+        default=None,
+        help="another axis: a config key and its values, e.g. --vary model.target eps x0 v",
+    )
+    p.add_argument(
+        "--seeds", type=int, default=1, help="repeats of every setting (seed 0 is the config's)"
+    )
     p.add_argument(
         "--budget",
         nargs=2,
         metavar=("KIND", "VALUE"),
         required=True,
-        help="steps N | flops F | time SECONDS, the same for every P",
+        help="steps N | flops F | time SECONDS, the same for every run",
     )
-    p.add_argument(
-        "--root", required=True, help="the ablation's folder: one run folder per P inside"
-    )
+    p.add_argument("--root", required=True, help="the ablation's folder: one run folder per run")
     p.add_argument(
         "--reference", default=None, help="reference statistics for FID (not needed on digits)"
     )
@@ -74,14 +142,32 @@ def _parser() -> argparse.ArgumentParser:
         default=0.1,
         help="the largest share of training time the checks may take (later checks are skipped)",
     )
-    p.add_argument("--only", type=int, default=None, help="train this P only (one SLURM job per P)")
+    p.add_argument(
+        "--heldout-images",
+        type=int,
+        default=256,
+        help="held-out evaluations per run (the held-out set taken in turn, fresh noise each time)",
+    )
+    p.add_argument("--bins", type=int, default=24, help="log-SNR bins of the held-out error curve")
+    p.add_argument(
+        "--only",
+        default=None,
+        help="train this value only (all its seeds, or --seed S): one SLURM job per value",
+    )
+    p.add_argument("--seed", type=int, default=None, help="with --only: train this seed only")
+    p.add_argument(
+        "--task",
+        type=int,
+        default=None,
+        help="train run number I only (0-based, value-major; --plan lists them): a SLURM array task",
+    )
     p.add_argument(
         "--report", action="store_true", help="only write the report from the runs so far"
     )
     p.add_argument(
         "--plan",
         action="store_true",
-        help="only print what each run will cost (counted FLOPs, estimated GPU-hours)",
+        help="only print the runs and what each will cost (counted FLOPs, estimated GPU-hours)",
     )
     p.add_argument("--gpu", default="H100", help="--plan's GPU for the hours (its bf16 peak)")
     p.add_argument(
@@ -109,8 +195,35 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         ) from None
     if args.value <= 0:
         raise ValueError("--budget needs a positive value")
-    if args.only is not None and args.only not in args.patch_sizes:
-        raise ValueError(f"--only {args.only} is not one of --patch-sizes {args.patch_sizes}")
+    if args.vary is not None and args.patch_sizes is not None:
+        raise ValueError(
+            "give --patch-sizes or --vary, not both (--vary patch_size 2 4 is the same)"
+        )
+    if args.vary is not None:
+        if len(args.vary) < 2:
+            raise ValueError("--vary needs a config key and at least one value")
+        args.key = canonical_key(args.vary[0])
+        args.values = [parse_value(args.key, v) for v in args.vary[1:]]
+    else:
+        args.key, args.values = "patch_size", list(args.patch_sizes or [1, 2, 4, 8])
+    if args.key == "patch_size":  # finest first: the reference the others are compared with
+        args.values = sorted(int(v) for v in args.values)
+        args.patch_sizes = args.values
+    if len(set(map(str, args.values))) != len(args.values):
+        raise ValueError(f"the values {args.values} repeat one")
+    if args.seeds < 1:
+        raise ValueError("--seeds needs at least 1")
+    if args.only is not None:
+        args.only = parse_value(args.key, str(args.only))
+        if str(args.only) not in map(str, args.values):
+            raise ValueError(f"--only {args.only} is not one of the values {args.values}")
+    if args.seed is not None and not 0 <= args.seed < args.seeds:
+        raise ValueError(f"--seed {args.seed} is not one of the seeds 0..{args.seeds - 1}")
+    if args.seed is not None and args.only is None:
+        raise ValueError("--seed picks a seed of --only VALUE; give --only too (or --task)")
+    count = len(args.values) * args.seeds
+    if args.task is not None and not 0 <= args.task < count:
+        raise ValueError(f"--task {args.task}: there are {count} runs, numbered 0..{count - 1}")
     return args, extra
 
 
@@ -129,74 +242,82 @@ def quality_feature(config: dict, args: argparse.Namespace) -> str:
 SAMPLERS = ("pdm.training.SampleGrid", "pdm.training.DigitsFD", "pdm.training.QualityMonitor")
 
 
-def plan(config: dict, args: argparse.Namespace) -> dict[int, dict]:
-    """Per P: its run folder, steps (None under a time budget) and the config overlay of its run.
+def selected(args: argparse.Namespace, index: int, value, seed: int) -> bool:
+    """Whether ``--only``/``--seed``/``--task`` pick this run (all do without them)."""
+    if args.task is not None:
+        return index == args.task
+    if args.only is not None and str(value) != str(args.only):
+        return False
+    return args.seed is None or seed == args.seed
 
-    The overlay changes the patch size and the attention levels, sets the budget, and swaps the
-    config's sample-grid and FD callbacks for one :class:`~pdm.training.QualityMonitor` (so all
-    sampling along the run is the monitor's, kept out of the training time it measures).
+
+def plan(config: dict, args: argparse.Namespace, every_run: bool = False) -> list[Run]:
+    """The runs, value-major: each with its folder, steps (None under a time budget) and the config
+    overlay of its run; only those ``--only``/``--task`` pick unless ``every_run``.
+
+    The overlay sets the axis and what it forces, the seed of a repeat, and the budget, and swaps
+    the config's sample-grid and FD callbacks for one :class:`~pdm.training.QualityMonitor` (so
+    all sampling along the run is the monitor's, kept out of the training time it measures).
     """
-    kind, out = args.budget[0], {}
+    kind, runs = args.budget[0], []
     feature = quality_feature(config, args)
     kept = [
         cb
         for cb in (config.get("trainer") or {}).get("callbacks") or []
         if not (isinstance(cb, dict) and cb.get("class_path") in SAMPLERS)
     ]
-    for p in args.patch_sizes:
-        if args.only not in (None, p):  # one SLURM job per P: count and time only its own
-            continue
-        net = net_for(config, p)
-        steps = None
-        if kind == "steps":
-            steps = int(args.value)
-        elif kind == "flops":
-            steps = max(1, math.ceil(args.value / step_flops(config, p)))
-        folder = Path(args.root) / f"P{p}"
-        expected = steps
-        every = None
-        if steps is None and (folder / "ablation.yaml").exists():  # a resumed run keeps its checks
-            previous = yaml.safe_load((folder / "ablation.yaml").read_text())
-            every = previous["trainer"]["callbacks"][-1]["init_args"]["every_n_steps"]
-        elif steps is None and not (
-            args.report or args.plan
-        ):  # a time budget: checks spread by a measured step
-            expected = int(args.value / step_cost(config, p, iters=2)["seconds_per_step"])
-        every = every or max(1, (expected or 1000) // args.checks)
-        monitor = {
-            "every_n_steps": every,
-            "num_samples": args.samples,
-            "feature": feature,
-            "reference": args.reference,
-            "max_cost": args.max_cost,
-        }
-        trainer = {"default_root_dir": str(folder), "max_steps": steps or -1}
-        overlay = {
-            "model": {
-                "net": {
-                    "init_args": {
-                        "patch_size": p,
-                        "attention_resolutions": net["attention_resolutions"],
-                    }
-                }
-            },
-            "trainer": trainer,
-        }
-        if steps is None:  # a time budget: no step count for a decay to aim at
-            trainer["max_epochs"] = -1
-            monitor["max_train_seconds"] = args.value
-            overlay["model"]["lr_decay"] = "none"
-        trainer["callbacks"] = [
-            *kept,
-            {"class_path": "pdm.training.QualityMonitor", "init_args": monitor},
-        ]
-        out[p] = {"folder": folder, "steps": steps, "every": every, "overlay": overlay}
-    return out
+    flops: dict[str, int] = {}  # per value: the same for every seed
+    index = -1
+    for value in args.values:
+        axis, forced = axis_overlay(config, args.key, value)
+        for seed in range(args.seeds):
+            index += 1
+            if not (every_run or selected(args, index, value, seed)):
+                continue
+            overlay = merge(axis, seed_overlay(config, seed))
+            run_config = merge(config, overlay)
+            p = int(get_key(run_config, "model.net.init_args.patch_size") or 1)
+            steps = None
+            if kind == "steps":
+                steps = int(args.value)
+            elif kind == "flops":
+                if str(value) not in flops:
+                    flops[str(value)] = step_flops(run_config, p)
+                steps = max(1, math.ceil(args.value / flops[str(value)]))
+            folder = Path(args.root) / folder_name(args.key, value, seed)
+            expected, every = steps, None
+            if steps is None and (folder / "ablation.yaml").exists():  # a resume keeps its checks
+                previous = yaml.safe_load((folder / "ablation.yaml").read_text())
+                every = previous["trainer"]["callbacks"][-1]["init_args"]["every_n_steps"]
+            elif steps is None and not (args.report or args.plan):  # checks spread by a step
+                expected = int(args.value / step_cost(run_config, p, iters=2)["seconds_per_step"])
+            every = every or max(1, (expected or 1000) // args.checks)
+            monitor = {
+                "every_n_steps": every,
+                "num_samples": args.samples,
+                "feature": feature,
+                "reference": args.reference,
+                "max_cost": args.max_cost,
+            }
+            trainer = {"default_root_dir": str(folder), "max_steps": steps or -1}
+            overlay = merge(overlay, {"trainer": trainer})
+            if steps is None:  # a time budget: no step count for a decay to aim at
+                trainer["max_epochs"] = -1
+                monitor["max_train_seconds"] = args.value
+                overlay = merge(overlay, {"model": {"lr_decay": "none"}})
+            overlay["trainer"]["callbacks"] = [
+                *kept,
+                {"class_path": "pdm.training.QualityMonitor", "init_args": monitor},
+            ]
+            runs.append(
+                Run(args.key, value, seed, folder, steps, every, overlay, run_config, forced)
+            )
+    return runs
 
 
-def finished(run: dict) -> bool:
+def finished(run: Run) -> bool:
     """Whether a run reached its budget (its driver-written marker)."""
-    return (run["folder"] / "ablation_done.json").exists()
+    return (run.folder / "ablation_done.json").exists()
 
 
 def run_forwarding_signals(cmd: list[str]) -> int:
@@ -224,16 +345,24 @@ def run_forwarding_signals(cmd: list[str]) -> int:
             signal.signal(num, handler)
 
 
-def train(config_path: str, run: dict, extra: list[str], patch_size: int) -> None:
+def describe(run: Run) -> str:
+    """``P = 4``, ``P = 4, seed 1``, ``model.target = eps, seed 2``."""
+    name = "P" if run.key == "patch_size" else run.key
+    return f"{name} = {run.value}" + (f", seed {run.seed}" if run.seed else "")
+
+
+def train(config_path: str, run: Run, extra: list[str]) -> None:
     """One train.py run (resumed when its folder holds one); a failure stops the driver naming it.
 
-    The run's overlay is written to ``ROOT/P{p}/ablation.yaml`` and layered last, so train.py
-    records the config it ran in the run's own ``config.yaml``.
+    The run's overlay is written to ``FOLDER/ablation.yaml`` and layered last, so train.py
+    records the config it ran in the run's own ``config.yaml``; ``FOLDER/ablation_run.json``
+    says which setting and seed it is and what the setting forced.
     """
-    folder = run["folder"]
+    folder = run.folder
     folder.mkdir(parents=True, exist_ok=True)
     overlay = folder / "ablation.yaml"
-    atomic_write_text(overlay, yaml.safe_dump(run["overlay"], sort_keys=False))
+    atomic_write_text(overlay, yaml.safe_dump(run.overlay, sort_keys=False))
+    atomic_write_text(folder / "ablation_run.json", json.dumps(identity(run), indent=1))
     cmd = [
         sys.executable,
         str(TRAIN_PY),
@@ -246,32 +375,45 @@ def train(config_path: str, run: dict, extra: list[str], patch_size: int) -> Non
         "--ckpt_path",
         "auto",
     ]
-    print(f"ablation: P = {patch_size}: {folder}", file=sys.stderr, flush=True)
+    print(f"ablation: {describe(run)}: {folder}", file=sys.stderr, flush=True)
     code = run_forwarding_signals(cmd)
     if code != 0:
         again = "run the same command again to resume it (finished runs are skipped)"
         if code >= 128:  # a scheduler's signal: the run saved its step; the exit code says so
             print(
-                f"python -m pdm.ablation: the run of P = {patch_size} was stopped by signal "
+                f"python -m pdm.ablation: the run of {describe(run)} was stopped by signal "
                 f"{code - 128} and saved; {again}",
                 file=sys.stderr,
             )
             raise SystemExit(code)
-        raise ValueError(f"the run of P = {patch_size} stopped (exit {code}); {again}")
-    atomic_write_text(
-        folder / "ablation_done.json", json.dumps({"patch_size": patch_size, "steps": run["steps"]})
-    )
+        raise ValueError(f"the run of {describe(run)} stopped (exit {code}); {again}")
+    done = {"steps": run.steps, **identity(run)}
+    if run.key == "patch_size":
+        done["patch_size"] = run.value
+    atomic_write_text(folder / "ablation_done.json", json.dumps(done))
+
+
+def identity(run: Run) -> dict:
+    """Which setting and seed a run is, and what its setting forced."""
+    return {
+        "key": run.key,
+        "value": run.value,
+        "seed": run.seed,
+        "seed_everything": run.config.get("seed_everything"),
+        "shuffle_seed": get_key(run.config, "data.init_args.shuffle_seed"),
+        "forced": run.forced,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    """Train what is missing, then write the report."""
+    """Train what is missing, score each run on held-out images, then write the report."""
     from pdm.cli import fail
 
     try:
         args, extra = parse_args(argv)
         config = load_config(args.config, extra)
         if args.plan:
-            print_plan(config, plan(config, args), args)
+            print_plan(config, plan(config, args, every_run=True), args)
             return None
         if not args.report:
             check_data(config)
@@ -279,20 +421,25 @@ def main(argv: list[str] | None = None) -> dict | None:
                 from pdm.metrics import FeatureStats
 
                 FeatureStats.load(args.reference)
-        runs = plan(config, args)
+        partial = args.only is not None or args.task is not None
+        runs = plan(config, args, every_run=args.report)
         if not args.report:
             if args.reference is None and runs and quality_feature(config, args) == "inception":
                 print(
                     "ablation: no --reference, so quality is not scored along the runs (the report "
-                    "gives their costs only); make one with `python -m pdm.metrics ref-stats`",
+                    "gives their costs and held-out bits/dim); make one with `python -m pdm.metrics "
+                    "ref-stats`",
                     file=sys.stderr,
                 )
-            for p in [args.only] if args.only is not None else args.patch_sizes:
-                if finished(runs[p]):
-                    print(f"ablation: P = {p} is finished; skipped", file=sys.stderr)
-                    continue
-                train(args.config, runs[p], extra, p)
-            if args.only is not None:
+            from pdm.ablation.heldout import heldout
+
+            for run in runs:
+                if finished(run):
+                    print(f"ablation: {describe(run)} is finished; skipped", file=sys.stderr)
+                else:
+                    train(args.config, run, extra)
+                heldout(run, args.heldout_images, args.bins)
+            if partial:
                 return None
         from pdm.ablation.report import write_report
 

@@ -1,10 +1,12 @@
-"""The report of a patch-size ablation (:mod:`pdm.ablation`), drawn from its runs' quality logs and
-checkpoints: a table (Markdown and JSON), quality against steps, FLOPs and wall time, and the
-final samples of every P side by side."""
+"""The report of an ablation (:mod:`pdm.ablation`), drawn from its runs' quality logs, held-out
+scores and checkpoints: per run and, over seeds, the mean and 95% interval per setting with the
+differences the intervals support (:mod:`~pdm.ablation.stats`); quality along training; the
+held-out error by noise level (where the settings part); the final samples side by side."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,10 @@ import torch
 
 from pdm.ablation.configs import batch_size
 from pdm.ablation.cost import device_name, step_cost
+from pdm.ablation.stats import holm, t_interval, welch
 from pdm.atomic import atomic_write, atomic_write_text
+
+LEVEL = 0.95
 
 
 def read_quality(folder: Path) -> list[dict]:
@@ -33,17 +38,27 @@ def read_quality(folder: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def write_report(config: dict, runs: dict[int, dict], args) -> dict:
-    """ROOT/ablation.{md,json,png} and ROOT/samples.png; returns the table as a dict."""
+def write_report(config: dict, runs: list, args) -> dict:
+    """ROOT/ablation.{md,json,png}, ROOT/noise_levels.png and ROOT/samples.png; returns the
+    report as a dict."""
+    from pdm.ablation.heldout import heldout
+
     root = Path(args.root)
-    rows, curves = {}, {}
-    for p, run in runs.items():
-        checks = read_quality(run["folder"])
-        curves[p] = checks
+    rows, curves, costs, held = {}, {}, {}, {}
+    for run in runs:
+        checks = read_quality(run.folder)
+        curves[run.label] = checks
         name = next((k for k in ("fd8x8", "fid") if checks and k in checks[-1]), "score")
         last = checks[-1] if checks else {}
-        rows[p] = {
-            **step_cost(config, p),
+        cost_key = (run.patch_size, batch_size(run.config))
+        if cost_key not in costs:
+            costs[cost_key] = step_cost(run.config)
+        held[run.label] = heldout(run, args.heldout_images, args.bins)
+        rows[run.label] = {
+            **costs[cost_key],
+            "value": run.value,
+            "seed": run.seed,
+            "patch_size": run.patch_size,
             "steps": last.get("step"),
             "train_flops": last.get("train_flops"),
             "train_seconds": last.get("train_seconds"),
@@ -51,65 +66,227 @@ def write_report(config: dict, runs: dict[int, dict], args) -> dict:
             "metric": name,
             "best": min((c[name] for c in checks), default=None),
             "final": last.get(name),
+            "bits_per_dim": None if held[run.label] is None else held[run.label]["bits_per_dim"],
         }
+    values = list(dict.fromkeys(str(r.value) for r in runs))
+    summary = summarise(rows, values)
+    supported = differences(rows, values)
+    parting = part_points(held, rows, values)
     report = {
         "config": args.config,
+        "axis": args.key,
+        "values": values,
+        "seeds": args.seeds,
         "budget": list(args.budget),
         "device": device_name(),
         "batch_size": batch_size(config),
+        "test": "Welch's t-test, Holm-adjusted over the pairs of each score, 95%",
         "runs": rows,
+        "summary": summary,
+        "differences": supported,
+        "noise_levels": {
+            "curves": {
+                k: None if v is None else {"log_snr_edges": v["log_snr_edges"], "rmse": v["rmse"]}
+                for k, v in held.items()
+            },
+            "parting": parting,
+        },
         "curves": curves,
     }
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "ablation.json", json.dumps(report, indent=1, default=str))
-    table = markdown(rows, args.budget, report["device"], report["batch_size"])
-    atomic_write_text(root / "ablation.md", table)
-    plot(curves, root / "ablation.png")
-    samples_side_by_side(runs, root / "samples.png")
-    print(table)
+    text = markdown(report)
+    atomic_write_text(root / "ablation.md", text)
+    plot(curves, rows, root / "ablation.png")
+    plot_noise_levels(held, rows, values, parting, args.key, root / "noise_levels.png")
+    samples_side_by_side([r for r in runs if r.seed == 0], root / "samples.png")
+    print(text)
     return report
 
 
-def markdown(rows: dict[int, dict], budget, device: str, batch: int) -> str:
-    """The table of the report."""
+SCORES = ("final", "best", "bits_per_dim")
+
+
+def summarise(rows: dict[str, dict], values: list[str]) -> dict[str, dict]:
+    """Per value: the seeds' scores and each score's mean and 95% Student-t half-width."""
+    out = {}
+    for v in values:
+        mine = [r for r in rows.values() if str(r["value"]) == v]
+        entry = {"seeds": len(mine), "steps": [r["steps"] for r in mine]}
+        for score in SCORES:
+            got = [r[score] for r in mine if r[score] is not None]
+            mean, half = t_interval(got, LEVEL)
+            entry[score] = {"values": got, "mean": mean, "half_width": half}
+        flops = [r["train_flops"] for r in mine if r["train_flops"]]
+        entry["train_flops"] = float(np.mean(flops)) if flops else None
+        out[v] = entry
+    return out
+
+
+def differences(rows: dict[str, dict], values: list[str]) -> dict[str, list[dict]]:
+    """Per score, every pair of values tested (Welch, Holm-adjusted over the pairs); each entry
+    says whether the 95% level supports it."""
+    out = {}
+    for score in SCORES:
+        by_value = {
+            v: [r[score] for r in rows.values() if str(r["value"]) == v and r[score] is not None]
+            for v in values
+        }
+        pairs = [(a, b) for i, a in enumerate(values) for b in values[i + 1 :]]
+        tests = [welch(by_value[a], by_value[b], LEVEL) for a, b in pairs]
+        adjusted = holm([t["p"] for t in tests])
+        out[score] = [
+            {"a": a, "b": b, **t, "p_holm": p, "supported": bool(p == p and p < 1 - LEVEL)}
+            for (a, b), t, p in zip(pairs, tests, adjusted)
+        ]
+    return out
+
+
+def part_points(held: dict, rows: dict[str, dict], values: list[str]) -> dict[str, dict]:
+    """Where each value's held-out error curve parts from the reference value's (the first
+    value: the finest P, or the first of --vary): per log-SNR bin the Welch 95% interval of the
+    difference in RMSE over seeds; ``above`` is the lowest bin edge from which every bin up to the
+    top is worse than the reference (None where the top bin is not), ``worse``/``better`` the
+    bins where the interval says so."""
+    curves = {}
+    for label, h in held.items():
+        if h is not None:
+            curves.setdefault(str(rows[label]["value"]), []).append(np.asarray(h["rmse"]))
+    if not curves or values[0] not in curves:
+        return {}
+    ref = np.stack(curves[values[0]])
+    edges = next(np.asarray(h["log_snr_edges"]) for h in held.values() if h is not None)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    out = {}
+    for v in values[1:]:
+        if v not in curves:
+            continue
+        mine = np.stack(curves[v])
+        tests = [welch(mine[:, k], ref[:, k], LEVEL) for k in range(len(centres))]
+        worse = [bool(t["low"] > 0) for t in tests]
+        better = [bool(t["high"] < 0) for t in tests]
+        above = None
+        k = len(centres)
+        while k > 0 and worse[k - 1]:
+            k -= 1
+        if k < len(centres):
+            above = float(edges[k])
+        ratio = (mine.mean(0) / ref.mean(0)).tolist()
+        out[v] = {
+            "reference": values[0],
+            "above_log_snr": above,
+            "worse_bins": [float(c) for c, w in zip(centres, worse) if w],
+            "better_bins": [float(c) for c, b in zip(centres, better) if b],
+            "ratio": ratio,
+        }
+    return out
+
+
+def _pm(entry: dict, fmt: str) -> str:
+    mean, half = entry["mean"], entry["half_width"]
+    if mean is None or mean != mean:
+        return "–"
+    return format(mean, fmt) + ("" if half != half else f" ± {format(half, fmt)}")
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown: runs, the summary over seeds, what the intervals support, and
+    where the noise-level curves part."""
+    rows, summary = report["runs"], report["summary"]
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
-    cuda = any(r.get("peak_cuda_mib") is not None for r in rows.values())
-    head = (
-        f"| P | parameters | s/step | ms/image | activations MiB | {'peak MiB | ' if cuda else ''}"
-        "steps | training FLOPs | train s | checks | best | final |\n"
-        f"|{'---|' * (12 if cuda else 11)}\n"
-    )
-    body = "".join(
-        f"| {p} | {r['parameters'] / 1e6:.2f}M | {r['seconds_per_step']:.3f} | "
-        f"{r['train_ms_per_image']:.2f} | {r['activation_mib']:.1f} | "
-        + (f"{fmt(r['peak_cuda_mib'], '.0f')} | " if cuda else "")
-        + f"{fmt(r['steps'], 'd')} | {fmt(r['train_flops'], '.3g')} | "
-        f"{fmt(r['train_seconds'], '.0f')} | {r['checks']} | {fmt(r['best'], '.4g')} | "
-        f"{fmt(r['final'], '.4g')} |\n"
-        for p, r in sorted(rows.items())
-    )
-    metric = next(iter(rows.values()))["metric"]
-    return (
-        f"Budget: {budget[0]} {budget[1]}; score: {metric} (lower is better). Step cost measured at "
-        f"batch {batch} on {device} when the report was written; steps, FLOPs and seconds are the "
-        "runs' own.\n\n" + head + body
-    )
+    axis = "P" if report["axis"] == "patch_size" else report["axis"]
+    metric = next(iter(rows.values()))["metric"] if rows else "score"
+    out = [
+        f"Axis: {axis}; {report['seeds']} seed(s) per value; budget: {report['budget'][0]} "
+        f"{report['budget'][1]}; score: {metric} (lower is better); held-out bound in bits/dim "
+        f"(lower is better). Step cost measured at batch {report['batch_size']} on "
+        f"{report['device']} when the report was written; steps, FLOPs and seconds are the runs' "
+        "own.",
+        "",
+        "| run | P | parameters | s/step | ms/image | activations MiB | steps | training FLOPs | "
+        "train s | checks | best | final | bits/dim |",
+        "|" + "---|" * 13,
+    ]
+    for label, r in rows.items():
+        out.append(
+            f"| {label} | {r['patch_size']} | {r['parameters'] / 1e6:.2f}M | "
+            f"{r['seconds_per_step']:.3f} | {r['train_ms_per_image']:.2f} | "
+            f"{r['activation_mib']:.1f} | {fmt(r['steps'], 'd')} | "
+            f"{fmt(r['train_flops'], '.3g')} | {fmt(r['train_seconds'], '.0f')} | {r['checks']} | "
+            f"{fmt(r['best'], '.4g')} | {fmt(r['final'], '.4g')} | {fmt(r['bits_per_dim'], '.4f')} |"
+        )
+    out += [
+        "",
+        f"Mean ± 95% Student-t half-width over seeds ({report['test']} for the differences):",
+        "",
+        f"| {axis} | seeds | final {metric} | best {metric} | bits/dim |",
+        "|---|---|---|---|---|",
+    ]
+    for v, e in summary.items():
+        out.append(
+            f"| {v} | {e['seeds']} | {_pm(e['final'], '.4g')} | {_pm(e['best'], '.4g')} | "
+            f"{_pm(e['bits_per_dim'], '.4f')} |"
+        )
+    out += ["", "Differences the intervals support:", ""]
+    claims = []
+    names = {"final": f"final {metric}", "best": f"best {metric}", "bits_per_dim": "bits/dim"}
+    for score, tests in report["differences"].items():
+        for t in tests:
+            if t["supported"]:
+                lower, higher = (t["a"], t["b"]) if t["difference"] < 0 else (t["b"], t["a"])
+                claims.append(
+                    f"- {names[score]}: {axis} = {lower} is lower than {axis} = {higher} by "
+                    f"{abs(t['difference']):.4g} (95% interval {abs(t['high']) if t['difference'] < 0 else t['low']:.4g}"
+                    f" to {abs(t['low']) if t['difference'] < 0 else t['high']:.4g}; Holm p = {t['p_holm']:.3g})"
+                )
+    if claims:
+        out += claims
+    elif report["seeds"] < 2:
+        out.append("- none can be: one seed per value gives no interval (use --seeds 3 or more)")
+    else:
+        out.append("- none: every difference lies within what the seeds' spread allows")
+    parting = report["noise_levels"]["parting"]
+    if parting:
+        out += [
+            "",
+            "Held-out error by noise level (noise_levels.png), against "
+            f"{axis} = {next(iter(parting.values()))['reference']}:",
+            "",
+        ]
+        for v, p in parting.items():
+            where = (
+                f"worse in every bin above log SNR {p['above_log_snr']:.2f} "
+                f"(SNR {math.exp(p['above_log_snr']):.3g})"
+                if p["above_log_snr"] is not None
+                else "not worse in the lowest-noise bin"
+            )
+            out.append(
+                f"- {axis} = {v}: {where}; worse in {len(p['worse_bins'])} and better in "
+                f"{len(p['better_bins'])} of {len(p['ratio'])} bins; RMSE ratio "
+                f"{min(p['ratio']):.3g} to {max(p['ratio']):.3g}"
+            )
+    return "\n".join(out) + "\n"
 
 
-def plot(curves: dict[int, list[dict]], path: Path) -> None:
+def plot(curves: dict[str, list[dict]], rows: dict[str, dict], path: Path) -> None:
+    """Quality along training against steps, FLOPs and seconds, one colour per value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for p, checks in sorted(curves.items()):
+    colours: dict[str, str] = {}
+    for label, checks in curves.items():
         if not checks:
             continue
+        value = str(rows[label]["value"])
         name = "fd8x8" if "fd8x8" in checks[0] else "fid"
         score = [c[name] for c in checks]
         for ax, key in zip(axes, ("step", "train_flops", "train_seconds")):
-            ax.plot([c[key] for c in checks], score, marker="o", label=f"P = {p}")
+            kw = {"color": colours[value]} if value in colours else {"label": value}
+            (line,) = ax.plot([c[key] for c in checks], score, marker="o", ms=3, alpha=0.8, **kw)
+        colours.setdefault(value, line.get_color())
     for ax, label in zip(
         axes, ("optimiser steps", "training FLOPs (counted)", "training wall seconds")
     ):
@@ -118,14 +295,72 @@ def plot(curves: dict[int, list[dict]], path: Path) -> None:
     for ax in axes[1:]:  # the patch sizes' costs span more than an order of magnitude
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[0].legend()
+    if colours:
+        axes[0].legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
-def samples_side_by_side(runs: dict[int, dict], path: Path, num: int = 16) -> None:
-    """Each P's final EMA samples (the same noise), one panel per P, left to right."""
+def plot_noise_levels(
+    held: dict, rows: dict[str, dict], values: list[str], parting: dict, key: str, path: Path
+) -> None:
+    """The PDM paper's figure: held-out RMSE of the x-prediction against log SNR, one curve per
+    value (mean over seeds, 95% band), and each value's ratio to the reference value's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list] = {}
+    for label, h in held.items():
+        if h is not None:
+            curves.setdefault(str(rows[label]["value"]), []).append(np.asarray(h["rmse"]))
+    if not curves:
+        return
+    edges = np.asarray(next(h for h in held.values() if h is not None)["log_snr_edges"])
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    name = "P" if key == "patch_size" else key
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
+    ref = np.stack(curves[values[0]]).mean(0) if values[0] in curves else None
+    for v in values:
+        if v not in curves:
+            continue
+        c = np.stack(curves[v])
+        mean = c.mean(0)
+        half = np.array([t_interval(c[:, k], LEVEL)[1] for k in range(c.shape[1])])
+        (line,) = left.plot(centres, mean, marker="o", ms=3, label=f"{name} = {v} ({len(c)} seeds)")
+        if len(c) > 1:
+            left.fill_between(centres, mean - half, mean + half, color=line.get_color(), alpha=0.2)
+        if ref is not None:
+            right.plot(centres, mean / ref, color=line.get_color(), marker="o", ms=3)
+            if len(c) > 1:
+                right.fill_between(
+                    centres,
+                    (mean - half) / ref,
+                    (mean + half) / ref,
+                    color=line.get_color(),
+                    alpha=0.2,
+                )
+            above = (parting.get(v) or {}).get("above_log_snr")
+            if above is not None:
+                right.axvline(above, color=line.get_color(), ls="--", lw=1)
+    left.set_yscale("log")
+    left.set_ylabel("held-out RMSE of the x-prediction")
+    right.set_ylabel(f"RMSE / RMSE at {name} = {values[0]}")
+    right.axhline(1.0, color="grey", lw=0.8)
+    for ax in (left, right):
+        ax.set_xlabel("log SNR (high noise on the left)")
+        ax.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    right.set_title("dashed: above it, worse in every bin (95%)", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def samples_side_by_side(runs: list, path: Path, num: int = 16) -> None:
+    """Each value's final EMA samples (the same noise), one panel per value, left to right."""
     from PIL import Image, ImageDraw
 
     from pdm.checkpoints import load_for_sampling
@@ -133,8 +368,8 @@ def samples_side_by_side(runs: dict[int, dict], path: Path, num: int = 16) -> No
     from pdm.sampling import Settings, sample
 
     panels = []
-    for p, run in sorted(runs.items()):
-        ckpt = run["folder"] / "checkpoints" / "last.ckpt"
+    for run in runs:
+        ckpt = run.folder / "checkpoints" / "last.ckpt"
         if not ckpt.exists():
             continue
         loaded = load_for_sampling([str(ckpt)])
@@ -156,7 +391,8 @@ def samples_side_by_side(runs: dict[int, dict], path: Path, num: int = 16) -> No
         image = image.resize((image.width * 2, image.height * 2), Image.NEAREST).convert("RGB")
         canvas = Image.new("RGB", (image.width, image.height + 14), "white")
         canvas.paste(image, (0, 14))
-        ImageDraw.Draw(canvas).text((2, 1), f"P = {p}", fill="black")
+        name = "P" if run.key == "patch_size" else run.key.split(".")[-1]
+        ImageDraw.Draw(canvas).text((2, 1), f"{name} = {run.value}", fill="black")
         panels.append(canvas)
     if not panels:
         return

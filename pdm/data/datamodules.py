@@ -40,8 +40,9 @@ class DigitsDataModule(DataModuleBase):
         num_workers: int = 0,
         val_fraction: float = 0.05,
         seed: int = 0,
+        shuffle_seed: int | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, val_fraction, seed)
+        super().__init__(batch_size, num_workers, val_fraction, seed, shuffle_seed=shuffle_seed)
         self.image_size = image_size
 
     def setup(self, stage: str | None = None) -> None:
@@ -87,9 +88,16 @@ class ImageFolderDataModule(DataModuleBase):
         seed: int = 0,
         skip_bad_images: bool = False,
         max_bad_fraction: float = 0.01,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__(
-            batch_size, num_workers, val_fraction, seed, skip_bad_images, max_bad_fraction
+            batch_size,
+            num_workers,
+            val_fraction,
+            seed,
+            skip_bad_images,
+            max_bad_fraction,
+            shuffle_seed,
         )
         self.root, self.image_size, self.channels = root, image_size, channels
         self.class_conditional, self.random_flip = class_conditional, random_flip
@@ -187,9 +195,16 @@ class HFDataModule(DataModuleBase):
         allow_download: bool = False,
         skip_bad_images: bool = False,
         max_bad_fraction: float = 0.01,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__(
-            batch_size, num_workers, val_fraction, seed, skip_bad_images, max_bad_fraction
+            batch_size,
+            num_workers,
+            val_fraction,
+            seed,
+            skip_bad_images,
+            max_bad_fraction,
+            shuffle_seed,
         )
         self.allow_download = allow_download
         self.name, self.split, self.image_key, self.label_key = name, split, image_key, label_key
@@ -291,8 +306,11 @@ class LSUNDataModule(DataModuleBase):
         seed: int = 0,
         skip_bad_images: bool = False,
         max_bad_fraction: float = 0.01,
+        shuffle_seed: int | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, 0.0, seed, skip_bad_images, max_bad_fraction)
+        super().__init__(
+            batch_size, num_workers, 0.0, seed, skip_bad_images, max_bad_fraction, shuffle_seed
+        )
         self.root, self.classes, self.image_size, self.random_flip = (
             root,
             classes,

@@ -46,7 +46,8 @@ class _Loader(StatefulDataLoader):
 
 
 class DataModuleBase(L.LightningDataModule):
-    """Shared loader settings: batch size, workers, a seeded train/val split.
+    """Shared loader settings: batch size, workers, a seeded train/val split (``seed``) and a
+    seeded training order (``shuffle_seed``, by default ``seed``).
 
     The training loader is torchdata's ``StatefulDataLoader`` over an :class:`EpochShuffle`:
     how many batches of the epoch were served goes into every checkpoint, so a run resumed
@@ -63,6 +64,7 @@ class DataModuleBase(L.LightningDataModule):
         seed: int,
         skip_bad_images: bool = False,
         max_bad_fraction: float = 0.01,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -80,6 +82,10 @@ class DataModuleBase(L.LightningDataModule):
             val_fraction,
             seed,
         )
+        # the training order's seed; ``seed`` when not given. Apart from ``seed`` (which also
+        # draws the train/validation split), so that repeats of an ablation train on different
+        # orders and are all scored on the same held-out images
+        self.shuffle_seed = seed if shuffle_seed is None else int(shuffle_seed)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self._restored: dict | None = None
@@ -109,7 +115,9 @@ class DataModuleBase(L.LightningDataModule):
             batch_size=self.batch_size,
             drop_last=True,
             ignore_saved_position=finished,
-            sampler=EpochShuffle(self.train_set, self.seed, restored.get("epoch", 0) + finished),
+            sampler=EpochShuffle(
+                self.train_set, self.shuffle_seed, restored.get("epoch", 0) + finished
+            ),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
