@@ -12,6 +12,12 @@ what to do instead. Any mistake in the config stops the run before any work, wit
 error and exit code 2.
 """
 
+# first, before the imports that take seconds: a scheduler's signal during start-up is recorded
+# and acted on once training can save (pdm.startup), not the death of the job
+from pdm.startup import hold_signals
+
+hold_signals()
+
 import argparse
 import logging
 import os

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,23 +82,47 @@ class Launch:
 
 
 def detect() -> Launch:
-    """This process's rank under torchrun (torchelastic) or srun (SLURM); rank 0 of 1 otherwise."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+    """This process's rank under torchrun (torchelastic) or srun (SLURM); rank 0 of 1 otherwise.
 
-    for env_cls in (TorchElasticEnvironment, SLURMEnvironment):
-        with (
-            warnings.catch_warnings()
-        ):  # Lightning's "srun is available but not used" is for training
-            warnings.filterwarnings("ignore", message=r".*`srun` command is available.*")
-            found = env_cls.detect()
-        if found:
-            try:
-                env = env_cls()
-            except RuntimeError as e:  # e.g. srun --ntasks without --ntasks-per-node
-                raise ValueError(" ".join(str(e).split())) from None
-            if env.world_size() > 1:
-                # the process group reads these (torchrun sets them; under srun Lightning derives them)
-                os.environ.setdefault("MASTER_ADDR", env.main_address)
-                os.environ.setdefault("MASTER_PORT", str(env.main_port))
-            return Launch(env.global_rank(), env.world_size(), env.local_rank())
-    return Launch()
+    Under SLURM the rank, world size and local rank are SLURM's own task variables
+    (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS`` or ``SLURM_NTASKS``, ``SLURM_LOCALID``), which every
+    version from 22.05 sets for ``srun --ntasks N`` and ``--ntasks-per-node``; sampling needs no
+    more. (Lightning's SLURM environment, which training uses, also wants
+    ``SLURM_NTASKS_PER_NODE``, which 22.05 does not set for ``srun --ntasks``.)
+    """
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+
+    if TorchElasticEnvironment.detect():
+        env = TorchElasticEnvironment()
+        return Launch(env.global_rank(), env.world_size(), env.local_rank())
+    return slurm_launch(os.environ)
+
+
+def slurm_launch(environ) -> Launch:
+    """The launch SLURM describes in ``environ`` (rank 0 of 1 outside an srun task, and in an
+    allocation's shell, whose job name is ``bash`` or ``interactive``, as Lightning has it)."""
+    if "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ:
+        return Launch()
+    if environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return Launch()
+    try:
+        world = int(environ.get("SLURM_STEP_NUM_TASKS") or environ["SLURM_NTASKS"])
+        rank, local = int(environ["SLURM_PROCID"]), int(environ.get("SLURM_LOCALID", "0"))
+    except ValueError:
+        raise ValueError(
+            "SLURM's task variables (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) are not numbers; "
+            "start sample.py with srun"
+        ) from None
+    if not 0 <= rank < world:
+        raise ValueError(f"SLURM_PROCID {rank} is not a rank of {world} tasks; start with srun")
+    if world > 1 and isinstance(environ, os._Environ):
+        # the process group reads these: the first node of the step, a port from the job id
+        from lightning.fabric.plugins.environments import SLURMEnvironment
+
+        nodes = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_NODELIST", "127.0.0.1")
+        os.environ.setdefault("MASTER_ADDR", SLURMEnvironment.resolve_root_node_address(nodes))
+        job = environ.get("SLURM_JOB_ID", "")
+        os.environ.setdefault(
+            "MASTER_PORT", str(int(job[-4:]) + 15000 if job[-4:].isdigit() else 12910)
+        )
+    return Launch(rank, world, local)

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import sample as sample_cli
+from pdm import locks
 from pdm.locks import FolderLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,9 +97,76 @@ def test_a_live_holder_refuses_and_a_dead_ones_lock_is_taken_over(tiny_ckpts, tm
     assert stats["num_samples"] == 4 and "took over the lock" in capsys.readouterr().err
     assert not (out / ".lock").exists()
     (out / ".lock").write_text(json.dumps({"host": "another-host", "pid": 1, "started": 0}))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit):  # renewed just now, by a host this one cannot check
         _sample(tiny_ckpts, out)
-    assert "on host another-host" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pid 1 on another-host" in err and "goes stale at" in err
+    old = time.time() - locks.STALE - 5  # that host stopped renewing it: the lease ran out
+    os.utime(out / ".lock", (old, old))
+    stats = _sample(tiny_ckpts, out)
+    assert "its lease was last renewed" in capsys.readouterr().err
+
+
+def _lock(folder, age: float = 0.0, **owner) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".lock").write_text(json.dumps({"started": time.time() - age, **owner}))
+    os.utime(folder / ".lock", (time.time() - age, time.time() - age))
+
+
+def test_leases_decide_which_locks_hold_a_run(tmp_path, monkeypatch):
+    host = os.uname().nodename
+    me = {"host": host, "pid": os.getpid(), "pid_start": locks._start_of(os.getpid())}
+    cases = [
+        # (owner, age, SLURM environment of the new run, taken over?)
+        (me, 0, {}, False),  # a live run of this host
+        ({"host": "node-a", "pid": 4242}, 10, {}, False),  # another host's, renewed 10 s ago
+        ({"host": "node-a", "pid": 4242}, locks.STALE + 1, {}, True),  # ... not renewed
+        # a requeued job on another node: the same SLURM job's earlier start, at once
+        (
+            {"host": "node-a", "pid": 4242, "slurm_job": "77", "slurm_restart": 0},
+            1,
+            {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"},
+            True,
+        ),
+        # the same job and start (two steps of one job script): the lease decides
+        (
+            {"host": "node-a", "pid": 4242, "slurm_job": "77", "slurm_restart": 1},
+            1,
+            {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1"},
+            False,
+        ),
+        ({"host": "node-a", "pid": 4242, "slurm_job": "76"}, 1, {"SLURM_JOB_ID": "77"}, False),
+        # a reused pid: pid 1 lives, but it is not the process that wrote the lock
+        ({"host": host, "pid": 1, "pid_start": "another-boot:12"}, 1, {}, True),
+    ]
+    for i, (owner, age, env, taken) in enumerate(cases):
+        folder = tmp_path / f"case{i}"
+        _lock(folder, age, **owner)
+        for key in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        if taken:
+            with FolderLock(folder, "the run folder") as lock:
+                assert (
+                    lock.held and json.loads((folder / ".lock").read_text())["pid"] == os.getpid()
+                )
+        else:
+            with pytest.raises(ValueError, match="in use by another run") as e:
+                FolderLock(folder, "the run folder").acquire()
+            assert "goes stale at" in str(e.value), i
+
+
+def test_a_held_lock_is_renewed_while_its_run_lives(tmp_path, monkeypatch):
+    monkeypatch.setattr(locks, "HEARTBEAT", 0.05)
+    with FolderLock(tmp_path / "run", "the run folder") as lock:
+        old = time.time() - 100
+        os.utime(lock.path, (old, old))
+        deadline = time.time() + 10
+        while time.time() < deadline and time.time() - lock.path.stat().st_mtime > 50:
+            time.sleep(0.05)
+        assert time.time() - lock.path.stat().st_mtime < 50  # renewed: a live run keeps its lease
+    assert not lock.path.exists()
 
 
 def test_overwrite_starts_afresh_even_with_the_same_settings(tiny_ckpts, tmp_path):

@@ -312,7 +312,8 @@ def test_two_torchrun_processes_write_the_one_process_bytes(tiny_ckpts, tmp_path
 
 
 def test_two_srun_tasks_write_the_one_process_bytes(tiny_ckpts, tmp_path):
-    # srun starts N copies with SLURM's variables; Lightning's SLURM environment gives each its rank
+    # srun starts N copies with SLURM's variables, here as SLURM 22.05 sets them for
+    # `srun --ntasks 2`: no SLURM_NTASKS_PER_NODE (which Lightning's SLURM environment requires)
     one = run_cli("--ckpt", tiny_ckpts["cond"], *SCALE_ARGS, "--out", tmp_path / "one")
     assert one.returncode == 0
     port = str(20000 + os.getpid() % 20000)
@@ -321,7 +322,6 @@ def test_two_srun_tasks_write_the_one_process_bytes(tiny_ckpts, tmp_path):
         env = {
             **os.environ,
             "SLURM_NTASKS": "2",
-            "SLURM_NTASKS_PER_NODE": "2",
             "SLURM_PROCID": str(rank),
             "SLURM_LOCALID": str(rank),
             "SLURM_NODEID": "0",
@@ -354,6 +354,41 @@ def test_two_srun_tasks_write_the_one_process_bytes(tiny_ckpts, tmp_path):
         tmp_path / "one" / "samples.npz"
     ).read_bytes()
     assert json.loads((tmp_path / "srun" / "run.json").read_text())["info"]["processes"] == 2
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        # SLURM 22.05, `srun --ntasks 4` on two nodes: no SLURM_NTASKS_PER_NODE
+        ({"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1"}, (3, 4, 1)),
+        # 23.02+, `srun --ntasks-per-node 2`; a step of 2 tasks inside a 4-task allocation
+        (
+            {
+                "SLURM_NTASKS": "4",
+                "SLURM_NTASKS_PER_NODE": "2",
+                "SLURM_STEP_NUM_TASKS": "2",
+                "SLURM_PROCID": "1",
+                "SLURM_LOCALID": "1",
+            },
+            (1, 2, 1),
+        ),
+        # an allocation's shell (salloc) and a machine without SLURM: one process
+        ({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "interactive"}, (0, 1, 0)),
+        ({}, (0, 1, 0)),
+    ],
+)
+def test_slurm_tasks_give_rank_and_world_size_on_every_version(environ, expected):
+    from pdm.launch import slurm_launch
+
+    launch = slurm_launch({"SLURM_JOB_NAME": "sample", **environ})
+    assert (launch.rank, launch.world_size, launch.local_rank) == expected
+
+
+def test_slurm_task_variables_that_make_no_rank_are_refused():
+    from pdm.launch import slurm_launch
+
+    with pytest.raises(ValueError, match="not a rank of 2 tasks"):
+        slurm_launch({"SLURM_NTASKS": "2", "SLURM_PROCID": "2"})
 
 
 def _children(pid: int) -> list[int]:

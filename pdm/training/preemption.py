@@ -40,17 +40,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
-EARLY: list[int] = []  # SIGTERM / SIGUSR1 received before training started (catch_early_signals)
+from pdm.startup import EARLY, hold_signals  # signals received before training started
 
 
 def catch_early_signals() -> None:
-    """Record SIGTERM and SIGUSR1 from now on instead of dying of them: a scheduler's signal can
-    come while the job is still starting (loading data, restoring a checkpoint, compiling), before
-    :class:`Preemption` listens. It acts on them after the first step, as on any other."""
-    if not _main_thread():
-        return
-    for name in ("SIGTERM", "SIGUSR1"):
-        signal.signal(getattr(signal, name), lambda signum, frame: EARLY.append(signum))
+    """Record SIGTERM, SIGUSR1 and SIGINT from now on instead of dying of them: a scheduler's
+    signal can come while the job is still starting (importing, loading data, restoring a
+    checkpoint, compiling), before :class:`Preemption` listens. It acts on them after the first
+    step, as on any other. ``train.py`` does this on its first line (:mod:`pdm.startup`)."""
+    hold_signals()
 
 
 class Preemption(L.Callback):
