@@ -39,8 +39,9 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from pdm.startup import EARLY, hold_signals  # EARLY: signals received before training started
+
 SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
-from pdm.startup import EARLY, hold_signals  # signals received before training started
 
 
 def catch_early_signals() -> None:
