@@ -143,6 +143,64 @@ def test_sigusr1_under_slurm_saves_and_asks_for_a_requeue(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 4
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (its SigCgt mask in /proc)."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        return False
+    mask = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt")), 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process's signal mask in /proc")
+@pytest.mark.parametrize("name", ["SIGUSR1", "SIGTERM"])
+def test_a_signal_during_start_up_is_acted_on_when_training_can(tmp_path, name):
+    # SLURM's --signal can come a minute early, while Python still imports: the job must not die
+    log = tmp_path / "scontrol.log"
+    slurm = {
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_ID": "4343",
+        "SLURM_JOB_NAME": "pdm",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "PATH": HELPERS + os.pathsep + os.environ["PATH"],
+        "SCONTROL_LOG": str(log),
+    }
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "fit", "--config"]
+    cmd += [os.path.join(ROOT, "configs", "digits.yaml"), *TINY]
+    cmd += ["--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "50"]
+    proc = subprocess.Popen(
+        cmd, cwd=str(tmp_path), env={**os.environ, **slurm}, stderr=subprocess.PIPE, text=True
+    )
+    signum = getattr(signal, name)
+    deadline = time.time() + 60
+    while time.time() < deadline and not _catches(proc.pid, signum):
+        time.sleep(0.001)
+    assert not _torch_libraries(proc.pid)  # still starting: torch is not even loaded
+    proc.send_signal(signum)
+    err = proc.communicate(timeout=300)[1]
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert f"stopped by {name} after step 1" in err
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 1
+    if name == "SIGUSR1":  # SLURM's requeue signal: the job goes back in the queue
+        assert "the job is requeued" in err and log.read_text().split() == ["requeue", "4343"]
+    else:
+        assert "resume with --ckpt_path last" in err and not log.exists()
+
+
+def _torch_libraries(pid: int) -> list[str]:
+    """torch's shared libraries the process has mapped (none while it is still starting)."""
+    try:
+        maps = open(f"/proc/{pid}/maps").read()
+    except OSError:
+        return []
+    return [ln.rsplit("/", 1)[-1] for ln in maps.splitlines() if "libtorch" in ln]
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the second rank through /proc")
 def test_two_ddp_processes_signalled_mid_epoch_save_once_and_both_exit_within_60_s(tmp_path):
     script = os.path.join(ROOT, "tests", "ddp_script.py")
