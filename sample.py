@@ -54,12 +54,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.add_argument_group("the run").add_argument
     a("--ckpt", action="append", help="checkpoint or export; two for a high/low-noise expert pair")
     a("--out", required=True, help="output folder (a run's own; see --overwrite)")
-    a("--num-samples", type=int, default=64)
-    a("--batch-size", type=int, default=64, help="images per batch (does not change the images)")
-    a("--shard-size", type=int, default=1000, help="images per shard file (the resumable unit)")
-    a("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (PDM: 1.5)")
+    a(
+        "--num-samples",
+        type=int,
+        default=64,
+        help="images to make (default 64); a larger number extends a finished run",
+    )
+    a("--batch-size", type=int, default=64, help="images per batch (default 64; the same images)")
+    a(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="images per shard file, the unit kept on Ctrl-C and resumed (default: the folder's "
+        "own when resuming, else the batch size, at most 1000)",
+    )
+    a(
+        "--guidance-scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance (default 1.0: none; PDM uses 1.5)",
+    )
     a("--labels", type=int, nargs="+", default=None, help="class labels to cycle through")
-    a("--seed", type=int, default=0)
+    a("--seed", type=int, default=0, help="image i's noise comes from (seed, i) (default 0)")
     a("--overwrite", action="store_true", help="discard what --out holds and start afresh")
     a("--progress", action="store_true", help="a progress bar per batch")
     a = p.add_argument_group("the sampler (default: pdm.sampling.Settings())").add_argument
@@ -153,10 +169,9 @@ def build_settings(
             base, **(extra | {"skip": extra["skip"] or base.skip})
         ).resolved()
     if "solver" not in flags and flags.get("method", "multistep") != "multistep":
-        raise ValueError(
-            f"--method {flags['method']} is a DPM-Solver method and the default solver is "
-            f"{DEFAULT.solver}; add --solver dpmsolver++ (or dpmsolver)"
-        )
+        # the other methods (singlestep, adaptive, per-image steps) are DPM-Solver's: take its
+        # data-prediction form, as `--solver dpmsolver++` would
+        flags["solver"] = "dpmsolver++"
     if "estimator" in flags and flags.get("method") != "per_image":
         raise ValueError("--estimator does nothing without --method per_image; drop it")
     settings = Settings(**flags, **extra).resolved()
@@ -200,7 +215,7 @@ def check_flags(
     args: argparse.Namespace, given: set[str]
 ) -> tuple[Settings, LearnedSchedule | None, torch.device]:
     """Every check that needs no checkpoint, before anything is loaded or written."""
-    if args.num_samples < 1 or args.batch_size < 1 or args.shard_size < 1:
+    if args.num_samples < 1 or args.batch_size < 1 or (args.shard_size or 1) < 1:
         raise ValueError("--num-samples, --batch-size and --shard-size must be positive")
     check_seed(args.seed)
     check_guidance_scale(args.guidance_scale)
@@ -229,7 +244,7 @@ def request(args: argparse.Namespace) -> Request:
         Path(args.out),
         args.num_samples,
         args.batch_size,
-        args.shard_size,
+        args.shard_size or default_shard_size(Path(args.out), args.batch_size),
         args.guidance_scale,
         args.labels,
         args.seed,
@@ -240,6 +255,18 @@ def request(args: argparse.Namespace) -> Request:
         args.overwrite,
         args.progress,
     )
+
+
+def default_shard_size(out: Path, batch_size: int) -> int:
+    """The folder's own shard size when it holds a run (so a resume or an extension finds its
+    shards), else one batch, at most 1000 images: a stopped run keeps every finished batch."""
+    from pdm.outputs.folder import read_identity
+
+    try:
+        recorded = (read_identity(out) or {}).get("shard_size")
+    except ValueError:
+        recorded = None  # an unreadable run.json: the folder check says so
+    return int(recorded) if recorded else min(batch_size, 1000)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -163,7 +163,6 @@ def test_adaptive_skipping_flags_report_the_evaluated_mask(tiny_ckpts, tmp_path)
             ],
             "needs at least 3 steps",
         ),
-        (["--ckpt", "@cond", "--method", "singlestep"], "add --solver dpmsolver++"),
         (
             ["--ckpt", "@cond", "--solver", "dpmsolver++", "--order", "4"],
             "order must be 1, 2 or 3 for dpmsolver++",
@@ -190,6 +189,32 @@ def test_bad_input_exits_2_with_a_one_line_message(tiny_ckpts, tmp_path, capsys,
     assert code == 2 and 1 <= len(err) <= 3 and message in err[-1], err
 
 
+def test_dpm_solver_methods_take_dpm_solver_without_being_told(tiny_ckpts, tmp_path, capsys):
+    # --method per_image (or singlestep, adaptive) is DPM-Solver's: it needs no --solver
+    args = ["--ckpt", tiny_ckpts["cond"], "--method", "singlestep", "--steps", "3"]
+    code, err = _run_in_process([*args, "--num-samples", "2", "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["identity"]["settings"]["solver"] == "dpmsolver++"
+
+
+def test_a_finished_run_is_extended_and_its_first_images_do_not_change(
+    tiny_ckpts, tmp_path, capsys
+):
+    common = ["--ckpt", tiny_ckpts["cond"], "--steps", "3", "--batch-size", "2"]
+    out = tmp_path / "out"
+    assert _run_in_process([*common, "--num-samples", "5", "--out", out], capsys)[0] == 0
+    first = np.load(out / "samples.npz")["arr_0"]
+    assert json.loads((out / "run.json").read_text())["identity"]["shard_size"] == 2  # one batch
+    code, err = _run_in_process([*common, "--num-samples", "9", "--out", out], capsys)
+    assert code == 0 and any("extending" in line for line in err), err
+    more = np.load(out / "samples.npz")["arr_0"]
+    assert len(more) == 9 and np.array_equal(more[:5], first)
+    fresh = tmp_path / "fresh"
+    assert _run_in_process([*common, "--num-samples", "9", "--out", fresh], capsys)[0] == 0
+    assert (fresh / "samples.npz").read_bytes() == (out / "samples.npz").read_bytes()
+
+
 # --- one run per output folder (issue: outputs overwritten, mixed or stale) ----------------------------
 
 BASE = ["--num-samples", "5", "--steps", "3", "--shard-size", "2", "--batch-size", "2"]
@@ -208,7 +233,7 @@ def _run_in_process(args, capsys):
         ["--guidance-scale", "2"],
         ["--labels", "1"],
         ["--seed", "1"],
-        ["--num-samples", "6"],
+        ["--num-samples", "4"],  # fewer: more would extend the run
         ["--shard-size", "3"],
         ["@other_ckpt"],
     ],

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,9 @@ def prepare_out(
         old = read_identity(out)
         if old == identity and not overwrite:
             return
+        if not overwrite and extends(old, identity):
+            _extend(out, old, identity)
+            return
         if not overwrite:
             old_files = (read_info(out) or {}).get("ckpt")
             why = (
@@ -145,6 +149,32 @@ def prepare_out(
         raise ValueError(
             f"cannot write to output folder {out}: {e.strerror}; choose another --out"
         ) from None
+
+
+def extends(old: dict | None, new: dict) -> bool:
+    """Whether ``new`` asks for more images of the run ``old`` made, with nothing else changed."""
+    if not old or old.get("num_samples") is None:
+        return False
+    same = {**old, "num_samples": new["num_samples"]} == new
+    return same and new["num_samples"] > old["num_samples"]
+
+
+def _extend(out: Path, old: dict, new: dict) -> None:
+    """Make room for more images: the old outputs go (they are made again at the end) and a last
+    shard that the new count makes longer is made again (its images come out the same: image i
+    depends only on the seed and i); the whole shards stay."""
+    size, before = old["shard_size"], old["num_samples"]
+    print(
+        f"extending {out} from {before} to {new['num_samples']} images (the first {before} are "
+        "kept and come out the same)",
+        file=sys.stderr,
+    )
+    if before % size:
+        last = shard_paths(out, before, size)[-1]
+        for path in (last, hash_path(last)):
+            path.unlink(missing_ok=True)
+    for name in ("samples.npz", "stats.json", "grid.png"):
+        (out / name).unlink(missing_ok=True)
 
 
 def read_identity(out: Path) -> dict | None:

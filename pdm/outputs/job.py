@@ -21,7 +21,7 @@ class Request:
     out: Path
     num_samples: int = 64
     batch_size: int = 64
-    shard_size: int = 1000
+    shard_size: int = 64
     guidance_scale: float = 1.0
     labels: list[int] | None = None
     seed: int = 0
