@@ -370,7 +370,99 @@ def test_calibrate_speaks_from_the_first_second(tiny_ckpts, tmp_path):
     assert proc.wait(timeout=300) == 0, rest[-2000:]
     assert first.startswith("calibrate.py: loading") and "6-step grid" in first
     assert "calibration: reference solution" in rest and "calibration: sensitivities" in rest
+    assert "\r" not in rest  # a log file gets lines, not a progress bar's carriage returns
     assert proc.stdout.read() == ""  # everything it says is on stderr
     assert json.loads((tmp_path / "p.json").read_text())["calibrated_for"]["files"] == [
         tiny_ckpts["cond"]
     ]
+
+
+# 10 --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [32, 64])
+def test_the_small_image_folder_configs_train_on_your_own_images(tmp_path, size):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i in range(40):  # photographs of any size: centre-cropped and resized to the config's
+        Image.fromarray(rng.integers(0, 256, (48 + i, 70, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
+    run = tmp_path / "run"
+    res = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "fit", "--config"]
+        + [
+            os.path.join(ROOT, "configs", f"folder{size}.yaml"),
+            "--data.init_args.root",
+            str(folder),
+        ]
+        + ["--trainer.default_root_dir", str(run), "--trainer.max_steps", "2"]
+        + ["--data.init_args.batch_size", "8", "--data.init_args.num_workers", "0"]
+        + ["--trainer.enable_progress_bar", "false"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(tmp_path),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
+    assert ckpt["hyper_parameters"]["net"]["init_args"]["image_size"] == size
+    assert "digits FD" not in res.stdout + res.stderr  # no score meant for other images
+
+
+def test_the_digits_score_switches_itself_off_on_other_images(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from pdm.data import DigitsDataModule, ImageFolderDataModule
+    from pdm.training import DigitsFD
+
+    fd = DigitsFD()
+    fd.setup(
+        SimpleNamespace(datamodule=ImageFolderDataModule(root=str(tmp_path)), is_global_zero=True),
+        None,
+        "fit",
+    )
+    said = capsys.readouterr().err.strip().splitlines()
+    assert not fd.enabled and len(said) == 1 and "not the embedded digits" in said[0]
+    fd.on_train_end(SimpleNamespace(is_global_zero=True), None)  # does nothing, samples nothing
+    on_digits = DigitsFD()
+    on_digits.setup(
+        SimpleNamespace(datamodule=DigitsDataModule(), is_global_zero=True), None, "fit"
+    )
+    assert on_digits.enabled and capsys.readouterr().err == ""
+
+
+def test_help_texts_say_what_a_newcomer_needs(tmp_path, capsys):
+    out = subprocess.run(
+        [sys.executable, "-m", "pdm.checkpoints", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout
+    assert "convert OFFICIAL.pt" in out and "--schedule FILE" in out and "--skip-paths" not in out
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sample.py"), "--help"], capture_output=True, text=True
+    ).stdout
+    flat = " ".join(out.split())
+    for default in ("(default 64)", "(default 1.0: none", "(default 0)"):
+        assert default in flat, default
+    from pdm.metrics.fid import load_images
+
+    with pytest.raises(ValueError, match="does not exist"):
+        load_images(tmp_path / "nothing_here")
+
+
+def test_the_digits_config_keeps_the_checkpoints_the_readme_names():
+    import yaml
+
+    config = yaml.safe_load(open(os.path.join(ROOT, "configs", "digits.yaml")))
+    saver = next(
+        c["init_args"]
+        for c in config["trainer"]["callbacks"]
+        if c["class_path"].endswith("RunCheckpoint")
+    )
+    # every periodic save is kept: step0000400.ckpt and step0000800.ckpt beside last.ckpt
+    assert saver["save_top_k"] == -1 and saver["every_n_train_steps"] == 400
+    assert config["trainer"]["max_steps"] == 800 and saver["save_last"]

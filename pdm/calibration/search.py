@@ -81,9 +81,13 @@ def coordinate_search(
 
 
 def stage(items, total: int, desc: str, progress: bool):
-    """A progress bar on stderr over one stage of the calibration (silent unless ``progress``)."""
+    """Progress over one stage of the calibration on stderr (silent unless ``progress``): a bar on
+    a terminal; in a log file (a batch job's) a line every 30 s and at the end, since a bar's
+    carriage returns would make one enormous line there."""
     from tqdm.auto import tqdm
 
+    if progress and not sys.stderr.isatty():
+        return _logged(items, total, f"calibration: {desc}")
     return tqdm(
         items,
         total=total,
@@ -92,6 +96,21 @@ def stage(items, total: int, desc: str, progress: bool):
         disable=not progress,
         leave=False,
     )
+
+
+def _logged(items, total: int, desc: str, every: float = 30.0):
+    """``items``, with a plain line of progress on stderr every ``every`` seconds and at the end."""
+    import time
+
+    start = last = time.perf_counter()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        now = time.perf_counter()
+        if now - last >= every or done == total:
+            print(f"{desc}: {done}/{total} ({now - start:.0f} s)", file=sys.stderr, flush=True)
+            last = now
 
 
 def say(progress: bool, message: str) -> None:

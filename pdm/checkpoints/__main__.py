@@ -1,6 +1,6 @@
 """Checkpoint commands: export a training checkpoint's EMA weights, or convert official weights.
 
-    python -m pdm.checkpoints CKPT OUT.safetensors [--skip-paths FILE] [--overwrite]
+    python -m pdm.checkpoints CKPT OUT.safetensors [--schedule FILE] [--overwrite]
     python -m pdm.checkpoints convert OFFICIAL.pt OUT.safetensors --config configs/lsun_church_p4.yaml
 
 Both write a safetensors file with the model's config as metadata, which ``sample.py --ckpt``
@@ -9,6 +9,7 @@ reads. Neither writes over its input, or over an existing file without ``--overw
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from pdm.atomic import WriteError
@@ -41,17 +42,21 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["convert"]:
         return convert(argv[1:])
     p = parser(__doc__, prog="python -m pdm.checkpoints")
+    p.usage = (
+        "python -m pdm.checkpoints CKPT OUT.safetensors [--schedule FILE [--force]] [--overwrite]\n"
+        "       python -m pdm.checkpoints convert OFFICIAL.pt OUT.safetensors --config CONFIG "
+        "[--overwrite]"
+    )
     p.add_argument("ckpt", help="a training checkpoint (.ckpt) written by train.py")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument(
         "--schedule",
-        "--skip-paths",
-        dest="schedule",
+        metavar="FILE",
         default=None,
-        help="embed a calibrate.py schedule file (sample.py --schedule embedded replays it); "
-        "--skip-paths is its old name",
+        help="embed a calibrate.py schedule file (sample.py --schedule embedded replays it)",
     )
+    p.add_argument("--skip-paths", dest="schedule", help=argparse.SUPPRESS)  # the old name
     p.add_argument(
         "--force", action="store_true", help="embed a --schedule calibrated for another checkpoint"
     )

@@ -171,6 +171,11 @@ def load_images(path: str | os.PathLike, min_images: int = 1) -> np.ndarray:
         images = _npz_images(path)
     elif path.is_dir():
         images = _folder_images(path)
+    elif not path.exists():
+        raise ValueError(
+            f"{path} does not exist; give a sample.py output folder, its samples.npz or a folder "
+            "of images"
+        )
     else:
         raise ValueError(f"{path} is neither a samples.npz nor a folder of images")
     if images.ndim != 4 or images.shape[-1] not in (1, 3):

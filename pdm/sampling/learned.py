@@ -325,7 +325,12 @@ class ScheduleFile:
                 entries = {
                     int(n): _from_v2(e, made_for, gaussian, name) for n, e in data["paths"].items()
                 }
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except KeyError as e:  # a field missing: say so in words, not as a bare key
+            raise ValueError(
+                f"{name} is not a schedule file written by calibrate.py: it has no {e.args[0]!r} "
+                "field; make it again with calibrate.py"
+            ) from None
+        except (TypeError, ValueError, AttributeError) as e:
             raise ValueError(
                 f"{name} is not a schedule file written by calibrate.py: {e}"
             ) from None

@@ -297,7 +297,10 @@ def stream(
 
     s = settings.resolved(prediction)
     if s.method != "per_image":
-        raise ValueError(f"continuous batching needs method='per_image', not {s.method!r}")
+        raise ValueError(
+            f"continuous batching needs per-image steps (method per_image, --method per_image), "
+            f"not {s.method}"
+        )
     queue = iter(images)
     first = next(queue, None)
     if first is None:

@@ -169,7 +169,10 @@ def _check_options(s: Settings, order: int) -> None:
     if s.estimator not in ("singlestep", "multistep"):
         raise ValueError(f"unknown estimator {s.estimator!r}; choose singlestep or multistep")
     if s.max_nfe is not None and s.method != "per_image":
-        raise ValueError("max_nfe caps the per-image method; use method='per_image' or drop it")
+        raise ValueError(
+            "max_nfe (--max-nfe) caps per-image steps only; add method per_image "
+            "(--method per_image) or drop it"
+        )
     for name in ("atol", "rtol", "h_init"):
         value = getattr(s, name)
         if not (math.isfinite(value) and value > 0):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -209,11 +210,27 @@ class DigitsFD(L.Callback):
     ) -> None:
         self.num_samples, self.guidance_scale, self.seed = num_samples, guidance_scale, seed
         self.settings = Settings(steps=steps, solver=solver, order=order, grid=skip_type).resolved()
+        self.enabled = True
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Switch off, in one line, on data other than the embedded digits: their FD-8x8 to the
+        digits would be a number that means nothing."""
+        from pdm.data import DigitsDataModule
+
+        data = getattr(trainer, "datamodule", None)
+        if data is not None and not isinstance(data, DigitsDataModule):
+            self.enabled = False
+            if trainer.is_global_zero:
+                print(
+                    f"DigitsFD: the data are {type(data).__name__}, not the embedded digits; the "
+                    "digits score is off for this run (drop pdm.training.DigitsFD from the callbacks)",
+                    file=sys.stderr,
+                )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from pdm.metrics import digits_fd_baseline, digits_fd_metric, fid_against
 
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or not self.enabled:
             return
         x, _ = sample_images(
             ema_module(trainer, pl_module),
