@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="classifier-free guidance (default 1.0: none; PDM uses 1.5)",
     )
     a("--labels", type=int, nargs="+", default=None, help="class labels to cycle through")
+    a(
+        "--split-log-snr",
+        type=float,
+        default=None,
+        help="route two --ckpt at this log SNR (default: where the experts' trained steps meet)",
+    )
     a("--seed", type=int, default=0, help="image i's noise comes from (seed, i) (default 0)")
     a("--overwrite", action="store_true", help="discard what --out holds and start afresh")
     a("--progress", action="store_true", help="a progress bar per batch")
@@ -254,6 +260,7 @@ def request(args: argparse.Namespace) -> Request:
         args.shard_index,
         args.overwrite,
         args.progress,
+        args.split_log_snr,
     )
 
 

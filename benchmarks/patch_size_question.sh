@@ -16,3 +16,4 @@ python -m pdm.ablation --config configs/photos.yaml --patch-sizes 1 2 4 8 "${COM
     --root "$ROOT/photos" -- --model.warmup_steps=10
 python -m pdm.ablation --config configs/photos.yaml --vary model.target eps x0 v "${COMMON[@]}" \
     --root "$ROOT/photos_targets" -- --model.warmup_steps=10
+python -c "from pdm.data.photos import save_crops_grid; save_crops_grid(\"benchmarks/results/photo_crops.png\")"

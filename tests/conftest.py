@@ -75,9 +75,10 @@ def train_tiny(root: str, steps: int = 3, **kwargs) -> str:
         devices=1,
         callbacks=[EMA(decay=0.9), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
     )
+    size = kwargs.get("image_size", TINY_NET["image_size"])
     trainer.fit(
         tiny_module(**kwargs),
-        datamodule=DigitsDataModule(image_size=16, batch_size=16, val_fraction=0.0),
+        datamodule=DigitsDataModule(image_size=size, batch_size=16, val_fraction=0.0),
     )
     return os.path.join(ckpt_dir, "last.ckpt")
 

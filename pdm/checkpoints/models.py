@@ -5,7 +5,7 @@ precision, compiled or not, with classifier-free guidance when asked."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -87,7 +87,20 @@ def load_model(path: str, device: str | torch.device = "cpu", precision: str = "
         raise ValueError(f"{path!r} was written for another architecture or version: {e}") from None
     load_net_state(net, ckpt["state_dict"], path)
     n = schedule.num_timesteps
-    time_range = tuple(hp.get("time_range") or (0, n - 1))
+    time_range = hp.get("time_range")
+    if hp.get("expert") is not None:  # an expert of a pair split by log SNR: its steps follow
+        from pdm.training.module import expert_range
+
+        time_range = expert_range(
+            hp["expert"],
+            hp.get("split_log_snr"),
+            time_range,
+            hp.get("schedule", "linear"),
+            hp.get("beta_start", 1e-4),
+            hp.get("beta_end", 0.02),
+            n,
+        )
+    time_range = tuple(time_range or (0, n - 1))
     config = {"net": net_cfg, **{k: hp.get(k) for k in SAMPLING_KEYS}}
     return Model(
         place(net, device, dtype).eval(),
@@ -99,8 +112,48 @@ def load_model(path: str, device: str | torch.device = "cpu", precision: str = "
 
 
 @dataclass
+class Expert:
+    """One network of a sampled model, with the images it was called on so far (a guided call
+    counts its conditional and unconditional rows) and what one call on one image costs."""
+
+    name: str  # "model", or "high_noise" / "low_noise" for an expert pair
+    patch_size: int
+    time_range: tuple[int, int]
+    flops_per_call: int  # one forward pass on one image (torch.utils.flop_counter)
+    images: int = 0
+
+    def record(self) -> dict:
+        return {
+            "patch_size": self.patch_size,
+            "steps_owned": list(self.time_range),
+            "image_calls": self.images,
+            "gflops_per_image_call": self.flops_per_call / 1e9,
+        }
+
+
+def _counted(fn: Callable[..., Tensor], expert: Expert) -> Callable[..., Tensor]:
+    def counted(x: Tensor, t: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        expert.images += x.shape[0]
+        return fn(x, t, *args, **kwargs)
+
+    return counted
+
+
+def _expert(name: str, model: Model) -> Expert:
+    from pdm.metrics.cost import count_flops
+
+    net = model.net
+    param = next(net.parameters())
+    x = torch.zeros(1, net.in_channels, net.image_size, net.image_size, device=param.device)
+    y = torch.zeros(1, dtype=torch.long, device=x.device) if net.num_classes is not None else None
+    flops = count_flops(net, x.to(param.dtype), torch.zeros(1, device=x.device), y)
+    return Expert(name, int(net.config.get("patch_size", 1)), model.time_range, flops)
+
+
+@dataclass
 class LoadedModel:
-    """A model function ready for :func:`pdm.sampling.sample`, with what the sampler must know."""
+    """A model function ready for :func:`pdm.sampling.sample`, with what the sampler must know
+    and the networks it calls (``experts``, counting their calls)."""
 
     model_fn: Callable[..., Tensor]
     schedule: VPSchedule
@@ -109,6 +162,15 @@ class LoadedModel:
     image_size: int
     num_classes: int | None
     config: dict[str, Any]
+    experts: list[Expert] = field(default_factory=list)
+
+    def network_record(self, images: int) -> dict:
+        """Network calls per expert and the sampling FLOPs per image over ``images`` images."""
+        flops = sum(e.images * e.flops_per_call for e in self.experts)
+        return {
+            "experts": {e.name: e.record() for e in self.experts},
+            "sampling_gflops_per_image": flops / max(images, 1) / 1e9,
+        }
 
 
 def load_for_sampling(
@@ -119,8 +181,14 @@ def load_for_sampling(
     compile_mode: str | None = None,
     batch_size: int | None = None,
     fixed_batch: bool = False,
+    split_log_snr: float | None = None,
 ) -> LoadedModel:
-    """One checkpoint, or two expert checkpoints (high- and low-noise, in any order).
+    """One checkpoint, or two expert checkpoints (high- and low-noise, in any order), which may
+    have different patch sizes.
+
+    ``split_log_snr`` routes a pair at that log SNR instead of where its experts meet: any split
+    for two models trained on the whole schedule (a split search), and only one inside both
+    experts' trained steps otherwise.
 
     ``precision`` is the networks' (``fp32``, ``bf16``, ``fp16``); ``compile_mode`` compiles
     them for batches of ``batch_size`` images (twice that under guidance, where the conditional
@@ -137,12 +205,18 @@ def load_for_sampling(
     first = models[0]
     n = first.schedule.num_timesteps
     if len(models) == 2:
-        high, low = _expert_pair(models)
+        high, low = _expert_pair(models, split_log_snr)
+        split = (
+            high.time_range[0]
+            if split_log_snr is None
+            else split_step(first.schedule, split_log_snr)
+        )
+        experts = [_expert("high_noise", high), _expert("low_noise", low)]
         fn = expert_router(
-            model_fn(high.net, high.schedule),
-            model_fn(low.net, low.schedule),
+            _counted(model_fn(high.net, high.schedule), experts[0]),
+            _counted(model_fn(low.net, low.schedule), experts[1]),
             first.schedule,
-            split_label=high.time_range[0],
+            split_label=split,
         )
     else:
         if first.time_range != (0, n - 1):
@@ -150,7 +224,12 @@ def load_for_sampling(
                 f"{paths[0]!r} is an expert owning steps {first.time_range}; pass its partner "
                 "checkpoint as a second --ckpt"
             )
-        fn = model_fn(first.net, first.schedule)
+        if split_log_snr is not None:
+            raise ValueError(
+                "a split (--split-log-snr) routes two checkpoints; pass a second --ckpt"
+            )
+        experts = [_expert("model", first)]
+        fn = _counted(model_fn(first.net, first.schedule), experts[0])
     if guidance_scale != 1.0:
         if first.net.num_classes is None:
             raise ValueError(
@@ -165,11 +244,27 @@ def load_for_sampling(
         first.net.image_size,
         first.net.num_classes,
         first.config,
+        experts,
     )
 
 
-def _expert_pair(models: list[Model]) -> tuple[Model, Model]:
-    """(high-noise, low-noise) experts, checked to share data, schedule and target and to meet."""
+def split_step(schedule: VPSchedule, split_log_snr: float) -> int:
+    """The first discrete step whose log SNR lies below ``split_log_snr`` (where the high-noise
+    expert takes over); a ValueError where one side would get no step."""
+    abar = schedule.alphas_cumprod
+    log_snr = torch.log(abar / (1 - abar))
+    below = torch.nonzero(log_snr < split_log_snr)
+    if below.numel() == 0 or int(below[0]) == 0:
+        raise ValueError(
+            f"split log SNR {split_log_snr} leaves one expert no steps: choose a value between "
+            f"{float(log_snr[-1]):.2f} and {float(log_snr[0]):.2f}"
+        )
+    return int(below[0])
+
+
+def _expert_pair(models: list[Model], split_log_snr: float | None = None) -> tuple[Model, Model]:
+    """(high-noise, low-noise) experts, checked to share data, schedule and target and to meet
+    (or, with ``split_log_snr``, to have both been trained on their side of that split)."""
     a, b = models
     checks = {
         "in_channels": (a.net.in_channels, b.net.in_channels),
@@ -188,8 +283,19 @@ def _expert_pair(models: list[Model]) -> tuple[Model, Model]:
             raise ValueError(
                 f"the two experts disagree on {key} ({x} vs {y}); pass checkpoints of one expert pair"
             )
-    high, low = sorted(models, key=lambda m: -m.time_range[1])
+    high, low = sorted(models, key=lambda m: (-m.time_range[1], -m.time_range[0]))
     n = a.schedule.num_timesteps
+    if split_log_snr is not None:
+        k = split_step(a.schedule, split_log_snr)
+        if low.time_range[0] != 0 or high.time_range[1] != n - 1:
+            raise ValueError("one of the two checkpoints owns neither end of the schedule")
+        if not (high.time_range[0] <= k and low.time_range[1] >= k - 1):
+            raise ValueError(
+                f"a split at log SNR {split_log_snr} (step {k}) lies outside the experts' trained "
+                f"steps (high-noise {high.time_range}, low-noise {low.time_range}); drop "
+                "--split-log-snr to route where they meet"
+            )
+        return high, low
     if (
         low.time_range[1] + 1 != high.time_range[0]
         or low.time_range[0] != 0

@@ -151,3 +151,24 @@ class PhotoCropsDataModule(DataModuleBase):
         self.val_set = _Crops(
             *draw_crops(photos, held, size, self.num_heldout, HELDOUT_SEED, flip=False)
         )
+
+
+def save_crops_grid(
+    path: str, count: int = 32, image_size: int = 32, downscale: float = 2.0
+) -> None:
+    """A PNG of real crops, 8 a row: training crops in the top half, held-out crops (the right
+    quarter of each photograph) in the bottom half, so a reader sees what the dataset holds."""
+    from PIL import Image
+
+    from pdm.atomic import atomic_write
+    from pdm.images import grid_image
+
+    data = PhotoCropsDataModule(
+        image_size=image_size, downscale=downscale, num_train=count, num_heldout=count, batch_size=1
+    )
+    data.setup("fit")
+    half = count // 2
+    both = torch.cat([data.train_set.crops[:half], data.val_set.crops[:half]])
+    image = Image.fromarray(np.squeeze(grid_image(both.permute(0, 2, 3, 1).numpy(), columns=8)))
+    image = image.resize((image.width * 3, image.height * 3), Image.NEAREST)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -253,8 +253,10 @@ def write_outputs(
     image_size: int,
     sampled_now: int,
     with_masks: bool,
+    network: dict | None = None,
 ) -> dict:
-    """samples.npz, grid.png and stats.json from a complete set of shards; returns the stats."""
+    """samples.npz, grid.png and stats.json from a complete set of shards; returns the stats.
+    ``network``: the calls per expert and sampling FLOPs per image of this run's images."""
     damaged = [p.name for p in shards if shard_state(p) != "finished"]
     if damaged:
         raise ValueError(
@@ -287,6 +289,8 @@ def write_outputs(
         else None,
         "run": json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else None,
     }
+    if network is not None:
+        stats["network_this_run"] = network
     if with_masks:
         stats["evaluated"] = [
             m.tolist() for p in parts for m in p["evaluated"]

@@ -31,6 +31,7 @@ class Request:
     shard_index: int = 0
     overwrite: bool = False
     progress: bool = False
+    split_log_snr: float | None = None
 
     def identity(self, settings, ckpt_hashes: list[str]) -> dict:
         """Everything that decides which images land in the shards (see :mod:`pdm.outputs.folder`)."""
@@ -44,6 +45,8 @@ class Request:
             "precision": self.precision,
             "compile": self.compile_mode,
         }
+        if self.split_log_snr is not None:  # an expert pair routed at another split
+            run["split_log_snr"] = self.split_log_snr
         if (
             settings.method == "per_image"
         ):  # its network calls are padded to the batch: part of the pixels
@@ -92,6 +95,7 @@ def sample_to_folder(
             request.batch_size,
             fixed_batch=settings.method
             == "per_image",  # a row's pixels never depend on its batch-mates
+            split_log_snr=request.split_log_snr,
         )
         _check_labels(request.labels, loaded.num_classes)
         hashes = [file_sha256(p) for p in request.ckpt]
@@ -172,6 +176,7 @@ def _make_and_write(
         loaded.image_size,
         done,
         settings.skip is not None,
+        loaded.network_record(done) if launch.world_size == 1 else None,
     )
 
 

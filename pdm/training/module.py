@@ -22,6 +22,40 @@ NUM_LOSS_BUCKETS = 4
 Weighting = Literal["sqrt_snr", "snr", "snr_plus_one", "truncated_snr", "min_snr", "p2", "constant"]
 
 
+def expert_range(
+    expert: str | None,
+    split_log_snr: float | None,
+    time_range,
+    schedule: str,
+    beta_start: float,
+    beta_end: float,
+    num_timesteps: int,
+) -> tuple[int, int] | None:
+    """The steps an expert of a pair split at ``split_log_snr`` owns (``time_range`` itself
+    when no expert is named); a ValueError for a split outside the schedule or a contradiction."""
+    if expert is None:
+        if split_log_snr is not None:
+            raise ValueError("model.split_log_snr needs model.expert (high_noise or low_noise)")
+        return time_range
+    if expert not in ("high_noise", "low_noise"):
+        raise ValueError(f"model.expert must be high_noise or low_noise, got {expert!r}")
+    if split_log_snr is None:
+        raise ValueError(
+            "model.expert needs the pair's split: set model.split_log_snr (one overlay for both "
+            "experts, e.g. --config configs/experts/digits_split.yaml)"
+        )
+    from pdm.checkpoints.models import split_step
+
+    k = split_step(build_schedule(schedule, beta_start, beta_end, num_timesteps), split_log_snr)
+    derived = (k, num_timesteps - 1) if expert == "high_noise" else (0, k - 1)
+    if time_range is not None and tuple(int(v) for v in time_range) != derived:
+        raise ValueError(
+            f"model.time_range {tuple(time_range)} contradicts the {expert} expert's steps "
+            f"{derived} at split_log_snr {split_log_snr}; give one of them"
+        )
+    return derived
+
+
 class PDMModule(L.LightningModule):
     """Denoising training of a patched U-Net.
 
@@ -38,6 +72,13 @@ class PDMModule(L.LightningModule):
         min_snr_gamma: gamma of the ``min_snr`` weighting.
         time_range: inclusive range of discrete steps this model owns, e.g. (396, 999) for the
             high-noise expert; None for all.
+        expert: ``high_noise`` or ``low_noise``: this model is one expert of a pair split at
+            ``split_log_snr`` (its time_range follows: the high-noise expert owns every step whose
+            log SNR lies below the split, the low-noise one the rest). The two experts may have
+            different patch sizes: a coarse grid where the best prediction is blurry anyway.
+        split_log_snr: the pair's split as a log SNR (ln(alpha²/sigma²)); PDM's ImageNet split,
+            SNR 0.25, is ln 0.25 = -1.386. Keep it in one overlay file that both experts' commands
+            layer (``--config configs/experts/digits_split.yaml``).
         label_dropout: probability of replacing a label by the null label (for CFG).
         optimizer: ``adam`` or ``adamw``; lr, betas, weight_decay as in torch.
         warmup_steps: linear learning-rate warm-up; constant afterwards (PDM uses no decay).
@@ -72,6 +113,8 @@ class PDMModule(L.LightningModule):
         weighting: Weighting = "sqrt_snr",
         min_snr_gamma: float = 5.0,
         time_range: tuple[int, int] | None = None,
+        expert: Literal["high_noise", "low_noise"] | None = None,
+        split_log_snr: float | None = None,
         label_dropout: float = 0.1,
         optimizer: Literal["adam", "adamw"] = "adam",
         lr: float = 1e-4,
@@ -91,6 +134,9 @@ class PDMModule(L.LightningModule):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         if max_nonfinite_skips < 1:
             raise ValueError(f"max_nonfinite_skips must be at least 1, got {max_nonfinite_skips}")
+        time_range = expert_range(
+            expert, split_log_snr, time_range, schedule, beta_start, beta_end, num_timesteps
+        )
         lo, hi = (
             (0, num_timesteps - 1)
             if time_range is None

@@ -7,8 +7,12 @@
 set -euo pipefail
 [ "$(id -u)" -eq 0 ] || { echo "needs root" >&2; exit 3; }
 if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        slurmctld slurmd slurm-client munge >/dev/null 2>&1 || { echo "cannot install SLURM (apt)" >&2; exit 3; }
+    install() {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            slurmctld slurmd slurm-client munge >/dev/null 2>&1
+    }
+    # a new machine's package lists may be empty or old: read them once, then try again
+    install || { apt-get update >/dev/null 2>&1 && install; } || { echo "cannot install SLURM (apt)" >&2; exit 3; }
 fi
 host=$(hostname -s)
 cpus=$(nproc)
