@@ -114,3 +114,21 @@ def test_a_split_outside_the_experts_trained_steps_and_mismatched_pairs_are_refu
             capsys,
         )
         assert code == 2 and len(err) == 1 and f"disagree on {says}" in err[0], err
+
+
+def test_the_split_is_proposed_where_the_coarse_curve_parts_from_the_fine_one(tmp_path):
+    from pdm.ablation.split import proposed_split, runs_of
+
+    edges = [-10.0, -6.0, -2.0, 2.0, 6.0, 10.0]
+    base = [1.0, 0.8, 0.5, 0.2, 0.05]
+    for p, factor in ((2, [1, 1, 1, 1, 1]), (8, [1, 1.0, 1.0, 1.5, 2.0])):
+        for seed, jitter in enumerate((0.0, 0.01, -0.01)):
+            name = f"P{p}" if seed == 0 else f"P{p}_seed{seed}"
+            (tmp_path / name).mkdir()
+            rmse = [b * f * (1 + jitter) for b, f in zip(base, factor)]
+            (tmp_path / name / "heldout.json").write_text(
+                json.dumps({"log_snr_edges": edges, "rmse": rmse, "bits_per_dim": 1.0})
+            )
+    assert [p.name for p in runs_of(tmp_path, "P8")] == ["P8", "P8_seed1", "P8_seed2"]
+    split, curve = proposed_split(tmp_path, coarse=8, fine=2)
+    assert split == 2.0 and curve["worse_bins"] == [4.0, 8.0]

@@ -90,9 +90,10 @@ def _job_script(root, steps, limit="--time=1 --signal=USR1@50 --requeue", then=N
         if then
         else ""
     )
+    # --open-mode=append: a requeued start adds to the log instead of emptying it
     return (
-        f"#!/bin/bash\n#SBATCH {limit}\necho restart=${{SLURM_RESTART_COUNT:-0}}\n{longer}"
-        f"srun {python}\n"
+        f"#!/bin/bash\n#SBATCH {limit} --open-mode=append\n"
+        f"echo restart=${{SLURM_RESTART_COUNT:-0}}\n{longer}srun {python}\n"
     )
 
 
