@@ -52,7 +52,10 @@ def test_the_split_gives_each_expert_its_steps():
 
 
 def test_each_step_goes_to_the_expert_that_owns_it_and_the_calls_are_counted(mixed):
+    from pdm.metrics.cost import count_call_flops
+
     loaded = load_for_sampling([mixed["low"], mixed["high"]])
+    count_call_flops(loaded.experts)
     high, low = loaded.experts
     assert (high.name, high.patch_size, low.name, low.patch_size) == (
         "high_noise",

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch import Tensor
 
 from pdm.atomic import atomic_write_text
+from pdm.metrics.likelihood import Denoiser
 
 NOISE_SEED = 0  # the same noise for every run: differences between runs are not noise draws
 
@@ -46,7 +48,7 @@ def heldout(run, images: int = 256, bins: int = 24) -> dict | None:
     """The run's held-out curve and bits/dim (cached in ``FOLDER/heldout.json`` for its final
     checkpoint and these settings); None while the run has no checkpoint."""
     from pdm.checkpoints.models import load_model
-    from pdm.metrics.likelihood import checkpoint_denoiser, heldout_bound
+    from pdm.metrics.likelihood import heldout_bound
 
     folder = Path(run.folder if hasattr(run, "folder") else run)
     ckpt = folder / "checkpoints" / "last.ckpt"
@@ -97,3 +99,21 @@ def heldout(run, images: int = 256, bins: int = 24) -> dict | None:
         file=sys.stderr,
     )
     return out
+
+
+def checkpoint_denoiser(model) -> Denoiser:
+    """The x-prediction of a loaded :class:`pdm.checkpoints.models.Model` (EMA weights) at
+    continuous times, whatever its target (eps, x0, v), as sampling would see it."""
+    from pdm.checkpoints.models import network_model_fn
+    from pdm.objectives import to_x0
+
+    fn = network_model_fn(model.net, model.schedule)
+    schedule, target = model.schedule, model.target
+
+    def denoise(z: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        raw = fn(z, t, y) if y is not None else fn(z, t)
+        tt = t.double().cpu()
+        a, s = schedule.alpha(tt).to(z.device), schedule.sigma(tt).to(z.device)
+        return to_x0(raw.double(), z.double(), a, s, target)
+
+    return denoise

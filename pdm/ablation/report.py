@@ -10,12 +10,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pdm.ablation.configs import batch_size
 from pdm.ablation.cost import device_name, step_cost
+from pdm.ablation.figures import plot, plot_noise_levels, samples_side_by_side
 from pdm.ablation.stats import holm, t_interval, welch
-from pdm.atomic import atomic_write, atomic_write_text
+from pdm.atomic import atomic_write_text
 
 LEVEL = 0.95
 
@@ -41,33 +41,8 @@ def read_quality(folder: Path) -> list[dict]:
 def write_report(config: dict, runs: list, args) -> dict:
     """ROOT/ablation.{md,json,png}, ROOT/noise_levels.png and ROOT/samples.png; returns the
     report as a dict."""
-    from pdm.ablation.heldout import heldout
-
     root = Path(args.root)
-    rows, curves, costs, held = {}, {}, {}, {}
-    for run in runs:
-        checks = read_quality(run.folder)
-        curves[run.label] = checks
-        name = next((k for k in ("fd8x8", "fid") if checks and k in checks[-1]), "score")
-        last = checks[-1] if checks else {}
-        cost_key = (run.patch_size, batch_size(run.config))
-        if cost_key not in costs:
-            costs[cost_key] = step_cost(run.config)
-        held[run.label] = heldout(run, args.heldout_images, args.bins)
-        rows[run.label] = {
-            **costs[cost_key],
-            "value": run.value,
-            "seed": run.seed,
-            "patch_size": run.patch_size,
-            "steps": last.get("step"),
-            "train_flops": last.get("train_flops"),
-            "train_seconds": last.get("train_seconds"),
-            "checks": len(checks),
-            "metric": name,
-            "best": min((c[name] for c in checks), default=None),
-            "final": last.get(name),
-            "bits_per_dim": None if held[run.label] is None else held[run.label]["bits_per_dim"],
-        }
+    rows, curves, held = run_rows(runs, args)
     values = list(dict.fromkeys(str(r.value) for r in runs))
     summary = summarise(rows, values)
     supported = differences(rows, values)
@@ -102,6 +77,37 @@ def write_report(config: dict, runs: list, args) -> dict:
     samples_side_by_side([r for r in runs if r.seed == 0], root / "samples.png")
     print(text)
     return report
+
+
+def run_rows(runs: list, args) -> tuple[dict, dict, dict]:
+    """Per run: its row (cost, steps, scores), its quality checks and its held-out curve."""
+    from pdm.ablation.heldout import heldout
+
+    rows, curves, costs, held = {}, {}, {}, {}
+    for run in runs:
+        checks = read_quality(run.folder)
+        curves[run.label] = checks
+        name = next((k for k in ("fd8x8", "fid") if checks and k in checks[-1]), "score")
+        last = checks[-1] if checks else {}
+        cost_key = (run.patch_size, batch_size(run.config))
+        if cost_key not in costs:
+            costs[cost_key] = step_cost(run.config)
+        held[run.label] = heldout(run, args.heldout_images, args.bins)
+        rows[run.label] = {
+            **costs[cost_key],
+            "value": run.value,
+            "seed": run.seed,
+            "patch_size": run.patch_size,
+            "steps": last.get("step"),
+            "train_flops": last.get("train_flops"),
+            "train_seconds": last.get("train_seconds"),
+            "checks": len(checks),
+            "metric": name,
+            "best": min((c[name] for c in checks), default=None),
+            "final": last.get(name),
+            "bits_per_dim": None if held[run.label] is None else held[run.label]["bits_per_dim"],
+        }
+    return rows, curves, held
 
 
 SCORES = ("final", "best", "bits_per_dim")
@@ -228,7 +234,14 @@ def markdown(report: dict) -> str:
             f"{_pm(e['bits_per_dim'], '.4f')} |"
         )
     out += ["", "Differences the intervals support:", ""]
-    claims = []
+    out += _claims(report, axis, metric)
+    out += _parting_lines(report, axis)
+    return "\n".join(out) + "\n"
+
+
+def _claims(report: dict, axis: str, metric: str) -> list[str]:
+    """One line per difference the intervals support, or why there is none."""
+    out, claims = [], []
     names = {"final": f"final {metric}", "best": f"best {metric}", "bits_per_dim": "bits/dim"}
     for score, tests in report["differences"].items():
         for t in tests:
@@ -245,6 +258,12 @@ def markdown(report: dict) -> str:
         out.append("- none can be: one seed per value gives no interval (use --seeds 3 or more)")
     else:
         out.append("- none: every difference lies within what the seeds' spread allows")
+    return out
+
+
+def _parting_lines(report: dict, axis: str) -> list[str]:
+    """Where each value's noise-level curve parts from the reference's."""
+    out = []
     parting = report["noise_levels"]["parting"]
     if parting:
         out += [
@@ -265,144 +284,4 @@ def markdown(report: dict) -> str:
                 f"{len(p['better_bins'])} of {len(p['ratio'])} bins; RMSE ratio "
                 f"{min(p['ratio']):.3g} to {max(p['ratio']):.3g}"
             )
-    return "\n".join(out) + "\n"
-
-
-def plot(curves: dict[str, list[dict]], rows: dict[str, dict], path: Path) -> None:
-    """Quality along training against steps, FLOPs and seconds, one colour per value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    colours: dict[str, str] = {}
-    for label, checks in curves.items():
-        if not checks:
-            continue
-        value = str(rows[label]["value"])
-        name = "fd8x8" if "fd8x8" in checks[0] else "fid"
-        score = [c[name] for c in checks]
-        for ax, key in zip(axes, ("step", "train_flops", "train_seconds")):
-            kw = {"color": colours[value]} if value in colours else {"label": value}
-            (line,) = ax.plot([c[key] for c in checks], score, marker="o", ms=3, alpha=0.8, **kw)
-        colours.setdefault(value, line.get_color())
-    for ax, label in zip(
-        axes, ("optimiser steps", "training FLOPs (counted)", "training wall seconds")
-    ):
-        ax.set_xlabel(label), ax.set_ylabel("score (lower is better)"), ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-    for ax in axes[1:]:  # the patch sizes' costs span more than an order of magnitude
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    if colours:
-        axes[0].legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-
-
-def plot_noise_levels(
-    held: dict, rows: dict[str, dict], values: list[str], parting: dict, key: str, path: Path
-) -> None:
-    """The PDM paper's figure: held-out RMSE of the x-prediction against log SNR, one curve per
-    value (mean over seeds, 95% band), and each value's ratio to the reference value's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves: dict[str, list] = {}
-    for label, h in held.items():
-        if h is not None:
-            curves.setdefault(str(rows[label]["value"]), []).append(np.asarray(h["rmse"]))
-    if not curves:
-        return
-    edges = np.asarray(next(h for h in held.values() if h is not None)["log_snr_edges"])
-    centres = 0.5 * (edges[1:] + edges[:-1])
-    name = "P" if key == "patch_size" else key
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.6))
-    ref = np.stack(curves[values[0]]).mean(0) if values[0] in curves else None
-    for v in values:
-        if v not in curves:
-            continue
-        c = np.stack(curves[v])
-        mean = c.mean(0)
-        half = np.array([t_interval(c[:, k], LEVEL)[1] for k in range(c.shape[1])])
-        (line,) = left.plot(centres, mean, marker="o", ms=3, label=f"{name} = {v} ({len(c)} seeds)")
-        if len(c) > 1:
-            left.fill_between(centres, mean - half, mean + half, color=line.get_color(), alpha=0.2)
-        if ref is not None:
-            right.plot(centres, mean / ref, color=line.get_color(), marker="o", ms=3)
-            if len(c) > 1:
-                right.fill_between(
-                    centres,
-                    (mean - half) / ref,
-                    (mean + half) / ref,
-                    color=line.get_color(),
-                    alpha=0.2,
-                )
-            above = (parting.get(v) or {}).get("above_log_snr")
-            if above is not None:
-                right.axvline(above, color=line.get_color(), ls="--", lw=1)
-    left.set_yscale("log")
-    left.set_ylabel("held-out RMSE of the x-prediction")
-    right.set_ylabel(f"RMSE / RMSE at {name} = {values[0]}")
-    right.axhline(1.0, color="grey", lw=0.8)
-    for ax in (left, right):
-        ax.set_xlabel("log SNR (high noise on the left)")
-        ax.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=8)
-    right.set_title("dashed: above it, worse in every bin (95%)", fontsize=9)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-
-
-def samples_side_by_side(runs: list, path: Path, num: int = 16) -> None:
-    """Each value's final EMA samples (the same noise), one panel per value, left to right."""
-    from PIL import Image, ImageDraw
-
-    from pdm.checkpoints import load_for_sampling
-    from pdm.images import grid_image, to_uint8
-    from pdm.sampling import Settings, sample
-
-    panels = []
-    for run in runs:
-        ckpt = run.folder / "checkpoints" / "last.ckpt"
-        if not ckpt.exists():
-            continue
-        loaded = load_for_sampling([str(ckpt)])
-        g = torch.Generator().manual_seed(0)
-        noise = torch.randn(
-            num, loaded.in_channels, loaded.image_size, loaded.image_size, generator=g
-        )
-        kw = {"y": torch.arange(num) % loaded.num_classes} if loaded.num_classes else {}
-        with torch.no_grad():
-            x = sample(
-                loaded.model_fn,
-                noise,
-                loaded.schedule,
-                Settings(steps=20),
-                prediction=loaded.prediction,
-                model_kwargs=kw,
-            ).x
-        image = Image.fromarray(np.squeeze(grid_image(to_uint8(x))))
-        image = image.resize((image.width * 2, image.height * 2), Image.NEAREST).convert("RGB")
-        canvas = Image.new("RGB", (image.width, image.height + 14), "white")
-        canvas.paste(image, (0, 14))
-        name = "P" if run.key == "patch_size" else run.key.split(".")[-1]
-        ImageDraw.Draw(canvas).text((2, 1), f"{name} = {run.value}", fill="black")
-        panels.append(canvas)
-    if not panels:
-        return
-    out = Image.new(
-        "RGB",
-        (sum(p.width for p in panels) + 8 * (len(panels) - 1), max(p.height for p in panels)),
-        "white",
-    )
-    x0 = 0
-    for panel in panels:
-        out.paste(panel, (x0, 0))
-        x0 += panel.width + 8
-    atomic_write(path, lambda tmp: out.save(tmp, format="PNG"))
+    return out

@@ -67,7 +67,7 @@ def proposed_split(root: Path, coarse: int, fine: int) -> tuple[float | None, di
 
 def _routed_denoiser(high, low, split: int):
     """The x-prediction of two models routed at discrete step ``split`` (high noise at and above)."""
-    from pdm.metrics.likelihood import checkpoint_denoiser
+    from pdm.ablation.heldout import checkpoint_denoiser
 
     hi, lo, schedule = checkpoint_denoiser(high), checkpoint_denoiser(low), high.schedule
 
@@ -131,7 +131,7 @@ def pair_scores(
     return {
         "split_step": split,
         "bits_per_dim": bound.bits_per_dim,
-        **loaded.network_record(n),
+        **_record(loaded, n),
     }
 
 
@@ -153,7 +153,14 @@ def single_scores(ckpt: Path, settings, guidance_scale: float) -> float:
             prediction=loaded.prediction,
             model_kwargs=kw,
         )
-    return loaded.network_record(n)["sampling_gflops_per_image"]
+    return _record(loaded, n)["sampling_gflops_per_image"]
+
+
+def _record(loaded, images: int) -> dict:
+    from pdm.metrics.cost import count_call_flops
+
+    count_call_flops(loaded.experts)
+    return loaded.network_record(images)
 
 
 def _summary(values: list[float]) -> dict:
@@ -166,53 +173,83 @@ def _pm(entry: dict, fmt: str = ".4g") -> str:
     return format(entry["mean"], fmt) + ("" if half != half else f" ± {format(half, fmt)}")
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    """Propose and check the split, or score trained pairs on the frontier."""
-    from pdm.cli import fail, parser
+def _parser():
+    from pdm.cli import parser
     from pdm.sampling import Settings
 
     p = parser(__doc__, prog="python -m pdm.ablation.split")
-    p.add_argument(
-        "--root", required=True, help="a patch-size ablation's folder (P{p}[_seed{s}] runs)"
-    )
-    p.add_argument("--coarse", type=int, default=8, help="the high-noise expert's patch size")
-    p.add_argument("--fine", type=int, default=2, help="the low-noise expert's patch size")
-    p.add_argument("--splits", type=float, nargs="*", default=None, help="log SNRs to search")
-    p.add_argument(
+    a = p.add_argument
+    a("--root", required=True, help="a patch-size ablation's folder (P{p}[_seed{s}] runs)")
+    a("--coarse", type=int, default=8, help="the high-noise expert's patch size")
+    a("--fine", type=int, default=2, help="the low-noise expert's patch size")
+    a("--splits", type=float, nargs="*", default=None, help="log SNRs to search")
+    a(
         "--pair",
         nargs=2,
         metavar=("HIGH_ROOT", "LOW_ROOT"),
         default=None,
         help="ablation roots of trained high- and low-noise experts, seeds paired",
     )
-    p.add_argument(
-        "--out", default=None, help="where split.json/.md and frontier.png go (default ROOT)"
-    )
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=Settings().steps,
-        help="the sampler's steps (default: the default sampler's)",
-    )
-    p.add_argument(
-        "--guidance-scale", type=float, default=1.0, help="guidance of the sampling cost"
-    )
-    p.add_argument("--heldout-images", type=int, default=128)
-    p.add_argument("--bins", type=int, default=20)
-    args = p.parse_args(argv)
+    a("--out", default=None, help="where split.json/.md and frontier.png go (default ROOT)")
+    a("--steps", type=int, default=Settings().steps, help="the sampler's steps (default sampler)")
+    a("--guidance-scale", type=float, default=1.0, help="guidance of the sampling cost")
+    a("--heldout-images", type=int, default=128)
+    a("--bins", type=int, default=20)
+    return p
+
+
+def _singles(root: Path, settings, guidance_scale: float) -> dict:
+    """Each patch size of the ablation alone: held-out bits/dim over seeds, sampling GFLOPs."""
+    singles: dict = {}
+    for folder in sorted(root.glob("P*")):
+        if not (folder / "heldout.json").exists():
+            continue
+        pvalue = folder.name.split("_")[0][1:]
+        held = json.loads((folder / "heldout.json").read_text())
+        singles.setdefault(pvalue, {"bits": [], "gflops": None})
+        singles[pvalue]["bits"].append(held["bits_per_dim"])
+        if singles[pvalue]["gflops"] is None:
+            singles[pvalue]["gflops"] = single_scores(
+                folder / "checkpoints" / "last.ckpt", settings, guidance_scale
+            )
+    return {
+        k: {"bits_per_dim": _summary(v["bits"]), "sampling_gflops_per_image": v["gflops"]}
+        for k, v in sorted(singles.items(), key=lambda kv: int(kv[0]))
+    }
+
+
+def _scored_pairs(highs: list[Path], lows: list[Path], split, args, settings) -> dict:
+    """Seed i of the high-noise runs with seed i of the low-noise runs, routed at ``split``."""
+    scores = [
+        pair_scores(
+            h / "checkpoints" / "last.ckpt",
+            lo / "checkpoints" / "last.ckpt",
+            split,
+            args.heldout_images,
+            args.bins,
+            settings,
+            args.guidance_scale,
+        )
+        for h, lo in zip(highs, lows)
+    ]
+    return {
+        "split_step": scores[0]["split_step"],
+        "bits_per_dim": _summary([x["bits_per_dim"] for x in scores]),
+        "sampling_gflops_per_image": scores[0]["sampling_gflops_per_image"],
+        "experts": scores[0]["experts"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    """Propose and check the split, or score trained pairs on the frontier."""
+    from pdm.cli import fail
+    from pdm.sampling import Settings
+
+    args = _parser().parse_args(argv)
     try:
         root = Path(args.root)
-        out = Path(args.out or root)
         settings = Settings(steps=args.steps).resolved()
         proposal, curve = proposed_split(root, args.coarse, args.fine)
-        print(
-            f"split: P = {args.coarse} is worse than P = {args.fine} in every bin above log SNR "
-            f"{proposal}"
-            if proposal is not None
-            else f"split: P = {args.coarse} is not worse than P = {args.fine} in the lowest-noise bin",
-            file=sys.stderr,
-        )
-        fine_runs, coarse_runs = runs_of(root, f"P{args.fine}"), runs_of(root, f"P{args.coarse}")
         report: dict = {
             "root": str(root),
             "coarse": args.coarse,
@@ -224,88 +261,41 @@ def main(argv: list[str] | None = None) -> dict | None:
                 "solver": settings.solver,
                 "guidance_scale": args.guidance_scale,
             },
+            "single": _singles(root, settings, args.guidance_scale),
+            "search": {},
         }
-        singles = {}
-        for folder in sorted(root.glob("P*")):
-            if not (folder / "heldout.json").exists():
-                continue
-            pvalue = folder.name.split("_")[0][1:]
-            held = json.loads((folder / "heldout.json").read_text())
-            singles.setdefault(pvalue, {"bits": [], "gflops": None})
-            singles[pvalue]["bits"].append(held["bits_per_dim"])
-            if singles[pvalue]["gflops"] is None:
-                singles[pvalue]["gflops"] = single_scores(
-                    folder / "checkpoints" / "last.ckpt", settings, args.guidance_scale
-                )
-        report["single"] = {
-            k: {"bits_per_dim": _summary(v["bits"]), "sampling_gflops_per_image": v["gflops"]}
-            for k, v in sorted(singles.items(), key=lambda kv: int(kv[0]))
-        }
-        splits = args.splits
-        if splits is None:
-            centre = proposal if proposal is not None else 0.0
-            splits = [round(centre + d, 2) for d in (-4.0, -2.0, 0.0, 2.0)]
-        search = {}
-        for s in splits:
-            scores = [
-                pair_scores(
-                    c / "checkpoints" / "last.ckpt",
-                    f / "checkpoints" / "last.ckpt",
-                    s,
-                    args.heldout_images,
-                    args.bins,
-                    settings,
-                    args.guidance_scale,
-                )
-                for c, f in zip(coarse_runs, fine_runs)
-            ]
-            search[str(s)] = {
-                "split_step": scores[0]["split_step"],
-                "bits_per_dim": _summary([x["bits_per_dim"] for x in scores]),
-                "sampling_gflops_per_image": scores[0]["sampling_gflops_per_image"],
-            }
+        fine_runs, coarse_runs = runs_of(root, f"P{args.fine}"), runs_of(root, f"P{args.coarse}")
+        centre = proposal if proposal is not None else 0.0
+        for s in args.splits or [round(centre + d, 2) for d in (-4.0, -2.0, 0.0, 2.0)]:
+            found = _scored_pairs(coarse_runs, fine_runs, s, args, settings)
+            report["search"][str(s)] = found
             print(
-                f"split {s}: {_pm(search[str(s)]['bits_per_dim'])} bits/dim, "
-                f"{search[str(s)]['sampling_gflops_per_image']:.3g} GFLOPs/image",
+                f"split {s}: {_pm(found['bits_per_dim'])} bits/dim, "
+                f"{found['sampling_gflops_per_image']:.3g} GFLOPs/image",
                 file=sys.stderr,
             )
-        report["search"] = search
         if args.pair is not None:
-            highs, lows = (
-                runs_of(Path(args.pair[0]), f"P{args.coarse}"),
-                runs_of(Path(args.pair[1]), f"P{args.fine}"),
-            )
+            highs = runs_of(Path(args.pair[0]), f"P{args.coarse}")
+            lows = runs_of(Path(args.pair[1]), f"P{args.fine}")
             if not highs or len(highs) != len(lows):
                 raise ValueError(
-                    f"--pair needs as many P{args.coarse} high-noise runs as P{args.fine} low-noise ones"
+                    f"--pair needs as many P{args.coarse} high-noise runs as P{args.fine} "
+                    "low-noise ones"
                 )
-            scores = [
-                pair_scores(
-                    h / "checkpoints" / "last.ckpt",
-                    lo / "checkpoints" / "last.ckpt",
-                    None,
-                    args.heldout_images,
-                    args.bins,
-                    settings,
-                    args.guidance_scale,
-                )
-                for h, lo in zip(highs, lows)
-            ]
-            report["pair"] = {
-                "split_step": scores[0]["split_step"],
-                "bits_per_dim": _summary([x["bits_per_dim"] for x in scores]),
-                "sampling_gflops_per_image": scores[0]["sampling_gflops_per_image"],
-                "experts": scores[0]["experts"],
-            }
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "split.json", json.dumps(report, indent=1, default=str))
-        text = markdown(report)
-        atomic_write_text(out / "split.md", text)
-        frontier_plot(report, out / "frontier.png")
-        print(text)
-        return report
+            report["pair"] = _scored_pairs(highs, lows, None, args, settings)
+        return _write(report, Path(args.out or root))
     except (ValueError, WriteError) as e:
         fail("python -m pdm.ablation.split", str(e))
+
+
+def _write(report: dict, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "split.json", json.dumps(report, indent=1, default=str))
+    text = markdown(report)
+    atomic_write_text(out / "split.md", text)
+    frontier_plot(report, out / "frontier.png")
+    print(text)
+    return report
 
 
 def markdown(report: dict) -> str:

@@ -89,8 +89,6 @@ def load_model(path: str, device: str | torch.device = "cpu", precision: str = "
     n = schedule.num_timesteps
     time_range = hp.get("time_range")
     if hp.get("expert") is not None:  # an expert of a pair split by log SNR: its steps follow
-        from pdm.training.module import expert_range
-
         time_range = expert_range(
             hp["expert"],
             hp.get("split_log_snr"),
@@ -117,17 +115,23 @@ class Expert:
     counts its conditional and unconditional rows) and what one call on one image costs."""
 
     name: str  # "model", or "high_noise" / "low_noise" for an expert pair
-    patch_size: int
+    net: UNet
     time_range: tuple[int, int]
-    flops_per_call: int  # one forward pass on one image (torch.utils.flop_counter)
+    flops_per_call: int | None = None  # one forward pass, one image (pdm.metrics.call_flops)
     images: int = 0
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.net.config.get("patch_size", 1))
 
     def record(self) -> dict:
         return {
             "patch_size": self.patch_size,
             "steps_owned": list(self.time_range),
             "image_calls": self.images,
-            "gflops_per_image_call": self.flops_per_call / 1e9,
+            "gflops_per_image_call": None
+            if self.flops_per_call is None
+            else self.flops_per_call / 1e9,
         }
 
 
@@ -140,14 +144,7 @@ def _counted(fn: Callable[..., Tensor], expert: Expert) -> Callable[..., Tensor]
 
 
 def _expert(name: str, model: Model) -> Expert:
-    from pdm.metrics.cost import count_flops
-
-    net = model.net
-    param = next(net.parameters())
-    x = torch.zeros(1, net.in_channels, net.image_size, net.image_size, device=param.device)
-    y = torch.zeros(1, dtype=torch.long, device=x.device) if net.num_classes is not None else None
-    flops = count_flops(net, x.to(param.dtype), torch.zeros(1, device=x.device), y)
-    return Expert(name, int(net.config.get("patch_size", 1)), model.time_range, flops)
+    return Expert(name, model.net, model.time_range)
 
 
 @dataclass
@@ -165,7 +162,10 @@ class LoadedModel:
     experts: list[Expert] = field(default_factory=list)
 
     def network_record(self, images: int) -> dict:
-        """Network calls per expert and the sampling FLOPs per image over ``images`` images."""
+        """Network calls per expert and the sampling FLOPs per image over ``images`` images (the
+        experts' ``flops_per_call`` counted first: :func:`pdm.metrics.cost.count_call_flops`)."""
+        if any(e.flops_per_call is None for e in self.experts):
+            raise ValueError("count the experts' FLOPs first (pdm.metrics.cost.count_call_flops)")
         flops = sum(e.images * e.flops_per_call for e in self.experts)
         return {
             "experts": {e.name: e.record() for e in self.experts},
@@ -246,6 +246,38 @@ def load_for_sampling(
         first.config,
         experts,
     )
+
+
+def expert_range(
+    expert: str | None,
+    split_log_snr: float | None,
+    time_range,
+    schedule: str,
+    beta_start: float,
+    beta_end: float,
+    num_timesteps: int,
+) -> tuple[int, int] | None:
+    """The steps an expert of a pair split at ``split_log_snr`` owns (``time_range`` itself
+    when no expert is named); a ValueError for a split outside the schedule or a contradiction."""
+    if expert is None:
+        if split_log_snr is not None:
+            raise ValueError("model.split_log_snr needs model.expert (high_noise or low_noise)")
+        return time_range
+    if expert not in ("high_noise", "low_noise"):
+        raise ValueError(f"model.expert must be high_noise or low_noise, got {expert!r}")
+    if split_log_snr is None:
+        raise ValueError(
+            "model.expert needs the pair's split: set model.split_log_snr (one overlay for both "
+            "experts, e.g. --config configs/experts/digits_split.yaml)"
+        )
+    k = split_step(build_schedule(schedule, beta_start, beta_end, num_timesteps), split_log_snr)
+    derived = (k, num_timesteps - 1) if expert == "high_noise" else (0, k - 1)
+    if time_range is not None and tuple(int(v) for v in time_range) != derived:
+        raise ValueError(
+            f"model.time_range {tuple(time_range)} contradicts the {expert} expert's steps "
+            f"{derived} at split_log_snr {split_log_snr}; give one of them"
+        )
+    return derived
 
 
 def split_step(schedule: VPSchedule, split_log_snr: float) -> int:

@@ -117,6 +117,24 @@ def count_flops(
     return int(counter.get_total_flops())
 
 
+def count_call_flops(experts) -> None:
+    """Count, once, what one network call on one image costs for each expert of a loaded model
+    (:class:`pdm.checkpoints.models.Expert`): its ``flops_per_call``."""
+    for expert in experts:
+        if expert.flops_per_call is not None:
+            continue
+        net = expert.net
+        param = next(net.parameters())
+        c, s = net.in_channels, net.image_size
+        x = torch.zeros(1, c, s, s, device=param.device, dtype=param.dtype)
+        y = (
+            torch.zeros(1, dtype=torch.long, device=x.device)
+            if net.num_classes is not None
+            else None
+        )
+        expert.flops_per_call = count_flops(net, x, torch.zeros(1, device=x.device), y)
+
+
 # dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), by device-name substring
 PEAK_BF16_TFLOPS = {
     "H200": 989.4,

@@ -179,21 +179,3 @@ def heldout_bound(
         per_image=per_image.numpy(),
         dims=dims,
     )
-
-
-def checkpoint_denoiser(model) -> Denoiser:
-    """The x-prediction of a loaded :class:`pdm.checkpoints.models.Model` (EMA weights) at
-    continuous times, whatever its target (eps, x0, v), as sampling would see it."""
-    from pdm.checkpoints.models import network_model_fn
-    from pdm.objectives import to_x0
-
-    fn = network_model_fn(model.net, model.schedule)
-    schedule, target = model.schedule, model.target
-
-    def denoise(z: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
-        raw = fn(z, t, y) if y is not None else fn(z, t)
-        tt = t.double().cpu()
-        a, s = schedule.alpha(tt).to(z.device), schedule.sigma(tt).to(z.device)
-        return to_x0(raw.double(), z.double(), a, s, target)
-
-    return denoise

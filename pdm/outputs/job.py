@@ -176,8 +176,16 @@ def _make_and_write(
         loaded.image_size,
         done,
         settings.skip is not None,
-        loaded.network_record(done) if launch.world_size == 1 else None,
+        _network_record(loaded, done) if launch.world_size == 1 else None,
     )
+
+
+def _network_record(loaded, images: int) -> dict:
+    """Calls per expert and sampling FLOPs per image of this run's images."""
+    from pdm.metrics.cost import count_call_flops
+
+    count_call_flops(loaded.experts)
+    return loaded.network_record(images)
 
 
 def _check_labels(labels: list[int] | None, num_classes: int | None) -> None:

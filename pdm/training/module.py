@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from pdm.checkpoints import load_checkpoint, load_net_state, network_model_fn
+from pdm.checkpoints.models import expert_range
 from pdm.checkpoints.reading import CHECKPOINT_FORMAT
 from pdm.nn import UNet
 from pdm.nn.runtime import network_width, preferred_memory_format
@@ -20,40 +21,6 @@ from pdm.schedule import ScheduleName, build_schedule
 
 NUM_LOSS_BUCKETS = 4
 Weighting = Literal["sqrt_snr", "snr", "snr_plus_one", "truncated_snr", "min_snr", "p2", "constant"]
-
-
-def expert_range(
-    expert: str | None,
-    split_log_snr: float | None,
-    time_range,
-    schedule: str,
-    beta_start: float,
-    beta_end: float,
-    num_timesteps: int,
-) -> tuple[int, int] | None:
-    """The steps an expert of a pair split at ``split_log_snr`` owns (``time_range`` itself
-    when no expert is named); a ValueError for a split outside the schedule or a contradiction."""
-    if expert is None:
-        if split_log_snr is not None:
-            raise ValueError("model.split_log_snr needs model.expert (high_noise or low_noise)")
-        return time_range
-    if expert not in ("high_noise", "low_noise"):
-        raise ValueError(f"model.expert must be high_noise or low_noise, got {expert!r}")
-    if split_log_snr is None:
-        raise ValueError(
-            "model.expert needs the pair's split: set model.split_log_snr (one overlay for both "
-            "experts, e.g. --config configs/experts/digits_split.yaml)"
-        )
-    from pdm.checkpoints.models import split_step
-
-    k = split_step(build_schedule(schedule, beta_start, beta_end, num_timesteps), split_log_snr)
-    derived = (k, num_timesteps - 1) if expert == "high_noise" else (0, k - 1)
-    if time_range is not None and tuple(int(v) for v in time_range) != derived:
-        raise ValueError(
-            f"model.time_range {tuple(time_range)} contradicts the {expert} expert's steps "
-            f"{derived} at split_log_snr {split_log_snr}; give one of them"
-        )
-    return derived
 
 
 class PDMModule(L.LightningModule):
