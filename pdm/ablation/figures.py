@@ -118,7 +118,10 @@ def samples_side_by_side(runs: list, path: Path, num: int = 16) -> None:
         ckpt = run.folder / "checkpoints" / "last.ckpt"
         if not ckpt.exists():
             continue
-        loaded = load_for_sampling([str(ckpt)])
+        try:
+            loaded = load_for_sampling([str(ckpt)])
+        except ValueError:  # an expert alone makes no finished image
+            continue
         g = torch.Generator().manual_seed(0)
         noise = torch.randn(
             num, loaded.in_channels, loaded.image_size, loaded.image_size, generator=g

@@ -75,6 +75,13 @@ def heldout(run, images: int = 256, bins: int = 24) -> dict | None:
         return None
     pick = torch.arange(images) % len(x)  # the held-out set in turn, fresh noise each time
     model = load_model(str(ckpt))
+    if model.time_range != (0, model.schedule.num_timesteps - 1):
+        print(
+            f"ablation: {folder.name}: an expert (steps {model.time_range[0]}..{model.time_range[1]}) "
+            "has no bound alone; score the pair with python -m pdm.ablation.split --pair",
+            file=sys.stderr,
+        )
+        return None
     labels = y[pick] if (y is not None and model.net.num_classes is not None) else None
     with torch.no_grad():
         bound = heldout_bound(

@@ -106,6 +106,17 @@ class QualityMonitor(L.Callback):
     # -- hooks ----------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Refuse, before the first step, what would fail at the first check."""
+        lo, hi = getattr(pl_module, "time_range", (0, 0))
+        if self.enabled and (lo > 0 or hi < pl_module.schedule.num_timesteps - 1):
+            self.enabled, self._expert = False, True  # an expert alone makes no finished image
+            if trainer.is_global_zero:
+                print(
+                    f"QualityMonitor: this model is an expert (steps {lo}..{hi}); it makes no "
+                    "finished image alone, so quality is not scored during this run (score the "
+                    "pair: python -m pdm.ablation.split --pair)",
+                    file=sys.stderr,
+                )
+            return
         if not self.enabled:
             return
         from pdm.metrics import FeatureStats, inception_weights_path
@@ -123,7 +134,7 @@ class QualityMonitor(L.Callback):
                 )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.enabled and trainer.is_global_zero:
+        if not self.enabled and trainer.is_global_zero and not getattr(self, "_expert", False):
             print(
                 "QualityMonitor: no reference statistics given (reference: FILE from `python -m pdm.metrics "
                 "ref-stats`); quality is not scored during this run",
