@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="${1:-runs/patch_size_question}"
 COMMON=(--seeds 3 --budget flops 3e12 --heldout-images 128 --bins 20)
-for data in digits photos; do
+for data in ${DATASETS:-photos digits}; do
     extra=(--model.warmup_steps=10)
     [ "$data" = digits ] && extra+=(--data.init_args.batch_size=64)
     python -m pdm.ablation.split --root "$ROOT/$data" --coarse 8 --fine 4 --out "$ROOT/$data/split_search"

@@ -69,6 +69,20 @@ def test_the_report_claims_only_what_the_intervals_support():
     tests = {(t["a"], t["b"]): t for t in differences(rows, ["1", "2", "4"])["final"]}
     assert tests[("1", "2")]["supported"] and tests[("2", "4")]["supported"]
     assert not tests[("1", "4")]["supported"]  # within the seeds' spread
+    # a ratio of geometric means, tested on the logarithms (the scores' spread grows with them)
+    logs = [np.log([1.00, 1.02, 0.98]), np.log([2.0, 2.02, 1.98])]
+    ref = stats.ttest_ind(*logs, equal_var=False)
+    assert tests[("1", "2")]["p"] == pytest.approx(ref.pvalue, rel=1e-10)
+    assert tests[("1", "2")]["ratio"] == pytest.approx(np.exp(logs[0].mean() - logs[1].mean()))
+    assert (
+        tests[("1", "2")]["ratio_low"]
+        < tests[("1", "2")]["ratio"]
+        < tests[("1", "2")]["ratio_high"]
+        < 1
+    )
+    # a spread that grows with the score: a difference the raw scale cannot see, the ratio can
+    wide = _rows({"1": [3.6, 6.4, 7.2], "8": [0.0414, 0.0418, 0.0455]})
+    assert differences(wide, ["1", "8"])["final"][0]["supported"]
     # one seed each: nothing can be claimed
     single = differences(_rows({"1": [1.0], "2": [5.0]}), ["1", "2"])["final"]
     assert not single[0]["supported"] and math.isnan(single[0]["p"])

@@ -55,7 +55,7 @@ def write_report(config: dict, runs: list, args) -> dict:
         "budget": list(args.budget),
         "device": device_name(),
         "batch_size": batch_size(config),
-        "test": "Welch's t-test, Holm-adjusted over the pairs of each score, 95%",
+        "test": TEST,
         "runs": rows,
         "summary": summary,
         "differences": supported,
@@ -129,20 +129,39 @@ def summarise(rows: dict[str, dict], values: list[str]) -> dict[str, dict]:
     return out
 
 
+TEST = (
+    "Welch's t-test on the logarithm of each score (the scores are positive and their seed spread "
+    "grows with their size, so a difference is a ratio), Holm-adjusted over the pairs of a score, 95%"
+)
+
+
 def differences(rows: dict[str, dict], values: list[str]) -> dict[str, list[dict]]:
-    """Per score, every pair of values tested (Welch, Holm-adjusted over the pairs); each entry
-    says whether the 95% level supports it."""
+    """Per score, every pair of values tested (:data:`TEST`): the ratio of the two geometric
+    means, its 95% interval, the Holm-adjusted p-value and whether the 95% level supports it."""
     out = {}
     for score in SCORES:
         by_value = {
-            v: [r[score] for r in rows.values() if str(r["value"]) == v and r[score] is not None]
+            v: [
+                math.log(r[score])
+                for r in rows.values()
+                if str(r["value"]) == v and r[score] is not None and r[score] > 0
+            ]
             for v in values
         }
         pairs = [(a, b) for i, a in enumerate(values) for b in values[i + 1 :]]
         tests = [welch(by_value[a], by_value[b], LEVEL) for a, b in pairs]
         adjusted = holm([t["p"] for t in tests])
         out[score] = [
-            {"a": a, "b": b, **t, "p_holm": p, "supported": bool(p == p and p < 1 - LEVEL)}
+            {
+                "a": a,
+                "b": b,
+                "ratio": math.exp(t["difference"]) if t["difference"] == t["difference"] else None,
+                "ratio_low": math.exp(t["low"]) if t["low"] == t["low"] else None,
+                "ratio_high": math.exp(t["high"]) if t["high"] == t["high"] else None,
+                "p": t["p"],
+                "p_holm": p,
+                "supported": bool(p == p and p < 1 - LEVEL),
+            }
             for (a, b), t, p in zip(pairs, tests, adjusted)
         ]
     return out
@@ -151,7 +170,7 @@ def differences(rows: dict[str, dict], values: list[str]) -> dict[str, list[dict
 def part_points(held: dict, rows: dict[str, dict], values: list[str]) -> dict[str, dict]:
     """Where each value's held-out error curve parts from the reference value's (the first
     value: the finest P, or the first of --vary): per log-SNR bin the Welch 95% interval of the
-    difference in RMSE over seeds; ``above`` is the lowest bin edge from which every bin up to the
+    log-ratio of the RMSEs over seeds; ``above`` is the lowest bin edge from which every bin up to the
     top is worse than the reference (None where the top bin is not), ``worse``/``better`` the
     bins where the interval says so."""
     curves = {}
@@ -168,7 +187,8 @@ def part_points(held: dict, rows: dict[str, dict], values: list[str]) -> dict[st
         if v not in curves:
             continue
         mine = np.stack(curves[v])
-        tests = [welch(mine[:, k], ref[:, k], LEVEL) for k in range(len(centres))]
+        logs, ref_logs = np.log(mine), np.log(ref)  # ratios, as for the scores
+        tests = [welch(logs[:, k], ref_logs[:, k], LEVEL) for k in range(len(centres))]
         worse = [bool(t["low"] > 0) for t in tests]
         better = [bool(t["high"] < 0) for t in tests]
         above = None
@@ -223,7 +243,7 @@ def markdown(report: dict) -> str:
         )
     out += [
         "",
-        f"Mean ± 95% Student-t half-width over seeds ({report['test']} for the differences):",
+        "Mean ± 95% Student-t half-width over seeds; the differences below: " + report["test"],
         "",
         f"| {axis} | seeds | final {metric} | best {metric} | bits/dim |",
         "|---|---|---|---|---|",
@@ -246,11 +266,10 @@ def _claims(report: dict, axis: str, metric: str) -> list[str]:
     for score, tests in report["differences"].items():
         for t in tests:
             if t["supported"]:
-                lower, higher = (t["a"], t["b"]) if t["difference"] < 0 else (t["b"], t["a"])
                 claims.append(
-                    f"- {names[score]}: {axis} = {lower} is lower than {axis} = {higher} by "
-                    f"{abs(t['difference']):.4g} (95% interval {abs(t['high']) if t['difference'] < 0 else t['low']:.4g}"
-                    f" to {abs(t['low']) if t['difference'] < 0 else t['high']:.4g}; Holm p = {t['p_holm']:.3g})"
+                    f"- {names[score]}: {axis} = {t['a']} is {t['ratio']:.3g}x {axis} = {t['b']} "
+                    f"(95% interval {t['ratio_low']:.3g}-{t['ratio_high']:.3g}x; Holm p = "
+                    f"{t['p_holm']:.3g})"
                 )
     if claims:
         out += claims
