@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from pdm.ablation.configs import batch_size
-from pdm.ablation.cost import device_name, step_cost
+from pdm.ablation.cost import device_name, step_cost, step_flops
 from pdm.ablation.figures import plot, plot_noise_levels, samples_side_by_side
+from pdm.ablation.runs import finished
 from pdm.ablation.stats import holm, t_interval, welch
 from pdm.atomic import atomic_write_text
 
@@ -93,13 +94,17 @@ def run_rows(runs: list, args) -> tuple[dict, dict, dict]:
         if cost_key not in costs:
             costs[cost_key] = step_cost(run.config)
         held[run.label] = heldout(run, args.heldout_images, args.bins)
+        steps, flops = last.get("step"), last.get("train_flops")
+        if steps is None and finished(run):  # no quality log (no reference): the run's own count
+            steps = json.loads((run.folder / "ablation_done.json").read_text()).get("steps")
+            flops = None if steps is None else steps * step_flops(run.config)
         rows[run.label] = {
             **costs[cost_key],
             "value": run.value,
             "seed": run.seed,
             "patch_size": run.patch_size,
-            "steps": last.get("step"),
-            "train_flops": last.get("train_flops"),
+            "steps": steps,
+            "train_flops": flops,
             "train_seconds": last.get("train_seconds"),
             "checks": len(checks),
             "metric": name,
