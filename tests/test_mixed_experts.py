@@ -135,3 +135,36 @@ def test_the_split_is_proposed_where_the_coarse_curve_parts_from_the_fine_one(tm
     assert [p.name for p in runs_of(tmp_path, "P8")] == ["P8", "P8_seed1", "P8_seed2"]
     split, curve = proposed_split(tmp_path, coarse=8, fine=2)
     assert split == 2.0 and curve["worse_bins"] == [4.0, 8.0]
+
+
+def test_the_expert_configs_compose_into_a_pair_of_different_patch_sizes(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, SMALL_NET_ARGS
+
+    ckpts = []
+    for name in ("small32_high_p8", "small32_low_p4"):
+        run = tmp_path / name
+        res = subprocess.run(
+            [sys.executable, f"{ROOT}/train.py", "fit", "--config", f"{ROOT}/configs/digits.yaml"]
+            + ["--config", f"{ROOT}/configs/experts/digits_split.yaml"]
+            + ["--config", f"{ROOT}/configs/experts/{name}.yaml", *SMALL_NET_ARGS[:4]]
+            + ["--trainer.max_steps", "2", "--trainer.default_root_dir", str(run)]
+            + ["--data.init_args.batch_size", "8", "--trainer.enable_progress_bar", "false"]
+            + ["--trainer.callbacks", "[]", "--trainer.callbacks+=pdm.training.RunCheckpoint"]
+            + ["--trainer.callbacks.save_last=true"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=str(tmp_path),
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        ckpts.append(str(run / "checkpoints" / "last.ckpt"))
+    loaded = load_for_sampling(ckpts)
+    assert [(e.name, e.patch_size) for e in loaded.experts] == [("high_noise", 8), ("low_noise", 4)]
+    split = float(
+        open(f"{ROOT}/configs/experts/digits_split.yaml").read().split("split_log_snr:")[1]
+    )
+    k = split_step(loaded.schedule, split)
+    assert [e.time_range for e in loaded.experts] == [(k, 999), (0, k - 1)]
