@@ -473,6 +473,7 @@ def test_cifar_without_its_dataset_stops_at_once_naming_the_script(tmp_path):
     assert not (tmp_path / "abl").exists()
 
 
+@pytest.mark.slow  # 26 s: the CIFAR-10 config end to end on a stand-in dataset
 def test_cifar_config_with_the_smoke_overlay_and_a_stand_in_dataset_runs_end_to_end(tmp_path):
     datasets = pytest.importorskip("datasets")
     from PIL import Image

@@ -273,6 +273,7 @@ def _train(root, max_steps, *extra, cwd):
     )
 
 
+@pytest.mark.slow  # 36 s: four train.py runs; one-run-per-folder is held by test_run_folders
 def test_two_runs_keep_their_checkpoints_apart_and_each_resumes_its_own(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     assert _train(a, 2, cwd=tmp_path).returncode == 0

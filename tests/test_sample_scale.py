@@ -405,6 +405,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes through /proc")
+@pytest.mark.slow  # 20 s: torchrun twice; the one-process resume is held by test_sample_cli
 def test_killed_rank_resumes_with_another_process_count(tiny_ckpts, tmp_path):
     out = tmp_path / "run"
     args = [
