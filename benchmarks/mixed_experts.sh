@@ -33,3 +33,13 @@ for data in ${DATASETS:-photos digits}; do
     python -m pdm.ablation.split --root "$ROOT/$data" --coarse 8 --fine 4 --splits "$split" \
         --pair "$ROOT/${data}_high_p8" "$ROOT/${data}_low_p4" --out "$ROOT/$data/pair"
 done
+# digits samples: FD-8x8 of 500 images per seed at the default sampler, P = 4, P = 8 and the pair
+for s in "" _seed1 _seed2; do
+    python sample.py --ckpt "$ROOT/digits/P4$s/checkpoints/last.ckpt" --num-samples 500 --out "$ROOT/digits_fd/p4$s"
+    python sample.py --ckpt "$ROOT/digits/P8$s/checkpoints/last.ckpt" --num-samples 500 --out "$ROOT/digits_fd/p8$s"
+    python sample.py --ckpt "$ROOT/digits_high_p8/P8$s/checkpoints/last.ckpt" \
+        --ckpt "$ROOT/digits_low_p4/P4$s/checkpoints/last.ckpt" --num-samples 500 --out "$ROOT/digits_fd/pair$s"
+    for m in p4 p8 pair; do
+        python -m pdm.metrics digits-fd --images "$ROOT/digits_fd/$m$s/samples.npz"
+    done
+done

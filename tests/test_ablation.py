@@ -316,46 +316,11 @@ def test_runs_are_picked_one_at_a_time_and_bad_picks_refused(tmp_path, capsys):
     from pdm.ablation.driver import load_config, main, parse_args, plan
 
     config = load_config(str(_config(tmp_path)))
-    args, _ = parse_args(
-        [
-            "--config",
-            "x",
-            "--root",
-            str(tmp_path),
-            "--budget",
-            "steps",
-            "3",
-            "--seeds",
-            "3",
-            "--patch-sizes",
-            "8",
-            "2",
-            "--task",
-            "4",
-        ]
-    )
+    three = ["--config", "x", "--root", str(tmp_path), "--budget", "steps", "3", "--seeds", "3"]
+    args, _ = parse_args([*three, "--patch-sizes", "8", "2", "--task", "4"])
     (run,) = plan(config, args)
     assert run.folder.name == "P8_seed1" and run.value == 8 and run.seed == 1  # finest P first
-    args, _ = parse_args(
-        [
-            "--config",
-            "x",
-            "--root",
-            str(tmp_path),
-            "--budget",
-            "steps",
-            "3",
-            "--seeds",
-            "3",
-            "--patch-sizes",
-            "2",
-            "8",
-            "--only",
-            "8",
-            "--seed",
-            "2",
-        ]
-    )
+    args, _ = parse_args([*three, "--patch-sizes", "2", "8", "--only", "8", "--seed", "2"])
     assert [r.folder.name for r in plan(config, args)] == ["P8_seed2"]
     main(
         [

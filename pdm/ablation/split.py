@@ -96,7 +96,6 @@ def pair_scores(
     from pdm.ablation.heldout import NOISE_SEED, heldout_images, recorded_config
     from pdm.checkpoints.models import load_for_sampling, load_model, split_step
     from pdm.metrics.likelihood import heldout_bound
-    from pdm.sampling import sample
 
     high, low = load_model(str(high_ckpt)), load_model(str(low_ckpt))
     split = (
@@ -116,34 +115,24 @@ def pair_scores(
     loaded = load_for_sampling(
         [str(high_ckpt), str(low_ckpt)], guidance_scale, split_log_snr=split_log_snr
     )
-    n = 4
-    noise = torch.randn(n, loaded.in_channels, loaded.image_size, loaded.image_size)
-    kw = {"y": torch.arange(n) % loaded.num_classes} if loaded.num_classes else {}
-    with torch.no_grad():
-        sample(
-            loaded.model_fn,
-            noise,
-            loaded.schedule,
-            settings,
-            prediction=loaded.prediction,
-            model_kwargs=kw,
-        )
-    return {
-        "split_step": split,
-        "bits_per_dim": bound.bits_per_dim,
-        **_record(loaded, n),
-    }
+    return {"split_step": split, "bits_per_dim": bound.bits_per_dim, **_cost(loaded, settings)}
 
 
 def single_scores(ckpt: Path, settings, guidance_scale: float) -> float:
     """Sampling GFLOPs per image of one whole-schedule model at ``settings``."""
     from pdm.checkpoints.models import load_for_sampling
-    from pdm.sampling import sample
 
     loaded = load_for_sampling([str(ckpt)], guidance_scale)
-    n = 4
-    noise = torch.randn(n, loaded.in_channels, loaded.image_size, loaded.image_size)
-    kw = {"y": torch.arange(n) % loaded.num_classes} if loaded.num_classes else {}
+    return _cost(loaded, settings)["sampling_gflops_per_image"]
+
+
+def _cost(loaded, settings, images: int = 4) -> dict:
+    """Sample a few images at ``settings`` and count each network's calls and their FLOPs."""
+    from pdm.metrics.cost import count_call_flops
+    from pdm.sampling import sample
+
+    noise = torch.randn(images, loaded.in_channels, loaded.image_size, loaded.image_size)
+    kw = {"y": torch.arange(images) % loaded.num_classes} if loaded.num_classes else {}
     with torch.no_grad():
         sample(
             loaded.model_fn,
@@ -153,12 +142,6 @@ def single_scores(ckpt: Path, settings, guidance_scale: float) -> float:
             prediction=loaded.prediction,
             model_kwargs=kw,
         )
-    return _record(loaded, n)["sampling_gflops_per_image"]
-
-
-def _record(loaded, images: int) -> dict:
-    from pdm.metrics.cost import count_call_flops
-
     count_call_flops(loaded.experts)
     return loaded.network_record(images)
 
