@@ -122,12 +122,12 @@ def test_sigterm_at_a_random_step_saves_that_step_exits_unfinished_and_resumes_b
     )
 
 
-def test_sigusr1_under_slurm_saves_and_asks_for_a_requeue(tmp_path):
-    log = tmp_path / "scontrol.log"
-    slurm = {
+def slurm_task(job: str, log) -> dict:
+    """The environment of a one-task srun job, with a stand-in scontrol that logs its call."""
+    return {
         "SLURM_NTASKS": "1",
         "SLURM_NTASKS_PER_NODE": "1",
-        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_ID": job,
         "SLURM_JOB_NAME": "pdm",
         "SLURM_PROCID": "0",
         "SLURM_LOCALID": "0",
@@ -136,6 +136,11 @@ def test_sigusr1_under_slurm_saves_and_asks_for_a_requeue(tmp_path):
         "PATH": HELPERS + os.pathsep + os.environ["PATH"],
         "SCONTROL_LOG": str(log),
     }
+
+
+def test_sigusr1_under_slurm_saves_and_asks_for_a_requeue(tmp_path):
+    log = tmp_path / "scontrol.log"
+    slurm = slurm_task("4242", log)
     res = train(tmp_path, 50, *signal_at(3, "SIGUSR1"), env=slurm)
     assert res.returncode == 128 + signal.SIGUSR1, res.stderr[-2000:]
     assert "stopped by SIGUSR1 after step 4" in res.stderr and "the job is requeued" in res.stderr
@@ -158,18 +163,7 @@ def _catches(pid: int, signum: int) -> bool:
 def test_a_signal_during_start_up_is_acted_on_when_training_can(tmp_path, name):
     # SLURM's --signal can come a minute early, while Python still imports: the job must not die
     log = tmp_path / "scontrol.log"
-    slurm = {
-        "SLURM_NTASKS": "1",
-        "SLURM_JOB_ID": "4343",
-        "SLURM_JOB_NAME": "pdm",
-        "SLURM_PROCID": "0",
-        "SLURM_LOCALID": "0",
-        "SLURM_NODEID": "0",
-        "SLURM_NODELIST": "localhost",
-        "SLURM_NTASKS_PER_NODE": "1",
-        "PATH": HELPERS + os.pathsep + os.environ["PATH"],
-        "SCONTROL_LOG": str(log),
-    }
+    slurm = slurm_task("4343", log)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "fit", "--config"]
     cmd += [os.path.join(ROOT, "configs", "digits.yaml"), *TINY]
     cmd += ["--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "50"]

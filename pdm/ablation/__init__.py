@@ -2,6 +2,7 @@
 (:mod:`~pdm.ablation.driver`), the held-out scoring of each run (:mod:`~pdm.ablation.heldout`),
 the statistics over seeds (:mod:`~pdm.ablation.stats`) and the report (:mod:`~pdm.ablation.report`)."""
 
-from pdm.ablation.driver import main, net_for, plan
+from pdm.ablation.configs import net_for
+from pdm.ablation.driver import main, plan
 
 __all__ = ["main", "net_for", "plan"]

@@ -49,7 +49,6 @@ from pdm.ablation.configs import (
     is_digits,
     load_config,
     merge,
-    net_for,  # noqa: F401 - part of the driver's API (pdm.ablation.net_for)
     parse_value,
     seed_overlay,
 )
@@ -280,9 +279,7 @@ def plan(config: dict, args: argparse.Namespace, every_run: bool = False) -> lis
                 *kept,
                 {"class_path": "pdm.training.QualityMonitor", "init_args": monitor},
             ]
-            runs.append(
-                Run(args.key, value, seed, folder, steps, every, overlay, run_config, forced)
-            )
+            runs.append(Run(args.key, value, seed, folder, steps, overlay, run_config, forced))
     return runs
 
 

@@ -68,12 +68,6 @@ def heldout(run, images: int = 256, bins: int = 24) -> dict | None:
                 return saved
         except json.JSONDecodeError:
             pass  # a damaged cache is recomputed
-    try:
-        x, y = heldout_images(recorded_config(folder))
-    except ValueError as e:  # a missing score, not a failed run: the report shows a dash
-        print(f"ablation: {folder.name}: no held-out bound: {e}", file=sys.stderr)
-        return None
-    pick = torch.arange(images) % len(x)  # the held-out set in turn, fresh noise each time
     model = load_model(str(ckpt))
     if model.time_range != (0, model.schedule.num_timesteps - 1):
         print(
@@ -82,6 +76,12 @@ def heldout(run, images: int = 256, bins: int = 24) -> dict | None:
             file=sys.stderr,
         )
         return None
+    try:
+        x, y = heldout_images(recorded_config(folder))
+    except ValueError as e:  # a missing score, not a failed run: the report shows a dash
+        print(f"ablation: {folder.name}: no held-out bound: {e}", file=sys.stderr)
+        return None
+    pick = torch.arange(images) % len(x)  # the held-out set in turn, fresh noise each time
     labels = y[pick] if (y is not None and model.net.num_classes is not None) else None
     with torch.no_grad():
         bound = heldout_bound(

@@ -27,7 +27,6 @@ class Run:
     seed: int
     folder: Path
     steps: int | None
-    every: int
     overlay: dict
     config: dict
     forced: dict = field(default_factory=dict)

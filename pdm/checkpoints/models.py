@@ -4,6 +4,7 @@ precision, compiled or not, with classifier-free guidance when asked."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -117,7 +118,7 @@ class Expert:
     name: str  # "model", or "high_noise" / "low_noise" for an expert pair
     net: UNet
     time_range: tuple[int, int]
-    flops_per_call: int | None = None  # one forward pass, one image (pdm.metrics.call_flops)
+    flops_per_call: int | None = None  # one forward pass, one image (count_call_flops)
     images: int = 0
 
     @property
@@ -141,10 +142,6 @@ def _counted(fn: Callable[..., Tensor], expert: Expert) -> Callable[..., Tensor]
         return fn(x, t, *args, **kwargs)
 
     return counted
-
-
-def _expert(name: str, model: Model) -> Expert:
-    return Expert(name, model.net, model.time_range)
 
 
 @dataclass
@@ -211,7 +208,10 @@ def load_for_sampling(
             if split_log_snr is None
             else split_step(first.schedule, split_log_snr)
         )
-        experts = [_expert("high_noise", high), _expert("low_noise", low)]
+        experts = [
+            Expert("high_noise", high.net, high.time_range),
+            Expert("low_noise", low.net, low.time_range),
+        ]
         fn = expert_router(
             _counted(model_fn(high.net, high.schedule), experts[0]),
             _counted(model_fn(low.net, low.schedule), experts[1]),
@@ -228,7 +228,7 @@ def load_for_sampling(
             raise ValueError(
                 "a split (--split-log-snr) routes two checkpoints; pass a second --ckpt"
             )
-        experts = [_expert("model", first)]
+        experts = [Expert("model", first.net, first.time_range)]
         fn = _counted(model_fn(first.net, first.schedule), experts[0])
     if guidance_scale != 1.0:
         if first.net.num_classes is None:
@@ -283,15 +283,18 @@ def expert_range(
 def split_step(schedule: VPSchedule, split_log_snr: float) -> int:
     """The first discrete step whose log SNR lies below ``split_log_snr`` (where the high-noise
     expert takes over); a ValueError where one side would get no step."""
-    abar = schedule.alphas_cumprod
-    log_snr = torch.log(abar / (1 - abar))
-    below = torch.nonzero(log_snr < split_log_snr)
-    if below.numel() == 0 or int(below[0]) == 0:
+    try:
+        k = schedule.index_where_snr_below(math.exp(split_log_snr))
+    except (ValueError, OverflowError):
+        k = 0
+    if k == 0:
+        abar = schedule.alphas_cumprod
+        log_snr = torch.log(abar / (1 - abar))
         raise ValueError(
             f"split log SNR {split_log_snr} leaves one expert no steps: choose a value between "
             f"{float(log_snr[-1]):.2f} and {float(log_snr[0]):.2f}"
         )
-    return int(below[0])
+    return k
 
 
 def _expert_pair(models: list[Model], split_log_snr: float | None = None) -> tuple[Model, Model]:

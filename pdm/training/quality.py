@@ -81,6 +81,7 @@ class QualityMonitor(L.Callback):
         self.seed, self.max_cost, self.save_best = seed, max_cost, save_best
         self.max_train_seconds = max_train_seconds
         self.enabled = feature == "digits" or reference is not None
+        self._expert = False  # an expert alone: switched off in setup, saying why
         self.best: float | None = None
         self.train_seconds = self.check_seconds = 0.0
         self.flops_per_step: int | None = None
@@ -134,7 +135,7 @@ class QualityMonitor(L.Callback):
                 )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.enabled and trainer.is_global_zero and not getattr(self, "_expert", False):
+        if not self.enabled and trainer.is_global_zero and not self._expert:
             print(
                 "QualityMonitor: no reference statistics given (reference: FILE from `python -m pdm.metrics "
                 "ref-stats`); quality is not scored during this run",
